@@ -1,0 +1,36 @@
+"""sparsetrain: train sparse yet accurate neural networks in PyTorch.
+
+Three lines in any training loop::
+
+    sparsifier = sparsetrain.create("acdc", model, sparsity=0.9, total_epochs=100, steps_per_epoch=len(loader))
+    sparsifier.attach(optimizer)
+    checkpoint["sparsifier"] = sparsifier.state_dict()
+"""
+
+from . import methods  # noqa: F401  (registers the methods)
+from .core import (
+    Sparsifier,
+    SparsityReport,
+    create,
+    get_method,
+    list_methods,
+    method_options,
+    method_summary,
+    register,
+)
+from .schedules import Phase
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Phase",
+    "Sparsifier",
+    "SparsityReport",
+    "create",
+    "get_method",
+    "list_methods",
+    "method_options",
+    "method_summary",
+    "register",
+    "__version__",
+]

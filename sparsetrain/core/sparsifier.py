@@ -1,0 +1,365 @@
+"""The engine every method stands on: mask store, hard-zero enforcement, explicit time, state_dict.
+
+Contracts (see DESIGN.md 2.1):
+- masks are boolean tensors keyed by the parameter's qualified name;
+- after every real optimizer step masked weights are exactly 0, so ``model.state_dict()`` *is* the sparse
+  model; before the step their gradients are zeroed, so no optimizer buffer ever leaks into them;
+- ``count`` counts real optimizer steps (a step that ``GradScaler`` skips never reaches the hooks);
+- randomness comes from a local generator seeded by (seed, step), never the global RNG.
+
+A method subclasses :class:`Sparsifier` and overrides ``on_step`` (what happens at a step boundary) and, if
+it has a schedule, ``target_sparsity_at`` / ``phase_at`` / ``timeline``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .. import maskops
+from ..distributions import check_distribution, layer_sparsities
+from ..optim_state import reset_momentum, zero_state_where
+from ..schedules import Phase, resolve_total_steps, to_steps
+from .selection import select_parameters
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+@dataclass
+class SparsityReport:
+    """Sparsity measured on the weights themselves: zeros / elements, overall and per sparsified layer."""
+
+    overall: float
+    layers: dict[str, float]
+    zeros: int
+    total: int
+
+
+class Sparsifier:
+    """Base class of every sparse-training method.
+
+    Use: ``s = sparsetrain.create("acdc", model, sparsity=0.9, total_epochs=E, steps_per_epoch=len(loader))``,
+    then ``s.attach(optimizer)`` and train as usual; save ``s.state_dict()`` with the checkpoint.
+
+    Common options (every method accepts them):
+        sparsity: target fraction of zeros in [0, 1) over the sparsified weights.
+        distribution: 'global' (one magnitude ranking across layers), 'uniform' or 'erk'.
+        mask_type: 'unstructured' or 'N:M' (e.g. '2:4': N kept of every M along the input dimension).
+        include / exclude: glob patterns over parameter names (default: every weight with dim >= 2).
+        seed: seeds every random choice the method makes, together with the step.
+        total_steps, or total_epochs with steps_per_epoch: the run's length (schedules need it).
+        unit: how the method's time options are given: 'fraction' of training, 'epochs' or 'steps'.
+    """
+
+    name: ClassVar[str] = ""
+    default_distribution: ClassVar[str] = "global"
+    # Capability flags, read by the conformance suite: 'sparse' (reaches the target sparsity),
+    # 'mask_updates' (masks change during training), 'phases' (alternates dense and sparse phases),
+    # 'nm' (accepts N:M masks).
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sparsity: float | None = None,
+        distribution: str | None = None,
+        mask_type: str = "unstructured",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        seed: int = 0,
+        total_steps: int | None = None,
+        total_epochs: float | None = None,
+        steps_per_epoch: int | None = None,
+        unit: str = "fraction",
+    ) -> None:
+        self.model = model
+        self.params: dict[str, nn.Parameter] = select_parameters(model, include, exclude)
+        self.nm = maskops.parse_nm(mask_type)
+        if self.nm is not None and "nm" not in self.capabilities:
+            raise ValueError(f"method {self.name!r} does not support N:M masks (mask_type={mask_type!r})")
+        if self.nm is not None:
+            nm_sparsity = 1.0 - self.nm[0] / self.nm[1]
+            if sparsity is not None and abs(sparsity - nm_sparsity) > 1e-9:
+                raise ValueError(
+                    f"mask_type {mask_type!r} fixes the sparsity at {nm_sparsity:g}; got sparsity={sparsity!r} "
+                    "(leave sparsity out or make them agree)"
+                )
+            sparsity = nm_sparsity
+            for name, param in self.params.items():
+                if param.dim() < 2 or param.shape[1] % self.nm[1]:
+                    raise ValueError(
+                        f"mask_type {mask_type!r}: parameter {name!r} of shape {tuple(param.shape)} has an input "
+                        f"dimension that is not a multiple of {self.nm[1]}; exclude it with exclude=[{name!r}]"
+                    )
+        if sparsity is None:
+            raise ValueError(f"method {self.name!r} needs sparsity= (a number in [0, 1), e.g. 0.9)")
+        self.final_sparsity = maskops.check_sparsity(sparsity)
+        self.distribution = check_distribution(distribution or self.default_distribution)
+        self.mask_type = mask_type
+        self.seed = int(seed)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = resolve_total_steps(total_steps, total_epochs, steps_per_epoch)
+        self.unit = unit
+        self.count = 0
+        self.masks: dict[str, Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        self.history: list[Event] = []
+        self.mask_version = 0
+        self._float_masks: dict[str, Tensor] = {}
+        self._listeners: list[Callable[[Event], None]] = []
+        self._hooks: list[Any] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._phase: str | None = None
+        self.setup()
+        self._boundary()
+
+    # ----------------------------------------------------------------- hooks a method overrides
+    def setup(self) -> None:
+        """Resolve the method's schedule (called once by ``__init__``, before the step-0 boundary)."""
+
+    def on_step(self, step: int) -> None:
+        """Called at step 0 and after every real optimizer step, with ``step == self.count``."""
+
+    def target_sparsity_at(self, step: int) -> float:
+        """The sparsity the schedule asks for while taking step ``step``."""
+        return self.final_sparsity
+
+    def phase_at(self, step: int) -> str:
+        """'dense' or 'sparse' for step ``step``."""
+        return "sparse" if self.target_sparsity_at(step) > 0 else "dense"
+
+    def timeline(self) -> list[Phase]:
+        """The run's phases as step intervals (for plots and logs)."""
+        end = self.total_steps or max(self.count, 1)
+        phases: list[Phase] = []
+        start = 0
+        kind = self.phase_at(0)
+        for step in range(1, end):
+            now = self.phase_at(step)
+            if now != kind:
+                phases.append(Phase(start, step, kind))
+                start, kind = step, now
+        phases.append(Phase(start, end, kind))
+        return phases
+
+    def extra_state(self) -> dict:
+        """Method state beyond masks and count (saved in ``state_dict``)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def phase(self) -> str:
+        """The current phase, 'dense' or 'sparse' (the phase of the next step)."""
+        return self.phase_at(self.count)
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.target_sparsity_at(self.count)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Sparsifier:
+        """Enforce the masks around every real ``optimizer.step()`` (hooks; nothing is patched)."""
+        if self._hooks:
+            raise ValueError("this sparsifier is already attached to an optimizer; call detach() first")
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, p in self.params.items() if id(p) not in owned]
+        if missing:
+            raise ValueError(f"the optimizer does not hold these sparsified parameters: {', '.join(missing)}")
+        self._optimizer = optimizer
+        self._hooks = [
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step(opt)),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)),
+        ]
+        self._zero_state_where_masked(optimizer)
+        return self
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """The attached hooks' work, called by hand right after ``optimizer.step()``.
+
+        Gradients were not masked before that step, so the optimizer state is cleaned at masked positions here.
+        """
+        if self._hooks:
+            raise RuntimeError("this sparsifier is attached; its hooks already run at every optimizer.step()")
+        optimizer = optimizer or self._optimizer
+        self._optimizer = optimizer
+        self._after_step(optimizer)
+        if optimizer is not None:
+            self._zero_state_where_masked(optimizer)
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener(event)`` for every event: phase_end (before masks change), phase_start, mask_update."""
+        self._listeners.append(listener)
+
+    @torch.no_grad()
+    def sparsity(self) -> SparsityReport:
+        """Sparsity measured on the weights (zeros counted in the tensors), overall and per layer."""
+        layers, zeros, total = {}, 0, 0
+        for name, param in self.params.items():
+            z = param.numel() - int(torch.count_nonzero(param))
+            layers[name] = z / param.numel()
+            zeros += z
+            total += param.numel()
+        return SparsityReport(overall=zeros / total, layers=layers, zeros=zeros, total=total)
+
+    def sparsity_of_masks(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(m.numel() - int(m.sum()) for m in self.masks.values()) / total
+
+    def state_dict(self) -> dict:
+        return {
+            "method": self.name,
+            "count": self.count,
+            "masks": {n: m.clone() for n, m in self.masks.items()},
+            "history": [dict(e) for e in self.history],
+            "phase": self._phase,
+            "mask_version": self.mask_version,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("method") != self.name:
+            raise ValueError(f"sparsifier state is for method {state.get('method')!r}, not {self.name!r}")
+        masks = state["masks"]
+        if set(masks) != set(self.masks):
+            raise ValueError(
+                "sparsifier state does not match this model's sparsified parameters: "
+                f"saved {sorted(masks)}, model {sorted(self.masks)}"
+            )
+        for name, mask in masks.items():
+            if mask.shape != self.masks[name].shape:
+                raise ValueError(
+                    f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(self.masks[name].shape)}"
+                )
+        self.masks = {n: m.to(device=self.params[n].device, dtype=torch.bool).clone() for n, m in masks.items()}
+        self.count = int(state["count"])
+        self.history = [dict(e) for e in state["history"]]
+        self._phase = state.get("phase")
+        self.mask_version = int(state.get("mask_version", 0))
+        self.load_extra_state(state.get("extra", {}))
+        self._refresh_float_masks()
+
+    # ----------------------------------------------------------------- helpers for methods
+    def steps(self, value: float, what: str) -> int:
+        """Convert a method option in ``self.unit`` to steps."""
+        return to_steps(value, self.unit, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                        what=what)
+
+    def require_total_steps(self) -> int:
+        if self.total_steps is None:
+            raise ValueError(
+                f"method {self.name!r} follows a schedule: pass total_steps=, or total_epochs= with steps_per_epoch="
+            )
+        return self.total_steps
+
+    def generator(self, step: int) -> torch.Generator:
+        """A local generator seeded by (seed, step): the same draws after a resume and on every rank."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+
+    def magnitude_scores(self) -> dict[str, Tensor]:
+        return {n: p.detach().abs() for n, p in self.params.items()}
+
+    def compute_masks(self, sparsity: float, scores: dict[str, Tensor], *, among_active: bool = False
+                      ) -> dict[str, Tensor]:
+        """Exact masks at ``sparsity`` from ``scores`` under this sparsifier's distribution and mask type.
+
+        ``among_active``: pruned weights stay pruned (their score drops below every active one).
+        """
+        if among_active:
+            scores = {n: torch.where(self.masks[n], s.float(), torch.full_like(s, -1.0, dtype=torch.float))
+                      for n, s in scores.items()}
+        if self.nm is not None:
+            return {n: maskops.nm_mask(s, *self.nm) for n, s in scores.items()}
+        shapes = {n: tuple(s.shape) for n, s in scores.items()}
+        per_layer = layer_sparsities(self.distribution, shapes, sparsity)
+        if per_layer is None:
+            return maskops.global_topk_masks(scores, sparsity)
+        return {n: maskops.topk_mask(s, per_layer[n]) for n, s in scores.items()}
+
+    @torch.no_grad()
+    def set_masks(self, masks: dict[str, Tensor], reason: str) -> None:
+        """Install new masks: zero the pruned weights and their optimizer state, log a mask_update event."""
+        for name, mask in masks.items():
+            self.masks[name] = mask.to(dtype=torch.bool, device=self.params[name].device)
+        self._refresh_float_masks()
+        self._apply_masks()
+        if self._optimizer is not None:
+            self._zero_state_where_masked(self._optimizer)
+        self.mask_version += 1
+        self.emit({"event": "mask_update", "reason": reason, "sparsity": round(self.sparsity_of_masks(), 6)})
+
+    def densify(self, reason: str, reset_optimizer_momentum: bool) -> None:
+        """All masks become ones; pruned weights re-enter at their current value, 0."""
+        self.set_masks({n: torch.ones_like(m) for n, m in self.masks.items()}, reason)
+        if reset_optimizer_momentum and self._optimizer is not None:
+            reset_momentum(self._optimizer, list(self.params.values()))
+
+    def emit(self, event: Event) -> None:
+        event = {"step": self.count, **event}
+        self.history.append(event)
+        for listener in self._listeners:
+            listener(event)
+
+    # ----------------------------------------------------------------- enforcement
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the gradients of masked weights, so momentum and Adam moments never leak into them."""
+        if not self._float_masks:
+            return
+        grads, masks = [], []
+        for name, mask in self._float_masks.items():
+            grad = self.params[name].grad
+            if grad is not None:
+                grads.append(grad)
+                masks.append(mask)
+        if grads:
+            torch._foreach_mul_(grads, masks)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.count += 1
+        self._boundary()
+        self._apply_masks()
+
+    def _boundary(self) -> None:
+        step = self.count
+        phase = self.phase_at(step)
+        changed = phase != self._phase
+        if changed and self._phase is not None:
+            self.emit({"event": "phase_end", "phase": self._phase})
+        self.on_step(step)
+        if changed:
+            self._phase = phase
+            self.emit({"event": "phase_start", "phase": phase})
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        if self._float_masks:
+            names = list(self._float_masks)
+            torch._foreach_mul_([self.params[n].data for n in names], [self._float_masks[n] for n in names])
+
+    def _refresh_float_masks(self) -> None:
+        # Only masks with zeros need work each step; multiplying by a cached mask of the weight's dtype is the
+        # cheapest exact way to zero them (one fused foreach kernel).
+        self._float_masks = {
+            n: m.to(self.params[n].dtype) for n, m in self.masks.items() if not bool(m.all())
+        }
+
+    def _zero_state_where_masked(self, optimizer: torch.optim.Optimizer) -> None:
+        for name in self._float_masks:
+            zero_state_where(optimizer, self.params[name], ~self.masks[name])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(sparsity={self.final_sparsity}, distribution={self.distribution!r}, "
+                f"mask_type={self.mask_type!r}, params={len(self.params)}, count={self.count})")

@@ -1,0 +1,147 @@
+"""Pure mask operations: exact top-k masks (per tensor and global), N:M masks, mask statistics.
+
+Every function here is pure: it reads tensors and returns new boolean masks, never touching a model.
+Counts are exact: a tensor of n elements kept at density d keeps exactly ``keep_count(n, 1 - d)`` elements,
+whatever the ties, because we choose by index from ``torch.topk`` and never by threshold comparison
+(a threshold keeps every element equal to it, so ties change the count).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "keep_count",
+    "topk_mask",
+    "global_topk_masks",
+    "parse_nm",
+    "nm_mask",
+    "relative_mask_difference",
+    "check_sparsity",
+]
+
+
+def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
+    """Validate a sparsity value: a number in [0, 1). Returns it as a float."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise ValueError(f"{what} must be a number in [0, 1), got {sparsity!r}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"{what} must be in [0, 1) (0 = dense, 0.9 = 90% zeros), got {sparsity!r}")
+    return float(sparsity)
+
+
+def keep_count(n: int, sparsity: float) -> int:
+    """Number of elements kept when ``n`` elements are pruned to ``sparsity``: ``round((1 - s) * n)``."""
+    return int(round((1.0 - sparsity) * n))
+
+
+def _mask_from_indices(n: int, indices: Tensor, value: bool, device: torch.device) -> Tensor:
+    mask = torch.full((n,), not value, dtype=torch.bool, device=device)
+    mask[indices] = value
+    return mask
+
+
+def _select(flat_scores: Tensor, keep: int) -> Tensor:
+    """Flat boolean mask keeping exactly ``keep`` largest scores.
+
+    ``torch.topk`` is cheapest for small k, so when more than half is kept we select the complement
+    (the ``n - keep`` smallest) instead. Either way ties are broken by index, not by value.
+    """
+    n = flat_scores.numel()
+    if keep >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat_scores.device)
+    if keep <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat_scores.device)
+    if keep <= n - keep:
+        idx = torch.topk(flat_scores, keep, largest=True, sorted=False).indices
+        return _mask_from_indices(n, idx, True, flat_scores.device)
+    idx = torch.topk(flat_scores, n - keep, largest=False, sorted=False).indices
+    return _mask_from_indices(n, idx, False, flat_scores.device)
+
+
+def topk_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Boolean mask of ``scores``' shape keeping the ``keep_count(n, sparsity)`` largest scores."""
+    flat = scores.detach().reshape(-1).float()
+    return _select(flat, keep_count(flat.numel(), sparsity)).view(scores.shape)
+
+
+def global_topk_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """One magnitude ranking over all tensors: keep the ``keep_count(N, sparsity)`` largest of all N scores.
+
+    Memory: one float32 copy of the scores (the concatenation) plus the selected indices; no sort.
+    """
+    names = list(scores)
+    if not names:
+        return {}
+    flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
+    keep = _select(flat, keep_count(flat.numel(), sparsity))
+    del flat
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for name in names:
+        numel = scores[name].numel()
+        out[name] = keep[offset : offset + numel].view(scores[name].shape).clone()
+        offset += numel
+    return out
+
+
+_NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_nm(mask_type: str) -> tuple[int, int] | None:
+    """Parse ``"N:M"`` into ``(N, M)``; ``"unstructured"`` gives None. Anything else is a ValueError."""
+    if mask_type == "unstructured":
+        return None
+    match = _NM_PATTERN.match(str(mask_type))
+    if not match:
+        raise ValueError(f"mask_type must be 'unstructured' or 'N:M' such as '2:4', got {mask_type!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n <= m:
+        raise ValueError(f"mask_type {mask_type!r}: N:M needs 0 < N <= M, got N={n}, M={m}")
+    return n, m
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """N:M mask: in every group of M consecutive weights along the input dimension keep the N largest scores.
+
+    The input dimension is dim 1 (``in_features`` of a Linear, input channels of a conv), the layout that
+    sparse tensor cores and N:M kernels expect. Its size must be a multiple of M.
+    """
+    if scores.dim() < 2:
+        raise ValueError(f"N:M masks need a weight with at least 2 dims, got shape {tuple(scores.shape)}")
+    in_dim = scores.shape[1]
+    if in_dim % m:
+        raise ValueError(
+            f"N:M mask {n}:{m} needs the input dimension to be a multiple of {m}; "
+            f"weight of shape {tuple(scores.shape)} has {in_dim} inputs (exclude this layer with exclude=)"
+        )
+    # Move the input dim last so groups of M are contiguous: (out, k..., in) -> (-1, M).
+    moved = scores.detach().float().movedim(1, -1).contiguous()
+    groups = moved.reshape(-1, m)
+    idx = torch.topk(groups, n, dim=1, largest=True, sorted=False).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, idx, True)
+    return keep.view(moved.shape).movedim(-1, 1).contiguous()
+
+
+def relative_mask_difference(old: dict[str, Tensor], new: dict[str, Tensor]) -> float:
+    """Fraction of kept weights that changed between two masks, corrected for a change in sparsity.
+
+    Hamming distance H counts every position that differs. If the two masks keep k_a and k_b weights,
+    |k_a - k_b| of those differences are forced by the change in count; the rest come in pairs (one weight
+    out, another in). The result is ``(H - |k_a - k_b|) / (2 min(k_a, k_b))``: 0 for identical supports,
+    1 when every kept weight was swapped. Summed over all layers.
+    """
+    hamming = kept_a = kept_b = 0
+    for name, a in old.items():
+        b = new[name]
+        hamming += int((a != b).sum())
+        kept_a += int(a.sum())
+        kept_b += int(b.sum())
+    smaller = min(kept_a, kept_b)
+    if smaller == 0:
+        return 0.0
+    return (hamming - abs(kept_a - kept_b)) / (2 * smaller)
