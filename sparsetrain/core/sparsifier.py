@@ -196,9 +196,10 @@ class Sparsifier:
             raise RuntimeError("this sparsifier is attached; its hooks already run at every optimizer.step()")
         optimizer = optimizer or self._optimizer
         self._optimizer = optimizer
-        self._after_step(optimizer)
         if optimizer is not None:
+            # Clean with the masks the step ran under, before a boundary may replace them.
             self._zero_state_where_masked(optimizer)
+        self._after_step(optimizer)
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
         """Call ``listener(event)`` for every event: phase_end (before masks change), phase_start, mask_update."""
@@ -329,8 +330,10 @@ class Sparsifier:
 
     def _after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.count += 1
-        self._boundary()
+        # The step just taken ran under the current masks: re-zero with them before a boundary may change them
+        # (a decompression must see pruned weights at exactly 0 so they re-enter at 0).
         self._apply_masks()
+        self._boundary()
 
     def _boundary(self) -> None:
         step = self.count

@@ -1,0 +1,317 @@
+"""Conformance suite: every registered method x {SGD Nesterov + wd, Adam, AdamW} x {MLP, conv net}.
+
+The invariants of DESIGN.md 2.1 and 5, checked on real training steps:
+masked weights exactly zero after every step, exact zero counts after every mask update (ties included),
+bit-identical resume across phase boundaries, GradScaler-skipped steps change nothing, momentum zero after
+decompression. A newly registered method joins automatically; ``SCHEDULES`` only shortens its timeline.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain
+from sparsetrain.distributions import erk
+from sparsetrain.maskops import keep_count
+from sparsetrain.optim_state import per_element_buffers
+
+TOTAL = 30
+# Short timelines (in steps) with several mask updates and phase boundaries inside TOTAL steps.
+# AC/DC: dense 0-4, sparse 4-8, dense 8-12, sparse 12-16, dense 16-24, sparse 24-30.
+SCHEDULES = {
+    "acdc": dict(unit="steps", warmup=4, compressed=4, decompressed=4, final=6),
+    "gmp": dict(unit="steps", start=2, end=14, frequency=3),
+    "magnitude": dict(unit="steps", at=5),
+}
+METHODS = sparsetrain.list_methods()
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+class SmallConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).flatten(1))
+
+
+MODELS = {"mlp": (mlp, (16,)), "conv": (SmallConv, (2, 8, 8))}
+OPTIMIZERS = {
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+    "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01),
+}
+
+
+def build(method, model_name="mlp", opt_name="sgd", sparsity=0.9, lr=0.05, seed=0, **extra):
+    factory, shape = MODELS[model_name]
+    torch.manual_seed(seed)
+    model = factory()
+    sparsifier = sparsetrain.create(
+        method, model, sparsity=sparsity, total_steps=TOTAL, **{**SCHEDULES.get(method, {}), **extra}
+    )
+    optimizer = OPTIMIZERS[opt_name](model.parameters(), lr)
+    sparsifier.attach(optimizer)
+    return model, optimizer, sparsifier, shape
+
+
+def batch(step: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(8, *shape, generator=g), torch.randint(0, 4, (8,), generator=g)
+
+
+def train_step(model, optimizer, step, shape):
+    x, y = batch(step, shape)
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def expected_zeros(sparsifier, target: float) -> int:
+    """Zero count a mask update must produce, computed from the definitions, not the implementation."""
+    shapes = {n: tuple(p.shape) for n, p in sparsifier.params.items()}
+    sizes = {n: p.numel() for n, p in sparsifier.params.items()}
+    if target == 0:
+        return 0
+    if sparsifier.nm is not None:
+        n, m = sparsifier.nm
+        return sum(size // m * (m - n) for size in sizes.values())
+    if sparsifier.distribution == "global":
+        total = sum(sizes.values())
+        return total - keep_count(total, target)
+    if sparsifier.distribution == "uniform":
+        return sum(size - keep_count(size, target) for size in sizes.values())
+    per_layer = erk(shapes, target)
+    return sum(sizes[n] - keep_count(sizes[n], per_layer[n]) for n in sizes)
+
+
+def mask_zeros(sparsifier) -> int:
+    return sum(int((~m).sum()) for m in sparsifier.masks.values())
+
+
+def assert_masked_weights_zero(sparsifier):
+    for name, param in sparsifier.params.items():
+        masked = param.detach()[~sparsifier.masks[name]]
+        assert torch.all(masked == 0), f"{name}: {int((masked != 0).sum())} masked weights are nonzero"
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("method", METHODS)
+def test_masked_weights_exactly_zero_and_counts_exact(method, opt_name, model_name):
+    model, optimizer, sparsifier, shape = build(method, model_name, opt_name)
+    updates = 0
+    version = sparsifier.mask_version
+    for step in range(TOTAL):
+        train_step(model, optimizer, step, shape)
+        assert sparsifier.count == step + 1
+        assert_masked_weights_zero(sparsifier)
+        if sparsifier.mask_version != version:
+            version = sparsifier.mask_version
+            updates += 1
+            assert mask_zeros(sparsifier) == expected_zeros(sparsifier, sparsifier.target_sparsity)
+    if "sparse" in type(sparsifier).capabilities:
+        assert sparsifier.sparsity().overall >= 0.9 - 1e-3
+        assert mask_zeros(sparsifier) == expected_zeros(sparsifier, 0.9)
+    else:
+        assert sparsifier.sparsity().overall < 0.05
+    if "mask_updates" in type(sparsifier).capabilities:
+        assert updates >= 1
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.98])
+@pytest.mark.parametrize("method", METHODS)
+def test_exact_counts_with_all_equal_weights(method, sparsity):
+    """Ties everywhere: a threshold rule would keep all or nothing; top-k by index keeps exactly k."""
+    torch.manual_seed(0)
+    model = mlp()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    sparsifier = sparsetrain.create(method, model, sparsity=sparsity, total_steps=TOTAL, **SCHEDULES.get(method, {}))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0 keeps every weight tied
+    sparsifier.attach(optimizer)
+    checked = 0
+    for step in range(TOTAL):
+        train_step(model, optimizer, step, (16,))
+        target = sparsifier.target_sparsity
+        assert mask_zeros(sparsifier) == expected_zeros(sparsifier, target)
+        if target > 0:  # (in a dense phase, lr 0 leaves pruned weights at 0: more zeros than the mask has)
+            zeros_in_weights = sum(int((p == 0).sum()) for p in sparsifier.params.values())
+            assert zeros_in_weights == expected_zeros(sparsifier, target)
+            checked += 1
+    if "sparse" in type(sparsifier).capabilities and sparsity > 0:
+        assert checked > 0
+
+
+def roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_is_bit_identical(method, opt_name):
+    split = 10  # AC/DC's boundaries at 12, 16 and 24 lie after the split
+    model, optimizer, sparsifier, shape = build(method, "conv", opt_name)
+    for step in range(TOTAL):
+        if step == split:
+            saved = roundtrip(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "sparsifier": sparsifier.state_dict(),
+                }
+            )
+        train_step(model, optimizer, step, shape)
+
+    # A fresh process: different initial weights, everything restored from the checkpoint.
+    model2, _, _, _ = build(method, "conv", opt_name, seed=123)
+    model2.load_state_dict(saved["model"])
+    sparsifier2 = sparsetrain.create(method, model2, sparsity=0.9, total_steps=TOTAL, **SCHEDULES.get(method, {}))
+    sparsifier2.load_state_dict(saved["sparsifier"])
+    optimizer2 = OPTIMIZERS[opt_name](model2.parameters(), 0.05)
+    optimizer2.load_state_dict(saved["optimizer"])
+    sparsifier2.attach(optimizer2)
+    boundaries_after_split = 0
+    for step in range(split, TOTAL):
+        before = sparsifier2.phase
+        train_step(model2, optimizer2, step, shape)
+        boundaries_after_split += sparsifier2.phase != before
+    if method == "acdc":
+        assert boundaries_after_split >= 2
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert sparsifier2.count == sparsifier.count
+    assert all(torch.equal(sparsifier.masks[n], sparsifier2.masks[n]) for n in sparsifier.masks)
+    assert sparsifier2.history == sparsifier.history
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_step_skipped_by_gradscaler_changes_nothing(method):
+    model, optimizer, sparsifier, shape = build(method)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(3):
+        train_step(model, optimizer, step, shape)
+    count, masks = sparsifier.count, {n: m.clone() for n, m in sparsifier.masks.items()}
+    weights = [p.detach().clone() for p in model.parameters()]
+    history_length = len(sparsifier.history)
+
+    x, y = batch(99, shape)
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y) * float("inf")
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # inf gradients: the step is skipped
+    scaler.update()
+    assert scaler.get_scale() < 2.0**10, "the scaler did not see the inf gradients"
+    assert sparsifier.count == count
+    assert all(torch.equal(masks[n], sparsifier.masks[n]) for n in masks)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert len(sparsifier.history) == history_length
+
+    # A finite step through the scaler counts.
+    optimizer.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(optimizer)
+    assert sparsifier.count == count + 1
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_acdc_decompression_resets_momentum_and_regrows_at_zero(opt_name):
+    model, optimizer, sparsifier, shape = build("acdc", "mlp", opt_name)
+    while sparsifier.count < 8:  # phases: dense 0-4, sparse 4-8, dense from 8
+        pruned = {n: ~m.clone() for n, m in sparsifier.masks.items()}
+        train_step(model, optimizer, sparsifier.count, shape)
+    assert sparsifier.phase == "dense"
+    assert all(bool(m.all()) for m in sparsifier.masks.values())
+    for name, param in sparsifier.params.items():
+        assert torch.all(param.detach()[pruned[name]] == 0), "pruned weights must re-enter at 0"
+        buffers = per_element_buffers(optimizer, param)
+        momentum = buffers.get("momentum_buffer", buffers.get("exp_avg"))
+        assert momentum is not None and torch.count_nonzero(momentum) == 0
+    # Adam's second moment is kept: zeroing it would inflate the next update.
+    if opt_name != "sgd":
+        assert any(
+            torch.count_nonzero(per_element_buffers(optimizer, p)["exp_avg_sq"]) for p in sparsifier.params.values()
+        )
+
+
+def test_acdc_momentum_reset_can_be_switched_off():
+    model, optimizer, sparsifier, shape = build("acdc", reset_momentum=False)
+    while sparsifier.count < 8:
+        train_step(model, optimizer, sparsifier.count, shape)
+    buffers = [per_element_buffers(optimizer, p)["momentum_buffer"] for p in sparsifier.params.values()]
+    assert any(torch.count_nonzero(b) for b in buffers)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_no_optimizer_state_leaks_into_masked_weights(opt_name):
+    model, optimizer, sparsifier, shape = build("acdc", "mlp", opt_name)
+    for step in range(7):  # ends inside the sparse phase 4-8
+        train_step(model, optimizer, step, shape)
+    assert sparsifier.phase == "sparse"
+    for name, param in sparsifier.params.items():
+        for key, buffer in per_element_buffers(optimizer, param).items():
+            assert torch.all(buffer[~sparsifier.masks[name]] == 0), f"{key} of {name} leaked into masked weights"
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_explicit_step_matches_attached_hooks(opt_name):
+    """``sparsifier.step()`` after ``optimizer.step()`` gives the same weights as the attached hooks."""
+    model_a, opt_a, _, shape = build("acdc", "mlp", opt_name)
+    for step in range(TOTAL):
+        train_step(model_a, opt_a, step, shape)
+    torch.manual_seed(0)
+    model_b = mlp()
+    sparsifier_b = sparsetrain.create("acdc", model_b, sparsity=0.9, total_steps=TOTAL, **SCHEDULES["acdc"])
+    opt_b = OPTIMIZERS[opt_name](model_b.parameters(), 0.05)
+    for step in range(TOTAL):
+        train_step(model_b, opt_b, step, shape)
+        sparsifier_b.step(opt_b)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_phase_end_event_sees_the_dense_model_before_pruning():
+    model, optimizer, sparsifier, shape = build("acdc")
+    seen = []
+
+    def listener(event):
+        if event["event"] == "phase_end" and event["phase"] == "dense":
+            seen.append(
+                (event["step"], sparsifier.sparsity().overall, all(bool(m.all()) for m in sparsifier.masks.values()))
+            )
+
+    sparsifier.subscribe(listener)
+    for step in range(TOTAL):
+        train_step(model, optimizer, step, shape)
+    assert [s for s, _, _ in seen] == [4, 12, 24]
+    assert all(dense_masks and sparsity < 0.5 for _, sparsity, dense_masks in seen)
+    compress = [e for e in sparsifier.history if e["event"] == "compress"]
+    assert [e["step"] for e in compress] == [4, 12, 24]
+    assert compress[0]["mask_difference_pct"] is None
+    assert all(0 <= e["mask_difference_pct"] <= 100 for e in compress[1:])
+
+
+def test_nm_masks_through_acdc():
+    model, optimizer, sparsifier, shape = build("acdc", sparsity=None, mask_type="2:4")
+    for step in range(TOTAL):
+        train_step(model, optimizer, step, shape)
+    for name, mask in sparsifier.masks.items():
+        groups = mask.movedim(1, -1).reshape(-1, 4)
+        assert torch.all(groups.sum(1) == 2), name
+    assert sparsifier.sparsity().overall >= 0.5
