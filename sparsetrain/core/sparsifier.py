@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import maskops
 from ..distributions import check_distribution, layer_sparsities
 from ..optim_state import reset_momentum, zero_state_where
-from ..schedules import Phase, resolve_total_steps, to_steps
+from ..schedules import UNITS, Phase, resolve_total_steps, to_steps
 from .selection import select_parameters
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ class Sparsifier:
         self.seed = int(seed)
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = resolve_total_steps(total_steps, total_epochs, steps_per_epoch)
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}; got {unit!r}")
+        if unit == "epochs" and steps_per_epoch is None:
+            raise ValueError(f"unit='epochs' needs steps_per_epoch= (for example len(loader)) to place {self.name}'s "
+                             "warmup/start/end options in steps")
         self.unit = unit
         self.count = 0
         self.masks: dict[str, Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
@@ -254,8 +259,11 @@ class Sparsifier:
         self._refresh_float_masks()
 
     # ----------------------------------------------------------------- helpers for methods
-    def steps(self, value: float, what: str) -> int:
-        """Convert a method option in ``self.unit`` to steps."""
+    def steps(self, value: float | None, what: str, default_fraction: float | None = None) -> int:
+        """Convert a method option in ``self.unit`` to steps; a left-out option is ``default_fraction`` of the run."""
+        if value is None and default_fraction is not None:
+            return to_steps(default_fraction, "fraction", total_steps=self.require_total_steps(),
+                            steps_per_epoch=self.steps_per_epoch, what=what)
         return to_steps(value, self.unit, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                         what=what)
 

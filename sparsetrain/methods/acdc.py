@@ -25,8 +25,9 @@ class ACDC(Sparsifier):
       weights are zeroed and masked weights are re-zeroed after every step. At each decompressed start all
       masks become ones: pruned weights re-enter at 0 and momentum buffers are reset (``reset_momentum``).
 
-    Lengths are in ``unit``: 'fraction' of training (default; 0.1 / 0.05 / 0.05 / 0.15 is the official
-    100-epoch ImageNet schedule scaled to any run), 'epochs' (with steps_per_epoch) or 'steps'. The official
+    Lengths are in ``unit``: 'fraction' of training (the default), 'epochs' (with steps_per_epoch) or 'steps'.
+    A length left out is the official 100-epoch ImageNet proportion of the run, whatever the unit:
+    warm-up 10%, compressed 5%, decompressed 5%, final 15%. The official
     ImageNet timeline is ``unit='epochs', warmup=10, compressed=5, decompressed=5, final=15`` over 100 epochs.
 
     Each compressed start records in ``history`` the relative mask difference (%) against the previous
@@ -44,10 +45,10 @@ class ACDC(Sparsifier):
         self,
         model: nn.Module,
         *,
-        warmup: float = 0.1,
-        compressed: float = 0.05,
-        decompressed: float = 0.05,
-        final: float = 0.15,
+        warmup: float | None = None,
+        compressed: float | None = None,
+        decompressed: float | None = None,
+        final: float | None = None,
         reset_momentum: bool = True,
         **common: Any,
     ) -> None:
@@ -60,10 +61,10 @@ class ACDC(Sparsifier):
         total = self.require_total_steps()
         self.phases: list[Phase] = acdc_phases(
             total,
-            warmup=self.steps(self.warmup, "warmup"),
-            compressed=self.steps(self.compressed, "compressed"),
-            decompressed=self.steps(self.decompressed, "decompressed"),
-            final=self.steps(self.final, "final"),
+            warmup=self.steps(self.warmup, "warmup", default_fraction=0.1),
+            compressed=self.steps(self.compressed, "compressed", default_fraction=0.05),
+            decompressed=self.steps(self.decompressed, "decompressed", default_fraction=0.05),
+            final=self.steps(self.final, "final", default_fraction=0.15),
         )
         self._starts = {p.start: p for p in self.phases}
 

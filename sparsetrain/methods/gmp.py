@@ -16,8 +16,8 @@ class GMP(Sparsifier):
     """Gradual magnitude pruning: sparsity rises on a cubic schedule; pruned weights stay pruned.
 
     s_t = s_f + (s_i - s_f)(1 - (t - t0) / (t_end - t0))^3 at updates t0, t0 + dt, ..., t_end; at each update
-    the largest |w| among the surviving weights are kept. ``start``/``end`` in ``unit`` (default fractions:
-    0.2 and 0.8, the from-scratch ImageNet recipe's epochs 20-79 of 100); ``frequency`` (dt) in steps,
+    the largest |w| among the surviving weights are kept. ``start``/``end`` in ``unit`` (when left out: 20% and
+    80% of the run, the from-scratch ImageNet recipe's epochs 20-79 of 100); ``frequency`` (dt) in steps,
     default one epoch when ``steps_per_epoch`` is known, else 1/50 of the pruning window.
 
     Reference: Zhu & Gupta, "To prune, or not to prune", arXiv 1710.01878.
@@ -32,8 +32,8 @@ class GMP(Sparsifier):
         self,
         model: nn.Module,
         *,
-        start: float = 0.2,
-        end: float = 0.8,
+        start: float | None = None,
+        end: float | None = None,
         frequency: int | None = None,
         initial_sparsity: float = 0.0,
         **common: Any,
@@ -43,8 +43,8 @@ class GMP(Sparsifier):
 
     def setup(self) -> None:
         self.require_total_steps()
-        self.start_step = self.steps(self.start, "start")
-        self.end_step = self.steps(self.end, "end")
+        self.start_step = self.steps(self.start, "start", default_fraction=0.2)
+        self.end_step = self.steps(self.end, "end", default_fraction=0.8)
         if not 0 <= self.start_step <= self.end_step <= self.total_steps:
             raise ValueError(
                 f"GMP needs 0 <= start <= end <= total; got start={self.start!r}, end={self.end!r} "

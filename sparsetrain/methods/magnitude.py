@@ -20,12 +20,12 @@ class Magnitude(Sparsifier):
 
     capabilities = frozenset({"sparse", "mask_updates", "nm"})
 
-    def __init__(self, model: nn.Module, *, at: float = 0.0, **common: Any) -> None:
+    def __init__(self, model: nn.Module, *, at: float | None = None, **common: Any) -> None:
         self.at = at
         super().__init__(model, **common)
 
     def setup(self) -> None:
-        self.prune_step = 0 if self.at == 0 else self.steps(self.at, "at")
+        self.prune_step = 0 if not self.at else self.steps(self.at, "at")
 
     def target_sparsity_at(self, step: int) -> float:
         return self.final_sparsity if step >= self.prune_step else 0.0

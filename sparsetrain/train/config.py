@@ -1,0 +1,150 @@
+"""The trainer's configuration: defaults, YAML recipes (safe loader), command-line overrides, validation."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+# key -> (default, allowed types, one-line help). None is allowed wherever the default is None.
+SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
+    "dataset": ("fashion-mnist", (str,), "fashion-mnist, mnist, mnist1d, digits, cifar10, npz, imagefolder"),
+    "data_dir": (None, (str,), "where the dataset's files are (default: search the usual places)"),
+    "val_fraction": (0.1, (float, int), "fraction of the training set held out for validation"),
+    "limit_train": (None, (int,), "use only this many training samples (quick runs)"),
+    "model": ("lenet5", (str,), "mlp, lenet5, convbase, resnet20/32/56, wrn-16-4, wrn-28-10, mobilenet-v1, ..."),
+    "method": ("acdc", (str,), "sparse-training method (see `sparsetrain methods`)"),
+    "sparsity": (0.9, (float, int), "target sparsity in [0, 1)"),
+    "distribution": (None, (str,), "global, uniform or erk (default: the method's)"),
+    "mask_type": ("unstructured", (str,), "unstructured or N:M such as 2:4"),
+    "include": (None, (list, str), "glob patterns of parameters to sparsify"),
+    "exclude": (None, (list, str), "glob patterns of parameters to keep dense"),
+    "method_options": ({}, (dict,), "method-specific options, e.g. {warmup: 3, unit: epochs}"),
+    "epochs": (30, (int,), "training epochs"),
+    "batch_size": (128, (int,), "training batch size"),
+    "eval_batch_size": (1000, (int,), "evaluation batch size"),
+    "optimizer": ("sgd", (str,), "sgd, adam or adamw"),
+    "lr": (0.05, (float, int), "peak learning rate"),
+    "momentum": (0.9, (float, int), "SGD momentum"),
+    "nesterov": (True, (bool,), "Nesterov momentum for SGD"),
+    "weight_decay": (5e-4, (float, int), "weight decay"),
+    "schedule": ("cosine", (str,), "cosine, step, onecycle or constant"),
+    "warmup_epochs": (0.0, (float, int), "linear learning-rate warm-up (cosine and step)"),
+    "milestones": ([0.5, 0.75], (list,), "step schedule: fractions of training where lr is multiplied by gamma"),
+    "gamma": (0.1, (float, int), "step schedule factor"),
+    "grad_clip": (None, (float, int), "clip the gradient norm to this value"),
+    "amp": (False, (bool,), "mixed precision (bfloat16 autocast on CPU, float16 with a GradScaler on CUDA)"),
+    "device": ("auto", (str,), "auto, cpu or cuda"),
+    "seed": (0, (int,), "seed for the weights, the data split and order, and the method"),
+    "threads": (None, (int,), "torch CPU threads (default: torch's choice)"),
+    "out": (None, (str,), "output directory (default: runs/<method>-<model>-<dataset>-s<sparsity>-seed<seed>)"),
+    "progress": (None, (bool,), "progress bar (default: when the terminal is interactive)"),
+}
+
+CHOICES = {
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("cosine", "step", "onecycle", "constant"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def defaults() -> dict[str, Any]:
+    return {key: copy.deepcopy(default) for key, (default, _, _) in SCHEMA.items()}
+
+
+def _check_type(key: str, value: Any) -> Any:
+    default, types, _ = SCHEMA[key]
+    if value is None:
+        if default is None or key in ("distribution",):
+            return None
+        raise ConfigError(f"option {key!r} cannot be empty (null); expected {' or '.join(t.__name__ for t in types)}")
+    # bool is an int in Python; an int option must not silently take True.
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"option {key!r} expects {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(
+            f"option {key!r} expects {' or '.join(t.__name__ for t in types)}, got {value!r} ({type(value).__name__})"
+        )
+    if float in types and isinstance(value, int):
+        value = float(value)
+    return value
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(config) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(f"unknown option {', '.join(map(repr, unknown))}; known options: {', '.join(sorted(SCHEMA))}")
+    out = {key: _check_type(key, value) for key, value in config.items()}
+    for key, choices in CHOICES.items():
+        if key in out and out[key] not in choices:
+            raise ConfigError(f"option {key!r} must be one of {', '.join(choices)}; got {out[key]!r}")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if key in out and out[key] <= 0:
+            raise ConfigError(f"option {key!r} must be a positive integer, got {out[key]!r}")
+    if "val_fraction" in out and not 0 <= out["val_fraction"] < 1:
+        raise ConfigError(f"option 'val_fraction' must be in [0, 1), got {out['val_fraction']!r}")
+    if "lr" in out and out["lr"] <= 0:
+        raise ConfigError(f"option 'lr' must be positive, got {out['lr']!r}")
+    return out
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe with the safe loader and validate its keys and types."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes ship in the recipes/ folder")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {error}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of option: value, got {type(data).__name__}")
+    try:
+        return validate(data)
+    except ConfigError as error:
+        raise ConfigError(f"recipe {str(path)!r}: {error}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (so 0.9 is a float, [a, b] a list, true a bool)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if key.startswith("method_options."):
+        return key, value
+    if key not in SCHEMA:
+        raise ConfigError(f"unknown option {key!r} in --set; known options: {', '.join(sorted(SCHEMA))}")
+    return key, value
+
+
+def resolve(recipe: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """defaults <- recipe <- overrides; ``method_options.X`` overrides merge into method_options."""
+    config = defaults()
+    config.update(recipe or {})
+    options = dict(config.get("method_options") or {})
+    for key, value in overrides.items():
+        if key.startswith("method_options."):
+            options[key.split(".", 1)[1]] = value
+        elif key == "method_options":
+            options.update(value or {})
+        else:
+            config[key] = value
+    config["method_options"] = options
+    return validate(config)
+
+
+def default_out_dir(config: dict[str, Any]) -> str:
+    return f"runs/{config['method']}-{config['model']}-{config['dataset']}-s{config['sparsity']:g}-seed{config['seed']}"

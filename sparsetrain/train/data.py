@@ -1,0 +1,743 @@
+"""Small image / sequence datasets, loaded fully into memory as tensors.
+
+Every loader returns a :class:`Splits` with float32 inputs standardized by the
+training-set statistics and int64 labels. The validation set is always carved
+out of the *training* data with a seeded generator, so the test set is never
+touched during model selection.
+
+Nothing here uses the global random number generators: the validation split
+and the batch order come from local ``torch.Generator`` objects, so loading a
+dataset does not perturb the caller's seeding of model initialization.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.client
+import logging
+import math
+import os
+import pickle
+import random
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Splits",
+    "iterate_batches",
+    "load_dataset",
+    "num_batches",
+    "read_idx",
+]
+
+logger = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "mnist1d", "digits", "cifar10", "npz", "imagefolder")
+
+
+class DataError(ValueError):
+    """A dataset could not be loaded; the message says what was tried and how to fix it."""
+
+
+@dataclass
+class Splits:
+    """Train / validation / test tensors of one dataset plus what a model needs to know about it."""
+
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    name: str
+
+    def __repr__(self) -> str:
+        return (
+            f"Splits(name={self.name!r}, train={len(self.train)}, val={len(self.val)}, "
+            f"test={len(self.test)}, num_classes={self.num_classes}, input_shape={self.input_shape})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# IDX files (MNIST / Fashion-MNIST)
+# --------------------------------------------------------------------------------------------------
+
+# The four files of the MNIST family, as (role, base name). Either the raw or the .gz form is accepted.
+_IDX_FILES: tuple[tuple[str, str], ...] = (
+    ("train_images", "train-images-idx3-ubyte"),
+    ("train_labels", "train-labels-idx1-ubyte"),
+    ("test_images", "t10k-images-idx3-ubyte"),
+    ("test_labels", "t10k-labels-idx1-ubyte"),
+)
+
+_IDX_URLS: dict[str, str] = {
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+}
+
+# MD5 of the official .gz files. Only downloads are checked: distributions (e.g. Debian) may
+# recompress the files, which changes the .gz checksum but not the content.
+_IDX_MD5: dict[str, dict[str, str]] = {
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+    "mnist": {
+        "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+}
+
+# Where distributions install datasets (Debian's dataset-fashion-mnist package uses
+# /usr/share/datasets/fashion-mnist). A module attribute so that tests can point it elsewhere.
+_SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
+
+_DOWNLOAD_TIMEOUT_S = 10.0
+
+
+def _cache_root() -> Path:
+    """The per-user cache directory (``$XDG_CACHE_HOME/sparsetrain`` or ``~/.cache/sparsetrain``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "sparsetrain"
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one IDX file (optionally gzip-compressed) of unsigned bytes into a numpy array.
+
+    The header is validated: two zero bytes, the type code 0x08 (unsigned byte) and a dimension
+    count of 1..4, followed by that many big-endian 32-bit sizes whose product must equal the
+    payload length. Anything else raises :class:`DataError`.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        # Sniff the gzip magic instead of trusting the suffix: some mirrors serve decompressed
+        # files under .gz names and vice versa.
+        opener = gzip.open if head == b"\x1f\x8b" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; truncated gzip raises EOFError
+        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
+
+    if len(raw) < 4:
+        raise DataError(f"corrupt IDX file {path}: only {len(raw)} bytes")
+    zero0, zero1, dtype_code, ndim = raw[0], raw[1], raw[2], raw[3]
+    if zero0 != 0 or zero1 != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
+        magic = int.from_bytes(raw[:4], "big")
+        raise DataError(
+            f"corrupt IDX file {path}: bad magic number 0x{magic:08x} "
+            "(expected 0x00000801..0x00000804, unsigned-byte data)"
+        )
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise DataError(f"corrupt IDX file {path}: truncated header")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = math.prod(dims)
+    payload = len(raw) - header_len
+    if payload != expected:
+        raise DataError(
+            f"corrupt IDX file {path}: header says dimensions {dims} ({expected} bytes) "
+            f"but the file holds {payload} bytes of data"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def _find_idx_file(directory: Path, base: str) -> Path | None:
+    for candidate in (directory / base, directory / f"{base}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _idx_dir_complete(directory: Path) -> bool:
+    return all(_find_idx_file(directory, base) is not None for _, base in _IDX_FILES)
+
+
+def _idx_search_dirs(name: str, data_dir: str | None) -> list[Path]:
+    dirs: list[Path] = []
+    if data_dir:
+        given = Path(data_dir).expanduser()
+        # Accept both the folder holding the files and a parent with a <name>/ subfolder.
+        dirs += [given, given / name]
+    env = os.environ.get("SPARSETRAIN_DATA")
+    if env:
+        root = Path(env).expanduser()
+        dirs += [root / name, root]
+    dirs += [_SYSTEM_DATA_ROOT / name, _cache_root() / name]
+    # Drop duplicates while keeping the order.
+    return list(dict.fromkeys(dirs))
+
+
+def _download_idx(name: str, target: Path) -> None:
+    """Fetch the four official .gz files into ``target``, verifying MD5s; raise DataError on failure."""
+    base_url = _IDX_URLS[name]
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create cache directory {target}: {exc}") from exc
+    for _, base in _IDX_FILES:
+        dest = target / f"{base}.gz"
+        if dest.is_file():
+            continue
+        url = f"{base_url}{base}.gz"
+        logger.info("downloading %s", url)
+        tmp_name: str | None = None
+        try:
+            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
+                data = resp.read()
+            digest = hashlib.md5(data, usedforsecurity=False).hexdigest()  # integrity, not security
+            want = _IDX_MD5[name][base]
+            if digest != want:
+                raise DataError(f"checksum mismatch for {url}: got md5 {digest}, expected {want}")
+            # Write next to the destination and rename, so an interrupted download never leaves a
+            # truncated file that a later run would trust.
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=target)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp_name, dest)
+            tmp_name = None
+        except DataError:
+            raise
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as exc:
+            # URLError and socket timeouts are OSErrors; IncompleteRead is an HTTPException.
+            raise DataError(f"download of {url} failed: {exc}") from exc
+        finally:
+            if tmp_name is not None:
+                try:
+                    os.unlink(tmp_name)
+                except OSError:
+                    pass
+
+
+def _load_idx_dataset(
+    name: str, data_dir: str | None, download: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    searched = _idx_search_dirs(name, data_dir)
+    found = next((d for d in searched if _idx_dir_complete(d)), None)
+    if found is not None and data_dir and found not in searched[:2]:
+        logger.warning("%s: no IDX files in --data-dir %s; using %s instead", name, data_dir, found)
+
+    download_error = ""
+    if found is None and download:
+        cache = _cache_root() / name
+        try:
+            _download_idx(name, cache)
+            found = cache
+        except DataError as exc:
+            download_error = f" Downloading from {_IDX_URLS[name]} failed ({exc})."
+    if found is None:
+        names = ", ".join(f"{base}[.gz]" for _, base in _IDX_FILES)
+        searched_txt = ", ".join(str(d) for d in searched)
+        if name == "fashion-mnist":
+            system_hint = (
+                f"or on Debian/Ubuntu `apt-get install dataset-fashion-mnist`, which installs the official "
+                f"files under {_SYSTEM_DATA_ROOT / name}"
+            )
+        else:
+            system_hint = f"or put the files in {_cache_root() / name}"
+        raise DataError(
+            f"could not find the {name} dataset. Searched: {searched_txt}; none holds all four IDX files "
+            f"({names}).{download_error}{'' if download else ' Downloading was disabled.'} "
+            f"To fix: pass `--data-dir DIR` (data_dir=DIR) naming a folder with the four IDX files, "
+            f"or set the SPARSETRAIN_DATA environment variable to such a folder (or to a parent with a "
+            f"`{name}/` subfolder), {system_hint}."
+        )
+
+    logger.info("loading %s from %s", name, found)
+    arrays: dict[str, np.ndarray] = {}
+    for role, base in _IDX_FILES:
+        path = _find_idx_file(found, base)
+        assert path is not None  # guaranteed by _idx_dir_complete
+        arrays[role] = read_idx(path)
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataError(
+                f"corrupt {name} {split} files in {found}: expected 3-D images and 1-D labels, "
+                f"got shapes {images.shape} and {labels.shape}"
+            )
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"corrupt {name} {split} files in {found}: "
+                f"{images.shape[0]} images but {labels.shape[0]} labels"
+            )
+        if labels.size and int(labels.max()) > 9:
+            raise DataError(f"corrupt {name} {split} labels in {found}: label {int(labels.max())} > 9")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise DataError(f"{name} train and test images in {found} have different sizes")
+
+    def images_to_tensor(a: np.ndarray) -> Tensor:
+        # (N, H, W) uint8 -> (N, 1, H, W) float32 in [0, 1]
+        return torch.from_numpy(a.copy()).unsqueeze(1).float().div_(255.0)
+
+    return (
+        images_to_tensor(arrays["train_images"]),
+        torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        images_to_tensor(arrays["test_images"]),
+        torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Other sources
+# --------------------------------------------------------------------------------------------------
+
+# Seed of the reference MNIST-1D data set (mnist1d's default). Fixed so that every training seed
+# sees the same data, comparable with published MNIST-1D results.
+_MNIST1D_SEED = 42
+# Fixed seed of the digits train/test split: the test set must not change with the training seed.
+_DIGITS_TEST_SEED = 1797
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # Generation takes seconds and is deterministic, so it is done once per process.
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise DataError(
+            f"the mnist1d dataset needs the mnist1d package: `pip install mnist1d` ({exc})"
+        ) from exc
+    args = get_dataset_args()
+    args.seed = _MNIST1D_SEED
+    # make_dataset reseeds Python's and numpy's global generators; restore them afterwards so that
+    # loading data does not change what the caller's own random draws produce.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    arrays = (
+        np.asarray(data["x"], dtype=np.float32),
+        np.asarray(data["y"], dtype=np.int64),
+        np.asarray(data["x_test"], dtype=np.float32),
+        np.asarray(data["y_test"], dtype=np.int64),
+    )
+    for a in arrays:
+        a.flags.writeable = False  # shared by every call; guard the cache against mutation
+    return arrays
+
+
+def _load_mnist1d() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x_tr, y_tr, x_te, y_te = _mnist1d_arrays()
+    # torch.tensor copies, so the cached arrays stay pristine; (N, L) -> (N, 1, L) for Conv1d nets.
+    return (
+        torch.tensor(x_tr).unsqueeze(1),
+        torch.tensor(y_tr),
+        torch.tensor(x_te).unsqueeze(1),
+        torch.tensor(y_te),
+    )
+
+
+def _load_digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataError(f"the digits dataset needs scikit-learn: `pip install scikit-learn` ({exc})") from exc
+    bunch = load_digits()
+    x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0).unsqueeze(1)  # (N,1,8,8)
+    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(_DIGITS_TEST_SEED)
+    perm = torch.randperm(n, generator=g)
+    n_test = round(0.2 * n)
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+def _cifar_dir(data_dir: str | None) -> Path:
+    if not data_dir:
+        raise DataError(
+            "cifar10 is read only from a local copy: pass `--data-dir DIR` (data_dir=DIR) pointing at the "
+            "python version of CIFAR-10 (the `cifar-10-batches-py` folder with data_batch_1..5 and "
+            "test_batch, from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz). "
+            "It is never downloaded."
+        )
+    root = Path(data_dir).expanduser()
+    for candidate in (root, root / "cifar-10-batches-py"):
+        if (candidate / "test_batch").is_file() and any(candidate.glob("data_batch_*")):
+            return candidate
+    raise DataError(
+        f"no CIFAR-10 batches found in {root} or {root / 'cifar-10-batches-py'}: expected files "
+        "data_batch_1..5 and test_batch (the python version of CIFAR-10, cifar-10-python.tar.gz, extracted)"
+    )
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            # These pickles come from a directory the user named explicitly; never from the network.
+            batch = pickle.load(f, encoding="bytes")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}") from exc
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"corrupt CIFAR-10 batch {path}: expected a dict with b'data' and b'labels'")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"corrupt CIFAR-10 batch {path}: data {data.dtype} {data.shape}, labels {labels.shape} "
+            "(expected uint8 (N, 3072) and N labels)"
+        )
+    return data, labels
+
+
+def _load_cifar10(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    directory = _cifar_dir(data_dir)
+
+    def batch_number(p: Path) -> int:
+        m = re.search(r"(\d+)$", p.name)
+        return int(m.group(1)) if m else 0
+
+    # Accept any subset of the training batches (handy for tests and quick experiments).
+    train_files = sorted((p for p in directory.glob("data_batch_*") if p.is_file()), key=batch_number)
+    logger.info("loading cifar10 from %s (%d training batches)", directory, len(train_files))
+    parts = [_read_cifar_batch(p) for p in train_files]
+    x_tr = np.concatenate([d for d, _ in parts])
+    y_tr = np.concatenate([lab for _, lab in parts])
+    x_te, y_te = _read_cifar_batch(directory / "test_batch")
+
+    def to_x(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(a.reshape(-1, 3, 32, 32).copy()).float().div_(255.0)
+
+    return to_x(x_tr), torch.from_numpy(y_tr), to_x(x_te), torch.from_numpy(y_te)
+
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _load_npz(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if not data_dir:
+        raise DataError(
+            "the npz dataset needs `--data-dir FILE.npz` (data_dir=...) naming a .npz file with arrays "
+            "x_train, y_train, x_test, y_test"
+        )
+    path = Path(data_dir).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"npz dataset: {path} is not a file (expected a .npz with x_train, y_train, x_test, y_test)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in _NPZ_KEYS if k not in npz.files]
+            if missing:
+                raise DataError(
+                    f"npz dataset {path} lacks the arrays {', '.join(missing)} "
+                    f"(has: {', '.join(npz.files) or 'nothing'}; needs {', '.join(_NPZ_KEYS)})"
+                )
+            arrays = {k: npz[k] for k in _NPZ_KEYS}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:  # ValueError: object arrays need pickle, or not an npz
+        raise DataError(f"cannot read npz dataset {path}: {exc}") from exc
+
+    def to_x(a: np.ndarray, key: str) -> Tensor:
+        if a.ndim < 2:
+            raise DataError(
+                f"npz dataset {path}: {key} has shape {a.shape}; expected (N, ...) with N samples"
+            )
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise DataError(f"npz dataset {path}: {key} has non-numeric dtype {a.dtype}")
+        if a.dtype == np.uint8:
+            t = torch.from_numpy(a.astype(np.float32) / 255.0)
+        else:
+            t = torch.from_numpy(a.astype(np.float32))
+        if t.ndim == 3:  # (N, H, W) grayscale images -> channels first
+            t = t.unsqueeze(1)
+        return t
+
+    def to_y(a: np.ndarray, key: str) -> Tensor:
+        a = np.squeeze(a) if a.ndim == 2 and a.shape[1] == 1 else a
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise DataError(f"npz dataset {path}: {key} must be a 1-D integer array, got {a.dtype} {a.shape}")
+        if a.size and a.min() < 0:
+            raise DataError(f"npz dataset {path}: {key} has negative labels")
+        return torch.from_numpy(a.astype(np.int64))
+
+    x_tr, y_tr = to_x(arrays["x_train"], "x_train"), to_y(arrays["y_train"], "y_train")
+    x_te, y_te = to_x(arrays["x_test"], "x_test"), to_y(arrays["y_test"], "y_test")
+    if x_tr.shape[0] != y_tr.shape[0] or x_te.shape[0] != y_te.shape[0]:
+        raise DataError(
+            f"npz dataset {path}: sample counts differ (x_train {x_tr.shape[0]} vs y_train {y_tr.shape[0]}, "
+            f"x_test {x_te.shape[0]} vs y_test {y_te.shape[0]})"
+        )
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(
+            f"npz dataset {path}: x_train samples {tuple(x_tr.shape[1:])} vs x_test {tuple(x_te.shape[1:])}"
+        )
+    return x_tr, y_tr, x_te, y_te
+
+
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def _list_image_folder(split_dir: Path) -> dict[str, list[Path]]:
+    classes: dict[str, list[Path]] = {}
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+        if files:
+            classes[class_dir.name] = files
+    return classes
+
+
+def _load_imagefolder(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    if not data_dir:
+        raise DataError(
+            "the imagefolder dataset needs `--data-dir DIR` (data_dir=DIR) with train/<class>/*.png|jpg "
+            "and test/<class>/* (or val/<class>/*)"
+        )
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise DataError(f"the imagefolder dataset needs Pillow: `pip install pillow` ({exc})") from exc
+
+    root = Path(data_dir).expanduser()
+    train_dir = root / "train"
+    test_dir = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(
+            f"imagefolder dataset {root}: expected subfolders train/<class>/ and "
+            "test/<class>/ (or val/<class>/)"
+        )
+    try:
+        train_files = _list_image_folder(train_dir)
+        test_files = _list_image_folder(test_dir)
+    except OSError as exc:
+        raise DataError(f"cannot list imagefolder dataset {root}: {exc}") from exc
+    if not train_files:
+        raise DataError(
+            f"imagefolder dataset {root}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {train_dir}"
+        )
+    class_names = sorted(train_files)
+    unknown = sorted(set(test_files) - set(class_names))
+    if unknown:
+        raise DataError(
+            f"imagefolder dataset {root}: classes {unknown} appear in {test_dir.name}/ but not in train/"
+        )
+    class_index = {c: i for i, c in enumerate(class_names)}
+
+    first = train_files[class_names[0]][0]
+    try:
+        with Image.open(first) as im:
+            size = im.size
+            # Grayscale stays one channel; everything else (palette, RGBA, CMYK...) becomes RGB.
+            mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+    except OSError as exc:
+        raise DataError(f"cannot read image {first}: {exc}") from exc
+
+    def read_split(files: dict[str, list[Path]]) -> tuple[Tensor, Tensor]:
+        xs: list[np.ndarray] = []
+        ys: list[int] = []
+        for cls, paths in files.items():
+            for p in paths:
+                try:
+                    with Image.open(p) as im:
+                        im = im.convert(mode)
+                        if im.size != size:
+                            im = im.resize(size, Image.Resampling.BILINEAR)
+                        xs.append(np.asarray(im, dtype=np.uint8))
+                except OSError as exc:
+                    raise DataError(f"cannot read image {p}: {exc}") from exc
+                ys.append(class_index[cls])
+        if not xs:
+            x = torch.empty((0, 1 if mode == "L" else 3, size[1], size[0]))
+            return x, torch.empty(0, dtype=torch.int64)
+        arr = np.stack(xs)
+        arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
+        x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
+        return x, torch.tensor(ys, dtype=torch.int64)
+
+    x_tr, y_tr = read_split(train_files)
+    x_te, y_te = read_split(test_files)
+    logger.info(
+        "imagefolder %s: %d classes, %d train / %d test images of %s",
+        root,
+        len(class_names),
+        len(y_tr),
+        len(y_te),
+        tuple(x_tr.shape[1:]),
+    )
+    return x_tr, y_tr, x_te, y_te, class_names
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def _standardize_(train_x: Tensor, *others: Tensor) -> None:
+    """Standardize in place by per-channel mean/std of ``train_x`` (dim 1 is the channel for >=3-D data).
+
+    2-D (N, D) feature data is treated as a single channel so that relative feature scales survive,
+    as they do for images.
+    """
+    if train_x.shape[0] == 0:
+        return
+    if train_x.ndim >= 3:
+        dims = [0, *range(2, train_x.ndim)]
+        std, mean = torch.std_mean(train_x, dim=dims, keepdim=True)
+    else:
+        std, mean = torch.std_mean(train_x)
+    # A constant channel (std 0) would give inf/NaN; leave its scale alone.
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    for t in (train_x, *others):
+        t.sub_(mean).div_(std)
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    limit_train: int | None = None,
+    download: bool = True,
+) -> Splits:
+    """Load a dataset into memory and split it into train / validation / test.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        data_dir: where to read the data from; its meaning depends on the dataset (a folder of IDX
+            files, the CIFAR-10 batch folder, a .npz file, an image-folder root).
+        val_fraction: fraction of the training data held out as a validation set (0 allowed).
+        seed: seeds the validation split (a local generator; the global RNG is untouched).
+        limit_train: keep only this many training samples (after the split), for quick runs.
+        download: whether MNIST / Fashion-MNIST may be downloaded into the user cache when absent.
+
+    Raises:
+        DataError: the data could not be found or read; the message says how to provide it.
+    """
+    key = name.lower()
+    if key not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if limit_train is not None and limit_train < 1:
+        raise DataError(f"limit_train must be a positive integer, got {limit_train}")
+
+    if key in ("fashion-mnist", "mnist"):
+        x_tr, y_tr, x_te, y_te = _load_idx_dataset(key, data_dir, download)
+        num_classes = 10
+    elif key == "mnist1d":
+        x_tr, y_tr, x_te, y_te = _load_mnist1d()
+        num_classes = 10
+    elif key == "digits":
+        x_tr, y_tr, x_te, y_te = _load_digits()
+        num_classes = 10
+    elif key == "cifar10":
+        x_tr, y_tr, x_te, y_te = _load_cifar10(data_dir)
+        num_classes = 10
+    elif key == "npz":
+        x_tr, y_tr, x_te, y_te = _load_npz(data_dir)
+        labels = torch.cat([y_tr, y_te])
+        num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    else:  # imagefolder
+        x_tr, y_tr, x_te, y_te, class_names = _load_imagefolder(data_dir)
+        num_classes = len(class_names)
+
+    n = x_tr.shape[0]
+    n_val = round(val_fraction * n)
+    if n_val >= n:
+        raise DataError(f"{key}: val_fraction={val_fraction} leaves no training data out of {n} samples")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    x_val, y_val = x_tr[val_idx], y_tr[val_idx]
+    x_train, y_train = x_tr[train_idx], y_tr[train_idx]
+    del x_tr  # the indexed copies above are all we need; free the full array early
+    # Statistics come from the training part only, before limit_train, so that a quick run with
+    # limit_train sees the same normalization as a full one.
+    _standardize_(x_train, x_val, x_te)
+    if limit_train is not None:
+        x_train, y_train = x_train[:limit_train].clone(), y_train[:limit_train].clone()
+
+    splits = Splits(
+        train=TensorDataset(x_train, y_train),
+        val=TensorDataset(x_val, y_val),
+        test=TensorDataset(x_te, y_te),
+        num_classes=num_classes,
+        input_shape=tuple(int(s) for s in x_train.shape[1:]),
+        name=key,
+    )
+    logger.info("%r", splits)
+    return splits
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
+    """Number of batches :func:`iterate_batches` yields per rank for a dataset of ``n`` samples."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    per_rank = n // world_size
+    return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Mixing seed and epoch into one 64-bit value gives every epoch its own permutation while
+    # staying a pure function of (seed, epoch), so a resumed run replays the same order.
+    return (seed * 1000003 + epoch) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def iterate_batches(
+    ds: TensorDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(x, y)`` mini-batches of an in-memory dataset, much faster than a DataLoader.
+
+    The order is a permutation drawn from a local generator seeded by ``(seed, epoch)``. With
+    ``world_size > 1`` each rank takes the strided share ``perm[rank::world_size]``, truncated to
+    ``len(ds) // world_size`` so that all ranks run the same number of steps.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    x, y = ds.tensors[0], ds.tensors[1]
+    n = x.shape[0]
+    per_rank = n // world_size
+    if shuffle:
+        g = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+        idx: Tensor | None = torch.randperm(n, generator=g)
+    else:
+        idx = None if world_size == 1 else torch.arange(n)
+    if idx is not None and world_size > 1:
+        idx = idx[rank::world_size][:per_rank]
+
+    for start in range(0, per_rank, batch_size):
+        stop = min(start + batch_size, per_rank)
+        if drop_last and stop - start < batch_size:
+            break
+        if idx is None:
+            # Unshuffled single-process iteration: contiguous slices are views, no copy needed.
+            yield x[start:stop], y[start:stop]
+        else:
+            b = idx[start:stop]
+            yield x[b], y[b]

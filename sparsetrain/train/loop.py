@@ -1,0 +1,444 @@
+"""The reference training loop behind ``sparsetrain train``: one sitting to read, top to bottom.
+
+It is a client of the library like any user's loop: it creates a sparsifier, attaches it to the optimizer and
+listens to its phase events. On top it adds what a run needs: data, a learning-rate schedule, evaluation,
+the sparse-dense pair (AC/DC), atomic checkpoints with exact resume, metrics, plots and a summary.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import sparsetrain
+
+from ..errors import ConfigError, TrainingDiverged
+from ..flops import FlopCounter, TrainingFlops
+from . import checkpoint
+from .config import default_out_dir
+from .data import Splits, iterate_batches, load_dataset, num_batches
+from .models import build_model, model_spec
+
+log = logging.getLogger(__name__)
+
+# The run's files; everything a resume needs is in last.pt.
+LAST, SPARSE, DENSE = "last.pt", "sparse_final.pt", "dense_best.pt"
+
+
+def lr_factor(step: int, total: int, steps_per_epoch: int, config: dict[str, Any]) -> float:
+    """Learning-rate multiplier at ``step``: a pure function of time, so a resumed run needs no scheduler state."""
+    warmup = int(round(config["warmup_epochs"] * steps_per_epoch))
+    schedule = config["schedule"]
+    if schedule == "onecycle":
+        # Linear rise over the first 30% from lr/25, then cosine annealing to lr/1e4 (Smith & Topin 2019).
+        peak = max(1, int(0.3 * total))
+        if step < peak:
+            return 1 / 25 + (1 - 1 / 25) * step / peak
+        progress = (step - peak) / max(1, total - peak)
+        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return config["gamma"] ** sum(step >= m * total for m in config["milestones"])
+    return 1.0
+
+
+def make_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
+    # Weight decay on weights only: decaying biases and norm scales does not help and hurts small nets.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if config["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config["lr"], momentum=config["momentum"], nesterov=config["nesterov"] and config["momentum"] > 0
+        )
+    if config["optimizer"] == "adam":
+        return torch.optim.Adam(groups, lr=config["lr"])
+    return torch.optim.AdamW(groups, lr=config["lr"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``dataset`` (model put in eval mode and restored)."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in iterate_batches(dataset, batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    model.train(was_training)
+    if seen == 0:
+        return {"loss": float("nan"), "acc": float("nan")}
+    return {"loss": total_loss / seen, "acc": 100.0 * correct / seen}
+
+
+def create_sparsifier(model: nn.Module, config: dict[str, Any], steps_per_epoch: int) -> sparsetrain.Sparsifier:
+    options = dict(config["method_options"])
+    for key in ("distribution", "include", "exclude"):
+        if config[key] is not None:
+            options.setdefault(key, config[key])
+    if config["mask_type"] != "unstructured":
+        options.setdefault("mask_type", config["mask_type"])
+    sparsity = None if config["mask_type"] != "unstructured" else config["sparsity"]
+    try:
+        return sparsetrain.create(
+            config["method"],
+            model,
+            sparsity=sparsity,
+            total_epochs=config["epochs"],
+            steps_per_epoch=steps_per_epoch,
+            seed=config["seed"],
+            **options,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def checkpoint_payload(model: nn.Module, spec: dict, config: dict, **extra: Any) -> dict[str, Any]:
+    return {
+        "format": checkpoint.FORMAT,
+        "version": checkpoint.VERSION,
+        "model_spec": spec,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "config": config,
+        **extra,
+    }
+
+
+class Run:
+    """One training run in ``out``: build everything from ``config``, train, write outputs."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        resume: bool = False,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.config = config
+        self.out = Path(config["out"] or default_out_dir(config))
+        self.on_epoch = on_epoch
+        self.progress = progress
+        self.resume = resume
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        config = self.config
+        if config["threads"]:
+            torch.set_num_threads(config["threads"])
+        if config["device"] == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+        use_cuda = config["device"] == "cuda" or (config["device"] == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        torch.manual_seed(config["seed"])
+        self.data: Splits = load_dataset(
+            config["dataset"],
+            data_dir=config["data_dir"],
+            val_fraction=config["val_fraction"],
+            seed=config["seed"],
+            limit_train=config["limit_train"],
+        )
+        self.spec = model_spec(config["model"], self.data.input_shape, self.data.num_classes)
+        try:
+            self.model = build_model(**self.spec).to(self.device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.steps_per_epoch = num_batches(len(self.data.train), config["batch_size"], drop_last=True)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"batch_size {config['batch_size']} is larger than the training set ({len(self.data.train)} samples)"
+            )
+        self.total_steps = self.steps_per_epoch * config["epochs"]
+        self.optimizer = make_optimizer(self.model, config)
+        self.sparsifier = create_sparsifier(self.model, config, self.steps_per_epoch)
+        self.sparsifier.attach(self.optimizer)
+        self.sparsifier.subscribe(self._on_event)
+        sample = self.data.train[:2][0].to(self.device)
+        self.flop_counter = FlopCounter(self.model, sample)
+        self.train_flops = TrainingFlops(self.flop_counter)
+        self._forward_flops_version = -1
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config["amp"] and self.device.type == "cuda")
+        self.epoch = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.best_dense: dict[str, Any] | None = None  # {"val_acc", "epoch", "step", "model"}
+        self.elapsed = 0.0
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        # AC/DC's pair: when a decompressed phase ends (before the masks change) the model is the dense twin.
+        # Choose it on validation accuracy, never test. The warm-up is not a decompressed phase.
+        if event["event"] == "phase_end" and event["phase"] == "dense" and event["step"] > self._warmup_end():
+            self._consider_dense(event["step"])
+
+    def _warmup_end(self) -> int:
+        timeline = self.sparsifier.timeline()
+        return timeline[0].end if timeline and timeline[0].kind == "dense" else 0
+
+    def _consider_dense(self, step: int) -> None:
+        val = evaluate(self.model, self.data.val, self.config["eval_batch_size"], self.device)
+        log.info("dense phase ending at step %d: val acc %.2f", step, val["acc"])
+        if self.best_dense is None or val["acc"] > self.best_dense["val_acc"]:
+            self.best_dense = {
+                "val_acc": val["acc"],
+                "step": step,
+                "epoch": step / self.steps_per_epoch,
+                "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            }
+
+    # ------------------------------------------------------------------ resume
+    def state(self) -> dict[str, Any]:
+        return checkpoint_payload(
+            self.model,
+            self.spec,
+            self.config,
+            kind="last",
+            epoch=self.epoch,
+            optimizer=self.optimizer.state_dict(),
+            sparsifier=self.sparsifier.state_dict(),
+            scaler=self.scaler.state_dict(),
+            train_flops=self.train_flops.state_dict(),
+            metrics=self.metrics,
+            best_dense=self.best_dense,
+            elapsed=self.elapsed,
+            rng=torch.get_rng_state(),
+        )
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sparsifier.load_state_dict(state["sparsifier"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.train_flops.load_state_dict(state["train_flops"])
+        self.metrics = list(state["metrics"])
+        self.best_dense = state["best_dense"]
+        self.elapsed = float(state["elapsed"])
+        self.epoch = int(state["epoch"])
+        torch.set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self) -> dict[str, float]:
+        config, model, optimizer = self.config, self.model, self.optimizer
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        batches = iterate_batches(
+            self.data.train, config["batch_size"], shuffle=True, seed=config["seed"], epoch=self.epoch, drop_last=True
+        )
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                batches,
+                total=self.steps_per_epoch,
+                desc=f"epoch {self.epoch + 1}/{config['epochs']}",
+                leave=False,
+                dynamic_ncols=True,
+            )
+            batches = bar
+        for x, y in batches:
+            x, y = x.to(self.device), y.to(self.device)
+            lr = config["lr"] * lr_factor(self.sparsifier.count, self.total_steps, self.steps_per_epoch, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=config["amp"]):
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {float(loss)} at epoch {self.epoch + 1}, step {self.sparsifier.count}; "
+                    f"lower the learning rate (lr={config['lr']}) or set grad_clip; the last good checkpoint "
+                    f"is {self.out / LAST}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if config["grad_clip"]:
+                self.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            self._count_flops(len(y))  # the density in force for this step, before a boundary may change it
+            self.scaler.step(optimizer)  # the sparsifier's hooks run inside
+            self.scaler.update()
+            total_loss += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{total_loss / seen:.3f}",
+                    acc=f"{100 * correct / seen:.1f}",
+                    phase=self.sparsifier.phase,
+                    sparsity=f"{self.sparsifier.sparsity_of_masks():.2f}",
+                )
+        if bar is not None:
+            bar.close()
+        return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "lr": lr}
+
+    def _count_flops(self, samples: int) -> None:
+        if self._forward_flops_version != self.sparsifier.mask_version:
+            self._forward_flops = self.flop_counter.forward(self.sparsifier.masks).sparse_total
+            self._forward_flops_version = self.sparsifier.mask_version
+        self.train_flops.add(samples, forward_flops=self._forward_flops)
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        if self.resume:
+            self.restore(checkpoint.load(self.out / LAST))
+            truncate_metrics(self.out, self.epoch)
+            log.info("resumed %s at epoch %d", self.out, self.epoch)
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_config(self.config, self.out / "config.yaml")
+        config = self.config
+        while self.epoch < config["epochs"]:
+            start = time.perf_counter()
+            phase = self.sparsifier.phase
+            train = self.train_epoch()
+            self.epoch += 1
+            val = evaluate(self.model, self.data.val, config["eval_batch_size"], self.device)
+            test = evaluate(self.model, self.data.test, config["eval_batch_size"], self.device)
+            self.elapsed += time.perf_counter() - start
+            row = {
+                "epoch": self.epoch,
+                "step": self.sparsifier.count,
+                "lr": train["lr"],
+                "phase": phase,
+                "train_loss": train["loss"],
+                "train_acc": train["acc"],
+                "val_loss": val["loss"],
+                "val_acc": val["acc"],
+                "test_loss": test["loss"],
+                "test_acc": test["acc"],
+                "sparsity": self.sparsifier.sparsity().overall,
+                "train_flops_ratio": self.train_flops.ratio,
+                "time": self.elapsed,
+            }
+            self.metrics.append(row)
+            append_metrics(row, self.out)
+            checkpoint.save_atomic(self.state(), self.out / LAST)
+            if self.on_epoch:
+                self.on_epoch(row)
+        return self.finish()
+
+    # ------------------------------------------------------------------ outputs
+    def finish(self) -> dict[str, Any]:
+        config, data = self.config, self.data
+        final_val = evaluate(self.model, data.val, config["eval_batch_size"], self.device)
+        final_test = evaluate(self.model, data.test, config["eval_batch_size"], self.device)
+        report = self.sparsifier.sparsity()
+        forward = self.flop_counter.forward()
+        sparse_info = {
+            "val_acc": final_val["acc"],
+            "test_acc": final_test["acc"],
+            "sparsity": report.overall,
+            "layers": report.layers,
+            "forward_flops": forward.sparse_total,
+            "forward_flops_ratio": forward.ratio,
+        }
+        checkpoint.save_atomic(
+            checkpoint_payload(self.model, self.spec, config, kind="sparse_final", metrics=sparse_info),
+            self.out / SPARSE,
+        )
+        dense_info = None
+        if self.best_dense is not None:
+            dense_model = build_model(**self.spec).to(self.device)
+            dense_model.load_state_dict(self.best_dense["model"])
+            dense_test = evaluate(dense_model, data.test, config["eval_batch_size"], self.device)
+            dense_info = {
+                "val_acc": self.best_dense["val_acc"],
+                "test_acc": dense_test["acc"],
+                "epoch": self.best_dense["epoch"],
+                "step": self.best_dense["step"],
+            }
+            checkpoint.save_atomic(
+                checkpoint_payload(dense_model, self.spec, config, kind="dense_best", metrics=dense_info),
+                self.out / DENSE,
+            )
+        elif report.overall == 0 or config["method"] == "dense":
+            dense_info = {
+                "val_acc": final_val["acc"],
+                "test_acc": final_test["acc"],
+                "epoch": self.epoch,
+                "step": self.sparsifier.count,
+            }
+        spe = self.steps_per_epoch
+        summary = {
+            "method": config["method"],
+            "model": config["model"],
+            "dataset": config["dataset"],
+            "target_sparsity": config["sparsity"] if config["mask_type"] == "unstructured" else None,
+            "mask_type": config["mask_type"],
+            "epochs": config["epochs"],
+            "seed": config["seed"],
+            "sparse_model": sparse_info,
+            "dense_model": dense_info,
+            "train_flops_ratio": self.train_flops.ratio,
+            "wall_time_s": self.elapsed,
+            "timeline": [
+                {"start_epoch": p.start / spe, "end_epoch": p.end / spe, "kind": p.kind}
+                for p in self.sparsifier.timeline()
+            ],
+            "events": [e for e in self.sparsifier.history if e["event"] in ("compress", "phase_start")],
+            "out": str(self.out),
+            "files": sorted(p.name for p in self.out.iterdir() if not p.name.startswith(".")),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            from .plots import plot_run
+
+            plot_run(self.metrics, summary["timeline"], self.out / "training.png", title=describe(config))
+        except ImportError:
+            log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
+        summary["files"] = sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def describe(config: dict[str, Any]) -> str:
+    target = config["mask_type"] if config["mask_type"] != "unstructured" else f"{config['sparsity']:g}"
+    return f"{config['method']} {target} - {config['model']} on {config['dataset']} - {config['epochs']} epochs"
+
+
+def write_config(config: dict[str, Any], path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(copy.deepcopy(config), sort_keys=True))
+
+
+def append_metrics(row: dict[str, Any], out: Path) -> None:
+    """One JSON line and one CSV row per epoch (the CSV header written with the first row)."""
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    csv_path = out / "metrics.csv"
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def truncate_metrics(out: Path, epochs: int) -> None:
+    """On resume, drop metric rows written after the checkpoint (an epoch that was interrupted mid-write)."""
+    for name in ("metrics.jsonl", "metrics.csv"):
+        path = out / name
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        keep = epochs + (1 if name.endswith(".csv") and lines else 0)
+        path.write_text("".join(lines[:keep]))

@@ -1,0 +1,80 @@
+"""PNG plots of a run (accuracy, loss, sparsity, learning rate per epoch, phases shaded) and of a comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+PHASE_COLORS = {"sparse": "#f4a582", "dense": "#92c5de"}
+
+
+def _shade(ax, timeline: Sequence[dict[str, Any]]) -> None:
+    # Shade only when the run alternates (a single phase carries no information).
+    if len({p["kind"] for p in timeline}) < 2:
+        return
+    for phase in timeline:
+        ax.axvspan(phase["start_epoch"], phase["end_epoch"], color=PHASE_COLORS[phase["kind"]], alpha=0.25, lw=0)
+
+
+def plot_run(
+    metrics: Sequence[dict[str, Any]], timeline: Sequence[dict[str, Any]], path: str | Path, title: str = ""
+) -> Path:
+    """One figure, four panels; x is the epoch (end of epoch), phases of the method shaded."""
+    epochs = [m["epoch"] for m in metrics]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    panels = [
+        (axes[0, 0], "accuracy (%)", [("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")]),
+        (axes[0, 1], "loss", [("train_loss", "train"), ("val_loss", "validation"), ("test_loss", "test")]),
+        (axes[1, 0], "sparsity (measured)", [("sparsity", "sparsified weights")]),
+        (axes[1, 1], "learning rate (end of epoch)", [("lr", "lr")]),
+    ]
+    for ax, label, series in panels:
+        _shade(ax, timeline)
+        for key, name in series:
+            ax.plot(epochs, [m[key] for m in metrics], marker=".", label=name)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    axes[1, 0].set_ylim(-0.02, 1.02)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    if len({p["kind"] for p in timeline}) > 1:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.4) for c in PHASE_COLORS.values()]
+        fig.legend(handles, [f"{k} phase" for k in PHASE_COLORS], loc="upper right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_compare(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Test accuracy against sparsity, one line per method (mean over seeds, error bar = std)."""
+    import statistics
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, dict[float, list[float]]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {}).setdefault(round(row["sparsity"], 3), []).append(row["test_acc"])
+    for method, points in sorted(by_method.items()):
+        xs = sorted(points)
+        means = [statistics.mean(points[x]) for x in xs]
+        stds = [statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

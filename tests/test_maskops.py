@@ -1,0 +1,365 @@
+"""Tests for sparsetrain.maskops: exact counts, hand-worked masks, N:M groups, mask differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsetrain import maskops
+from sparsetrain.maskops import (
+    global_topk_masks,
+    keep_count,
+    nm_mask,
+    parse_nm,
+    relative_mask_difference,
+    topk_mask,
+)
+
+T, F = True, False
+
+# The 8 scores used by the hand-worked cases (magnitudes: the caller takes abs).
+SCORES8 = [0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.5, 0.4]
+
+
+def _mask(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------- keep_count
+@pytest.mark.parametrize(
+    ("n", "sparsity", "kept"),
+    [
+        (10, 0.0, 10),
+        (10, 0.5, 5),
+        (10, 0.9, 1),  # (1 - 0.9) * 10 = 0.9999999999999998 in floats
+        (100, 0.9, 10),
+        (1000, 0.98, 20),
+        (48000, 0.98, 960),  # 960.0000000000009 in floats
+        (235200, 0.9, 23520),  # 23519.999999999996 in floats
+        (1961, 0.9, 196),  # 196.1 rounds down
+        (6, 0.9, 1),  # 0.6 rounds up
+        (3, 0.9, 0),  # 0.3 rounds down: a tiny layer can lose everything
+        (7, 0.5, 4),  # 3.5
+        (0, 0.5, 0),
+        (8, 0.25, 6),
+        (8, 0.75, 2),
+    ],
+)
+def test_keep_count_table(n, sparsity, kept):
+    assert keep_count(n, sparsity) == kept
+    assert isinstance(keep_count(n, sparsity), int)
+
+
+# ----------------------------------------------------------------------------------------------- topk_mask
+# Expected number of kept elements, written out: n -> {sparsity: kept}.
+KEPT_TABLE = {
+    1000: {0.0: 1000, 0.5: 500, 0.9: 100, 0.98: 20},
+    250: {0.0: 250, 0.5: 125, 0.9: 25, 0.98: 5},
+    2400: {0.0: 2400, 0.5: 1200, 0.9: 240, 0.98: 48},
+}
+SHAPES = {1000: (1000,), 250: (10, 25), 2400: (16, 6, 5, 5)}
+CASES = [(n, s, k) for n, row in KEPT_TABLE.items() for s, k in row.items()]
+
+
+@pytest.mark.parametrize(("n", "sparsity", "kept"), CASES)
+def test_topk_mask_exact_count_random(n, sparsity, kept):
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(SHAPES[n], generator=g).abs()
+    mask = topk_mask(scores, sparsity)
+    assert mask.dtype == torch.bool
+    assert mask.shape == scores.shape
+    assert int(mask.sum()) == kept
+    assert int((~mask).sum()) == n - kept
+    if 0 < kept < n:
+        # The kept ones are the largest.
+        assert scores[mask].min() >= scores[~mask].max()
+
+
+@pytest.mark.parametrize(("n", "sparsity", "kept"), CASES)
+def test_topk_mask_exact_count_all_ties(n, sparsity, kept):
+    scores = torch.full(SHAPES[n], 0.5)
+    mask = topk_mask(scores, sparsity)
+    assert int(mask.sum()) == kept  # a threshold comparison would keep all n
+
+
+@pytest.mark.parametrize(("n", "sparsity", "kept"), CASES)
+def test_topk_mask_exact_count_many_zeros(n, sparsity, kept):
+    g = torch.Generator().manual_seed(7)
+    scores = torch.zeros(n)
+    nonzero = n // 20  # 5% nonzero
+    positions = torch.randperm(n, generator=g)[:nonzero]
+    scores[positions] = torch.rand(nonzero, generator=g) + 0.1
+    scores = scores.view(SHAPES[n])
+    mask = topk_mask(scores, sparsity)
+    assert int(mask.sum()) == kept
+    nz = scores != 0
+    if kept >= nonzero:
+        # Every nonzero is kept, the rest of the budget goes to zeros.
+        assert bool(mask[nz].all())
+    else:
+        # Only nonzeros are kept, and they are the largest.
+        assert not bool(mask[~nz].any())
+        assert scores[mask].min() >= scores[~mask].max()
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "expected"),
+    [
+        (0.0, [T, T, T, T, T, T, T, T]),
+        (0.25, [F, T, T, T, F, T, T, T]),  # keep 6: drop 0.1 and 0.2 (complement path)
+        (0.5, [F, T, F, T, F, T, T, F]),  # keep 4: 0.9, 0.7, 0.8, 0.5
+        (0.75, [F, T, F, F, F, T, F, F]),  # keep 2: 0.9, 0.8
+        (0.9, [F, T, F, F, F, F, F, F]),  # keep round(0.8) = 1: 0.9
+    ],
+)
+def test_topk_mask_hand_worked(sparsity, expected):
+    scores = torch.tensor(SCORES8)
+    assert topk_mask(scores, sparsity).tolist() == expected
+    # Same answer in a 2x4 shape, returned in that shape.
+    mask2d = topk_mask(scores.view(2, 4), sparsity)
+    assert mask2d.shape == (2, 4)
+    assert mask2d.reshape(-1).tolist() == expected
+
+
+def test_topk_mask_abs_taken_by_caller():
+    # Signed weights: the caller scores by |w|, so -0.9 is the largest.
+    weights = torch.tensor([0.1, -0.9, 0.3, -0.7, 0.2, 0.8, -0.5, 0.4])
+    assert topk_mask(weights.abs(), 0.5).tolist() == [F, T, F, T, F, T, T, F]
+    # Without abs, the negative ones are the smallest.
+    assert topk_mask(weights, 0.5).tolist() == [F, F, T, F, T, T, F, T]
+
+
+def test_topk_mask_does_not_modify_input():
+    scores = torch.tensor(SCORES8)
+    before = scores.clone()
+    topk_mask(scores, 0.5)
+    assert torch.equal(scores, before)
+
+
+@pytest.mark.parametrize(
+    ("keep", "expected"),
+    [
+        (0, [F, F, F, F, F, F, F, F]),
+        (1, [F, T, F, F, F, F, F, F]),
+        (3, [F, T, F, T, F, T, F, F]),  # keep < n - keep: topk of the largest
+        (4, [F, T, F, T, F, T, T, F]),  # keep == n - keep
+        (5, [F, T, F, T, F, T, T, T]),  # keep > n - keep: complement (drop the 3 smallest)
+        (7, [F, T, T, T, T, T, T, T]),
+        (8, [T, T, T, T, T, T, T, T]),
+        (12, [T, T, T, T, T, T, T, T]),
+    ],
+)
+def test_select_both_paths(keep, expected):
+    assert maskops._select(torch.tensor(SCORES8), keep).tolist() == expected
+
+
+@pytest.mark.parametrize("keep", [1, 3, 5, 7])
+def test_select_both_paths_count_with_ties(keep):
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert int(maskops._select(scores, keep).sum()) == keep
+    scores = torch.tensor([0.0, 2.0, 2.0, 0.0, 2.0, 0.0, 2.0, 0.0])
+    mask = maskops._select(scores, keep)
+    assert int(mask.sum()) == keep
+    if keep <= 4:
+        assert bool((scores[mask] == 2.0).all())
+    else:
+        assert bool(mask[scores == 2.0].all())
+
+
+# ----------------------------------------------------------------------------------------------- global top-k
+def test_global_topk_hand_worked_one_layer_loses_everything():
+    scores = {
+        "small": torch.tensor([0.1, 0.2, 0.3, 0.4]),
+        "large": torch.tensor([[5.0, 6.0], [7.0, 8.0]]),
+    }
+    masks = global_topk_masks(scores, 0.5)  # keep 4 of 8
+    assert masks["small"].tolist() == [F, F, F, F]
+    assert masks["large"].tolist() == [[T, T], [T, T]]
+
+
+def test_global_topk_hand_worked_mixed():
+    scores = {
+        "a": torch.tensor([[0.1, 9.0], [0.3, 0.4]]),
+        "b": torch.tensor([[5.0, 0.05], [6.0, 7.0], [0.2, 8.0]]),
+    }
+    masks = global_topk_masks(scores, 0.6)  # keep 4 of 10: 9, 8, 7, 6
+    assert masks["a"].tolist() == [[F, T], [F, F]]
+    assert masks["b"].tolist() == [[F, F], [T, T], [F, T]]
+    assert list(masks) == ["a", "b"]
+
+
+LENET_PARTS = {"conv1": (6, 1, 5, 5), "fc1": (120, 400), "fc3": (10, 84)}  # 150 + 48000 + 840 = 48990
+
+
+@pytest.mark.parametrize(("sparsity", "kept"), [(0.0, 48990), (0.5, 24495), (0.9, 4899), (0.98, 980)])
+def test_global_topk_total_count_and_largest(sparsity, kept):
+    g = torch.Generator().manual_seed(3)
+    scores = {n: torch.randn(s, generator=g).abs() for n, s in LENET_PARTS.items()}
+    masks = global_topk_masks(scores, sparsity)
+    assert set(masks) == set(scores)
+    for name, shape in LENET_PARTS.items():
+        assert masks[name].shape == shape
+        assert masks[name].dtype == torch.bool
+    assert sum(int(m.sum()) for m in masks.values()) == kept
+    if kept < 48990:
+        kept_min = min(float(scores[n][masks[n]].min()) for n in scores if masks[n].any())
+        dropped_max = max(float(scores[n][~masks[n]].max()) for n in scores if (~masks[n]).any())
+        assert kept_min >= dropped_max
+
+
+@pytest.mark.parametrize(("sparsity", "kept"), [(0.5, 24495), (0.9, 4899), (0.98, 980)])
+def test_global_topk_total_count_with_ties(sparsity, kept):
+    scores = {n: torch.ones(s) for n, s in LENET_PARTS.items()}
+    masks = global_topk_masks(scores, sparsity)
+    assert sum(int(m.sum()) for m in masks.values()) == kept
+
+
+def test_global_topk_masks_are_independent_tensors():
+    scores = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, 4.0])}
+    masks = global_topk_masks(scores, 0.5)
+    masks["a"][0] = True
+    assert masks["b"].tolist() == [T, T]
+    assert masks["a"].tolist() == [T, F]
+
+
+def test_global_topk_empty():
+    assert global_topk_masks({}, 0.5) == {}
+
+
+# ----------------------------------------------------------------------------------------------- N:M
+def _groups_along_dim1(mask: torch.Tensor, m: int) -> torch.Tensor:
+    return mask.movedim(1, -1).reshape(-1, m)
+
+
+@pytest.mark.parametrize(
+    ("shape", "n", "m"),
+    [((8, 16), 2, 4), ((5, 12), 1, 4), ((4, 8, 3, 3), 2, 4), ((6, 16, 1, 1), 2, 8), ((3, 8, 2, 5), 3, 4)],
+)
+def test_nm_mask_keeps_n_of_every_m_along_dim1(shape, n, m):
+    g = torch.Generator().manual_seed(11)
+    scores = torch.randn(shape, generator=g).abs()
+    mask = nm_mask(scores, n, m)
+    assert mask.shape == scores.shape
+    assert mask.dtype == torch.bool
+    groups = _groups_along_dim1(mask, m)
+    assert groups.shape[0] == scores.numel() // m
+    assert bool((groups.sum(dim=1) == n).all())
+    # Within each group the kept are the largest.
+    score_groups = _groups_along_dim1(scores, m)
+    kept_min = torch.where(groups, score_groups, torch.full_like(score_groups, float("inf"))).min(dim=1).values
+    dropped_max = torch.where(~groups, score_groups, torch.full_like(score_groups, -float("inf"))).max(dim=1).values
+    assert bool((kept_min >= dropped_max).all())
+    assert int(mask.sum()) == scores.numel() * n // m
+
+
+def test_nm_mask_hand_worked_2_4_row():
+    scores = torch.tensor([SCORES8])  # groups [0.1, 0.9, 0.3, 0.7] and [0.2, 0.8, 0.5, 0.4]
+    assert nm_mask(scores, 2, 4).tolist() == [[F, T, F, T, F, T, T, F]]
+    assert nm_mask(scores, 1, 4).tolist() == [[F, T, F, F, F, T, F, F]]
+
+
+def test_nm_mask_hand_worked_conv_groups_run_along_input_channels():
+    # Shape (out=1, in=4, kh=1, kw=2): groups are the 4 input channels at each spatial position.
+    scores = torch.zeros(1, 4, 1, 2)
+    scores[0, :, 0, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    scores[0, :, 0, 1] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    mask = nm_mask(scores, 2, 4)
+    assert mask[0, :, 0, 0].tolist() == [F, F, T, T]
+    assert mask[0, :, 0, 1].tolist() == [T, T, F, F]
+
+
+def test_nm_mask_hand_worked_linear_groups_do_not_cross_rows():
+    # Two output rows of 4 inputs: each row is its own group.
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [8.0, 7.0, 6.0, 5.0]])
+    assert nm_mask(scores, 2, 4).tolist() == [[F, F, T, T], [T, T, F, F]]
+
+
+def test_nm_mask_exact_with_ties():
+    mask = nm_mask(torch.ones(4, 8, 3, 3), 2, 4)
+    assert bool((_groups_along_dim1(mask, 4).sum(dim=1) == 2).all())
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 10, 3, 3), (2, 3)])
+def test_nm_mask_rejects_input_dim_not_multiple_of_m(shape):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        nm_mask(torch.rand(shape), 2, 4)
+
+
+def test_nm_mask_rejects_1d():
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        nm_mask(torch.rand(8), 2, 4)
+
+
+# ----------------------------------------------------------------------------------------------- parse_nm
+@pytest.mark.parametrize(("text", "expected"), [("2:4", (2, 4)), ("1:8", (1, 8)), ("4:4", (4, 4)), (" 2 : 4 ", (2, 4))])
+def test_parse_nm_valid(text, expected):
+    assert parse_nm(text) == expected
+
+
+def test_parse_nm_unstructured():
+    assert parse_nm("unstructured") is None
+
+
+@pytest.mark.parametrize("text", ["5:4", "0:4", "x", "2-4", "2:", "", "2:4:8"])
+def test_parse_nm_invalid_mentions_value(text):
+    with pytest.raises(ValueError) as info:
+        parse_nm(text)
+    assert repr(text) in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- mask difference
+def test_relative_mask_difference_identical():
+    a = {"w": _mask([T, T, F, F, T, F, T, F])}
+    assert relative_mask_difference(a, {"w": a["w"].clone()}) == 0.0
+
+
+def test_relative_mask_difference_complete_swap():
+    old = {"w": _mask([T, T, F, F])}
+    new = {"w": _mask([F, F, T, T])}
+    assert relative_mask_difference(old, new) == pytest.approx(1.0)
+
+
+def test_relative_mask_difference_one_swap_of_four():
+    old = {"w": _mask([T, T, T, T, F, F, F, F])}
+    new = {"w": _mask([T, T, T, F, T, F, F, F])}
+    assert relative_mask_difference(old, new) == pytest.approx(0.25)
+
+
+def test_relative_mask_difference_superset_is_zero():
+    old = {"w": _mask([T, T, F, F, F, F])}
+    new = {"w": _mask([T, T, T, T, F, F])}
+    assert relative_mask_difference(old, new) == 0.0
+    # And the other way round (pure pruning of a superset).
+    assert relative_mask_difference(new, old) == 0.0
+
+
+def test_relative_mask_difference_growth_plus_swap():
+    # k: 4 -> 5; H = 3 (pos 3 out, pos 4 and 5 in); (3 - 1) / (2 * 4) = 0.25
+    old = {"w": _mask([T, T, T, T, F, F, F, F])}
+    new = {"w": _mask([T, T, T, F, T, T, F, F])}
+    assert relative_mask_difference(old, new) == pytest.approx(0.25)
+
+
+def test_relative_mask_difference_summed_over_layers():
+    # Layer a unchanged (2 kept), layer b one swap (2 kept): H = 2, k = 4 -> 2 / 8.
+    old = {"a": _mask([T, T, F]), "b": _mask([[T, F], [T, F]])}
+    new = {"a": _mask([T, T, F]), "b": _mask([[F, T], [T, F]])}
+    assert relative_mask_difference(old, new) == pytest.approx(0.25)
+
+
+def test_relative_mask_difference_empty_mask():
+    assert relative_mask_difference({"w": _mask([F, F])}, {"w": _mask([T, F])}) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------- check_sparsity
+@pytest.mark.parametrize("value", [0, 0.0, 0.5, 0.999])
+def test_check_sparsity_accepts(value):
+    assert maskops.check_sparsity(value) == float(value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, "high", True, None])
+def test_check_sparsity_rejects(value):
+    with pytest.raises(ValueError) as info:
+        maskops.check_sparsity(value)
+    assert repr(value) in str(info.value)
+    assert "[0, 1)" in str(info.value)
