@@ -176,7 +176,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                     f"dense (best, epoch {dense['epoch']:g})",
                     f"{dense['val_acc']:.2f}",
                     f"{dense['test_acc']:.2f}",
-                    "0.0000",
+                    f"{dense['sparsity']:.4f}",
                 )
             )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

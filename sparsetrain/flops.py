@@ -234,9 +234,7 @@ class FlopCounter:
                 mask = masks.get(key)
                 if mask is not None:
                     if mask.numel() != weight.numel():
-                        raise ValueError(
-                            f"mask for {key} has {mask.numel()} entries, weight has {weight.numel()}"
-                        )
+                        raise ValueError(f"mask for {key} has {mask.numel()} entries, weight has {weight.numel()}")
                     nonzero = int(torch.count_nonzero(mask))
                 else:
                     nonzero = int(torch.count_nonzero(weight))

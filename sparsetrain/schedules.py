@@ -36,9 +36,7 @@ class Phase:
         return {"start": self.start, "end": self.end, "kind": self.kind}
 
 
-def resolve_total_steps(
-    total_steps: int | None, total_epochs: float | None, steps_per_epoch: int | None
-) -> int | None:
+def resolve_total_steps(total_steps: int | None, total_epochs: float | None, steps_per_epoch: int | None) -> int | None:
     """The run's length in steps from ``total_steps`` or ``total_epochs * steps_per_epoch``."""
     if total_steps is not None:
         if int(total_steps) <= 0:
@@ -70,9 +68,7 @@ def to_steps(
             raise ValueError(f"{what} is in epochs; pass steps_per_epoch (for example len(loader))")
         return int(round(value * steps_per_epoch))
     if total_steps is None:
-        raise ValueError(
-            f"{what} is a fraction of training; pass total_steps, or total_epochs with steps_per_epoch"
-        )
+        raise ValueError(f"{what} is a fraction of training; pass total_steps, or total_epochs with steps_per_epoch")
     return int(round(value * total_steps))
 
 

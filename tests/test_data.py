@@ -415,9 +415,9 @@ def test_iterate_batches_rank_shares_are_disjoint(shuffle: bool) -> None:
     assert all(len(s) == 50 // world for s in shares)
     flat = [i for s in shares for i in s]
     assert len(set(flat)) == len(flat)
-    assert num_batches(50, 7, world_size=world) == len(list(
-        iterate_batches(_index_dataset(50), 7, shuffle=shuffle, rank=1, world_size=world)
-    ))
+    assert num_batches(50, 7, world_size=world) == len(
+        list(iterate_batches(_index_dataset(50), 7, shuffle=shuffle, rank=1, world_size=world))
+    )
 
 
 def test_iterate_batches_argument_checks() -> None:

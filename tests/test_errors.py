@@ -164,8 +164,15 @@ def test_unknown_distribution_via_create():
 def test_acdc_phases_do_not_fit():
     with pytest.raises(ValueError) as info:
         sparsetrain.create(
-            "acdc", _model(), sparsity=0.9, unit="steps", total_steps=100,
-            warmup=60, compressed=5, decompressed=5, final=50,
+            "acdc",
+            _model(),
+            sparsity=0.9,
+            unit="steps",
+            total_steps=100,
+            warmup=60,
+            compressed=5,
+            decompressed=5,
+            final=50,
         )
     message = _message(info)
     assert "do not fit" in message

@@ -249,8 +249,16 @@ def _model() -> nn.Module:
 
 def test_acdc_public_api_imagenet_table_in_epochs():
     sparsifier = sparsetrain.create(
-        "acdc", _model(), sparsity=0.9, total_epochs=100, steps_per_epoch=3, unit="epochs",
-        warmup=10, compressed=5, decompressed=5, final=15,
+        "acdc",
+        _model(),
+        sparsity=0.9,
+        total_epochs=100,
+        steps_per_epoch=3,
+        unit="epochs",
+        warmup=10,
+        compressed=5,
+        decompressed=5,
+        final=15,
     )
     assert sparsifier.total_steps == 300
     for epoch in range(100):
@@ -273,8 +281,15 @@ def test_acdc_public_api_default_fractions_give_imagenet_table():
 
 def test_acdc_public_api_steps_unit():
     sparsifier = sparsetrain.create(
-        "acdc", _model(), sparsity=0.9, total_steps=700, unit="steps",
-        warmup=70, compressed=35, decompressed=35, final=105,
+        "acdc",
+        _model(),
+        sparsity=0.9,
+        total_steps=700,
+        unit="steps",
+        warmup=70,
+        compressed=35,
+        decompressed=35,
+        final=105,
     )
     for epoch in range(100):
         assert sparsifier.phase_at(epoch * 7 + 3) == IMAGENET_TABLE[epoch], epoch

@@ -110,8 +110,10 @@ class Sparsifier:
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {', '.join(UNITS)}; got {unit!r}")
         if unit == "epochs" and steps_per_epoch is None:
-            raise ValueError(f"unit='epochs' needs steps_per_epoch= (for example len(loader)) to place {self.name}'s "
-                             "warmup/start/end options in steps")
+            raise ValueError(
+                f"unit='epochs' needs steps_per_epoch= (for example len(loader)) to place {self.name}'s "
+                "warmup/start/end options in steps"
+            )
         self.unit = unit
         self.count = 0
         self.masks: dict[str, Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
@@ -262,10 +264,14 @@ class Sparsifier:
     def steps(self, value: float | None, what: str, default_fraction: float | None = None) -> int:
         """Convert a method option in ``self.unit`` to steps; a left-out option is ``default_fraction`` of the run."""
         if value is None and default_fraction is not None:
-            return to_steps(default_fraction, "fraction", total_steps=self.require_total_steps(),
-                            steps_per_epoch=self.steps_per_epoch, what=what)
-        return to_steps(value, self.unit, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                        what=what)
+            return to_steps(
+                default_fraction,
+                "fraction",
+                total_steps=self.require_total_steps(),
+                steps_per_epoch=self.steps_per_epoch,
+                what=what,
+            )
+        return to_steps(value, self.unit, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, what=what)
 
     def require_total_steps(self) -> int:
         if self.total_steps is None:
@@ -281,15 +287,18 @@ class Sparsifier:
     def magnitude_scores(self) -> dict[str, Tensor]:
         return {n: p.detach().abs() for n, p in self.params.items()}
 
-    def compute_masks(self, sparsity: float, scores: dict[str, Tensor], *, among_active: bool = False
-                      ) -> dict[str, Tensor]:
+    def compute_masks(
+        self, sparsity: float, scores: dict[str, Tensor], *, among_active: bool = False
+    ) -> dict[str, Tensor]:
         """Exact masks at ``sparsity`` from ``scores`` under this sparsifier's distribution and mask type.
 
         ``among_active``: pruned weights stay pruned (their score drops below every active one).
         """
         if among_active:
-            scores = {n: torch.where(self.masks[n], s.float(), torch.full_like(s, -1.0, dtype=torch.float))
-                      for n, s in scores.items()}
+            scores = {
+                n: torch.where(self.masks[n], s.float(), torch.full_like(s, -1.0, dtype=torch.float))
+                for n, s in scores.items()
+            }
         if self.nm is not None:
             return {n: maskops.nm_mask(s, *self.nm) for n, s in scores.items()}
         shapes = {n: tuple(s.shape) for n, s in scores.items()}
@@ -363,14 +372,14 @@ class Sparsifier:
     def _refresh_float_masks(self) -> None:
         # Only masks with zeros need work each step; multiplying by a cached mask of the weight's dtype is the
         # cheapest exact way to zero them (one fused foreach kernel).
-        self._float_masks = {
-            n: m.to(self.params[n].dtype) for n, m in self.masks.items() if not bool(m.all())
-        }
+        self._float_masks = {n: m.to(self.params[n].dtype) for n, m in self.masks.items() if not bool(m.all())}
 
     def _zero_state_where_masked(self, optimizer: torch.optim.Optimizer) -> None:
         for name in self._float_masks:
             zero_state_where(optimizer, self.params[name], ~self.masks[name])
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(sparsity={self.final_sparsity}, distribution={self.distribution!r}, "
-                f"mask_type={self.mask_type!r}, params={len(self.params)}, count={self.count})")
+        return (
+            f"{type(self).__name__}(sparsity={self.final_sparsity}, distribution={self.distribution!r}, "
+            f"mask_type={self.mask_type!r}, params={len(self.params)}, count={self.count})"
+        )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .data import DATASETS
 
 # key -> (default, allowed types, one-line help). None is allowed wherever the default is None.
 SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
@@ -77,6 +78,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown option {', '.join(map(repr, unknown))}; known options: {', '.join(sorted(SCHEMA))}")
     out = {key: _check_type(key, value) for key, value in config.items()}
+    if "dataset" in out and out["dataset"] not in DATASETS:
+        raise ConfigError(f"unknown dataset {out['dataset']!r}; choose one of: {', '.join(DATASETS)}")
     for key, choices in CHOICES.items():
         if key in out and out[key] not in choices:
             raise ConfigError(f"option {key!r} must be one of {', '.join(choices)}; got {out[key]!r}")

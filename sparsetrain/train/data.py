@@ -228,9 +228,7 @@ def _download_idx(name: str, target: Path) -> None:
                     pass
 
 
-def _load_idx_dataset(
-    name: str, data_dir: str | None, download: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _load_idx_dataset(name: str, data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     searched = _idx_search_dirs(name, data_dir)
     found = next((d for d in searched if _idx_dir_complete(d)), None)
     if found is not None and data_dir and found not in searched[:2]:
@@ -277,8 +275,7 @@ def _load_idx_dataset(
             )
         if images.shape[0] != labels.shape[0]:
             raise DataError(
-                f"corrupt {name} {split} files in {found}: "
-                f"{images.shape[0]} images but {labels.shape[0]} labels"
+                f"corrupt {name} {split} files in {found}: {images.shape[0]} images but {labels.shape[0]} labels"
             )
         if labels.size and int(labels.max()) > 9:
             raise DataError(f"corrupt {name} {split} labels in {found}: label {int(labels.max())} > 9")
@@ -314,9 +311,7 @@ def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as exc:
-        raise DataError(
-            f"the mnist1d dataset needs the mnist1d package: `pip install mnist1d` ({exc})"
-        ) from exc
+        raise DataError(f"the mnist1d dataset needs the mnist1d package: `pip install mnist1d` ({exc})") from exc
     args = get_dataset_args()
     args.seed = _MNIST1D_SEED
     # make_dataset reseeds Python's and numpy's global generators; restore them afterwards so that
@@ -434,9 +429,7 @@ def _load_npz(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         )
     path = Path(data_dir).expanduser()
     if not path.is_file():
-        raise DataError(
-            f"npz dataset: {path} is not a file (expected a .npz with x_train, y_train, x_test, y_test)"
-        )
+        raise DataError(f"npz dataset: {path} is not a file (expected a .npz with x_train, y_train, x_test, y_test)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in _NPZ_KEYS if k not in npz.files]
@@ -453,9 +446,7 @@ def _load_npz(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     def to_x(a: np.ndarray, key: str) -> Tensor:
         if a.ndim < 2:
-            raise DataError(
-                f"npz dataset {path}: {key} has shape {a.shape}; expected (N, ...) with N samples"
-            )
+            raise DataError(f"npz dataset {path}: {key} has shape {a.shape}; expected (N, ...) with N samples")
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
             raise DataError(f"npz dataset {path}: {key} has non-numeric dtype {a.dtype}")
         if a.dtype == np.uint8:
@@ -516,8 +507,7 @@ def _load_imagefolder(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Ten
     test_dir = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
         raise DataError(
-            f"imagefolder dataset {root}: expected subfolders train/<class>/ and "
-            "test/<class>/ (or val/<class>/)"
+            f"imagefolder dataset {root}: expected subfolders train/<class>/ and test/<class>/ (or val/<class>/)"
         )
     try:
         train_files = _list_image_folder(train_dir)
@@ -525,15 +515,11 @@ def _load_imagefolder(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Ten
     except OSError as exc:
         raise DataError(f"cannot list imagefolder dataset {root}: {exc}") from exc
     if not train_files:
-        raise DataError(
-            f"imagefolder dataset {root}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {train_dir}"
-        )
+        raise DataError(f"imagefolder dataset {root}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {train_dir}")
     class_names = sorted(train_files)
     unknown = sorted(set(test_files) - set(class_names))
     if unknown:
-        raise DataError(
-            f"imagefolder dataset {root}: classes {unknown} appear in {test_dir.name}/ but not in train/"
-        )
+        raise DataError(f"imagefolder dataset {root}: classes {unknown} appear in {test_dir.name}/ but not in train/")
     class_index = {c: i for i, c in enumerate(class_names)}
 
     first = train_files[class_names[0]][0]

@@ -88,6 +88,12 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -
     return {"loss": total_loss / seen, "acc": 100.0 * correct / seen}
 
 
+def weight_sparsity(state: dict[str, torch.Tensor], names) -> float:
+    """Fraction of exact zeros over the named tensors of a state dict (the sparsified weights)."""
+    zeros = sum(state[n].numel() - int(torch.count_nonzero(state[n])) for n in names)
+    return zeros / max(1, sum(state[n].numel() for n in names))
+
+
 def create_sparsifier(model: nn.Module, config: dict[str, Any], steps_per_epoch: int) -> sparsetrain.Sparsifier:
     options = dict(config["method_options"])
     for key in ("distribution", "include", "exclude"):
@@ -155,8 +161,8 @@ class Run:
             seed=config["seed"],
             limit_train=config["limit_train"],
         )
-        self.spec = model_spec(config["model"], self.data.input_shape, self.data.num_classes)
         try:
+            self.spec = model_spec(config["model"], self.data.input_shape, self.data.num_classes)
             self.model = build_model(**self.spec).to(self.device)
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -275,7 +281,7 @@ class Run:
             self._count_flops(len(y))  # the density in force for this step, before a boundary may change it
             self.scaler.step(optimizer)  # the sparsifier's hooks run inside
             self.scaler.update()
-            total_loss += float(loss) * len(y)
+            total_loss += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             if bar is not None:
@@ -283,7 +289,7 @@ class Run:
                     loss=f"{total_loss / seen:.3f}",
                     acc=f"{100 * correct / seen:.1f}",
                     phase=self.sparsifier.phase,
-                    sparsity=f"{self.sparsifier.sparsity_of_masks():.2f}",
+                    sparsity=f"{self.sparsifier.target_sparsity:.2f}",
                 )
         if bar is not None:
             bar.close()
@@ -360,6 +366,7 @@ class Run:
             dense_model.load_state_dict(self.best_dense["model"])
             dense_test = evaluate(dense_model, data.test, config["eval_batch_size"], self.device)
             dense_info = {
+                "sparsity": weight_sparsity(self.best_dense["model"], self.sparsifier.params),
                 "val_acc": self.best_dense["val_acc"],
                 "test_acc": dense_test["acc"],
                 "epoch": self.best_dense["epoch"],
@@ -371,6 +378,7 @@ class Run:
             )
         elif report.overall == 0 or config["method"] == "dense":
             dense_info = {
+                "sparsity": report.overall,
                 "val_acc": final_val["acc"],
                 "test_acc": final_test["acc"],
                 "epoch": self.epoch,

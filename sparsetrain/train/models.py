@@ -306,9 +306,7 @@ class MobileNetV1(nn.Module):
         for out, stride in _MOBILENET_CFG:
             out = width(out)
             # Depthwise 3x3 (one filter per channel) followed by a pointwise 1x1 mixing channels.
-            layers.append(
-                nn.Sequential(_conv_bn_relu(ch, ch, 3, stride, groups=ch), _conv_bn_relu(ch, out, 1, 1))
-            )
+            layers.append(nn.Sequential(_conv_bn_relu(ch, ch, 3, stride, groups=ch), _conv_bn_relu(ch, out, 1, 1)))
             ch = out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
