@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "keep_count",
     "topk_mask",
+    "topk_count_mask",
     "global_topk_masks",
     "parse_nm",
     "nm_mask",
@@ -60,6 +61,12 @@ def _select(flat_scores: Tensor, keep: int) -> Tensor:
         return _mask_from_indices(n, idx, True, flat_scores.device)
     idx = torch.topk(flat_scores, n - keep, largest=False, sorted=False).indices
     return _mask_from_indices(n, idx, False, flat_scores.device)
+
+
+def topk_count_mask(scores: Tensor, keep: int) -> Tensor:
+    """Boolean mask of ``scores``' shape keeping exactly ``keep`` largest scores (ties broken by index)."""
+    flat = scores.detach().reshape(-1).float()
+    return _select(flat, int(keep)).view(scores.shape)
 
 
 def topk_mask(scores: Tensor, sparsity: float) -> Tensor:

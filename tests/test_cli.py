@@ -193,3 +193,18 @@ def test_own_loop_example_runs():
     assert "final sparsity: 0.9000" in result.stdout
     accuracy = float(result.stdout.split("test accuracy: ")[1].split("%")[0])
     assert accuracy > 80
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*/*.yaml")), ids=str)
+def test_every_shipped_recipe_is_valid(recipe):
+    """Each recipe loads, and its method accepts its options for the recipe's run length."""
+    import sparsetrain
+    from sparsetrain.train.config import load_recipe, resolve
+    from sparsetrain.train.loop import create_sparsifier
+    from sparsetrain.train.models import build_model
+
+    config = resolve(load_recipe(recipe), {})
+    assert config["method"] in sparsetrain.list_methods()
+    model = build_model(config["model"], input_shape=(1, 28, 28), num_classes=10)
+    sparsifier = create_sparsifier(model, config, steps_per_epoch=10)
+    assert sparsifier.total_steps == 10 * config["epochs"]

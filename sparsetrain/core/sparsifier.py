@@ -47,6 +47,9 @@ class Sparsifier:
 
     Use: ``s = sparsetrain.create("acdc", model, sparsity=0.9, total_epochs=E, steps_per_epoch=len(loader))``,
     then ``s.attach(optimizer)`` and train as usual; save ``s.state_dict()`` with the checkpoint.
+    To resume, build model, optimizer and sparsifier as for a new run, then load all three state dicts: a
+    sparsifier applies its step-0 masks to the model it is created on (one-shot pruning of a loaded
+    pretrained model relies on that), so create it before loading a checkpoint into the model.
 
     Common options (every method accepts them):
         sparsity: target fraction of zeros in [0, 1) over the sparsified weights.
@@ -64,6 +67,8 @@ class Sparsifier:
     # 'mask_updates' (masks change during training), 'phases' (alternates dense and sparse phases),
     # 'nm' (accepts N:M masks).
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    # Methods that act before the optimizer step (RigL reads the step's dense gradients) need attach().
+    needs_attach: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -139,7 +144,7 @@ class Sparsifier:
         return self.final_sparsity
 
     def phase_at(self, step: int) -> str:
-        """'dense' or 'sparse' for step ``step``."""
+        """'dense' or 'sparse' for step ``step`` (methods with more phases name them: GaP 'grow0', IMP 'round1')."""
         return "sparse" if self.target_sparsity_at(step) > 0 else "dense"
 
     def timeline(self) -> list[Phase]:
@@ -155,6 +160,13 @@ class Sparsifier:
                 start, kind = step, now
         phases.append(Phase(start, end, kind))
         return phases
+
+    def lr_factor(self, step: int, base: Callable[[int], float]) -> float:
+        """Learning-rate multiplier at ``step`` given the run's own schedule ``base`` (a function of the step).
+
+        Most methods leave the schedule alone; IMP replaces it inside its retraining rounds.
+        """
+        return base(step)
 
     def extra_state(self) -> dict:
         """Method state beyond masks and count (saved in ``state_dict``)."""
@@ -201,6 +213,11 @@ class Sparsifier:
         """
         if self._hooks:
             raise RuntimeError("this sparsifier is attached; its hooks already run at every optimizer.step()")
+        if self.needs_attach:
+            raise RuntimeError(
+                f"method {self.name!r} works before the optimizer step (it reads that step's gradients): "
+                "use sparsifier.attach(optimizer) instead of calling step()"
+            )
         optimizer = optimizer or self._optimizer
         self._optimizer = optimizer
         if optimizer is not None:

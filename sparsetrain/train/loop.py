@@ -261,7 +261,7 @@ class Run:
             batches = bar
         for x, y in batches:
             x, y = x.to(self.device), y.to(self.device)
-            lr = config["lr"] * lr_factor(self.sparsifier.count, self.total_steps, self.steps_per_epoch, config)
+            lr = config["lr"] * self.sparsifier.lr_factor(self.sparsifier.count, self._base_lr_factor)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=config["amp"]):
@@ -294,6 +294,9 @@ class Run:
         if bar is not None:
             bar.close()
         return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "lr": lr}
+
+    def _base_lr_factor(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.steps_per_epoch, self.config)
 
     def _count_flops(self, samples: int) -> None:
         if self._forward_flops_version != self.sparsifier.mask_version:

@@ -12,14 +12,25 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 PHASE_COLORS = {"sparse": "#f4a582", "dense": "#92c5de"}
+# Methods with named phases (GaP's grow groups, IMP's rounds) take these in order of appearance.
+EXTRA_COLORS = ("#b2df8a", "#cab2d6", "#fdbf6f", "#ffff99", "#fb9a99", "#a6cee3", "#e5d8bd", "#d9d9d9")
+
+
+def phase_colors(timeline: Sequence[dict[str, Any]]) -> dict[str, str]:
+    colors = dict(PHASE_COLORS)
+    for phase in timeline:
+        if phase["kind"] not in colors:
+            colors[phase["kind"]] = EXTRA_COLORS[(len(colors) - 2) % len(EXTRA_COLORS)]
+    return {k: v for k, v in colors.items() if any(p["kind"] == k for p in timeline)}
 
 
 def _shade(ax, timeline: Sequence[dict[str, Any]]) -> None:
     # Shade only when the run alternates (a single phase carries no information).
     if len({p["kind"] for p in timeline}) < 2:
         return
+    colors = phase_colors(timeline)
     for phase in timeline:
-        ax.axvspan(phase["start_epoch"], phase["end_epoch"], color=PHASE_COLORS[phase["kind"]], alpha=0.25, lw=0)
+        ax.axvspan(phase["start_epoch"], phase["end_epoch"], color=colors[phase["kind"]], alpha=0.25, lw=0)
 
 
 def plot_run(
@@ -46,8 +57,9 @@ def plot_run(
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     if len({p["kind"] for p in timeline}) > 1:
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.4) for c in PHASE_COLORS.values()]
-        fig.legend(handles, [f"{k} phase" for k in PHASE_COLORS], loc="upper right", fontsize=8)
+        colors = phase_colors(timeline)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.4) for c in colors.values()]
+        fig.legend(handles, [f"{k} phase" for k in colors], loc="upper right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)

@@ -1,0 +1,245 @@
+"""RigL, SET, GaP and IMP: hand-worked updates, tables, determinism, and short real-data runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain
+from sparsetrain.maskops import keep_count
+from sparsetrain.optim_state import per_element_buffers
+
+
+def one_row_model() -> nn.Module:
+    return nn.Linear(8, 1, bias=False)
+
+
+def test_rigl_drop_and_grow_by_hand():
+    model = one_row_model()
+    sparsifier = sparsetrain.create(
+        "rigl", model, sparsity=0.5, distribution="uniform", total_steps=10_000, unit="steps", delta=1,
+        t_end=10_000, alpha=0.5,
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier.attach(optimizer)
+    model.weight.grad = torch.zeros(1, 8)
+    optimizer.step()  # step 0: not an update step (count 0); count becomes 1
+    active = torch.tensor([[True, True, True, False, True, False, False, False]])
+    sparsifier.set_masks({"weight": active}, reason="test")
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.9, -0.1, 0.5, 0.0, 0.3, 0.0, 0.0, 0.0]]))
+    model.weight.grad = torch.tensor([[0.1, 0.2, 0.3, -0.8, 0.05, 0.6, -0.01, 0.4]])
+    optimizer.step()  # count 1 is an update step: drop round(~0.5 * 4) = 2, grow 2
+    # Dropped: the two smallest |w| among active (positions 1 and 4). Grown: the two largest |g| among the
+    # rest (positions 3: 0.8 and 5: 0.6). The optimizer step is skipped, so kept weights keep their values.
+    expected = torch.tensor([[True, False, True, True, False, True, False, False]])
+    assert torch.equal(sparsifier.masks["weight"], expected)
+    assert torch.equal(model.weight.detach(), torch.tensor([[0.9, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]]))
+    momentum = per_element_buffers(optimizer, model.weight)["momentum_buffer"]
+    assert torch.all(momentum[~expected] == 0) and torch.all(momentum[0, [3, 5]] == 0)
+
+
+def test_rigl_update_without_skipping_the_step_trains_the_new_weights():
+    model = one_row_model()
+    sparsifier = sparsetrain.create("rigl", model, sparsity=0.5, total_steps=100, unit="steps", delta=1,
+                                    skip_update_step=False)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier.attach(optimizer)
+    model.weight.grad = torch.ones(1, 8)
+    optimizer.step()
+    before = model.weight.detach().clone()
+    model.weight.grad = torch.arange(1.0, 9.0).view(1, 8)
+    optimizer.step()
+    assert not torch.equal(before, model.weight.detach())
+    assert int((model.weight != 0).sum()) == 4
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_drop_grow_keeps_each_layer_count_and_follows_cosine(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 30), nn.ReLU(), nn.Linear(30, 5))
+    sparsifier = sparsetrain.create(method, model, sparsity=0.8, total_steps=60, unit="steps", delta=5, t_end=45)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    sparsifier.attach(optimizer)
+    counts = {n: int(m.sum()) for n, m in sparsifier.masks.items()}
+    events = []
+    sparsifier.subscribe(lambda e: events.append(e) if e["event"] == "drop_grow" else None)
+    for step in range(60):
+        x = torch.randn(16, 20, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        assert {n: int(m.sum()) for n, m in sparsifier.masks.items()} == counts
+        for name, param in sparsifier.params.items():
+            assert torch.all(param.detach()[~sparsifier.masks[name]] == 0)
+    assert [e["step"] for e in events] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for event in events:
+        assert event["fraction"] == pytest.approx(0.3 / 2 * (1 + math.cos(math.pi * event["step"] / 45)))
+    assert sum(e["regrown"] for e in events) > 0
+
+
+def _masks_after(method: str, seed: int, steps: int = 20) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 3))
+    sparsifier = sparsetrain.create(method, model, sparsity=0.9, total_steps=40, unit="steps", delta=4, seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier.attach(optimizer)
+    for step in range(steps):
+        x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    return sparsifier.masks
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_masks_are_a_function_of_seed_and_step(method):
+    a, b, c = _masks_after(method, 1), _masks_after(method, 1), _masks_after(method, 2)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_rigl_with_gradient_accumulation_grows_by_the_accumulated_gradient():
+    """Two micro-batches accumulate into .grad; the update at optimizer.step() sees their sum."""
+    model = one_row_model()
+    sparsifier = sparsetrain.create("rigl", model, sparsity=0.5, total_steps=100, unit="steps", delta=1,
+                                    alpha=0.5, t_end=10_000, distribution="uniform")  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier.attach(optimizer)
+    model.weight.grad = torch.zeros(1, 8)
+    optimizer.step()
+    sparsifier.set_masks({"weight": torch.tensor([[True, True, True, True, False, False, False, False]])}, "test")
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[4.0, 3.0, 0.1, 0.2, 0, 0, 0, 0]]))
+    optimizer.zero_grad()
+    # micro-batch 1 favours position 7, micro-batch 2 pulls 5 and 6 far enough that the sum favours 5 and 6.
+    for target in (torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1.0]]), torch.tensor([[0, 0, 0, 0, 0, 2.0, -2.0, 0]])):
+        x = torch.eye(8)
+        (model(x).view(1, 8) * target).sum().backward()
+    optimizer.step()
+    assert torch.equal(sparsifier.masks["weight"], torch.tensor([[True, True, False, False, False, True, True, False]]))
+
+
+def test_gap_rotation_matches_table():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    sparsifier = sparsetrain.create("gap", model, sparsity=0.75, total_steps=30, unit="steps", groups=2, rounds=2,
+                                    period=5)  # fmt: skip
+    # step -> dense group: 0-4 group 0, 5-9 group 1, 10-14 group 0, 15-19 group 1, then fine-tuning (None)
+    table = [0] * 5 + [1] * 5 + [0] * 5 + [1] * 5 + [None] * 10
+    assert [sparsifier.dense_group_at(s) for s in range(30)] == table
+    assert sparsifier.group_names == [["0.weight", "1.weight"], ["2.weight", "3.weight"]]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sparsifier.attach(optimizer)
+    for step in range(30):
+        group = table[step]
+        dense = {n for n, m in sparsifier.masks.items() if bool(m.all())}
+        assert dense == (set() if group is None else set(sparsifier.group_names[group])), step
+        for name, mask in sparsifier.masks.items():
+            if name not in dense:
+                assert int((~mask).sum()) == 64 - keep_count(64, 0.75)
+        optimizer.zero_grad()
+        (model(torch.randn(4, 8)) - 1).pow(2).mean().backward()
+        optimizer.step()
+    assert sparsifier.phase == "sparse" and sparsifier.sparsity().overall == pytest.approx(0.75)
+
+
+def test_gap_partition_by_patterns_and_errors():
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+    s = sparsetrain.create("gap", model, sparsity=0.5, total_steps=30, partition=[["0.*", "2.*"], ["1.*"]])
+    assert s.group_names == [["0.weight", "2.weight"], ["1.weight"]]
+    with pytest.raises(ValueError, match="exactly once"):
+        sparsetrain.create("gap", model, sparsity=0.5, total_steps=30, partition=[["0.*"], ["1.*"]])
+    with pytest.raises(ValueError, match="do not fit"):
+        sparsetrain.create("gap", model, sparsity=0.5, total_steps=30, unit="steps", period=20, groups=3)
+
+
+def test_imp_rounds_compound_to_the_target_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 7))
+    sparsifier = sparsetrain.create("imp", model, sparsity=0.9, total_steps=40, unit="steps", rounds=3, pretrain=10)
+    assert sparsifier.round_starts == [10, 20, 30]
+    total = 30 * 40 + 40 * 7
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier.attach(optimizer)
+    kept = []
+    for _step in range(40):
+        optimizer.zero_grad()
+        model(torch.randn(4, 30)).sum().backward()
+        optimizer.step()
+        kept.append(sum(int(m.sum()) for m in sparsifier.masks.values()))
+    p = 1 - 0.1 ** (1 / 3)
+    expected = [keep_count(total, 1 - (1 - p) ** r) for r in (1, 2, 3)]
+    assert [kept[9], kept[19], kept[29]] == expected  # after the steps ending at 10, 20, 30
+    assert kept[-1] == keep_count(total, 0.9) == round(0.1 * total)
+    assert kept[8] == total
+
+
+def test_imp_retraining_schedules():
+    model = one_row_model()
+
+    def imp(retrain):
+        return sparsetrain.create("imp", model, sparsity=0.5, total_steps=100, unit="steps", rounds=2, pretrain=40,
+                                  retrain=retrain)  # fmt: skip
+
+    def base(step):  # the run's own schedule: linear decay 1 -> 0 over 100 steps
+        return 1 - step / 100
+
+    # pre-training: the schedule compressed into 40 steps
+    assert imp("lrw").lr_factor(20, base) == pytest.approx(0.5)
+    # FT: the last pre-training lr, whole round
+    assert imp("ft").lr_factor(45, base) == pytest.approx(base(int(39 * 100 / 40)))
+    # LRW: replay the last R = 30 steps of pre-training
+    assert imp("lrw").lr_factor(40, base) == pytest.approx(base(int(10 * 100 / 40)))
+    assert imp("lrw").lr_factor(70, base) == pytest.approx(base(int(10 * 100 / 40)))  # round 2 restarts
+    # SLR: 10% warm-up (3 steps) to the max, then the full schedule compressed into the rest
+    assert imp("slr").lr_factor(40, base) == pytest.approx(1 / 3)
+    assert imp("slr").lr_factor(43, base) == pytest.approx(1.0)
+    # CLR: cosine from the max over the round
+    assert imp("clr").lr_factor(55, base) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="retrain"):
+        imp("sometimes")
+
+
+def test_imp_rewinding_restores_early_weights():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4, bias=False)
+    sparsifier = sparsetrain.create("imp", model, sparsity=0.5, total_steps=20, unit="steps", rounds=1, pretrain=10,
+                                    rewind=2)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier.attach(optimizer)
+    snapshot = None
+    for step in range(10):
+        if step == 2:
+            snapshot = model.weight.detach().clone()
+        optimizer.zero_grad()
+        model(torch.randn(3, 6)).sum().backward()
+        optimizer.step()
+    mask = sparsifier.masks["weight"]
+    assert torch.equal(model.weight.detach(), snapshot * mask)
+
+
+FASHION_ARGS = dict(dataset="fashion-mnist", model="mlp", limit_train=6000, epochs=4, batch_size=100, lr=0.05)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("rigl", {"delta": 20}), ("set", {"delta": 20}), ("gap", {"groups": 3}), ("imp", {"rounds": 2})],
+)
+def test_short_real_run_reaches_floor(method, options, tmp_path):
+    pytest.importorskip("yaml")
+    from sparsetrain.train.config import resolve
+    from sparsetrain.train.data import DataError
+    from sparsetrain.train.loop import Run
+
+    config = resolve(None, {**FASHION_ARGS, "method": method, "sparsity": 0.9, "method_options": options,
+                            "out": str(tmp_path / method)})  # fmt: skip
+    try:
+        summary = Run(config).run()
+    except DataError:
+        pytest.skip("Fashion-MNIST not installed")
+    assert summary["sparse_model"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert summary["sparse_model"]["test_acc"] > 72
