@@ -6,6 +6,7 @@ User mistakes end with a one-paragraph message and exit code 2 (usage) or 1 (run
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -16,6 +17,8 @@ from .errors import CheckpointError, ConfigError, SparsetrainError
 
 RECIPES = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "fashion_mnist" / "lenet5_acdc_s90.yaml"
+
+PLUGGED_COMMANDS = ("deploy", "prune")
 
 # Command-line flags that map straight onto config keys.
 FLAGS = {
@@ -62,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
         help="any option, e.g. --set weight_decay=1e-4 --set method_options.warmup=2",
     )
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel over N processes on this machine (launches torchrun; gloo on CPU)",
+    )
+    train.add_argument(
+        "--comm-hook",
+        dest="comm_hook",
+        default=None,
+        help="gradient communication: none, allreduce, fp16, qsgd, natural, masked",
+    )
     bar = train.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -76,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the methods with their options")
     methods.add_argument("pattern", nargs="?", default="*", help="glob filter, e.g. 'g*'")
+    for name in PLUGGED_COMMANDS:
+        # Commands that live beside their feature (export/bench, prune) register their own subparsers.
+        try:
+            module = importlib.import_module(f"sparsetrain.commands.{name}")
+        except ImportError:
+            continue
+        module.add_parsers(sub)
     return parser
 
 
@@ -93,6 +116,8 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
     if args.amp:
         overrides["amp"] = True
+    if args.comm_hook is not None:
+        overrides["comm_hook"] = args.comm_hook
     for text in args.set:
         key, value = parse_override(text)
         overrides[key] = value
@@ -123,6 +148,63 @@ def _choose_out_dir(config: dict[str, Any], explicit: bool) -> str:
     return str(out)
 
 
+def launch_distributed(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this command under torchrun with N processes (checked before any process starts)."""
+    import os
+    import subprocess
+
+    cpus = os.cpu_count() or 1
+    if args.nproc < 1 or args.nproc > cpus:
+        raise ConfigError(f"--nproc {args.nproc}: this machine can run 1 to {cpus} processes (it has {cpus} CPUs)")
+    if not args.resume:
+        config = _train_config(args)  # validate everything here, once, before any process starts
+        if config["batch_size"] % args.nproc:
+            raise ConfigError(f"batch_size {config['batch_size']} does not divide among {args.nproc} processes")
+        if config["out"] is None:
+            config["out"] = _choose_out_dir(config, explicit=False)
+            argv = [*argv, "--out", config["out"]]
+        else:
+            _choose_out_dir(config, explicit=True)
+        _check_method_fits_hook(config)
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        rest.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "sparsetrain", *rest]  # fmt: skip
+    threads = max(1, cpus // args.nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run(command, env=env).returncode
+
+
+def _check_method_fits_hook(config: dict[str, Any]) -> None:
+    import sparsetrain
+    from sparsetrain.distributed import check_hook
+
+    method = sparsetrain.get_method(config["method"]) if config["method"] in sparsetrain.list_methods() else None
+    if method is None:
+        raise ConfigError(f"unknown method {config['method']!r}; available: {', '.join(sparsetrain.list_methods())}")
+    options = {}
+    if config["comm_hook"] == "qsgd":
+        options = {"levels": config["qsgd_levels"], "bucket_size": config["qsgd_bucket"], "norm": config["qsgd_norm"]}
+    try:
+        check_hook(config["comm_hook"], None, options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config["comm_hook"] == "masked" and "dense_gradients" in method.capabilities:
+        raise ConfigError(
+            f"the masked hook does not fit method {config['method']!r}: it needs dense gradients "
+            "at every step; use --comm-hook none, fp16, qsgd or natural"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.checkpoint import load
     from .train.config import validate
@@ -140,10 +222,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         explicit = config["out"] is not None
         config["out"] = _choose_out_dir(config, explicit)
         resume = False
-    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    import os
+
+    main_rank = os.environ.get("RANK", "0") == "0"
+    progress = args.progress if args.progress is not None else sys.stderr.isatty() and main_rank
     if config["progress"] is not None and args.progress is None:
         progress = config["progress"]
-    print(f"sparsetrain: {describe(config)} -> {config['out']}" + (" (resumed)" if resume else ""), flush=True)
+    if main_rank:
+        print(f"sparsetrain: {describe(config)} -> {config['out']}" + (" (resumed)" if resume else ""), flush=True)
 
     def on_epoch(row: dict[str, Any]) -> None:
         print(
@@ -154,7 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
 
     summary = Run(config, resume=resume, on_epoch=on_epoch, progress=progress).run()
-    print(format_summary(summary))
+    if main_rank:
+        print(format_summary(summary))
     return 0
 
 
@@ -194,6 +281,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"training FLOPs relative to dense: {summary['train_flops_ratio']:.3f}",
         f"sparse model forward FLOPs relative to dense: {sparse['forward_flops_ratio']:.3f}",
         f"wall time: {int(minutes)}m{seconds:04.1f}s",
+        *(
+            [
+                f"processes: {summary['processes']}, comm hook {comm['hook']}: {comm['bits_per_coordinate']:.2f} "
+                "bits per gradient coordinate sent"
+            ]
+            if (comm := summary.get("communication"))
+            else []
+        ),
         f"outputs: {summary['out']}/ ({', '.join(summary['files'])})",
     ]
     return "\n".join(out)
@@ -317,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train.data import DataError
 
     try:
-        return COMMANDS[args.command](args)
+        if args.command == "train" and getattr(args, "nproc", None):
+            return launch_distributed(args, list(sys.argv[1:] if argv is None else argv))
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except SparsetrainError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

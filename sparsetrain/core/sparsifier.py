@@ -168,6 +168,13 @@ class Sparsifier:
         """
         return base(step)
 
+    def needs_dense_gradients(self) -> bool:
+        """Whether the coming step reads the gradients of masked weights (RigL's update steps).
+
+        A communication hook that sends only live coordinates must send everything on such steps.
+        """
+        return False
+
     def extra_state(self) -> dict:
         """Method state beyond masks and count (saved in ``state_dict``)."""
         return {}

@@ -60,6 +60,9 @@ class SET(Sparsifier):
     def is_update_step(self, step: int) -> bool:
         return 0 < step < self.end_step and step % self.delta == 0
 
+    def needs_dense_gradients(self) -> bool:
+        return self.is_update_step(self.count)
+
     def drop_fraction(self, step: int) -> float:
         return cosine_decay(step, self.end_step, self.alpha)
 

@@ -42,12 +42,20 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "threads": (None, (int,), "torch CPU threads (default: torch's choice)"),
     "out": (None, (str,), "output directory (default: runs/<method>-<model>-<dataset>-s<sparsity>-seed<seed>)"),
     "progress": (None, (bool,), "progress bar (default: when the terminal is interactive)"),
+    "plots": (True, (bool,), "write training.png at the end of the run"),
+    "comm_hook": ("none", (str,), "data-parallel gradient communication: none, allreduce, fp16, qsgd, natural, masked"),
+    "qsgd_levels": (7, (int,), "QSGD levels s (7: 4-bit codes, up to 127: 8-bit codes)"),
+    "qsgd_bucket": (512, (int,), "QSGD bucket size d (values sharing one norm)"),
+    "qsgd_norm": ("l2", (str,), "QSGD scaling: l2 or max"),
+    "check_masks": (False, (bool,), "data-parallel: check every epoch that masks are bit-identical on all ranks"),
 }
 
 CHOICES = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("cosine", "step", "onecycle", "constant"),
     "device": ("auto", "cpu", "cuda"),
+    "comm_hook": ("none", "allreduce", "fp16", "qsgd", "natural", "masked"),
+    "qsgd_norm": ("l2", "max"),
 }
 
 

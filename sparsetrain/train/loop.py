@@ -12,16 +12,20 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import sparsetrain
 
+from ..distributed import check_masks_consistent
+from ..distributed.hooks import check_hook, register_hook
 from ..errors import ConfigError, TrainingDiverged
 from ..flops import FlopCounter, TrainingFlops
 from . import checkpoint
@@ -153,6 +157,21 @@ class Run:
             raise ConfigError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
         use_cuda = config["device"] == "cuda" or (config["device"] == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        # Data-parallel when launched by torchrun (or `sparsetrain train --nproc N`): gloo on CPU, nccl on GPU.
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if use_cuda else "gloo")
+            if use_cuda:
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+        if config["batch_size"] % self.world:
+            raise ConfigError(
+                f"batch_size {config['batch_size']} is the global batch and must divide evenly among "
+                f"{self.world} processes"
+            )
+        self.batch_per_rank = config["batch_size"] // self.world
         torch.manual_seed(config["seed"])
         self.data: Splits = load_dataset(
             config["dataset"],
@@ -166,7 +185,9 @@ class Run:
             self.model = build_model(**self.spec).to(self.device)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        self.steps_per_epoch = num_batches(len(self.data.train), config["batch_size"], drop_last=True)
+        self.steps_per_epoch = num_batches(
+            len(self.data.train), self.batch_per_rank, drop_last=True, world_size=self.world
+        )
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"batch_size {config['batch_size']} is larger than the training set ({len(self.data.train)} samples)"
@@ -176,6 +197,25 @@ class Run:
         self.sparsifier = create_sparsifier(self.model, config, self.steps_per_epoch)
         self.sparsifier.attach(self.optimizer)
         self.sparsifier.subscribe(self._on_event)
+        self.train_model: nn.Module = self.model
+        self.hook_state = None
+        try:
+            check_hook(config["comm_hook"], self.sparsifier, self._hook_options())
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.world > 1:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            self.hook_state = register_hook(
+                self.train_model,
+                config["comm_hook"],
+                sparsifier=self.sparsifier,
+                seed=config["seed"],
+                **self._hook_options(),
+            )
+        elif config["comm_hook"] != "none":
+            log.warning("comm_hook %s has no effect in a single process", config["comm_hook"])
         sample = self.data.train[:2][0].to(self.device)
         self.flop_counter = FlopCounter(self.model, sample)
         self.train_flops = TrainingFlops(self.flop_counter)
@@ -186,6 +226,17 @@ class Run:
         self.metrics: list[dict[str, Any]] = []
         self.best_dense: dict[str, Any] | None = None  # {"val_acc", "epoch", "step", "model"}
         self.elapsed = 0.0
+
+    def _hook_options(self) -> dict[str, Any]:
+        config = self.config
+        if config["comm_hook"] != "qsgd":
+            return {}
+        return {"levels": config["qsgd_levels"], "bucket_size": config["qsgd_bucket"], "norm": config["qsgd_norm"]}
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 evaluates for the logs, writes files and prints."""
+        return self.rank == 0
 
     def _on_event(self, event: dict[str, Any]) -> None:
         # AC/DC's pair: when a decompressed phase ends (before the masks change) the model is the dense twin.
@@ -245,7 +296,14 @@ class Run:
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
         batches = iterate_batches(
-            self.data.train, config["batch_size"], shuffle=True, seed=config["seed"], epoch=self.epoch, drop_last=True
+            self.data.train,
+            self.batch_per_rank,
+            shuffle=True,
+            seed=config["seed"],
+            epoch=self.epoch,
+            drop_last=True,
+            rank=self.rank,
+            world_size=self.world,
         )
         bar = None
         if self.progress:
@@ -265,7 +323,7 @@ class Run:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=config["amp"]):
-                logits = model(x)
+                logits = self.train_model(x)
                 loss = nn.functional.cross_entropy(logits, y)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -274,6 +332,8 @@ class Run:
                     f"is {self.out / LAST}"
                 )
             optimizer.zero_grad(set_to_none=True)
+            if self.hook_state is not None:
+                self.hook_state.step = self.sparsifier.count  # seeds the hooks' stochastic rounding
             self.scaler.scale(loss).backward()
             if config["grad_clip"]:
                 self.scaler.unscale_(optimizer)
@@ -293,7 +353,29 @@ class Run:
                 )
         if bar is not None:
             bar.close()
+        if self.world > 1:  # the epoch's training metrics over every rank's share
+            totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
+            dist.all_reduce(totals)
+            total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
+            if self.config["check_masks"]:
+                check_masks_consistent(self.sparsifier.masks)
         return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "lr": lr}
+
+    def _tensorboard(self, row: dict[str, Any]) -> None:
+        """Scalars to ``out/tensorboard`` when the tensorboard package is installed (optional)."""
+        if not hasattr(self, "_tb_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb_writer = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._tb_writer = None
+        if self._tb_writer is None:
+            return
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                self._tb_writer.add_scalar(key, value, row["epoch"])
+        self._tb_writer.flush()
 
     def _base_lr_factor(self, step: int) -> float:
         return lr_factor(step, self.total_steps, self.steps_per_epoch, self.config)
@@ -310,15 +392,25 @@ class Run:
             self.restore(checkpoint.load(self.out / LAST))
             truncate_metrics(self.out, self.epoch)
             log.info("resumed %s at epoch %d", self.out, self.epoch)
-        else:
+        elif self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_config(self.config, self.out / "config.yaml")
         config = self.config
-        while self.epoch < config["epochs"]:
-            start = time.perf_counter()
-            phase = self.sparsifier.phase
-            train = self.train_epoch()
-            self.epoch += 1
+        try:
+            while self.epoch < config["epochs"]:
+                self._epoch()
+            return self.finish() if self.is_main else {}
+        finally:
+            if self.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _epoch(self) -> None:
+        config = self.config
+        start = time.perf_counter()
+        phase = self.sparsifier.phase
+        train = self.train_epoch()
+        self.epoch += 1
+        if self.is_main:
             val = evaluate(self.model, self.data.val, config["eval_batch_size"], self.device)
             test = evaluate(self.model, self.data.test, config["eval_batch_size"], self.device)
             self.elapsed += time.perf_counter() - start
@@ -339,10 +431,14 @@ class Run:
             }
             self.metrics.append(row)
             append_metrics(row, self.out)
+            self._tensorboard(row)
             checkpoint.save_atomic(self.state(), self.out / LAST)
             if self.on_epoch:
                 self.on_epoch(row)
-        return self.finish()
+        else:
+            self.elapsed += time.perf_counter() - start
+        if self.world > 1:
+            dist.barrier()  # last.pt is complete before any rank moves on (a resume reads it on every rank)
 
     # ------------------------------------------------------------------ outputs
     def finish(self) -> dict[str, Any]:
@@ -405,16 +501,25 @@ class Run:
                 for p in self.sparsifier.timeline()
             ],
             "events": [e for e in self.sparsifier.history if e["event"] in ("compress", "phase_start")],
+            "processes": self.world,
+            "communication": None
+            if self.hook_state is None
+            else {
+                "hook": config["comm_hook"],
+                "bits_per_coordinate": self.hook_state.stats.bits_per_coordinate,
+                "bytes_sent_rank0": self.hook_state.stats.bytes_sent,
+            },
             "out": str(self.out),
             "files": sorted(p.name for p in self.out.iterdir() if not p.name.startswith(".")),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        try:
-            from .plots import plot_run
-
-            plot_run(self.metrics, summary["timeline"], self.out / "training.png", title=describe(config))
-        except ImportError:
-            log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
+        if config["plots"]:
+            try:
+                from .plots import plot_run
+            except ImportError:
+                log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
+            else:
+                plot_run(self.metrics, summary["timeline"], self.out / "training.png", title=describe(config))
         summary["files"] = sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

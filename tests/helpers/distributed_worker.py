@@ -1,0 +1,99 @@
+"""Run under torchrun with 2 processes (gloo) by tests/test_distributed.py; rank 0 writes a JSON result."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import sparsetrain
+from sparsetrain.distributed import masks_checksum, register_hook
+
+SCHEDULES = {
+    "acdc": dict(unit="steps", warmup=5, compressed=5, decompressed=5, final=10),
+    "gmp": dict(unit="steps", start=2, end=30, frequency=2),
+    "rigl": dict(unit="steps", delta=3, t_end=45),
+    "set": dict(unit="steps", delta=3, t_end=45),
+    "gap": dict(unit="steps", groups=3, rounds=2, period=5),
+}
+STEPS = 60
+
+
+def model_and_data(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    return model
+
+
+def batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(10_000 * rank + step)  # each rank sees different data
+    return torch.randn(16, 20, generator=g), torch.randint(0, 5, (16,), generator=g)
+
+
+def train(model, optimizer, ddp, steps, on_step=None):
+    rank = dist.get_rank()
+    for step in range(steps):
+        x, y = batch(step, rank)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+        if on_step:
+            on_step(step)
+
+
+def check_masks(method: str) -> dict:
+    model = model_and_data()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sparsifier = sparsetrain.create(method, model, sparsity=0.9, total_steps=STEPS, seed=7, **SCHEDULES[method])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier.attach(optimizer)
+    mismatches = []
+
+    def compare(step):
+        local = torch.tensor([masks_checksum(sparsifier.masks)], dtype=torch.int64)
+        both = [torch.zeros_like(local) for _ in range(2)]
+        dist.all_gather(both, local)
+        if int(both[0]) != int(both[1]):
+            mismatches.append(step)
+
+    train(model, optimizer, ddp, STEPS, compare)
+    return {"mismatches": mismatches, "updates": sparsifier.mask_version, "sparsity": sparsifier.sparsity().overall}
+
+
+def weights_after(hook: str | None, method: str = "dense") -> list[torch.Tensor]:
+    model = model_and_data()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sparsifier = sparsetrain.create(method, model, sparsity=0.9, total_steps=STEPS, **SCHEDULES.get(method, {}))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier.attach(optimizer)
+    state = register_hook(ddp, hook, sparsifier=sparsifier) if hook else None
+    train(model, optimizer, ddp, 30)
+    bits = state.stats.bits_per_coordinate if state else None
+    return [p.detach().clone() for p in model.parameters()], bits
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    result: dict = {}
+    if mode == "masks":
+        result = {method: check_masks(method) for method in SCHEDULES}
+    elif mode == "hooks":
+        reference, _ = weights_after(None)
+        identity, bits = weights_after("allreduce")
+        result["identity_bitwise"] = all(torch.equal(a, b) for a, b in zip(reference, identity))
+        result["identity_bits"] = bits
+        sparse_ref, _ = weights_after(None, "acdc")
+        masked, masked_bits = weights_after("masked", "acdc")
+        result["masked_max_diff"] = max(float((a - b).abs().max()) for a, b in zip(sparse_ref, masked))
+        result["masked_bits"] = masked_bits
+    if dist.get_rank() == 0:
+        with open(out, "w") as handle:
+            json.dump(result, handle)
+    dist.barrier()  # nobody tears the group down while another rank still talks
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
