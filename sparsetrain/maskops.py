@@ -75,24 +75,79 @@ def topk_mask(scores: Tensor, sparsity: float) -> Tensor:
     return _select(flat, keep_count(flat.numel(), sparsity)).view(scores.shape)
 
 
-def global_topk_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """One magnitude ranking over all tensors: keep the ``keep_count(N, sparsity)`` largest of all N scores.
+def global_topk_masks(scores: dict[str, Tensor], sparsity: float, *, concat_below: int = 1 << 20) -> dict[str, Tensor]:
+    """One ranking over all tensors: keep exactly the ``keep_count(N, sparsity)`` largest of all N scores.
 
-    Memory: one float32 copy of the scores (the concatenation) plus the selected indices; no sort.
+    Small sets (fewer than ``concat_below`` scores) are concatenated and ranked with one ``torch.topk``. Large
+    sets (a ResNet-50 has 25M weights) never materialize the concatenation: a sample brackets the threshold,
+    one counting pass over the tensors confirms the bracket, and only the few scores inside it are ranked.
+    Extra memory is a small fraction of the scores plus the output masks; nothing is sorted in full.
+    Ties at the threshold are kept in parameter order, then by index, so the count is exact and every rank of a
+    distributed run chooses the same weights.
     """
     names = list(scores)
     if not names:
         return {}
-    flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
-    keep = _select(flat, keep_count(flat.numel(), sparsity))
-    del flat
-    out: dict[str, Tensor] = {}
-    offset = 0
-    for name in names:
-        numel = scores[name].numel()
-        out[name] = keep[offset : offset + numel].view(scores[name].shape).clone()
-        offset += numel
+    total = sum(scores[n].numel() for n in names)
+    keep = keep_count(total, sparsity)
+    if total < concat_below or keep in (0, total):
+        flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
+        kept = _select(flat, keep)
+        del flat
+        out: dict[str, Tensor] = {}
+        offset = 0
+        for name in names:
+            numel = scores[name].numel()
+            out[name] = kept[offset : offset + numel].view(scores[name].shape).clone()
+            offset += numel
+        return out
+    flats = [scores[n].detach().reshape(-1) for n in names]
+    threshold, above = _kth_largest(flats, keep, total)
+    # Keep everything above the threshold, then the first (keep - above) scores equal to it, in order.
+    ties_left = keep - above
+    out = {}
+    for name, flat in zip(names, flats):
+        mask = flat > threshold
+        if ties_left > 0:
+            equal = flat == threshold
+            n_equal = int(equal.sum())
+            if n_equal:
+                if n_equal > ties_left:
+                    positions = equal.nonzero().squeeze(1)[:ties_left]
+                    equal = torch.zeros_like(equal)
+                    equal[positions] = True
+                    n_equal = ties_left
+                mask |= equal
+                ties_left -= n_equal
+        out[name] = mask.view(scores[name].shape)
     return out
+
+
+def _kth_largest(flats: list[Tensor], k: int, total: int) -> tuple[float, int]:
+    """The k-th largest value over the tensors, and how many values are strictly larger than it."""
+    generator = torch.Generator().manual_seed(0)  # the result is exact whatever the sample; fixed for speed only
+    sample_size = min(total, 1 << 18)
+    sample = torch.cat([
+        f[torch.randint(0, f.numel(), (max(1, round(sample_size * f.numel() / total)),), generator=generator,
+                        device=f.device)].float()
+        for f in flats
+    ]).sort(descending=True).values  # fmt: skip
+    m = sample.numel()
+    position = k / total * m
+    margin = 6 * (position * (1 - k / total)) ** 0.5 + 64
+    for widen in (1, 4, 16):
+        hi_index = max(0, int(position - widen * margin))
+        lo_index = min(m - 1, int(position + widen * margin))
+        hi = float(sample[hi_index]) if hi_index > 0 else float("inf")
+        lo = float(sample[lo_index]) if lo_index < m - 1 else float("-inf")
+        above = sum(int((f > hi).sum()) for f in flats)
+        inside = [f[(f >= lo) & (f <= hi)].float() for f in flats]
+        n_inside = sum(t.numel() for t in inside)
+        if above < k <= above + n_inside:
+            candidates = torch.cat(inside)
+            threshold = float(torch.topk(candidates, k - above, sorted=False).values.min())
+            return threshold, above + int((candidates > threshold).sum())
+    raise RuntimeError("global top-k: the threshold bracket failed to converge")  # unreachable: lo=-inf, hi=inf
 
 
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")

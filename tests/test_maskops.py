@@ -363,3 +363,28 @@ def test_check_sparsity_rejects(value):
         maskops.check_sparsity(value)
     assert repr(value) in str(info.value)
     assert "[0, 1)" in str(info.value)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_global_topk_large_path_is_exact_and_ranks_globally(sparsity):
+    """The bracketed-threshold path (used above 1M scores) keeps exactly k, the largest ones, ties by index."""
+    g = torch.Generator().manual_seed(3)
+    scores = {
+        "a": torch.rand(300, 200, generator=g),
+        "ties": torch.full((100, 50), 0.75),
+        "b": torch.rand(7, generator=g) * 2,
+        "c": torch.rand(40, 40, 3, 3, generator=g) * 0.5,
+    }
+    total = sum(t.numel() for t in scores.values())
+    masks = maskops.global_topk_masks(scores, sparsity, concat_below=1)
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept == maskops.keep_count(total, sparsity)
+    smallest_kept = min(float(scores[n][m].min()) for n, m in masks.items() if m.any())
+    largest_dropped = max(float(scores[n][~m].max()) for n, m in masks.items() if (~m).any())
+    assert smallest_kept >= largest_dropped
+    for name, mask in masks.items():
+        assert mask.shape == scores[name].shape and mask.dtype == torch.bool
+    # Ties at the threshold are taken in order: the tied layer's kept entries form a prefix.
+    tied = masks["ties"].reshape(-1)
+    if 0 < int(tied.sum()) < tied.numel():
+        assert torch.all(tied[: int(tied.sum())])
