@@ -105,7 +105,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(
-        f"{'method':22s} {'time (s)':>9s} {'vs topk':>8s} {'peak extra (MB)':>16s} {'in score copies':>16s} {'kept':>10s}"
+        f"{'method':22s} {'time (s)':>9s} {'vs topk':>8s} {'peak extra (MB)':>16s} {'in score copies':>16s} "
+        f"{'kept':>10s}"
     )
     for r in rows:
         print(
