@@ -30,6 +30,7 @@ SCHEDULES = {
     "set": dict(unit="steps", delta=3, t_end=20),
     "gap": dict(unit="steps", groups=3, rounds=2, period=4),  # rotations at 4, 8, ..., fine-tune from 24
     "imp": dict(unit="steps", rounds=3, pretrain=6),  # rounds start at 6, 14, 22
+    "pgap": dict(unit="steps", period=5, rounds=2),  # one process: a cyclic GaP with 2 groups, merges at 5, 10
 }
 METHODS = sparsetrain.list_methods()
 

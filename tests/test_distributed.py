@@ -124,6 +124,20 @@ def test_identity_hook_is_bitwise_default_ddp_and_masked_hook_sends_less(tmp_pat
     assert report["masked_bits"] < 24  # acdc spends most of the run sparse: far fewer than 32 bits per coordinate
 
 
+def test_parallel_gap_trains_replicas_apart_then_merges(tmp_path):
+    out = tmp_path / "pgap.json"
+    result = torchrun(str(WORKER), "pgap", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    # Rounds at steps 0-9 and 10-19: the ranks grow different groups, so their masks differ there (20 steps,
+    # the merge at step 20 makes them equal); fine-tuning from step 20 keeps them equal to the end.
+    assert report["fine_tune_start"] == 20
+    assert report["differing_mask_steps"] == 19
+    assert report["weights_differ_at_end"] is False
+    assert report["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert report["phase"] == "sparse"
+
+
 @pytest.mark.skipif(not FASHION.exists(), reason="apt-get install dataset-fashion-mnist")
 @pytest.mark.parametrize("hook", ["none", "fp16", "qsgd", "natural", "masked"])
 def test_two_process_fashion_mnist_run_with_each_hook(hook, tmp_path):

@@ -168,6 +168,10 @@ class Sparsifier:
         """
         return base(step)
 
+    def synchronize_gradients(self) -> bool:
+        """Whether data-parallel ranks all-reduce gradients at this step (parallel GaP trains replicas apart)."""
+        return True
+
     def needs_dense_gradients(self) -> bool:
         """Whether the coming step reads the gradients of masked weights (RigL's update steps).
 

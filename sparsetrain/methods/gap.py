@@ -46,18 +46,23 @@ class GaP(Sparsifier):
         super().__init__(model, **common)
 
     def setup(self) -> None:
+        self.group_names = self.partition_groups()
+        self.schedule_cycles(periods_per_round=len(self.group_names))
+
+    def partition_groups(self) -> list[list[str]]:
+        """Contiguous groups of sparsified parameter names (or the user's ``partition`` patterns)."""
         if self.distribution == "global":
-            raise ValueError("gap prunes each layer on its own; use distribution 'uniform' or 'erk', not 'global'")
+            raise ValueError(f"{self.name} prunes each layer on its own; use distribution 'uniform' or 'erk'")
         names = list(self.params)
         if self.partition is not None:
-            self.group_names = []
+            groups: list[list[str]] = []
             for patterns in self.partition:
                 patterns = [patterns] if isinstance(patterns, str) else list(patterns)
                 group = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
                 if not group:
                     raise ValueError(f"gap partition group {patterns!r} matches no sparsified parameter: {names}")
-                self.group_names.append(group)
-            flat = [n for g in self.group_names for n in g]
+                groups.append(group)
+            flat = [n for g in groups for n in g]
             if sorted(flat) != sorted(names) or len(set(flat)) != len(flat):
                 raise ValueError(
                     "gap partition must cover every sparsified parameter exactly once; "
@@ -69,24 +74,27 @@ class GaP(Sparsifier):
                     f"groups must be an integer in [1, {len(names)}] (the sparsified layers), got {self.groups!r}"
                 )
             size, extra = divmod(len(names), self.groups)
-            self.group_names, start = [], 0
+            groups, start = [], 0
             for i in range(self.groups):
                 end = start + size + (1 if i < extra else 0)
-                self.group_names.append(names[start:end])
+                groups.append(names[start:end])
                 start = end
+        return groups
+
+    def schedule_cycles(self, periods_per_round: int) -> None:
+        """``period_steps`` and ``fine_tune_start``: rounds x periods fill the first 80% unless ``period`` is given."""
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}")
-        k = len(self.group_names)
         total = self.require_total_steps()
         if self.period is None:
-            self.period_steps = max(1, int(0.8 * total) // (self.rounds * k))
+            self.period_steps = max(1, int(0.8 * total) // (self.rounds * periods_per_round))
         else:
             self.period_steps = self.steps(self.period, "period")
-        self.fine_tune_start = self.period_steps * self.rounds * k
+        self.fine_tune_start = self.period_steps * self.rounds * periods_per_round
         if self.period_steps <= 0 or self.fine_tune_start > total:
             raise ValueError(
-                f"gap cycles do not fit: {self.rounds} rounds x {k} groups x {self.period_steps} steps = "
-                f"{self.fine_tune_start} steps > {total} steps of training"
+                f"{self.name} cycles do not fit: {self.rounds} rounds x {periods_per_round} periods x "
+                f"{self.period_steps} steps = {self.fine_tune_start} steps > {total} steps of training"
             )
 
     def dense_group_at(self, step: int) -> int | None:

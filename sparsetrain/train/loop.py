@@ -7,6 +7,7 @@ the sparse-dense pair (AC/DC), atomic checkpoints with exact resume, metrics, pl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -322,19 +323,22 @@ class Run:
             lr = config["lr"] * self.sparsifier.lr_factor(self.sparsifier.count, self._base_lr_factor)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=config["amp"]):
-                logits = self.train_model(x)
-                loss = nn.functional.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {float(loss)} at epoch {self.epoch + 1}, step {self.sparsifier.count}; "
-                    f"lower the learning rate (lr={config['lr']}) or set grad_clip; the last good checkpoint "
-                    f"is {self.out / LAST}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if self.hook_state is not None:
-                self.hook_state.step = self.sparsifier.count  # seeds the hooks' stochastic rounding
-            self.scaler.scale(loss).backward()
+            # Parallel GaP trains replicas apart: no gradient all-reduce while its rounds last.
+            apart = self.world > 1 and not self.sparsifier.synchronize_gradients()
+            with self.train_model.no_sync() if apart else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=config["amp"]):
+                    logits = self.train_model(x)
+                    loss = nn.functional.cross_entropy(logits, y)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {float(loss)} at epoch {self.epoch + 1}, step {self.sparsifier.count}; "
+                        f"lower the learning rate (lr={config['lr']}) or set grad_clip; the last good checkpoint "
+                        f"is {self.out / LAST}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                if self.hook_state is not None:
+                    self.hook_state.step = self.sparsifier.count  # seeds the hooks' stochastic rounding
+                self.scaler.scale(loss).backward()
             if config["grad_clip"]:
                 self.scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
@@ -357,7 +361,7 @@ class Run:
             totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
             dist.all_reduce(totals)
             total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
-            if self.config["check_masks"]:
+            if self.config["check_masks"] and self.sparsifier.synchronize_gradients():
                 check_masks_consistent(self.sparsifier.masks)
         return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "lr": lr}
 

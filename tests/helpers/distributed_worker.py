@@ -61,6 +61,36 @@ def check_masks(method: str) -> dict:
     return {"mismatches": mismatches, "updates": sparsifier.mask_version, "sparsity": sparsifier.sparsity().overall}
 
 
+def parallel_gap() -> dict:
+    """Replicas train apart (no_sync) during rounds, masks differ by rank; after the merge everything agrees."""
+    model = model_and_data()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sparsifier = sparsetrain.create("pgap", model, sparsity=0.9, total_steps=STEPS, unit="steps", period=10,
+                                    rounds=2)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier.attach(optimizer)
+    rank = dist.get_rank()
+    differing_mask_steps, differing_weights_at_end = 0, None
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        optimizer.zero_grad()
+        context = ddp.no_sync() if not sparsifier.synchronize_gradients() else torch.enable_grad()
+        with context:
+            nn.functional.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+        local = torch.tensor([masks_checksum(sparsifier.masks)], dtype=torch.int64)
+        both = [torch.zeros_like(local) for _ in range(2)]
+        dist.all_gather(both, local)
+        differing_mask_steps += int(both[0]) != int(both[1])
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    differing_weights_at_end = not torch.equal(gathered[0], gathered[1])
+    return {"differing_mask_steps": differing_mask_steps, "weights_differ_at_end": differing_weights_at_end,
+            "sparsity": sparsifier.sparsity().overall, "fine_tune_start": sparsifier.fine_tune_start,
+            "phase": sparsifier.phase}  # fmt: skip
+
+
 def weights_after(hook: str | None, method: str = "dense") -> list[torch.Tensor]:
     model = model_and_data()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -79,6 +109,8 @@ def main() -> None:
     result: dict = {}
     if mode == "masks":
         result = {method: check_masks(method) for method in SCHEDULES}
+    elif mode == "pgap":
+        result = parallel_gap()
     elif mode == "hooks":
         reference, _ = weights_after(None)
         identity, bits = weights_after("allreduce")

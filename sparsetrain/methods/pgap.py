@@ -1,0 +1,97 @@
+"""Parallel GaP: k workers each grow a different group, merged and pruned every period (Ma et al. 2021)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core import register
+from ..optim_state import reset_momentum
+from .gap import GaP
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@register("pgap")
+class ParallelGaP(GaP):
+    """Parallel GaP: with k data-parallel ranks, rank i trains its own replica with group (i + r) mod k dense.
+
+    Each round lasts ``period``; the replicas train without gradient all-reduce (``synchronize_gradients`` is
+    False, and the trainer runs backward under DDP's ``no_sync``). At the end of a round the replicas are merged:
+    every group's weights come from the rank that grew it (a broadcast), all other parameters are averaged,
+    momentum is reset, and every layer is pruned to the target by per-layer magnitude top-k, identically on all
+    ranks. After ``rounds`` rounds training fine-tunes the merged sparse model with fixed masks, data-parallel
+    as usual. ``groups`` defaults to the number of ranks (one group per worker); in one process it is cyclic
+    GaP with one dense group per round.
+
+    Reference: Ma et al., "Effective model sparsification by scheduled grow-and-prune methods", ICLR 2022,
+    arXiv 2106.09857 (parallel GaP, section 3.2).
+    Differences from the paper: non-group parameters (biases, norms) are averaged at the merge; optimizer
+    momentum restarts from zero after each merge.
+    """
+
+    capabilities = frozenset({"sparse", "mask_updates", "group_phases", "replica_phases"})
+
+    def __init__(self, model: nn.Module, *, groups: int | None = None, rounds: int = 2, period: float | None = None,
+                 **common: Any) -> None:  # fmt: skip
+        rank, world = _world()
+        self.rank, self.world = rank, world
+        super().__init__(model, groups=groups if groups is not None else max(world, 2), rounds=rounds,
+                         period=period, **common)  # fmt: skip
+
+    def setup(self) -> None:
+        self.group_names = self.partition_groups()
+        if self.world > 1 and len(self.group_names) != self.world:
+            raise ValueError(
+                f"pgap grows one group per rank: groups must equal the number of processes ({self.world}), "
+                f"got {len(self.group_names)}"
+            )
+        self.schedule_cycles(periods_per_round=1)
+
+    def dense_group_at(self, step: int) -> int | None:
+        if step >= self.fine_tune_start:
+            return None
+        round_index = step // self.period_steps
+        return (self.rank + round_index) % len(self.group_names)
+
+    def synchronize_gradients(self) -> bool:
+        """False while replicas train apart (the rounds); True while fine-tuning the merged model."""
+        return self.world == 1 or self.count >= self.fine_tune_start
+
+    @torch.no_grad()
+    def on_step(self, step: int) -> None:
+        if step > self.fine_tune_start or (step % self.period_steps != 0):
+            return
+        if step > 0:
+            self._merge(step)
+        pruned = self.compute_masks(self.final_sparsity, self.magnitude_scores())
+        group = self.dense_group_at(step)
+        grown = set() if group is None else set(self.group_names[group])
+        masks = {n: torch.ones_like(m) if n in grown else pruned[n] for n, m in pruned.items()}
+        self.set_masks(masks, reason="pgap merge" if group is None else f"pgap grow group {group}")
+
+    def _merge(self, step: int) -> None:
+        """Replicas -> one model: each group from the rank that grew it in the round just ended; the rest averaged."""
+        if self.world == 1:
+            return
+        k = len(self.group_names)
+        owner_of = {}
+        round_index = (step - 1) // self.period_steps
+        for rank in range(self.world):
+            for name in self.group_names[(rank + round_index) % k]:
+                owner_of[name] = rank
+        for name, param in self.model.named_parameters():
+            if name in owner_of:
+                dist.broadcast(param.data, src=owner_of[name])
+            else:
+                dist.all_reduce(param.data)
+                param.data.div_(self.world)
+        if self._optimizer is not None:
+            reset_momentum(self._optimizer)
