@@ -157,7 +157,8 @@ def masked_hook(state: MaskedState, bucket: dist.GradBucket) -> torch.futures.Fu
         return allreduce_hook(state, bucket)
     buffer = bucket.buffer()
     names = {id(p): n for n, p in sparsifier.params.items()}
-    key = (bucket.index(), sparsifier.mask_version)
+    # DDP rebuilds its buckets after the first iteration: the key names the bucket's parameters, not its index.
+    key = (tuple(id(p) for p in bucket.parameters()), sparsifier.mask_version)
     live = state._index_cache.get(key)
     if live is None:
         # Flat positions of the live coordinates in this bucket's buffer (its parameters laid end to end).

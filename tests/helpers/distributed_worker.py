@@ -93,7 +93,8 @@ def parallel_gap() -> dict:
 
 def weights_after(hook: str | None, method: str = "dense") -> list[torch.Tensor]:
     model = model_and_data()
-    ddp = nn.parallel.DistributedDataParallel(model)
+    # Small buckets: several of them, and DDP rebuilds them after the first iteration (hooks must cope).
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.005)
     sparsifier = sparsetrain.create(method, model, sparsity=0.9, total_steps=STEPS, **SCHEDULES.get(method, {}))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sparsifier.attach(optimizer)
