@@ -283,6 +283,7 @@ class TrainingFlops:
         masks: dict[str, torch.Tensor] | None = None,
         *,
         forward_flops: int | None = None,
+        repeat: bool = False,
     ) -> None:
         """Record one step (or several) over ``samples`` samples.
 
@@ -292,14 +293,17 @@ class TrainingFlops:
                 nonzeros are counted.
             forward_flops: Sparse forward FLOPs per sample, if the caller already has them (they only
                 change when the masks do), which skips the nonzero count. ``masks`` is then ignored.
+            repeat: Another forward/backward pass over samples already recorded this step (CrAM's second pass):
+                it costs FLOPs but does not add to the dense run it is compared with.
         """
         if samples < 0:
             raise ValueError(f"samples must be non-negative, got {samples}")
         if forward_flops is None:
             forward_flops = self.counter.forward(masks).sparse_total
         self.sparse += _TRAINING_MULTIPLIER * int(forward_flops) * samples
-        self.dense += _TRAINING_MULTIPLIER * self._dense_forward * samples
-        self.samples += samples
+        if not repeat:
+            self.dense += _TRAINING_MULTIPLIER * self._dense_forward * samples
+            self.samples += samples
 
     @property
     def ratio(self) -> float:

@@ -208,3 +208,13 @@ def test_every_shipped_recipe_is_valid(recipe):
     model = build_model(config["model"], input_shape=(1, 28, 28), num_classes=10)
     sparsifier = create_sparsifier(model, config, steps_per_epoch=10)
     assert sparsifier.total_steps == 10 * config["epochs"]
+
+
+def test_overrides_read_yaml_12_numbers():
+    """1e-6 is a float and 2:4 a string (PyYAML's YAML 1.1 would give the string '1e-6' and the integer 124)."""
+    from sparsetrain.train.config import parse_override
+
+    assert parse_override("method_options.lam=1e-6") == ("method_options.lam", 1e-6)
+    assert parse_override("mask_type=2:4") == ("mask_type", "2:4")
+    assert parse_override("lr=0.1") == ("lr", 0.1)
+    assert parse_override("epochs=3") == ("epochs", 3)

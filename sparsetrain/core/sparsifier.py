@@ -65,7 +65,9 @@ class Sparsifier:
     default_distribution: ClassVar[str] = "global"
     # Capability flags, read by the conformance suite: 'sparse' (reaches the target sparsity),
     # 'mask_updates' (masks change during training), 'phases' (alternates dense and sparse phases),
-    # 'nm' (accepts N:M masks).
+    # 'nm' (accepts N:M masks), 'own_optimizer' (training needs the optimizer wrap_optimizer returns),
+    # 'closure' (that optimizer's step needs a closure that recomputes the loss), 'prune_after_training' (trains
+    # a dense model meant to be pruned one-shot to the target afterwards).
     capabilities: ClassVar[frozenset[str]] = frozenset()
     # Methods that act before the optimizer step (RigL reads the step's dense gradients) need attach().
     needs_attach: ClassVar[bool] = False
@@ -178,6 +180,15 @@ class Sparsifier:
         A communication hook that sends only live coordinates must send everything on such steps.
         """
         return False
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer to train with, given the one the user built (most methods: that one, unchanged).
+
+        Methods that are optimizers themselves replace it (``rda`` builds :class:`~sparsetrain.optim.RDA` over
+        the same parameters and learning rate) or wrap it (``cram`` wraps it in :class:`~sparsetrain.optim.CrAM`).
+        Attach the sparsifier to the optimizer this returns.
+        """
+        return optimizer
 
     def extra_state(self) -> dict:
         """Method state beyond masks and count (saved in ``state_dict``)."""

@@ -101,6 +101,34 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# YAML 1.2 numbers. PyYAML follows YAML 1.1, where a float needs a dot (``1e-6`` would be a string) and
+# ``2:4`` is a base-60 integer (124): both bite recipes (``lam: 1e-6``, ``mask_type: 2:4``).
+_INT = r"^[-+]?(?:0|[1-9][0-9_]*)$|^0x[0-9a-fA-F_]+$|^0o[0-7_]+$"
+_FLOAT = (
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
+    r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 numbers: ``1e-5`` is a float, ``2:4`` a string."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    numeric = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in numeric]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(_INT), list("-+0123456789"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe with the safe loader and validate its keys and types."""
     import yaml
@@ -109,7 +137,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist; recipes ship in the recipes/ folder")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {error}") from None
     if data is None:
@@ -131,7 +159,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     if key.startswith("method_options."):

@@ -194,8 +194,15 @@ class Run:
                 f"batch_size {config['batch_size']} is larger than the training set ({len(self.data.train)} samples)"
             )
         self.total_steps = self.steps_per_epoch * config["epochs"]
-        self.optimizer = make_optimizer(self.model, config)
         self.sparsifier = create_sparsifier(self.model, config, self.steps_per_epoch)
+        # Methods that are optimizers (rda) or wrap one (cram) supply the optimizer the run steps.
+        self.optimizer = self.sparsifier.wrap_optimizer(make_optimizer(self.model, config))
+        self.uses_closure = "closure" in self.sparsifier.capabilities
+        if self.uses_closure and config["amp"] and self.device.type == "cuda":
+            raise ConfigError(
+                f"method {config['method']!r} steps with a closure, which fp16 gradient scaling (amp on cuda) does "
+                "not support; run it without --amp"
+            )
         self.sparsifier.attach(self.optimizer)
         self.sparsifier.subscribe(self._on_event)
         self.train_model: nn.Module = self.model
@@ -220,7 +227,7 @@ class Run:
         sample = self.data.train[:2][0].to(self.device)
         self.flop_counter = FlopCounter(self.model, sample)
         self.train_flops = TrainingFlops(self.flop_counter)
-        self._forward_flops_version = -1
+        self._forward_flops_version: tuple[int, int] | None = None
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config["amp"] and self.device.type == "cuda")
         self.epoch = 0
@@ -325,26 +332,19 @@ class Run:
                 group["lr"] = lr
             # Parallel GaP trains replicas apart: no gradient all-reduce while its rounds last.
             apart = self.world > 1 and not self.sparsifier.synchronize_gradients()
-            with self.train_model.no_sync() if apart else contextlib.nullcontext():
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=config["amp"]):
-                    logits = self.train_model(x)
-                    loss = nn.functional.cross_entropy(logits, y)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {float(loss)} at epoch {self.epoch + 1}, step {self.sparsifier.count}; "
-                        f"lower the learning rate (lr={config['lr']}) or set grad_clip; the last good checkpoint "
-                        f"is {self.out / LAST}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                if self.hook_state is not None:
-                    self.hook_state.step = self.sparsifier.count  # seeds the hooks' stochastic rounding
-                self.scaler.scale(loss).backward()
-            if config["grad_clip"]:
-                self.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-            self._count_flops(len(y))  # the density in force for this step, before a boundary may change it
-            self.scaler.step(optimizer)  # the sparsifier's hooks run inside
-            self.scaler.update()
+            if self.hook_state is not None:
+                self.hook_state.step = self.sparsifier.count  # seeds the hooks' stochastic rounding
+            if self.uses_closure:
+                loss, logits = self._closure_step(x, y)
+            else:
+                with self.train_model.no_sync() if apart else contextlib.nullcontext():
+                    loss, logits = self._forward_backward(x, y)
+                if config["grad_clip"]:
+                    self.scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+                self._count_flops(len(y))  # the density in force for this step, before a boundary may change it
+                self.scaler.step(optimizer)  # the sparsifier's hooks run inside
+                self.scaler.update()
             total_loss += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
@@ -365,6 +365,42 @@ class Run:
                 check_masks_consistent(self.sparsifier.masks)
         return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "lr": lr}
 
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed gradients, then the loss of the batch and its backward pass (scaled when fp16 amp is on)."""
+        config = self.config
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=config["amp"]):
+            logits = self.train_model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {float(loss)} at epoch {self.epoch + 1}, step {self.sparsifier.count}; "
+                f"lower the learning rate (lr={config['lr']}) or set grad_clip; the last good checkpoint "
+                f"is {self.out / LAST}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return loss, logits
+
+    def _closure_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ``optimizer.step(closure)`` for optimizers that evaluate the loss themselves (CrAM: twice).
+
+        The first evaluation is the clean one: its loss and logits are the step's training metrics. Training
+        FLOPs count the forward/backward passes the closure really ran.
+        """
+        first: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def closure() -> torch.Tensor:
+            loss, logits = self._forward_backward(x, y)
+            if self.config["grad_clip"]:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
+            self._count_flops(len(y), repeat=bool(first))
+            if not first:
+                first.append((loss.detach(), logits.detach()))
+            return loss
+
+        self.optimizer.step(closure)  # the sparsifier's hooks run inside
+        return first[0]
+
     def _tensorboard(self, row: dict[str, Any]) -> None:
         """Scalars to ``out/tensorboard`` when the tensorboard package is installed (optional)."""
         if not hasattr(self, "_tb_writer"):
@@ -384,11 +420,13 @@ class Run:
     def _base_lr_factor(self, step: int) -> float:
         return lr_factor(step, self.total_steps, self.steps_per_epoch, self.config)
 
-    def _count_flops(self, samples: int) -> None:
-        if self._forward_flops_version != self.sparsifier.mask_version:
+    def _count_flops(self, samples: int, repeat: bool = False) -> None:
+        # rda's masks follow the weights between its mask updates: support_version counts those changes.
+        version = (self.sparsifier.mask_version, getattr(self.sparsifier, "support_version", 0))
+        if self._forward_flops_version != version:
             self._forward_flops = self.flop_counter.forward(self.sparsifier.masks).sparse_total
-            self._forward_flops_version = self.sparsifier.mask_version
-        self.train_flops.add(samples, forward_flops=self._forward_flops)
+            self._forward_flops_version = version
+        self.train_flops.add(samples, forward_flops=self._forward_flops, repeat=repeat)
 
     def run(self) -> dict[str, Any]:
         self.setup()
@@ -445,8 +483,34 @@ class Run:
             dist.barrier()  # last.pt is complete before any rank moves on (a resume reads it on every rank)
 
     # ------------------------------------------------------------------ outputs
+    def _prune_after_training(self) -> dict[str, Any]:
+        """For methods that train dense for later one-shot pruning (cram): the trained dense model's record and
+        state; then the model pruned in place to the target and its batch-norm statistics re-estimated."""
+        from ..oneshot import prune_oneshot, recalibrate_batchnorm
+
+        config, data = self.config, self.data
+        dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        dense_info = {
+            "sparsity": weight_sparsity(dense_state, self.sparsifier.params),
+            "val_acc": evaluate(self.model, data.val, config["eval_batch_size"], self.device)["acc"],
+            "test_acc": evaluate(self.model, data.test, config["eval_batch_size"], self.device)["acc"],
+            "epoch": self.epoch,
+            "step": self.sparsifier.count,
+        }
+        prune_oneshot(
+            self.model,
+            None if config["mask_type"] != "unstructured" else config["sparsity"],
+            mask_type=config["mask_type"],
+            include=list(self.sparsifier.params),
+        )
+        batches = iterate_batches(data.train, config["batch_size"], shuffle=True, seed=config["seed"], epoch=-1)
+        recalibrate_batchnorm(self.model, batches, num_samples=1000)
+        return {"info": dense_info, "state": dense_state}
+
     def finish(self) -> dict[str, Any]:
         config, data = self.config, self.data
+        pruned_after = "prune_after_training" in self.sparsifier.capabilities
+        trained_dense = self._prune_after_training() if pruned_after else None
         final_val = evaluate(self.model, data.val, config["eval_batch_size"], self.device)
         final_test = evaluate(self.model, data.test, config["eval_batch_size"], self.device)
         report = self.sparsifier.sparsity()
@@ -477,6 +541,14 @@ class Run:
             }
             checkpoint.save_atomic(
                 checkpoint_payload(dense_model, self.spec, config, kind="dense_best", metrics=dense_info),
+                self.out / DENSE,
+            )
+        elif trained_dense is not None:
+            dense_info = trained_dense["info"]
+            dense_model = build_model(**self.spec).to(self.device)
+            dense_model.load_state_dict(trained_dense["state"])
+            checkpoint.save_atomic(
+                checkpoint_payload(dense_model, self.spec, config, kind="dense_final", metrics=dense_info),
                 self.out / DENSE,
             )
         elif report.overall == 0 or config["method"] == "dense":

@@ -1,0 +1,1 @@
+"""Command-line commands that live beside their feature; ``sparsetrain.cli`` registers them."""

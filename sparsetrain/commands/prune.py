@@ -1,0 +1,209 @@
+"""``sparsetrain prune``: one-shot magnitude pruning of a trained checkpoint, with batch-norm re-calibration.
+
+The post-training half of CrAM (Peste et al., ICLR 2023), usable on any checkpoint: for each sparsity, prune the
+trained model once by magnitude, re-estimate its batch-norm statistics on about 1000 training samples, print the
+test accuracy before and after, and save the pruned model next to the input. A command function: it prints its
+table. User mistakes raise ``ConfigError`` (exit code 2) or ``CheckpointError`` (exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, ConfigError
+
+DEFAULT_SPARSITIES = "0.5,0.7,0.9"
+DEFAULT_CALIBRATION_SAMPLES = 1000
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Add the ``prune`` subcommand to the CLI's subparsers."""
+    prune = subparsers.add_parser(
+        "prune",
+        help="one-shot magnitude pruning of a checkpoint at several sparsities, with batch-norm re-calibration",
+        description="Prune the model of a sparsetrain checkpoint (or run directory) once by magnitude at each "
+        "sparsity (or to an N:M pattern), re-estimate its batch-norm running statistics on training samples, and "
+        "print the test accuracy before and after re-calibration. Each pruned model is saved next to the input "
+        "as pruned_s<SPARSITY>.pt (pruned_<N>of<M>.pt for N:M), in the checkpoint format. Meant for CrAM-trained "
+        "models, and works on any.",
+    )
+    prune.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a .pt file or a run directory")
+    prune.add_argument(
+        "--sparsity",
+        default=None,
+        help=f"comma-separated sparsities in [0, 1) (default: {DEFAULT_SPARSITIES}; not used with an N:M --mask-type)",
+    )
+    prune.add_argument("--mask-type", default="unstructured", help="unstructured (default) or N:M such as 2:4")
+    prune.add_argument(
+        "--distribution", default="global", help="global (default: one ranking over all layers), uniform or erk"
+    )
+    prune.add_argument(
+        "--calibrate",
+        type=int,
+        default=DEFAULT_CALIBRATION_SAMPLES,
+        metavar="N",
+        help=f"training samples for batch-norm re-calibration (default: {DEFAULT_CALIBRATION_SAMPLES}; 0: none)",
+    )
+    prune.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep parameters matching this glob dense (repeatable; adds to the training run's exclude)",
+    )
+    prune.add_argument("--data-dir", help="where the dataset is, if not where training found it")
+    prune.add_argument("--out-dir", help="where to write the pruned checkpoints (default: next to the input)")
+    prune.add_argument("--force", action="store_true", help="replace pruned checkpoints that exist")
+    prune.set_defaults(handler=cmd_prune)
+
+
+def parse_sparsities(text: str | None, mask_type: str) -> list[float | None]:
+    """The sparsities to prune to: a list of numbers in [0, 1), or ``[None]`` for an N:M mask type."""
+    from ..maskops import check_sparsity, parse_nm
+
+    try:
+        nm = parse_nm(mask_type)
+    except ValueError as error:
+        raise ConfigError(f"--mask-type: {error}") from None
+    if nm is not None:
+        implied = 1.0 - nm[0] / nm[1]
+        if text is not None:
+            values = _parse_numbers(text)
+            if any(abs(v - implied) > 1e-9 for v in values):
+                raise ConfigError(
+                    f"--mask-type {mask_type} fixes the sparsity at {implied:g}; leave --sparsity out (got {text!r})"
+                )
+        return [None]
+    values = _parse_numbers(text or DEFAULT_SPARSITIES)
+    try:
+        return [check_sparsity(v) for v in values]
+    except ValueError as error:
+        raise ConfigError(f"--sparsity: {error}") from None
+
+
+def _parse_numbers(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--sparsity must be comma-separated numbers such as {DEFAULT_SPARSITIES}, got {text!r}"
+        ) from None
+    if not values:
+        raise ConfigError(f"--sparsity names no sparsity; give numbers such as {DEFAULT_SPARSITIES}")
+    return values
+
+
+def output_name(sparsity: float | None, mask_type: str) -> str:
+    """``pruned_s0.9.pt`` for a sparsity, ``pruned_2of4.pt`` for an N:M pattern."""
+    if sparsity is None:
+        n, m = (int(x) for x in mask_type.split(":"))
+        return f"pruned_{n}of{m}.pt"
+    return f"pruned_s{sparsity:g}.pt"
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..distributions import check_distribution
+    from ..oneshot import norm_modules, prune_oneshot, recalibrate_batchnorm
+    from ..train.checkpoint import load, save_atomic
+    from ..train.data import iterate_batches, load_dataset
+    from ..train.loop import checkpoint_payload, evaluate, weight_sparsity
+    from ..train.models import build_model
+
+    # Usage mistakes first, before any work.
+    sparsities = parse_sparsities(args.sparsity, args.mask_type)
+    try:
+        check_distribution(args.distribution)
+    except ValueError as error:
+        raise ConfigError(f"--distribution: {error}") from None
+    if args.calibrate < 0:
+        raise ConfigError(f"--calibrate must be a number of samples >= 0 (0: no re-calibration), got {args.calibrate}")
+    source = Path(args.checkpoint)
+    out_dir = Path(args.out_dir) if args.out_dir else (source if source.is_dir() else source.parent)
+    targets = [out_dir / output_name(s, args.mask_type) for s in sparsities]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.force:
+        raise ConfigError(f"{', '.join(existing)} exist(s); nothing was overwritten. Pass --force or choose --out-dir")
+
+    data = load(args.checkpoint)
+    config, spec, state = data.get("config"), data.get("model_spec"), data.get("model")
+    if not isinstance(config, dict) or not isinstance(spec, dict) or not isinstance(state, dict):
+        raise CheckpointError(
+            f"{args.checkpoint!r} holds no model state, spec and config; is it a sparsetrain checkpoint?"
+        )
+
+    def fresh_model() -> torch.nn.Module:
+        try:
+            model = build_model(**spec)
+            model.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"checkpoint {args.checkpoint!r} does not match its model spec ({str(error).splitlines()[0][:200]})"
+            ) from None
+        return model
+
+    exclude = config.get("exclude") or []
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    exclude += args.exclude
+
+    def prune(model: torch.nn.Module, sparsity: float | None) -> dict[str, torch.Tensor]:
+        try:
+            return prune_oneshot(
+                model,
+                sparsity,
+                mask_type=args.mask_type,
+                distribution=args.distribution,
+                include=config.get("include"),
+                exclude=exclude or None,
+            )
+        except ValueError as error:  # a pattern that matches nothing, an N:M that does not fit a layer, ...
+            raise ConfigError(f"{error} (on the command line: --exclude PATTERN)") from None
+
+    prune(fresh_model(), sparsities[0])  # options that do not fit this model fail here, before the data loads
+    splits = load_dataset(
+        config["dataset"],
+        data_dir=args.data_dir or config["data_dir"],
+        val_fraction=config["val_fraction"],
+        seed=config["seed"],
+    )
+    device = torch.device("cpu")
+    model = fresh_model()
+    has_norms = bool(norm_modules(model))
+    dense = evaluate(model, splits.test, 1000, device)
+    print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
+    print(f"unpruned test accuracy: {dense['acc']:.2f}%")
+    calibrate = args.calibrate if has_norms else 0
+    if args.calibrate and not has_norms:
+        print("(the model has no batch-norm layer: nothing to re-calibrate)")
+    header = f"{'sparsity':>8s} {'pruned acc':>10s} {'recalibrated acc':>16s}  file"
+    print(header)
+    print("-" * len(header))
+    for sparsity, target in zip(sparsities, targets):
+        model = fresh_model()
+        masks = prune(model, sparsity)
+        pruned = evaluate(model, splits.test, 1000, device)
+        recalibrated, used = None, 0
+        if calibrate:
+            batches = iterate_batches(splits.train, config["batch_size"], shuffle=True, seed=0)
+            used = recalibrate_batchnorm(model, batches, num_samples=calibrate)
+            recalibrated = evaluate(model, splits.test, 1000, device)
+        measured = weight_sparsity(model.state_dict(), masks)
+        metrics = {
+            "sparsity": measured,
+            "mask_type": args.mask_type,
+            "distribution": args.distribution,
+            "test_acc_pruned": pruned["acc"],
+            "test_acc": (recalibrated or pruned)["acc"],
+            "calibration_samples": used,
+            "source": str(args.checkpoint),
+            "source_test_acc": dense["acc"],
+        }
+        # The source run's training state (optimizer, sparsifier, ...) means nothing for the pruned model: left out.
+        save_atomic(checkpoint_payload(model, spec, config, kind="pruned", metrics=metrics), target)
+        after = f"{recalibrated['acc']:16.2f}" if recalibrated else f"{'-':>16s}"
+        shown = f"{measured:.4f}"
+        print(f"{shown:>8s} {pruned['acc']:10.2f} {after}  {target}")
+    return 0

@@ -1,0 +1,106 @@
+"""CrAM as a method: one dense model trained to survive one-shot pruning, by a compression-aware optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import maskops
+from ..core import Sparsifier, register
+from ..optim.cram import CrAM
+
+
+@register("cram")
+class CrAMMethod(Sparsifier):
+    """CrAM: dense training with a compression-aware two-pass step; prune one-shot afterwards at any sparsity.
+
+    The work is done by the optimizer :class:`sparsetrain.optim.CrAM` that :meth:`make_optimizer` wraps around
+    the run's base optimizer: each step takes the clean gradient g, ascends to w + rho g, compresses that point
+    (global magnitude top-k at a sparsity drawn from ``sparsities``, or N:M with ``mask_type='2:4'``), takes the
+    gradient there and steps the base optimizer with it plus g (CrAM+). The training itself is dense: the masks
+    stay all ones. ``sparsity`` is the sparsity the trained model is meant to be pruned to afterwards
+    (``sparsetrain.oneshot.prune_oneshot`` and ``recalibrate_batchnorm``, or ``sparsetrain prune``); the
+    sparsifier only records it. The compressed weights are this sparsifier's selection (``include`` /
+    ``exclude``); every trainable parameter is perturbed.
+
+    Needs ``optimizer.step(closure)``: the closure zeroes the gradients, computes the loss, calls backward and
+    returns the loss; CrAM calls it twice per step (first at the clean weights). Attached to a plain optimizer
+    without the wrapper the method is dense training.
+
+    Reference: Peste, Vladu, Kurtic, Lampert, Alistarh, "CrAM: A Compression-Aware Minimizer", ICLR 2023,
+    arXiv 2207.14200. Differences from the paper: see :class:`sparsetrain.optim.CrAM` (exact top-k counts,
+    sparsity drawn from (seed, step)).
+    """
+
+    # prune_after_training: the trainer prunes the final model one-shot to ``sparsity`` (with batch-norm
+    # re-calibration) and reports it as the run's sparse model, the trained model as its dense one.
+    capabilities = frozenset({"own_optimizer", "closure", "prune_after_training"})
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sparsity: float | None = None,
+        rho: float = 0.05,
+        sparsities: Sequence[float] = (0.5, 0.7, 0.9),
+        plus: bool = True,
+        mask_gradient: bool = True,
+        **common: Any,
+    ) -> None:
+        mask_type = common.pop("mask_type", "unstructured")
+        nm = maskops.parse_nm(mask_type)
+        distribution = common.pop("distribution", None)
+        if distribution not in (None, "global"):
+            raise ValueError(
+                f"cram compresses by one global magnitude ranking (or N:M); distribution={distribution!r} is not "
+                "supported (leave it out or use 'global')"
+            )
+        nm_sparsity = None if nm is None else 1.0 - nm[0] / nm[1]
+        if sparsity is not None:
+            sparsity = maskops.check_sparsity(sparsity)
+            if nm_sparsity is not None and abs(sparsity - nm_sparsity) > 1e-9:
+                raise ValueError(
+                    f"mask_type {mask_type!r} fixes the sparsity at {nm_sparsity:g}; got sparsity={sparsity!r} "
+                    "(leave sparsity out or make them agree)"
+                )
+        self.target = nm_sparsity if sparsity is None else sparsity
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0:
+            raise ValueError(f"cram: rho must be a number >= 0 (0.05 in the paper), got {rho!r}")
+        self.rho = float(rho)
+        self.sparsities = tuple(maskops.check_sparsity(s, "cram: each of sparsities") for s in sparsities)
+        self.plus = bool(plus)
+        self.mask_gradient = bool(mask_gradient)
+        # The training is dense: the base class holds all-ones masks; mask_type describes the compression.
+        super().__init__(model, sparsity=0.0, **common)
+        self.mask_type = mask_type
+        if nm is not None:
+            for name, param in self.params.items():
+                if param.dim() < 2 or param.shape[1] % nm[1]:
+                    raise ValueError(
+                        f"mask_type {mask_type!r}: parameter {name!r} of shape {tuple(param.shape)} has an input "
+                        f"dimension that is not a multiple of {nm[1]}; exclude it with exclude=[{name!r}]"
+                    )
+
+    def target_sparsity_at(self, step: int) -> float:
+        return 0.0
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> CrAM:
+        return optimizer if isinstance(optimizer, CrAM) else self.make_optimizer(optimizer)
+
+    def make_optimizer(self, base_optimizer: torch.optim.Optimizer) -> CrAM:
+        """Wrap the run's ``base_optimizer`` (built over ``model.parameters()``) in CrAM; attach the result."""
+        return CrAM(
+            [p for p in self.model.parameters() if p.requires_grad],
+            base_optimizer,
+            rho=self.rho,
+            sparsities=self.sparsities,
+            mask_type=self.mask_type,
+            plus=self.plus,
+            mask_gradient=self.mask_gradient,
+            seed=self.seed,
+            model=self.model,
+            compress=list(self.params.values()),
+        )

@@ -1,0 +1,130 @@
+"""Post-training compression: one-shot magnitude pruning and batch-norm re-calibration.
+
+The recipe after CrAM (Peste et al., ICLR 2023) and for any trained dense model: prune once by magnitude to the
+target sparsity (or an N:M pattern), then re-estimate the batch-norm running statistics of the pruned network on
+about 1000 training samples, since the statistics the dense network gathered no longer describe the pruned one's
+activations. No gradient step is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .core import create
+from .maskops import parse_nm
+
+__all__ = ["prune_oneshot", "recalibrate_batchnorm", "norm_modules"]
+
+
+def prune_oneshot(
+    model: nn.Module,
+    sparsity: float | None,
+    *,
+    mask_type: str = "unstructured",
+    distribution: str = "global",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> dict[str, Tensor]:
+    """Prune ``model`` **in place** by magnitude and return the masks (parameter name -> bool, True = kept).
+
+    In place, because the pruned model is what the caller evaluates, re-calibrates and saves; copy the model (or
+    its ``state_dict``) first to keep the dense one. The masks come from the same machinery as every method
+    (the ``magnitude`` sparsifier at step 0): exact counts, ties broken by index.
+
+    Args:
+        model: the model; by default every weight with dim >= 2 is pruned.
+        sparsity: fraction of zeros in [0, 1); for N:M leave it None (or give 1 - N/M).
+        mask_type: 'unstructured' or 'N:M' such as '2:4' (N kept of every M along the input dimension).
+        distribution: 'global' (one ranking over all pruned weights), 'uniform' or 'erk'.
+        include / exclude: glob patterns over parameter names.
+
+    Raises:
+        ValueError: a bad sparsity, mask type, distribution or pattern (the message says what is allowed).
+    """
+    if sparsity is None and parse_nm(mask_type) is None:
+        raise ValueError("prune_oneshot needs sparsity= (a number in [0, 1), e.g. 0.9) for unstructured pruning")
+    sparsifier = create(
+        "magnitude",
+        model,
+        sparsity=sparsity,
+        mask_type=mask_type,
+        distribution=distribution,
+        include=include,
+        exclude=exclude,
+    )
+    return {name: mask.clone() for name, mask in sparsifier.masks.items()}
+
+
+def norm_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that keep running statistics (BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm with tracking on)."""
+    # Duck-typed on what re-calibration uses, so custom norm layers that follow torch's interface count too.
+    return [
+        m
+        for m in model.modules()
+        if getattr(m, "track_running_stats", False)
+        and isinstance(getattr(m, "running_mean", None), Tensor)
+        and hasattr(m, "reset_running_stats")
+    ]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data: Iterable[Any], num_samples: int = 1000) -> int:
+    """Re-estimate the batch-norm running statistics of ``model`` on about ``num_samples`` inputs from ``data``.
+
+    Every norm module's statistics are reset, then estimated as a cumulative average (``momentum=None``) over
+    whole batches from ``data`` until at least ``num_samples`` samples were seen (a truncated last batch would
+    count as much as a full one in that average). Only the norm modules run in training mode, so dropout and
+    friends stay in evaluation mode; modes and momenta are restored afterwards. No gradient is computed.
+
+    Args:
+        model: the model (its parameters are not changed).
+        data: batches of inputs, or of ``(inputs, targets, ...)`` tuples (the first element is the input), e.g.
+            ``sparsetrain.train.data.iterate_batches(train_set, 128, shuffle=True, seed=0)``.
+        num_samples: how many samples to use at least (1000 in the CrAM paper).
+
+    Returns:
+        The number of samples used; 0 when the model has no norm module with running statistics (then ``data``
+        is not read).
+
+    Raises:
+        ValueError: ``num_samples`` < 1, or ``data`` yielded no samples (the old statistics are then kept).
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer (about 1000 is enough), got {num_samples!r}")
+    modules = norm_modules(model)
+    if not modules:
+        return 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    modes = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in modules}
+    # Kept to undo the reset when nothing could be measured (empty data, an error in the forward pass).
+    saved = [(b, b.clone()) for m in modules for b in m.buffers(recurse=False)]
+    seen = 0
+    try:
+        model.eval()
+        for m in modules:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches, not an exponential one
+            m.train()
+        for batch in data:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+            seen += int(x.shape[0])
+            if seen >= num_samples:
+                break
+        if seen == 0:
+            raise ValueError("recalibrate_batchnorm: data yielded no samples; pass batches of training inputs")
+    except BaseException:
+        for buffer, value in saved:
+            buffer.copy_(value)
+        raise
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        for m, training in modes.items():
+            m.train(training)
+    return seen
