@@ -134,6 +134,8 @@ def assert_masked_weights_zero(sparsifier):
     for name, param in sparsifier.params.items():
         masked = param.detach()[~sparsifier.masks[name]]
         assert torch.all(masked == 0), f"{name}: {int((masked != 0).sum())} masked weights are nonzero"
+        # +0.0, not -0.0: an export stores zeros without sign bits only if they are all positive.
+        assert not torch.signbit(masked).any(), f"{name}: {int(torch.signbit(masked).sum())} masked weights are -0.0"
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
