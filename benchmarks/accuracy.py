@@ -8,6 +8,8 @@ training FLOPs relative to dense training.
     python benchmarks/accuracy.py --quick               # one task, one seed, two sparsities (under 3 minutes)
     python benchmarks/accuracy.py --tasks mnist1d-convbase --seeds 0 1 2 --methods acdc gmp
 
+Runs already recorded in runs.jsonl are reused, so an interrupted grid continues where it stopped; --fresh starts over.
+
 Results go to benchmarks/results/accuracy/ (one JSON line per run, a markdown table, a plot per task).
 """
 
@@ -138,6 +140,9 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--fresh", action="store_true",
+                        help="rerun every run; by default runs already in runs.jsonl are kept (an interrupted grid "
+                             "continues where it stopped)")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.seeds, args.sparsities = ["mnist1d-convbase"], [0], [0.9, 0.98]
@@ -146,12 +151,22 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "runs.jsonl"
+    if args.fresh and log_path.exists():
+        log_path.unlink()
+    done = {}
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            row = json.loads(line)
+            done[(row["task"], row["method"], row["sparsity"], row["seed"])] = row
     rows: list[dict] = []
     start = time.perf_counter()
     for task in args.tasks:
         for seed in args.seeds:
             for method in args.methods:
                 for sparsity in [0.0] if method == "dense" else args.sparsities:
+                    if (task, method, sparsity, seed) in done:
+                        rows.append(done[(task, method, sparsity, seed)])
+                        continue
                     row = run_one(task, method, sparsity, seed, out / "runs")
                     rows.append(row)
                     with open(log_path, "a") as handle:
