@@ -1,4 +1,4 @@
-"""Pure mask operations: exact top-k masks (per tensor and global), N:M masks, mask statistics.
+"""Pure mask operations: exact top-k masks (per tensor and global), N:M masks, mask statistics, sparse-init scales.
 
 Every function here is pure: it reads tensors and returns new boolean masks, never touching a model.
 Counts are exact: a tensor of n elements kept at density d keeps exactly ``keep_count(n, 1 - d)`` elements,
@@ -22,6 +22,7 @@ __all__ = [
     "nm_mask",
     "relative_mask_difference",
     "check_sparsity",
+    "sparse_init_scale",
 ]
 
 
@@ -207,3 +208,22 @@ def relative_mask_difference(old: dict[str, Tensor], new: dict[str, Tensor]) -> 
     if smaller == 0:
         return 0.0
     return (hamming - abs(kept_a - kept_b)) / (2 * smaller)
+
+
+def sparse_init_scale(mask: Tensor) -> Tensor:
+    """Per-output-unit factor ``sqrt(fan_in / active_fan_in)`` that gives a masked layer its dense init's scale.
+
+    Dim 0 is the output unit (a Linear's row, a conv's output channel); its fan-in is every other dim together
+    (``in_features``, or ``in_channels / groups * kernel size``) and its active fan-in the kept entries there.
+    Multiplying the kept weights of a freshly initialised layer by the factor is the sparse-aware
+    initialisation of Evci et al., "Gradient Flow in Sparse Neural Networks and How Lottery Tickets Win",
+    AAAI 2022 (std ``gain / sqrt(active fan-in)`` per unit). Units with no active input get 1 (nothing to scale).
+
+    Returns float32 factors of shape ``(out, 1, ..., 1)``, ready to broadcast against the weight.
+    """
+    rows = mask.reshape(mask.shape[0], -1).to(torch.bool)
+    active = rows.sum(dim=1).float()
+    # A dense init draws each weight with variance ~ 1 / fan_in, so a unit keeping a of its fan_in inputs sees
+    # its pre-activation variance shrink by a / fan_in; the product over layers is what stops sparse nets learning.
+    scale = torch.where(active > 0, (rows.shape[1] / active.clamp(min=1)).sqrt(), torch.ones_like(active))
+    return scale.view(-1, *([1] * (mask.dim() - 1)))

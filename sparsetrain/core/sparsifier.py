@@ -42,6 +42,19 @@ class SparsityReport:
     total: int
 
 
+def derived_seed(seed: int, step: int) -> int:
+    """A 63-bit seed for the draws of (seed, step), mixed (splitmix64) so that it never equals a small seed.
+
+    The trainer calls ``torch.manual_seed(seed)`` before building the model: a method generator seeded with plain
+    ``seed`` at step 0 would replay the weight init's draws, and a "random" mask would keep the largest weights.
+    """
+    mask = (1 << 64) - 1
+    x = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return (x ^ (x >> 31)) >> 1
+
+
 class Sparsifier:
     """Base class of every sparse-training method.
 
@@ -71,6 +84,9 @@ class Sparsifier:
     capabilities: ClassVar[frozenset[str]] = frozenset()
     # Methods that act before the optimizer step (RigL reads the step's dense gradients) need attach().
     needs_attach: ClassVar[bool] = False
+    # Methods that mask a freshly initialised model from step 0 (static, SET, RigL, GaP) set this from their
+    # ``rescale_init`` option before calling ``Sparsifier.__init__``; see ``rescale_kept_weights``.
+    rescale_init: bool = False
 
     def __init__(
         self,
@@ -122,6 +138,9 @@ class Sparsifier:
                 "warmup/start/end options in steps"
             )
         self.unit = unit
+        if not isinstance(self.rescale_init, bool):
+            raise ValueError(f"rescale_init must be true or false, got {self.rescale_init!r}")
+        self.init_rescaled = False
         self.count = 0
         self.masks: dict[str, Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
         self.history: list[Event] = []
@@ -218,11 +237,29 @@ class Sparsifier:
             raise ValueError(f"the optimizer does not hold these sparsified parameters: {', '.join(missing)}")
         self._optimizer = optimizer
         self._hooks = [
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step(opt)),
+            optimizer.register_step_pre_hook(self._pre_step_hook),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)),
         ]
         self._zero_state_where_masked(optimizer)
         return self
+
+    def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
+        # torch passes the bound call's arguments: args[0] is the optimizer itself, a closure comes after it.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.before_step(optimizer)
+            return None
+
+        # optimizer.step(closure) computes the gradients after this hook: mask them each time the closure runs
+        # (CrAM runs it twice), or momentum would leak into masked weights.
+        def masked_closure() -> Any:
+            loss = closure()
+            self.before_step(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": masked_closure}
+        return (args[0], masked_closure, *args[2:]), kwargs
 
     def detach(self) -> None:
         for handle in self._hooks:
@@ -275,6 +312,7 @@ class Sparsifier:
             "history": [dict(e) for e in self.history],
             "phase": self._phase,
             "mask_version": self.mask_version,
+            "init_rescaled": self.init_rescaled,
             "extra": self.extra_state(),
         }
 
@@ -297,6 +335,7 @@ class Sparsifier:
         self.history = [dict(e) for e in state["history"]]
         self._phase = state.get("phase")
         self.mask_version = int(state.get("mask_version", 0))
+        self.init_rescaled = bool(state.get("init_rescaled", False))
         self.load_extra_state(state.get("extra", {}))
         self._refresh_float_masks()
 
@@ -322,7 +361,7 @@ class Sparsifier:
 
     def generator(self, step: int) -> torch.Generator:
         """A local generator seeded by (seed, step): the same draws after a resume and on every rank."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return torch.Generator().manual_seed(derived_seed(self.seed, step))
 
     def magnitude_scores(self) -> dict[str, Tensor]:
         return {n: p.detach().abs() for n, p in self.params.items()}
@@ -358,6 +397,27 @@ class Sparsifier:
             self._zero_state_where_masked(self._optimizer)
         self.mask_version += 1
         self.emit({"event": "mask_update", "reason": reason, "sparsity": round(self.sparsity_of_masks(), 6)})
+
+    @torch.no_grad()
+    def rescale_kept_weights(self) -> None:
+        """Multiply every kept weight by ``maskops.sparse_init_scale`` of its mask, once per run.
+
+        Why: a dense init gives each weight variance ~ 1 / fan_in; masking a fraction 1 - d of the inputs leaves a
+        unit's pre-activation a factor sqrt(d) smaller, layer after layer, so a deep net masked from step 0 can
+        start with vanishing logits and gradients and never leave the chance-level loss (Evci et al., "Gradient
+        Flow in Sparse Neural Networks and How Lottery Tickets Win", AAAI 2022). Scaling by
+        sqrt(fan_in / active fan-in) per output unit restores the dense init's scale. Masked weights stay 0.
+
+        Runs at the step-0 boundary of methods with ``rescale_init`` on. ``init_rescaled`` is part of the state,
+        so a sparsifier that loads a checkpoint's state never scales the loaded weights again.
+        """
+        if self.init_rescaled:
+            return
+        for name, mask in self.masks.items():
+            param = self.params[name]
+            param.mul_(maskops.sparse_init_scale(mask).to(device=param.device, dtype=param.dtype))
+        self.init_rescaled = True
+        self.emit({"event": "init_rescale"})
 
     def densify(self, reason: str, reset_optimizer_momentum: bool) -> None:
         """All masks become ones; pruned weights re-enter at their current value, 0."""
@@ -399,6 +459,8 @@ class Sparsifier:
         if changed and self._phase is not None:
             self.emit({"event": "phase_end", "phase": self._phase})
         self.on_step(step)
+        if step == 0 and self.rescale_init:
+            self.rescale_kept_weights()  # the weights are the fresh init only now, under the first masks
         if changed:
             self._phase = phase
             self.emit({"event": "phase_start", "phase": phase})

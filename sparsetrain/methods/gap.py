@@ -24,6 +24,10 @@ class GaP(Sparsifier):
 
     ``period`` in ``unit``; left out, the cycles fill the first 80% of the run. Phases are named 'grow0',
     'grow1', ... (group i dense) and 'sparse' (fine-tuning).
+    ``rescale_init`` (default on): the layers pruned at step 0 have their kept weights multiplied by
+    sqrt(fan_in / active fan-in) of their output unit (sparse-aware init, Evci et al., AAAI 2022), so the
+    model starts at the dense init's signal scale; later prunings leave the trained weights alone. Turn it off
+    for a model that is not freshly initialised.
     Reference: Ma et al., "Effective model sparsification by scheduled grow-and-prune methods", ICLR 2022.
     Differences from the paper: the first group grows from a model pruned at initialization (the paper starts
     from a pruned or randomly masked model as well); layer sparsities are uniform (the paper's 'uniform' rows).
@@ -40,9 +44,11 @@ class GaP(Sparsifier):
         rounds: int = 1,
         period: float | None = None,
         partition: Sequence[Sequence[str]] | None = None,
+        rescale_init: bool = True,
         **common: Any,
     ) -> None:
         self.groups, self.rounds, self.period, self.partition = groups, rounds, period, partition
+        self.rescale_init = rescale_init
         super().__init__(model, **common)
 
     def setup(self) -> None:

@@ -29,7 +29,8 @@ class ParallelGaP(GaP):
     momentum is reset, and every layer is pruned to the target by per-layer magnitude top-k, identically on all
     ranks. After ``rounds`` rounds training fine-tunes the merged sparse model with fixed masks, data-parallel
     as usual. ``groups`` defaults to the number of ranks (one group per worker); in one process it is cyclic
-    GaP with one dense group per round.
+    GaP with one dense group per round. ``rescale_init`` (default on, GaP's option): the layers pruned at step 0
+    have their kept weights multiplied by sqrt(fan_in / active fan-in) of their unit (Evci et al., AAAI 2022).
 
     Reference: Ma et al., "Effective model sparsification by scheduled grow-and-prune methods", ICLR 2022,
     arXiv 2106.09857 (parallel GaP, section 3.2).

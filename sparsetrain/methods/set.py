@@ -25,6 +25,9 @@ class SET(Sparsifier):
     dropped and regrown in the same update keeps its value. The initial mask is random at the layer sparsities
     of ``distribution`` (ERK by default). With ``skip_update_step`` (default) the optimizer step of an update
     step is skipped (gradients set to None), as in RigL's reference.
+    ``rescale_init`` (default on): the initial mask's kept weights are multiplied by sqrt(fan_in / active
+    fan-in) of their output unit (sparse-aware init, Evci et al., AAAI 2022), so the sparse net starts at the
+    dense init's signal scale; turn it off for a model that is not freshly initialised.
 
     ``delta`` is in steps; ``t_end`` in ``unit`` (left out: 75% of the run).
     Reference: Mocanu et al., "Scalable training of artificial neural networks with adaptive sparse
@@ -45,6 +48,7 @@ class SET(Sparsifier):
         t_end: float | None = None,
         alpha: float = 0.3,
         skip_update_step: bool = True,
+        rescale_init: bool = True,
         **common: Any,
     ) -> None:
         if not 0 < alpha <= 1:
@@ -52,6 +56,7 @@ class SET(Sparsifier):
         if isinstance(delta, bool) or not isinstance(delta, int) or delta <= 0:
             raise ValueError(f"delta (steps between mask updates) must be a positive integer, got {delta!r}")
         self.delta, self.t_end, self.alpha, self.skip_update_step = delta, t_end, alpha, bool(skip_update_step)
+        self.rescale_init = rescale_init
         super().__init__(model, **common)
 
     def setup(self) -> None:

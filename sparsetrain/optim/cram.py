@@ -10,12 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import maskops
+from ..core.sparsifier import derived_seed
 
 __all__ = ["CrAM"]
 
-# Seeds the draw of the compression sparsity: a pure function of (seed, step), never the global RNG, so a resumed
-# run and every distributed rank draw the same sparsity at the same step.
-_SEED_STRIDE = 1_000_003
+# The draw of the compression sparsity is a pure function of (seed, step) (derived_seed), never the global RNG, so a
+# resumed run and every distributed rank draw the same sparsity at the same step.
 
 
 class CrAM(torch.optim.Optimizer):
@@ -134,7 +134,7 @@ class CrAM(torch.optim.Optimizer):
         """The compression sparsity of step ``step``: uniform over ``sparsities`` from a (seed, step) generator."""
         if self.nm is not None:
             return 1.0 - self.nm[0] / self.nm[1]
-        generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + step)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, step))
         return self.sparsities[int(torch.randint(len(self.sparsities), (1,), generator=generator))]
 
     def compression_masks(self, sparsity: float) -> list[Tensor]:
