@@ -8,6 +8,7 @@ Three lines in any training loop::
 """
 
 from . import methods  # noqa: F401  (registers the methods)
+from . import oneshot, optim  # noqa: F401  (sparsetrain.oneshot.prune_oneshot, sparsetrain.optim.RDA / CrAM)
 from .core import (
     Sparsifier,
     SparsityReport,
