@@ -41,10 +41,11 @@ def sparsetrain_variant(method: str, base: nn.Module, steps: int) -> tuple[nn.Mo
     model = copy.deepcopy(base)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     # Schedules placed so the timed steps run in the sparse regime, masks enforced at every step:
-    # AC/DC in a compressed phase, GMP after its last pruning step.
+    # AC/DC in a compressed phase, GMP after its last pruning step, RigL between (and across) its updates.
     options = {
         "acdc": dict(unit="steps", warmup=0, compressed=10 * steps, decompressed=steps, final=steps),
         "gmp": dict(unit="steps", start=0, end=1, frequency=1),
+        "rigl": dict(delta=100),  # ERK mask enforced every step, a drop/grow update every 100 steps
         "static": {},
         "dense": {},
     }[method]
@@ -105,7 +106,7 @@ def bench_model(name: str, input_shape: tuple[int, ...], batch: int, steps: int,
         dense_model,
         torch.optim.SGD(dense_model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4),
     )
-    for method in ("dense", "static", "gmp", "acdc"):
+    for method in ("dense", "static", "gmp", "rigl", "acdc"):
         variants[method] = sparsetrain_variant(method, base, steps * rounds + 10)
     variants["torch.ao.pruning"] = torch_ao_variant(base)
     variants["torch.nn.utils.prune"] = torch_prune_variant(base)

@@ -7,8 +7,8 @@ Three lines in any training loop::
     checkpoint["sparsifier"] = sparsifier.state_dict()
 """
 
-from . import methods  # noqa: F401  (registers the methods)
-from . import oneshot, optim  # noqa: F401  (sparsetrain.oneshot.prune_oneshot, sparsetrain.optim.RDA / CrAM)
+# methods registers every method; oneshot and optim are public modules (prune_oneshot, RDA, CrAM).
+from . import methods, oneshot, optim  # noqa: F401
 from .core import (
     Sparsifier,
     SparsityReport,
