@@ -2,8 +2,9 @@
 
 Same tasks, optimizer, learning-rate schedule and epochs as ``benchmarks/accuracy.py``; only AC/DC's options change:
 phase lengths (the benchmark gives a short run 1-epoch phases and a 2-epoch final sparse phase), the momentum reset
-at each decompression, and the official proportions (warm-up 10%, phases 5%, final 15%). GMP's row is the
-reference it is compared with in the accuracy table.
+at each decompression, the official proportions (warm-up 10%, phases 5%, final 15%), and the layer distribution
+(AC/DC ranks globally by default, GMP per layer). GMP's row is the reference it is compared with in the accuracy
+table.
 
     python benchmarks/acdc_ablation.py                              # fmnist-mlp and fmnist-lenet5 at 0.9, 3 seeds
     python benchmarks/acdc_ablation.py --tasks mnist1d-convbase --sparsity 0.95
@@ -45,6 +46,9 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         "acdc warm-up 2 units": ("acdc", {**base, "warmup": 2 * unit}),
         "acdc no momentum reset": ("acdc", {**base, "reset_momentum": False}),
         "acdc official proportions": ("acdc", {}),
+        # GMP ranks per layer (uniform, as Zhu & Gupta), AC/DC globally by default: swap them to see what it does.
+        "acdc uniform distribution": ("acdc", {**base, "distribution": "uniform"}),
+        "gmp global distribution": ("gmp", {**method_options("gmp", epochs), "distribution": "global"}),
     }
 
 
