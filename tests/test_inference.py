@@ -110,11 +110,15 @@ def test_low_sparsity_keeps_every_layer_dense():
     fast, report = to_sparse_kernels(model, x, **FAST)
     assert report.converted == [] and all(c.kernel == "dense" for c in report.layers)
     assert all("below 50%" in c.reason for c in report.layers)
-    # Timed too (min_sparsity=0): CSR at 30% is several times slower than dense, beyond the 5% margin.
+    # Timed too (min_sparsity=0): every layer is timed, and the choice follows the stated rule exactly. (Which
+    # way it goes is the machine's business: CSR at 30% is several times slower on a quiet CPU, but a test must
+    # not assert a timing, and on a loaded machine a dense timing can spike.)
     fast, report = to_sparse_kernels(model, x, min_sparsity=0.0, margin=0.05, **FAST)
-    assert report.converted == [] and all(c.dense_time is not None for c in report.layers)
-    assert all(isinstance(fast[i], nn.Linear) for i in (1, 3, 5))
-    assert "keeps the dense kernel" in str(report)
+    assert all(c.dense_time is not None and c.sparse_time is not None for c in report.layers)
+    for choice in report.layers:
+        assert (choice.kernel == "csr") == (choice.sparse_time <= 0.95 * choice.dense_time), choice
+    csr = set(report.converted)
+    assert all(isinstance(fast[i], nn.Linear) == (str(i) not in csr) for i in (1, 3, 5))
 
 
 def test_model_without_linear_comes_back_unchanged():
