@@ -1,6 +1,7 @@
 """Run under torchrun with 2 processes (gloo) by tests/test_distributed.py; rank 0 writes a JSON result."""
 
 import json
+import os
 import sys
 
 import torch
@@ -130,3 +131,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # The results are written and the group is gone. In 2 of about 10 full-suite runs a worker then aborted in a
+    # C++ destructor at interpreter exit ("terminate called without an active exception", SIGABRT), after all its
+    # work; skipping the interpreter's teardown keeps that from failing a finished test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
