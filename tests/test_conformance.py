@@ -8,10 +8,9 @@ decompression. A newly registered method joins automatically; ``SCHEDULES`` only
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
+from helpers.shared import roundtrip
 from torch import nn
 
 import sparsetrain
@@ -186,13 +185,6 @@ def test_exact_counts_with_all_equal_weights(method, sparsity):
             assert zeros_in_weights == expected_zeros(sparsifier, target)
     if "sparse" in type(sparsifier).capabilities and sparsity > 0:
         assert checked > 0
-
-
-def roundtrip(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
-import io
 
 import pytest
 import torch
+from helpers.shared import conv_bn_net, roundtrip
 from torch import nn
 
 import sparsetrain
@@ -166,13 +166,6 @@ def test_gradient_mask_keeps_pruned_coordinates_to_the_clean_gradient():
     assert close(seen["second"], [[0.5, 0.0, 0.35, 0.0]])  # the compressed perturbed point
 
 
-def roundtrip(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 def test_state_dict_round_trip_resumes_bit_identically():
     def build(seed: int):
         torch.manual_seed(seed)
@@ -264,19 +257,6 @@ def test_cram_method_options_are_checked():
 
 
 # ---------------------------------------------------------------------------------------------------- real data
-def conv_bn_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )
-
-
 @pytest.mark.slow
 def test_cram_model_survives_one_shot_pruning_better_than_sgd_on_digits():
     """Measured (seed 0, 10 epochs): dense SGD 98.1 / CrAM 98.6; pruned to 90% and re-calibrated 92.2 / 97.5."""

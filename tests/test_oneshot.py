@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers.shared import conv_bn_net
 from torch import nn
 
 from sparsetrain.cli import main
@@ -104,19 +105,6 @@ def test_recalibration_input_errors_keep_the_old_statistics():
     with pytest.raises(ValueError, match="positive integer"):
         recalibrate_batchnorm(model, [torch.ones(2, 3)], num_samples=0)
     assert recalibrate_batchnorm(mlp(), [torch.ones(2, 16)]) == 0  # no norm layer: nothing to do
-
-
-def conv_bn_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )
 
 
 @pytest.mark.slow

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
+from helpers.shared import roundtrip
 from torch import nn
 
 import sparsetrain
@@ -246,13 +246,6 @@ def train_steps(model, optimizer, steps) -> None:
         optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-
-
-def roundtrip(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def test_optimizer_state_dict_round_trip_resumes_bit_identically():

@@ -6,11 +6,11 @@ fan-in) of its output unit (Evci et al., AAAI 2022); without it LeNet-5 on Fashi
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
+from helpers.shared import roundtrip
 from torch import nn
 
 import sparsetrain
@@ -47,13 +47,6 @@ def train_step(model, optimizer, step: int) -> None:
     optimizer.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()
-
-
-def roundtrip(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def expected_weight(initial: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ it has a schedule, ``target_sparsity_at`` / ``phase_at`` / ``timeline``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -199,6 +199,14 @@ class Sparsifier:
         A communication hook that sends only live coordinates must send everything on such steps.
         """
         return False
+
+    def masks_key(self) -> Hashable:
+        """Changes whenever the masks do: caches of anything computed from the masks key on it.
+
+        ``mask_version`` counts mask updates; methods whose masks also follow the weights between updates (rda)
+        add their own counter.
+        """
+        return self.mask_version
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer to train with, given the one the user built (most methods: that one, unchanged).
@@ -391,7 +399,7 @@ class Sparsifier:
         for name, mask in masks.items():
             self.masks[name] = mask.to(dtype=torch.bool, device=self.params[name].device)
         self._refresh_float_masks()
-        self._apply_masks()
+        self._apply_masks(clear_negative_zeros=True)  # newly pruned negative weights would become -0.0
         if self._optimizer is not None:
             self._zero_state_where_masked(self._optimizer)
         self.mask_version += 1
@@ -447,8 +455,10 @@ class Sparsifier:
     def _after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.count += 1
         # The step just taken ran under the current masks: re-zero with them before a boundary may change them
-        # (a decompression must see pruned weights at exactly 0 so they re-enter at 0).
-        self._apply_masks()
+        # (a decompression must see pruned weights at exactly 0 so they re-enter at 0). When attached, masked
+        # weights had zero gradients and zero optimizer state, so they stayed +0.0 through the step; called by hand
+        # after an unmasked step they moved, and re-zeroing a negative one would leave -0.0.
+        self._apply_masks(clear_negative_zeros=not self._hooks)
         self._boundary()
 
     def _boundary(self) -> None:
@@ -465,15 +475,15 @@ class Sparsifier:
             self.emit({"event": "phase_start", "phase": phase})
 
     @torch.no_grad()
-    def _apply_masks(self) -> None:
+    def _apply_masks(self, clear_negative_zeros: bool = False) -> None:
         if self._float_masks:
             names = list(self._float_masks)
             weights = [self.params[n].data for n in names]
             torch._foreach_mul_(weights, [self._float_masks[n] for n in names])
-            # A negative weight times 0 is -0.0, which compares equal but costs an export a sign bit per zero to
-            # stay bit-identical; adding +0.0 turns -0.0 into +0.0 and leaves every other value as it is. Two
-            # fused foreach kernels measured 3-4x faster than a masked_fill per tensor on LeNet-5.
-            torch._foreach_add_(weights, 0.0)
+            if clear_negative_zeros:
+                # A negative weight times 0 is -0.0, which compares equal but costs an export a sign bit per zero
+                # to stay bit-identical; adding +0.0 turns -0.0 into +0.0 and leaves every other value as it is.
+                torch._foreach_add_(weights, 0.0)
 
     def _refresh_float_masks(self) -> None:
         # Only masks with zeros need work each step; multiplying by a cached mask of the weight's dtype is the

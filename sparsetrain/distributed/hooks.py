@@ -158,7 +158,7 @@ def masked_hook(state: MaskedState, bucket: dist.GradBucket) -> torch.futures.Fu
     buffer = bucket.buffer()
     names = {id(p): n for n, p in sparsifier.params.items()}
     # DDP rebuilds its buckets after the first iteration: the key names the bucket's parameters, not its index.
-    key = (tuple(id(p) for p in bucket.parameters()), sparsifier.mask_version)
+    key = (tuple(id(p) for p in bucket.parameters()), sparsifier.masks_key())
     live = state._index_cache.get(key)
     if live is None:
         # Flat positions of the live coordinates in this bucket's buffer (its parameters laid end to end).
@@ -171,7 +171,7 @@ def masked_hook(state: MaskedState, bucket: dist.GradBucket) -> torch.futures.Fu
                 pieces.append(sparsifier.masks[name].reshape(-1).nonzero().squeeze(1) + offset)
             offset += param.numel()
         live = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=buffer.device)
-        state._index_cache = {k: v for k, v in state._index_cache.items() if k[1] == sparsifier.mask_version}
+        state._index_cache = {k: v for k, v in state._index_cache.items() if k[1] == sparsifier.masks_key()}
         state._index_cache[key] = live
     compact = buffer[live].div_(state.world())
     state.stats.add(compact.numel() * compact.element_size(), buffer.numel())

@@ -73,7 +73,7 @@ class RDAMethod(Sparsifier):
         self.finish = finish
         self.anneal = bool(anneal)
         # Counts changes of the observed support before the prune. mask_version does not move then (it marks
-        # top-k mask updates, whose counts are exact); a FLOP counter keys its cache on both.
+        # top-k mask updates, whose counts are exact); masks_key() combines both for caches.
         self.support_version = 0
         super().__init__(model, **common)
 
@@ -124,6 +124,9 @@ class RDAMethod(Sparsifier):
                 self.support_version += 1
             self.masks = observed
         self._configure_optimizer(step)
+
+    def masks_key(self) -> tuple[int, int]:
+        return self.mask_version, self.support_version
 
     def extra_state(self) -> dict:
         return {"support_version": self.support_version}

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,7 @@ class Run:
         sample = self.data.train[:2][0].to(self.device)
         self.flop_counter = FlopCounter(self.model, sample)
         self.train_flops = TrainingFlops(self.flop_counter)
-        self._forward_flops_version: tuple[int, int] | None = None
+        self._forward_flops_version: Hashable = None
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config["amp"] and self.device.type == "cuda")
         self.epoch = 0
@@ -421,8 +421,7 @@ class Run:
         return lr_factor(step, self.total_steps, self.steps_per_epoch, self.config)
 
     def _count_flops(self, samples: int, repeat: bool = False) -> None:
-        # rda's masks follow the weights between its mask updates: support_version counts those changes.
-        version = (self.sparsifier.mask_version, getattr(self.sparsifier, "support_version", 0))
+        version = self.sparsifier.masks_key()
         if self._forward_flops_version != version:
             self._forward_flops = self.flop_counter.forward(self.sparsifier.masks).sparse_total
             self._forward_flops_version = version
