@@ -1,6 +1,6 @@
 """Conformance suite: every registered method x {SGD Nesterov + wd, Adam, AdamW} x {MLP, conv net}.
 
-The invariants of DESIGN.md 2.1 and 5, checked on real training steps:
+The contracts of docs/contracts.md, checked on real training steps:
 masked weights exactly zero after every step, exact zero counts after every mask update (ties included),
 bit-identical resume across phase boundaries, GradScaler-skipped steps change nothing, momentum zero after
 decompression. A newly registered method joins automatically; ``SCHEDULES`` only shortens its timeline.

@@ -1,4 +1,4 @@
-"""Errors are clear and early (DESIGN.md 2.1, contract 9): a ValueError naming the bad value and what is allowed."""
+"""Errors are clear and early (docs/contracts.md, contract 9): a ValueError naming the bad value and what is allowed."""
 
 from __future__ import annotations
 

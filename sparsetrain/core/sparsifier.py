@@ -1,6 +1,6 @@
 """The engine every method stands on: mask store, hard-zero enforcement, explicit time, state_dict.
 
-Contracts (see DESIGN.md 2.1):
+Contracts (docs/contracts.md):
 - masks are boolean tensors keyed by the parameter's qualified name;
 - after every real optimizer step masked weights are exactly 0, so ``model.state_dict()`` *is* the sparse
   model; before the step their gradients are zeroed, so no optimizer buffer ever leaks into them;

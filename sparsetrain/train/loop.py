@@ -440,7 +440,10 @@ class Run:
         try:
             while self.epoch < config["epochs"]:
                 self._epoch()
-            return self.finish() if self.is_main else {}
+            summary = self.finish() if self.is_main else {}
+            if self.world > 1:
+                dist.barrier()  # no rank tears the group down while rank 0 still writes the run's files
+            return summary
         finally:
             if self.world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
