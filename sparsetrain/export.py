@@ -42,7 +42,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._atomic import write_atomic
 from .errors import CheckpointError, ConfigError, SparsetrainError
 
 __all__ = [
@@ -347,7 +347,8 @@ def save(
 
     Args:
         model: the module, or its state dict; sparse weights must be hard zeros (as sparsetrain leaves them).
-        path: the output file. Written atomically: a failure leaves any existing file untouched.
+        path: the output file. Written atomically: a failure leaves any existing file untouched. An existing file
+            is replaced only if it is a regular file, and keeps its permission bits.
         metadata: JSON-serialisable extras, kept in the file. ``model_spec`` (``name``, ``input_shape``,
             ``num_classes``, as in :func:`sparsetrain.train.models.model_spec`) lets :func:`load` rebuild the model
             without being given one; :func:`checkpoint_metadata` makes it, with the run's method and accuracies,
@@ -358,8 +359,8 @@ def save(
         An :class:`ExportSummary` with the file size and, per tensor, its encoding and bytes.
 
     Raises:
-        ValueError (ConfigError): unknown dtype, output directory missing, metadata not JSON-serialisable, a value
-            beyond float16's range.
+        ValueError (ConfigError): unknown dtype, output directory missing, output not a regular file (a device,
+            fifo or directory), metadata not JSON-serialisable, a value beyond float16's range.
     """
     target = parse_dtype(dtype)
     path = _output_path(path)
@@ -416,16 +417,7 @@ def save(
 
 def _write_atomic(tensors: dict[str, Tensor], header: dict[str, str], path: Path) -> None:
     save_file = _safetensors().torch.save_file
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def dense_fp32_bytes(model: nn.Module | Mapping[str, Tensor]) -> int:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._atomic import write_atomic
 from ..errors import CheckpointError
 
 FORMAT = "sparsetrain-checkpoint"
@@ -16,19 +15,18 @@ VERSION = 1
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` with ``torch.save`` so that ``path`` is always either the old file or the complete new one."""
+    """Write ``obj`` with ``torch.save`` so that ``path`` is always either the old file or the complete new one.
+
+    Only a regular file is replaced (a device, fifo or directory there raises ConfigError), keeping its permissions.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
 
 
 def load(path: str | Path) -> dict[str, Any]:
