@@ -216,6 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{str(run_dir)!r} has no {LAST} to resume from; give the directory of a run")
         config = validate(load(run_dir / LAST)["config"])
         config["out"] = str(run_dir)
+        if args.data_dir is not None:  # the user's path wins over the one recorded in the checkpoint
+            config["data_dir"] = args.data_dir
         resume = True
     else:
         config = _train_config(args)

@@ -42,7 +42,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,10 +52,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._atomic import write_atomic
 from .errors import CheckpointError, ConfigError, SparsetrainError
 
 __all__ = [
     "FORMAT",
+    "MAX_DECODED_BYTES",
     "VERSION",
     "ExportError",
     "ExportSummary",
@@ -347,7 +348,8 @@ def save(
 
     Args:
         model: the module, or its state dict; sparse weights must be hard zeros (as sparsetrain leaves them).
-        path: the output file. Written atomically: a failure leaves any existing file untouched.
+        path: the output file. Written atomically: a failure leaves any existing file untouched. An existing file
+            is replaced only if it is a regular file, and keeps its permission bits.
         metadata: JSON-serialisable extras, kept in the file. ``model_spec`` (``name``, ``input_shape``,
             ``num_classes``, as in :func:`sparsetrain.train.models.model_spec`) lets :func:`load` rebuild the model
             without being given one; :func:`checkpoint_metadata` makes it, with the run's method and accuracies,
@@ -358,8 +360,8 @@ def save(
         An :class:`ExportSummary` with the file size and, per tensor, its encoding and bytes.
 
     Raises:
-        ValueError (ConfigError): unknown dtype, output directory missing, metadata not JSON-serialisable, a value
-            beyond float16's range.
+        ValueError (ConfigError): unknown dtype, output directory missing, output not a regular file (a device,
+            fifo or directory), metadata not JSON-serialisable, a value beyond float16's range.
     """
     target = parse_dtype(dtype)
     path = _output_path(path)
@@ -416,16 +418,7 @@ def save(
 
 def _write_atomic(tensors: dict[str, Tensor], header: dict[str, str], path: Path) -> None:
     save_file = _safetensors().torch.save_file
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def dense_fp32_bytes(model: nn.Module | Mapping[str, Tensor]) -> int:
@@ -451,8 +444,80 @@ def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- read / load
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse the safetensors header by hand, so that a foreign or truncated file gets a precise message."""
+# What a file may claim. Every size in the header is checked against the bytes actually present before anything is
+# allocated, but CSR pays only for rows and nonzeros, so a few bytes can describe an all-zero tensor of any size.
+# Without a model to compare with, a file may therefore decode to at most MAX_DECODED_BYTES, or to
+# _MAX_AMPLIFICATION times its own size if that is more (a bitmask costs at least one bit per element, of at most
+# 8 bytes: 64x, so a file that is not extreme CSR is never refused for its size). 1 GiB is 7 times the largest
+# built-in model (WRN-28-10, 36.5M fp32 parameters); for more, pass the model, or max_bytes.
+MAX_DECODED_BYTES = 2**30
+_MAX_AMPLIFICATION = 64
+_MAX_DIMS = 32  # torch's own limit on tensor dimensions is 64; no model weight comes close
+
+_ENCODINGS = ("dense", "bitmask", "csr")
+
+
+def _safetensors_dtypes() -> dict[str, torch.dtype]:
+    names = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool, "C64": torch.complex64,
+    }  # fmt: skip
+    # Newer safetensors releases know more (float8, unsigned ints); their table is private, so only added to ours.
+    try:
+        import safetensors.torch
+
+        names.update(getattr(safetensors.torch, "_TYPES", {}))
+    except ImportError:
+        pass
+    return names
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One stored tensor as the safetensors header describes it (nothing read yet)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One tensor of the model as the metadata describes it, every size checked against the stored parts."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stored_dtype: torch.dtype
+    decoded_bytes: int
+
+
+def _corrupt(path: Path, what: str) -> ExportError:
+    return ExportError(f"{str(path)!r} is not a valid sparsetrain export ({what}); the file is corrupted")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """``value`` as a shape (a list of at most _MAX_DIMS sizes >= 0), or None if it is not one."""
+    if not isinstance(value, list) or len(value) > _MAX_DIMS or not all(_is_int(s) and s >= 0 for s in value):
+        return None
+    return tuple(value)
+
+
+def _json(raw: bytes | str) -> Any:
+    """json.loads; ValueError for anything that is not JSON, including nesting too deep for the parser."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, _Part]]:
+    """Parse and check the safetensors header by hand, so that a foreign, truncated or hostile file gets a precise
+    message: every entry's dtype, shape and byte offsets are checked against each other and against the file's size
+    before any tensor is read."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -465,47 +530,134 @@ def _read_header(path: Path) -> dict[str, Any]:
             )
         raw = handle.read(length)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = _json(raw)
+    except (UnicodeDecodeError, ValueError):
         raise ExportError(f"{str(path)!r} is not a sparsetrain export: its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ExportError(f"{str(path)!r} is not a sparsetrain export: unexpected header")
-    data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _corrupt(path, "the safetensors metadata is not a mapping of strings")
+    dtypes = _safetensors_dtypes()
+    parts: dict[str, _Part] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _corrupt(path, f"header entry {key!r} is a {type(entry).__name__}, not a mapping")
+        dtype, shape, offsets = dtypes.get(entry.get("dtype")), _shape(entry.get("shape")), entry.get("data_offsets")
+        if dtype is None or shape is None:
+            raise _corrupt(path, f"header entry {key!r} has dtype {entry.get('dtype')!r}, shape {entry.get('shape')!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+            raise _corrupt(path, f"header entry {key!r} has data_offsets {offsets!r}; expected [begin, end]")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise _corrupt(path, f"tensor {key!r}: offsets {offsets} do not hold shape {list(shape)} of {dtype}")
+        parts[key] = _Part(dtype, shape)
+        spans.append((begin, end, key))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise _corrupt(path, f"tensors {first!r} and {second!r} overlap in the file")
+    data_end = spans[-1][1] if spans else 0
     if 8 + length + data_end > size:
         raise ExportError(
             f"{str(path)!r} is truncated: its header promises {8 + length + data_end} bytes, the file has {size}"
         )
-    meta = header.get("__metadata__") or {}
     if META_KEY not in meta:
         raise ExportError(
             f"{str(path)!r} is a safetensors file but not a sparsetrain export (no {META_KEY!r} metadata); "
             "write one with sparsetrain.export.save or `sparsetrain export`"
         )
     try:
-        info = json.loads(meta[META_KEY])
-    except json.JSONDecodeError:
+        info = _json(meta[META_KEY])
+    except ValueError:
         raise ExportError(f"{str(path)!r}: the sparsetrain metadata is not valid JSON; the file is corrupted") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("tensors"), dict):
         raise ExportError(f"{str(path)!r} is not a sparsetrain export (unexpected metadata)")
     version = info.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if not _is_int(version) or version > VERSION:
         raise ExportError(
             f"{str(path)!r} has export format version {version!r}; this sparsetrain reads version {VERSION} or older"
         )
-    return info
+    if not isinstance(info.setdefault("metadata", {}), dict):
+        raise _corrupt(path, "its 'metadata' is not a mapping")
+    return info, parts
 
 
-def read(path: str | os.PathLike[str]) -> Exported:
-    """Read an export file: the state dict (original dtypes, bit-identical) and the metadata. Checks every CRC.
+def _plan(path: Path, info: Mapping[str, Any], parts: Mapping[str, _Part]) -> dict[str, _Plan]:
+    """Check every tensor record of the metadata against the stored parts it names, allocating nothing.
 
-    Raises:
-        ExportError (a ValueError): not a file, not a sparsetrain export, truncated, corrupted, or too new.
+    After this, each stored part has exactly the size its record implies, so decoding allocates only what the
+    record's shape says (bounded by the caller: a model, or the cap of :func:`_check_size`).
     """
+    plans: dict[str, _Plan] = {}
+
+    def part(key: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> _Part:
+        found = parts.get(key)
+        if found is None:
+            raise ExportError(f"{str(path)!r} lacks tensor {key!r}; the file is corrupted")
+        if (
+            found.dtype != dtype
+            or (shape is not None and found.shape != shape)
+            or (shape is None and len(found.shape) != 1)
+        ):
+            want = f"shape {list(shape)}" if shape is not None else "1 dimension"
+            raise _corrupt(path, f"stored tensor {key!r} is {found.dtype} {list(found.shape)}, expected {dtype} {want}")
+        return found
+
+    for name, record in info["tensors"].items():
+        if SEP in name or not isinstance(record, dict):
+            raise _corrupt(path, f"tensor record {name!r}")
+        shape, encoding, crcs = _shape(record.get("shape")), record.get("encoding"), record.get("crc32")
+        if shape is None:
+            raise _corrupt(path, f"tensor {name!r} has shape {record.get('shape')!r}")
+        if encoding not in _ENCODINGS:
+            raise _corrupt(path, f"tensor {name!r} has unknown encoding {encoding!r}; or the file is too new")
+        if not isinstance(crcs, dict) or not all(_is_int(c) for c in crcs.values()):
+            raise _corrupt(path, f"tensor {name!r} has checksums {str(crcs)[:100]}")
+        if not isinstance(record.get("negative_zeros", False), bool):
+            raise _corrupt(path, f"tensor {name!r} has negative_zeros {record.get('negative_zeros')!r}")
+        if not isinstance(record.get("dtype"), str) or not isinstance(record.get("stored_dtype"), str):
+            raise _corrupt(path, f"tensor {name!r} has dtype {record.get('dtype')!r}")
+        dtype, stored = _dtype_from_name(record["dtype"]), _dtype_from_name(record["stored_dtype"])
+        n = math.prod(shape)
+        if encoding == "dense":
+            part(name, stored, shape)
+        else:
+            if stored not in _FLOATS:
+                raise _corrupt(path, f"tensor {name!r} is {encoding}-encoded but stored as {stored}")
+            nnz = part(f"{name}{SEP}values", stored).shape[0]
+            if nnz > n:
+                raise _corrupt(path, f"tensor {name!r}: {nnz} stored values for {n} elements")
+            if encoding == "bitmask":
+                part(f"{name}{SEP}mask", torch.uint8, (-(-n // 8),))  # integers: n may be astronomically large
+            else:
+                part(f"{name}{SEP}crow", torch.int32, (_rows(shape) + 1,))
+                part(f"{name}{SEP}col", torch.int32, (nnz,))
+            if record.get("negative_zeros"):
+                part(f"{name}{SEP}zero_signs", torch.uint8, (-(-(n - nnz) // 8),))
+        plans[name] = _Plan(shape, dtype, stored, n * max(dtype.itemsize, stored.itemsize))
+    return plans
+
+
+def _check_size(path: Path, plans: Mapping[str, _Plan], max_bytes: int | None) -> None:
+    """Refuse a file whose tensors would decode to more than ``max_bytes`` (or 64 times the file, if more)."""
+    if max_bytes is None:
+        return
+    claimed = sum(p.decoded_bytes for p in plans.values())
+    file_bytes = path.stat().st_size
+    allowed = max(max_bytes, _MAX_AMPLIFICATION * file_bytes)
+    if claimed > allowed:
+        biggest = max(plans, key=lambda k: plans[k].decoded_bytes)
+        raise ExportError(
+            f"{str(path)!r} ({file_bytes:,} bytes) claims tensors of {claimed:,} bytes once decoded "
+            f"({biggest!r} has shape {list(plans[biggest].shape)}); without a model to check them against, at most "
+            f"{allowed:,} are decoded. If the file is yours, pass the model (load(path, model)) or a larger max_bytes"
+        )
+
+
+def _decode_all(path: Path, info: Mapping[str, Any], plans: Mapping[str, _Plan]) -> dict[str, Tensor]:
     safetensors = _safetensors()
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"export file {str(path)!r} does not exist")
-    info = _read_header(path)
     state: dict[str, Tensor] = {}
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
@@ -522,8 +674,8 @@ def read(path: str | os.PathLike[str]) -> Exported:
             for name, record in info["tensors"].items():
                 try:
                     tensor = _decode(name, record, functools.partial(get, checksums=record["crc32"]))
-                    state[name] = tensor.to(_dtype_from_name(record["dtype"]))
-                except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                    state[name] = tensor.to(plans[name].dtype)
+                except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
                     if isinstance(error, ExportError):
                         raise
                     raise ExportError(f"{str(path)!r}: tensor {name!r} cannot be rebuilt ({error})") from None
@@ -531,13 +683,39 @@ def read(path: str | os.PathLike[str]) -> Exported:
         raise ExportError(
             f"{str(path)!r} cannot be read as safetensors ({error}); it is truncated or corrupted"
         ) from None
-    return Exported(path=path, state_dict=state, info=info)
+    return state
 
 
-def _check_shapes(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+def _open(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], dict[str, _Plan]]:
+    _safetensors()
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"export file {str(path)!r} does not exist")
+    info, parts = _read_header(path)
+    return path, info, _plan(path, info, parts)
+
+
+def read(path: str | os.PathLike[str], *, max_bytes: int | None = MAX_DECODED_BYTES) -> Exported:
+    """Read an export file: the state dict (original dtypes, bit-identical) and the metadata. Checks every CRC.
+
+    Every shape, size and offset in the file's header is checked against the bytes present before anything is
+    allocated. A file may claim tensors of at most ``max_bytes`` decoded (or 64 times its own size, if more): a
+    CSR tensor of a few bytes can describe an all-zero tensor of any size. ``max_bytes=None`` lifts the cap, for
+    a file you trust; :func:`load` with a model checks against the model instead.
+
+    Raises:
+        ExportError (a ValueError): not a file, not a sparsetrain export, truncated, corrupted, too new, or
+            claiming more than ``max_bytes``.
+    """
+    path, info, plans = _open(path)
+    _check_size(path, plans, max_bytes)
+    return Exported(path=path, state_dict=_decode_all(path, info, plans), info=info)
+
+
+def _check_shapes(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], path: Path) -> None:
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:
@@ -545,38 +723,65 @@ def _check_shapes(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> 
         if unexpected:
             parts.append(f"the file has {len(unexpected)} the model lacks ({', '.join(unexpected[:5])})")
         raise ExportError(f"{str(path)!r} does not match the model: " + "; ".join(parts))
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(expected[name].shape):
             raise ExportError(
-                f"{str(path)!r} does not match the model: tensor {name!r} has shape {tuple(tensor.shape)} in the "
+                f"{str(path)!r} does not match the model: tensor {name!r} has shape {tuple(shape)} in the "
                 f"file but {tuple(expected[name].shape)} in the model"
             )
 
 
-def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+def _model_from_spec(path: Path, spec: Any, plans: Mapping[str, _Plan], max_bytes: int | None) -> nn.Module:
+    """Build the model the file's spec names, once the spec is known to match the file and fit ``max_bytes``.
+
+    The spec comes from the file, so it is built first on the meta device (shapes only, no memory): a spec with
+    ``num_classes=5e6`` is refused for not matching the file, or for its size, before a real tensor exists.
+    """
+    from .train.models import build_model  # only here: the export format itself does not depend on the trainer
+
+    if not isinstance(spec, dict) or not {"name", "input_shape", "num_classes"} <= set(spec):
+        raise _corrupt(path, f"its model spec is {spec!r}; expected name, input_shape and num_classes")
+    name, input_shape, num_classes = spec["name"], spec["input_shape"], spec["num_classes"]
+    if not isinstance(name, str) or _shape(input_shape) is None or not _is_int(num_classes):
+        raise _corrupt(path, f"its model spec is {spec!r}")
+    try:
+        with torch.device("meta"):
+            shapes = build_model(name, input_shape=input_shape, num_classes=num_classes)
+        _check_shapes(shapes, {k: p.shape for k, p in plans.items()}, path)
+        _check_size(path, plans, max_bytes)
+        return build_model(name, input_shape=input_shape, num_classes=num_classes)
+    except ExportError as error:
+        raise ExportError(f"{error} (the model of its own spec {spec!r})") from None
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ExportError(f"{str(path)!r}: cannot build its model {name!r} ({error})") from None
+
+
+def load(
+    path: str | os.PathLike[str], model: nn.Module | None = None, *, max_bytes: int | None = MAX_DECODED_BYTES
+) -> nn.Module:
     """Fill ``model`` from an export file (strict: same names and shapes), or build it from the file's model spec.
 
     Weights come back bit-identical to what :func:`save` stored (in their original dtype). Nothing is changed in
-    ``model`` unless the whole file matches.
+    ``model`` unless the whole file matches. Names and shapes are compared before any tensor is decoded: against
+    ``model``, or, without one, against the spec's model built on the meta device, whose size must then fit
+    ``max_bytes`` as in :func:`read`.
 
     Raises:
         ExportError (a ValueError): the file is not a sparsetrain export, is truncated or corrupted, holds no model
-            spec and no model was given, or does not match the model (the message names the tensor and both shapes).
+            spec and no model was given, does not match the model (the message names the tensor and both shapes),
+            or claims more than ``max_bytes`` without a model.
     """
-    exported = read(path)
+    path, info, plans = _open(path)
     if model is None:
-        spec = exported.model_spec
+        spec = info["metadata"].get("model_spec")
         if spec is None:
             raise ExportError(
                 f"{str(path)!r} holds no model spec (it was not exported from a sparsetrain checkpoint); "
                 "build the model and pass it: load(path, model)"
             )
-        from .train.models import build_model  # only here: the export format itself does not depend on the trainer
-
-        try:
-            model = build_model(spec["name"], input_shape=spec["input_shape"], num_classes=spec["num_classes"])
-        except ValueError as error:
-            raise ExportError(f"{str(path)!r}: cannot build its model {spec.get('name')!r} ({error})") from None
-    _check_shapes(model, exported.state_dict, exported.path)
-    model.load_state_dict(exported.state_dict, strict=True)
+        model = _model_from_spec(path, spec, plans, max_bytes)
+    else:
+        _check_shapes(model, {k: p.shape for k, p in plans.items()}, path)
+    state = _decode_all(path, info, plans)
+    model.load_state_dict(state, strict=True)
     return model

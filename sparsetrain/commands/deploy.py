@@ -33,7 +33,7 @@ def add_parsers(subparsers: Any) -> None:
     export.add_argument(
         "--dtype", default=None, help="store values as fp16 or bf16 (default: as trained, fp32); halves the file again"
     )
-    export.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    export.add_argument("--force", action="store_true", help="replace FILE if it exists (a regular file only)")
     export.set_defaults(handler=cmd_export)
 
     bench = subparsers.add_parser(
@@ -64,9 +64,11 @@ def _human(n: float) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .. import export
+    from .._atomic import check_replaceable
     from ..train.checkpoint import load as load_checkpoint
 
     out = Path(args.output)
+    check_replaceable(out)  # --force replaces a regular file only, never a device, fifo or directory
     if out.exists() and not args.force:
         raise ConfigError(f"{str(out)!r} exists; nothing was overwritten. Choose another -o or pass --force")
     dtype = export.parse_dtype(args.dtype)  # before any work: an unknown dtype is a usage error
@@ -77,7 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     summary = export.save(state, out, metadata=export.checkpoint_metadata(data), dtype=dtype)
 
     # Read the file back and compare bit for bit: the file is only announced once it is known to be right.
-    back = export.read(out).state_dict
+    back = export.read(out, max_bytes=None).state_dict  # the file just written: no cap on its size
     for name, tensor in state.items():
         expected = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype).to(tensor.dtype)
         if not _same_bits(expected, back[name]):

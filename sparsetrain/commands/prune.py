@@ -106,6 +106,7 @@ def output_name(sparsity: float | None, mask_type: str) -> str:
 def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
+    from .._atomic import check_replaceable
     from ..distributions import check_distribution
     from ..oneshot import norm_modules, prune_oneshot, recalibrate_batchnorm
     from ..train.checkpoint import load, save_atomic
@@ -124,6 +125,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     source = Path(args.checkpoint)
     out_dir = Path(args.out_dir) if args.out_dir else (source if source.is_dir() else source.parent)
     targets = [out_dir / output_name(s, args.mask_type) for s in sparsities]
+    for target in targets:
+        check_replaceable(target)  # --force replaces a regular file only, never a device, fifo or directory
     existing = [str(t) for t in targets if t.exists()]
     if existing and not args.force:
         raise ConfigError(f"{', '.join(existing)} exist(s); nothing was overwritten. Pass --force or choose --out-dir")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._atomic import write_atomic
 from ..errors import CheckpointError
 
 FORMAT = "sparsetrain-checkpoint"
@@ -16,19 +18,45 @@ VERSION = 1
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` with ``torch.save`` so that ``path`` is always either the old file or the complete new one."""
+    """Write ``obj`` with ``torch.save`` so that ``path`` is always either the old file or the complete new one.
+
+    Only a regular file is replaced (a device, fifo or directory there raises ConfigError), keeping its permissions.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
+
+
+def _first_line(error: Exception) -> str:
+    """``Type: first non-empty line`` of an error (some, such as EOFError of an empty file, have no message)."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+
+
+def _refused(path: Path, message: str) -> str:
+    """What to tell the user when the safe unpickler refuses a file: never torch's advice to load it unsafely.
+
+    torch's own message suggests re-running with ``weights_only=False``, which would run whatever the file's pickle
+    names; for a file of unknown origin that is the attack itself. So only the refused global (or operation) is kept.
+    """
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return (
+            f"checkpoint {str(path)!r} holds Python objects other than tensors (it names the Python global "
+            f"{found.group(1)!r}): loading them can run arbitrary code, so the file may be malicious. It was not "
+            "loaded; a sparsetrain checkpoint holds only tensors, numbers, strings, lists and dicts"
+        )
+    operation = re.search(r"Unsupported operand \d+|unrecognized function[^\n]*|Unsupported class[^\n]*", message)
+    detail = f" ({operation.group(0).strip()[:120]})" if operation else ""
+    return (
+        f"checkpoint {str(path)!r} is not a sparsetrain checkpoint: the safe loader refuses its contents{detail}. It "
+        "was not loaded; it may be corrupted, or a plain pickle (which can run code when loaded) and malicious"
+    )
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -41,12 +69,20 @@ def load(path: str | Path) -> dict[str, Any]:
                 break
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a .pt file written by sparsetrain train")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a truncated or foreign file
+    if path.stat().st_size == 0:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} could not be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-            "it may be truncated or not a sparsetrain checkpoint"
+            f"checkpoint {str(path)!r} is empty (0 bytes); it was not written completely, or is not a checkpoint"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on unusual pickle protocols: the error below says more
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
+            raise CheckpointError(_refused(path, str(error))) from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be read ({_first_line(error)}); it may be truncated or not a "
+            "sparsetrain checkpoint"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a sparsetrain checkpoint (no '{FORMAT}' header)")

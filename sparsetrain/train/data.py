@@ -16,10 +16,12 @@ import functools
 import gzip
 import hashlib
 import http.client
+import io
 import logging
 import math
 import os
 import pickle
+import pickletools
 import random
 import re
 import tempfile
@@ -378,21 +380,124 @@ def _cifar_dir(data_dir: str | None) -> Path:
     )
 
 
+# A CIFAR-10 batch is a pickle, and unpickling runs whatever callables the file names: a crafted batch could run
+# any code. So batches are read by an unpickler that resolves only the few globals real batches name (the official
+# files were pickled by Python 2 with numpy 1; re-pickled copies name numpy 2's module and, at protocol 5,
+# ``_frombuffer``; Python 3 at protocol <= 2 stores bytes through ``_codecs.encode``), each wrapped so that it can
+# only rebuild a numeric array or bytes. Anything else is refused before it is called.
+_NP_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy.(_)core.multiarray._reconstruct, whichever numpy this is
+_NP_FROMBUFFER = np.empty(0).__reduce_ex__(5)[0]  # numpy.(_)core.numeric._frombuffer
+# An official batch is about 31 MB; the whole file is read into memory, so a larger one is refused up front.
+_MAX_CIFAR_BATCH_BYTES = 512 * 2**20
+# numpy pickles an array as an empty placeholder (shape (0,)) then fills it from its own bytes; a larger
+# placeholder would allocate memory the file never paid for.
+_MAX_RECONSTRUCT_ELEMENTS = 1
+
+
+def _cifar_reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"array reconstruction of {subtype!r}, expected numpy.ndarray")
+    if not isinstance(shape, tuple) or not all(type(s) is int and s >= 0 for s in shape):
+        raise pickle.UnpicklingError(f"array reconstruction with shape {shape!r}")
+    if math.prod(shape) > _MAX_RECONSTRUCT_ELEMENTS:
+        raise pickle.UnpicklingError(f"array placeholder of shape {shape} (numpy writes shape (0,))")
+    return _NP_RECONSTRUCT(np.ndarray, shape, dtype)
+
+
+def _cifar_dtype(*args: object) -> np.dtype:
+    dtype = np.dtype(*args)  # type: ignore[call-overload]
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"dtype {dtype} holds Python objects")
+    return dtype
+
+
+def _cifar_codecs_encode(text: object, encoding: object = "utf-8") -> bytes:
+    # Python 3's protocol <= 2 writes bytes as _codecs.encode(latin-1 text, "latin1"); nothing else is needed.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+_CIFAR_GLOBALS: dict[tuple[str, str], object] = {
+    **{(module, "_reconstruct"): _cifar_reconstruct for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): _NP_FROMBUFFER for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _cifar_dtype,
+    ("_codecs", "encode"): _cifar_codecs_encode,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only :data:`_CIFAR_GLOBALS`; any other global (os.system, builtins.eval, ...) is refused."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            # Python 2 pickles (and protocol <= 2) say __builtin__ for what Python 3 calls builtins.
+            raise _RefusedGlobal(f"{'builtins' if module == '__builtin__' else module}.{name}")
+        return found
+
+
+def _check_pickle_opcodes(raw: bytes) -> None:
+    """Walk the opcodes without running them: a malformed stream, or a memo index far beyond the number of
+    opcodes (the C unpickler sizes its memo table by the largest index, so one opcode could claim gigabytes),
+    is refused before unpickling starts."""
+    count = 0
+    for opcode, arg, _ in pickletools.genops(io.BytesIO(raw)):
+        count += 1
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > count:
+            raise pickle.UnpicklingError(f"memo index {arg} at opcode {count}")
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as f:
-            # These pickles come from a directory the user named explicitly; never from the network.
-            batch = pickle.load(f, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as exc:
+        size = path.stat().st_size
+        if size > _MAX_CIFAR_BATCH_BYTES:
+            raise DataError(
+                f"CIFAR-10 batch {path} has {size:,} bytes; an official batch has about 31 MB "
+                f"(refused above {_MAX_CIFAR_BATCH_BYTES:,})"
+            )
+        raw = path.read_bytes()
+    except OSError as exc:
         raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}") from exc
+    try:
+        _check_pickle_opcodes(raw)
+        batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise DataError(
+            f"refused to load CIFAR-10 batch {path}: it names the Python global {exc.name!r}, which a CIFAR-10 "
+            "batch never needs. A pickle that names other globals can run code when loaded, so this file may be "
+            "malicious; reading stopped before calling it. Use the official cifar-10-python.tar.gz files."
+        ) from None
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: not a valid CIFAR-10 pickle ({exc})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"corrupt CIFAR-10 batch {path}: expected a dict with b'data' and b'labels'")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    data, labels = batch[b"data"], batch[b"labels"]
+    # Only an array and a flat list of integers: np.asarray over nested lists that share references could blow
+    # a small pickle up into a huge array.
+    if not isinstance(data, np.ndarray) or not (
+        isinstance(labels, list) and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in labels)
+    ):
+        raise DataError(
+            f"corrupt CIFAR-10 batch {path}: b'data' must be a numpy array and b'labels' a list of integers, got "
+            f"{type(data).__name__} and {type(labels).__name__}"
+        )
+    labels = np.asarray(labels, dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise DataError(
             f"corrupt CIFAR-10 batch {path}: data {data.dtype} {data.shape}, labels {labels.shape} "
             "(expected uint8 (N, 3072) and N labels)"
+        )
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise DataError(
+            f"corrupt CIFAR-10 batch {path}: labels must be 0..9, found {int(labels.min())}..{int(labels.max())}"
         )
     return data, labels
 
