@@ -425,7 +425,10 @@ class Run:
         if self._forward_flops_version != version:
             self._forward_flops = self.flop_counter.forward(self.sparsifier.masks).sparse_total
             self._forward_flops_version = version
-        self.train_flops.add(samples, forward_flops=self._forward_flops, repeat=repeat)
+        # A step that reads the gradients of masked weights (RigL's updates, RDA before its prune) pays for the
+        # dense weight gradient: the method says so, the tracker charges 2 f_S + f_D for it.
+        dense_gradients = self.sparsifier.needs_dense_gradients()
+        self.train_flops.add(samples, forward_flops=self._forward_flops, repeat=repeat, dense_gradients=dense_gradients)
 
     def run(self) -> dict[str, Any]:
         self.setup()
