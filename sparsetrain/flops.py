@@ -7,7 +7,10 @@ activations and pooling are ignored, as in those papers. A sparse layer costs on
 
 Training FLOPs per step are ``3 x forward FLOPs per sample x samples``: the forward pass plus roughly twice
 as much for the backward pass (gradients w.r.t. activations and w.r.t. weights), at the density in force
-at that step. The compute metric of a sparse run is its total relative to dense training of equal length.
+at that step. A step that reads the gradient of every weight, masked ones included (RigL's mask updates, RDA
+before its prune), computes the dense weight gradient: it costs ``2 f_S + f_D`` per sample instead of ``3 f_S``
+(f_S, f_D the sparse and dense forward FLOPs; Evci et al. 2020, appendix H). The compute metric of a sparse run
+is its total relative to dense training of equal length.
 
 Typical use::
 
@@ -16,6 +19,7 @@ Typical use::
     for step, (x, y) in enumerate(loader):
         ...
         tracker.add(x.shape[0], masks)                 # or forward_flops=cached value per mask change
+                                                       # dense_gradients=True on steps that read them
     tracker.ratio                                      # training FLOPs relative to dense training
 """
 
@@ -284,6 +288,7 @@ class TrainingFlops:
         *,
         forward_flops: int | None = None,
         repeat: bool = False,
+        dense_gradients: bool = False,
     ) -> None:
         """Record one step (or several) over ``samples`` samples.
 
@@ -295,12 +300,19 @@ class TrainingFlops:
                 change when the masks do), which skips the nonzero count. ``masks`` is then ignored.
             repeat: Another forward/backward pass over samples already recorded this step (CrAM's second pass):
                 it costs FLOPs but does not add to the dense run it is compared with.
+            dense_gradients: The step computes the gradient of every weight, masked ones included (RigL's update
+                steps, RDA before its prune): the backward pass's weight-gradient half runs dense, so the step
+                costs ``(2 f_S + f_D) x samples`` instead of ``3 f_S x samples`` (Evci et al. 2020, appendix H).
         """
         if samples < 0:
             raise ValueError(f"samples must be non-negative, got {samples}")
         if forward_flops is None:
             forward_flops = self.counter.forward(masks).sparse_total
-        self.sparse += _TRAINING_MULTIPLIER * int(forward_flops) * samples
+        if dense_gradients:
+            # Forward and activation gradients at the sparse cost, the weight gradient at the dense cost.
+            self.sparse += (2 * int(forward_flops) + self._dense_forward) * samples
+        else:
+            self.sparse += _TRAINING_MULTIPLIER * int(forward_flops) * samples
         if not repeat:
             self.dense += _TRAINING_MULTIPLIER * self._dense_forward * samples
             self.samples += samples

@@ -311,3 +311,42 @@ def test_trainer_steps_cram_with_a_closure_and_prunes_after(tmp_path):
     # Batch-norm statistics were re-estimated for the pruned network.
     stats = [k for k in sparse if k.endswith("running_mean")]
     assert stats and any(not torch.equal(sparse[k], dense[k]) for k in stats)
+
+
+class TwoHeads(nn.Module):
+    """A trunk and two heads; the loss uses one head only (multi-task models, conditional branches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(8, 16)
+        self.used = nn.Linear(16, 4)
+        self.unused = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(torch.relu(self.trunk(x)))
+
+
+def test_parameters_without_a_gradient_are_neither_compressed_nor_changed():
+    torch.manual_seed(0)
+    model = TwoHeads()
+    optimizer = CrAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sparsities=(0.9,))
+    unused = {n: p.detach().clone() for n, p in model.unused.named_parameters()}
+    trunk = model.trunk.weight.detach().clone()
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    compressed_points = []
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        compressed_points.append(model.trunk.weight.detach().clone())
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    for name, param in model.unused.named_parameters():
+        assert torch.equal(param.detach(), unused[name]), name  # not zeroed by the compression of pass 2
+    # The used weights were compressed in pass 2 (global top-k at 90% over the two used weight matrices) ...
+    assert (compressed_points[1] == 0).float().mean() > 0.5
+    # ... and restored before the step: the trunk moved by an SGD step only, it has no zeros.
+    assert not torch.equal(model.trunk.weight.detach(), trunk) and bool((model.trunk.weight != 0).all())

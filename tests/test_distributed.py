@@ -174,3 +174,23 @@ def test_bad_distributed_input_fails_before_any_process_starts(args, words, tmp_
     assert "Traceback" not in result.stderr and "torch.distributed" not in result.stderr
     assert all(word in result.stderr for word in words), result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_natural_compression_rounds_subnormals_unbiased_between_zero_and_the_smallest_normal():
+    # Below 2^-126 the neighbours are 0 and 2^-126 (exponent bytes 0 and 1): P(2^-126) = |v| / 2^-126.
+    smallest = 2.0**-126
+    fractions = torch.tensor([0.1, 0.25, 0.5, 0.9, -0.3, -0.75])
+    v = torch.ldexp(fractions, torch.tensor(-126))  # subnormal float32 values, exactly representable
+    assert torch.all(v.abs() < smallest) and torch.all(v != 0)
+    draws = 100_000
+    g = torch.Generator().manual_seed(0)
+    q = natural_decode(natural_encode(v.repeat(draws), generator=g)).view(draws, -1)
+    scaled = torch.ldexp(q, torch.tensor(126)).double()  # in units of 2^-126: each draw is 0 or +-1
+    assert set(scaled.abs().unique().tolist()) <= {0.0, 1.0}
+    assert torch.all((scaled == 0) | (torch.sign(scaled) == torch.sign(fractions)))
+    p = fractions.abs().double()
+    bound = 5 * torch.sqrt(p * (1 - p) / draws)  # five standard deviations of the mean
+    assert torch.all((scaled.mean(0) - fractions.double()).abs() <= bound)
+    # The smallest normal itself is sent exactly, and zero stays zero.
+    exact = natural_decode(natural_encode(torch.tensor([smallest, -smallest, 0.0]), generator=g))
+    assert exact.tolist() == [smallest, -smallest, 0.0]

@@ -297,3 +297,58 @@ def test_training_flops_ratio_matches_tracker() -> None:
     for _ in range(13):
         tracker.add(4, {"weight": mask})
     assert tracker.ratio == pytest.approx(training_flops_ratio([(7, 1.0), (13, 0.3)]))
+
+
+def test_dense_gradient_step_costs_two_sparse_passes_and_one_dense() -> None:
+    # Linear 10x10, one position: f_D = 100, a mask of 10 weights gives f_S = 10 (RigL paper, appendix H).
+    tracker = TrainingFlops(FlopCounter(nn.Linear(10, 10), torch.randn(1, 10)))
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[0] = True
+    tracker.add(32, {"weight": mask})
+    assert tracker.sparse == 3 * 10 * 32  # 960
+    tracker.add(32, {"weight": mask}, dense_gradients=True)
+    assert tracker.sparse == 960 + (2 * 10 + 100) * 32  # 960 + 3840
+    assert tracker.dense == 2 * 3 * 100 * 32  # the dense run it is compared with does not change
+    assert tracker.ratio == pytest.approx((960 + 3840) / 19200)  # 0.25
+    tracker.add(32, forward_flops=100, dense_gradients=True)  # at full density both conventions agree
+    assert tracker.sparse == 960 + 3840 + 3 * 100 * 32
+
+
+def _run(tmp_path, method: str, **options):
+    from sparsetrain.train.config import resolve
+    from sparsetrain.train.loop import Run
+
+    config = resolve(None, dict(dataset="digits", model="mlp", method=method, sparsity=0.9, epochs=2, batch_size=64,
+                                threads=1, plots=False, progress=False, out=str(tmp_path / method),
+                                method_options=options))  # fmt: skip
+    run = Run(config)
+    run.run()
+    return run
+
+
+def test_trainer_charges_rigl_update_steps_the_dense_weight_gradient(tmp_path) -> None:
+    run = _run(tmp_path, "rigl", delta=4)
+    steps, batch = run.total_steps, 64
+    # The update steps: 0 < t < end_step (75% of the run), t a multiple of delta.
+    updates = [t for t in range(steps) if run.sparsifier.is_update_step(t)]
+    assert updates and len(updates) == (run.sparsifier.end_step - 1) // 4
+    f_dense = run.flop_counter.dense_total
+    f_sparse = run.flop_counter.forward(run.sparsifier.masks).sparse_total  # RigL keeps each layer's count
+    assert f_sparse < f_dense / 5
+    expected = steps * batch * 3 * f_sparse + len(updates) * batch * (f_dense - f_sparse)
+    assert run.train_flops.sparse == expected
+    assert run.train_flops.dense == steps * batch * 3 * f_dense
+
+
+def test_trainer_charges_set_its_sparse_cost_on_skipped_update_steps(tmp_path) -> None:
+    run = _run(tmp_path, "set", delta=4)  # random growth reads no gradient: 3 f_S on every step
+    f_sparse = run.flop_counter.forward(run.sparsifier.masks).sparse_total
+    assert run.train_flops.sparse == run.total_steps * 64 * 3 * f_sparse
+
+
+def test_trainer_charges_rda_the_dense_weight_gradient_before_its_prune(tmp_path) -> None:
+    # No prune: every step computes the dense gradient of the dual average, so each costs at least f_D of 3 f_D,
+    # however sparse the penalty makes the weights (the ratio is 1/3 + 2/3 of the mean forward ratio).
+    run = _run(tmp_path, "rda", lam=1e-2, prune_to_target=False)
+    assert run.sparsifier.sparsity_of_masks() > 0.9
+    assert 1 / 3 < run.train_flops.ratio < 1 / 3 + 2 / 3 * 0.5  # 3 f_S per step would have given under 1/3

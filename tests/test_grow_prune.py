@@ -195,11 +195,12 @@ def test_imp_retraining_schedules():
     # LRW: replay the last R = 30 steps of pre-training
     assert imp("lrw").lr_factor(40, base) == pytest.approx(base(int(10 * 100 / 40)))
     assert imp("lrw").lr_factor(70, base) == pytest.approx(base(int(10 * 100 / 40)))  # round 2 restarts
-    # SLR: 10% warm-up (3 steps) to the max, then the full schedule compressed into the rest
-    assert imp("slr").lr_factor(40, base) == pytest.approx(1 / 3)
+    # SLR: 10% warm-up (3 steps, half cosine) to the max, then the full schedule compressed into the rest
+    assert imp("slr").lr_factor(40, base) == pytest.approx(0.25)  # (1 - cos(pi / 3)) / 2
     assert imp("slr").lr_factor(43, base) == pytest.approx(1.0)
-    # CLR: cosine from the max over the round
-    assert imp("clr").lr_factor(55, base) == pytest.approx(0.5)
+    # CLR: the same warm-up, then a cosine from the max to the smallest pre-training lr, base(97) = 0.03
+    assert imp("clr").lr_factor(42, base) == pytest.approx(1.0)
+    assert imp("clr").lr_factor(55, base) == pytest.approx(0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * 12 / 27)))
     with pytest.raises(ValueError, match="retrain"):
         imp("sometimes")
 

@@ -104,16 +104,27 @@ class NaturalPayload:
         return self.exponents.numel() + self.signs.numel()
 
 
+_SMALLEST_NORMAL = 2.0**-126  # float32's; the 8-bit exponent byte codes 2^-126 .. 2^127, and 0 for zero
+
+
 def natural_encode(values: Tensor, generator: torch.Generator | None = None) -> NaturalPayload:
-    """Round each |v| to 2^floor(log2|v|) or the next power of two, with the probability that keeps it unbiased."""
+    """Round each |v| to 2^floor(log2|v|) or the next power of two, with the probability that keeps it unbiased.
+
+    Subnormal values (|v| < 2^-126) round to 0 or 2^-126, unbiased as well; zero sends 0.
+    """
     flat = values.reshape(-1).float()
     mantissa, exponent = torch.frexp(flat)  # |v| = |m| 2^e with |m| in [0.5, 1): neighbours 2^(e-1) and 2^e
     low = exponent - 1
     p_up = mantissa.abs() * 2 - 1  # (|v| - 2^(e-1)) / 2^(e-1)
-    up = torch.rand(flat.shape, generator=generator, device=flat.device) < p_up
+    draw = torch.rand(flat.shape, generator=generator, device=flat.device)
+    up = draw < p_up
     k = low + up.to(low.dtype)
     biased = (k + 127).clamp(1, 254)
-    biased = torch.where(flat == 0, torch.zeros_like(biased), biased)  # zero (and denormal) values send 0
+    # Below the smallest normal 2^-126 (subnormals) the two neighbours are 0 and 2^-126 (biased exponent 0 and 1):
+    # send 2^-126 with probability |v| / 2^-126, else 0, which keeps the rounding unbiased there too.
+    subnormal = flat.abs() < _SMALLEST_NORMAL
+    p_smallest = torch.ldexp(flat.abs(), torch.tensor(126, device=flat.device))  # |v| / 2^-126, exact
+    biased = torch.where(subnormal, (draw < p_smallest).to(biased.dtype), biased)  # an exact zero sends 0
     return NaturalPayload(exponents=biased.to(torch.uint8), signs=pack_bits(flat < 0), numel=flat.numel())
 
 

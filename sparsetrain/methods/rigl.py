@@ -24,6 +24,10 @@ class RigL(SET):
     after the drop, as here.
     """
 
+    def needs_dense_gradients(self) -> bool:
+        # The growth criterion is the gradient of the inactive weights: every update step computes it densely.
+        return self.is_update_step(self.count)
+
     def grow_scores(self, step: int) -> dict[str, Tensor]:
         scores = {}
         for name, param in self.params.items():

@@ -66,7 +66,8 @@ class SET(Sparsifier):
         return 0 < step < self.end_step and step % self.delta == 0
 
     def needs_dense_gradients(self) -> bool:
-        return self.is_update_step(self.count)
+        # Random growth reads no gradient; only a taken update step applies the grown weights' gradients.
+        return self.is_update_step(self.count) and not self.skip_update_step
 
     def drop_fraction(self, step: int) -> float:
         return cosine_decay(step, self.end_step, self.alpha)

@@ -27,8 +27,10 @@ class CrAM(torch.optim.Optimizer):
       1. ``closure()`` at w gives the clean gradient g (``step`` calls it itself: the caller does not run a
          backward pass before ``step``);
       2. ascend: w + rho * g (not normalised);
-      3. compress the perturbed point: global magnitude top-k over the compressed weights at a sparsity drawn
-         uniformly from ``sparsities`` by a generator seeded by (seed, step), or an N:M mask (``mask_type='2:4'``);
+      3. compress the perturbed point: global magnitude top-k over the compressed weights that got a gradient in
+         pass 1 at a sparsity drawn uniformly from ``sparsities`` by a generator seeded by (seed, step), or an
+         N:M mask (``mask_type='2:4'``); a parameter without a gradient (unused in this batch's loss) is left
+         untouched, as in the reference;
       4. ``closure()`` again at C(w + rho g) gives g', multiplied by the compression mask if ``mask_gradient``;
       5. restore w; the gradient becomes g' + g (CrAM+, ``plus=True``) or g';
       6. the base optimizer steps with it (its weight decay, momentum, lr schedule, as usual).
@@ -137,13 +139,17 @@ class CrAM(torch.optim.Optimizer):
         generator = torch.Generator().manual_seed(derived_seed(self.seed, step))
         return self.sparsities[int(torch.randint(len(self.sparsities), (1,), generator=generator))]
 
-    def compression_masks(self, sparsity: float) -> list[Tensor]:
-        """Boolean masks (kept = True) of the current weights of ``compressed`` at ``sparsity`` (or N:M)."""
+    def compression_masks(self, sparsity: float, params: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """Boolean masks (kept = True) of the current weights of ``params`` (default ``compressed``) at ``sparsity``
+        (one global ranking over them), or N:M."""
+        params = self.compressed if params is None else list(params)
         if self.nm is not None:
-            return [maskops.nm_mask(p.detach().abs(), *self.nm) for p in self.compressed]
-        scores = {str(i): p.detach().abs() for i, p in enumerate(self.compressed)}
+            return [maskops.nm_mask(p.detach().abs(), *self.nm) for p in params]
+        if not params:
+            return []
+        scores = {str(i): p.detach().abs() for i, p in enumerate(params)}
         masks = maskops.global_topk_masks(scores, sparsity)
-        return [masks[str(i)] for i in range(len(self.compressed))]
+        return [masks[str(i)] for i in range(len(params))]
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
         if closure is None or not callable(closure):
@@ -159,8 +165,12 @@ class CrAM(torch.optim.Optimizer):
             for p, g in clean.items():
                 p.add_(g, alpha=self.rho)
             sparsity = self.sparsity_at(self.steps_taken)
-            masks = self.compression_masks(sparsity)
-            for p, mask in zip(self.compressed, masks):
+            # Only parameters that got a gradient are compressed, as in the reference: one that took no part in
+            # the loss (an unused head, a branch not taken) is neither perturbed nor restored, so zeroing it here
+            # would leave it pruned for good.
+            compressed = [p for p in self.compressed if p in clean]
+            masks = self.compression_masks(sparsity, compressed)
+            for p, mask in zip(compressed, masks):
                 p.mul_(mask)
         # Pass 2 must see g' alone, whether or not the closure zeroes the gradients itself.
         self.base_optimizer.zero_grad(set_to_none=True)
@@ -177,7 +187,7 @@ class CrAM(torch.optim.Optimizer):
                     p.copy_(w)
         with torch.no_grad():
             if self.mask_gradient:
-                for p, mask in zip(self.compressed, masks):
+                for p, mask in zip(compressed, masks):
                     if p.grad is not None:
                         p.grad.mul_(mask)
             if self.plus:

@@ -341,7 +341,7 @@ class Run:
                     loss, logits = self._forward_backward(x, y)
                 if config["grad_clip"]:
                     self.scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+                    self._clip_gradients()
                 self._count_flops(len(y))  # the density in force for this step, before a boundary may change it
                 self.scaler.step(optimizer)  # the sparsifier's hooks run inside
                 self.scaler.update()
@@ -392,7 +392,7 @@ class Run:
         def closure() -> torch.Tensor:
             loss, logits = self._forward_backward(x, y)
             if self.config["grad_clip"]:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
+                self._clip_gradients()
             self._count_flops(len(y), repeat=bool(first))
             if not first:
                 first.append((loss.detach(), logits.detach()))
@@ -417,6 +417,14 @@ class Run:
                 self._tb_writer.add_scalar(key, value, row["epoch"])
         self._tb_writer.flush()
 
+    def _clip_gradients(self) -> None:
+        # Clip the gradient the step applies: masked weights' gradients are zeroed first (the pre-step hook would
+        # zero them after the clip, so the clip would measure a norm the step never applies). A step that reads
+        # them (RigL's update) keeps them, and clips the dense gradient it reads.
+        if not self.sparsifier.needs_dense_gradients():
+            self.sparsifier.mask_gradients()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
+
     def _base_lr_factor(self, step: int) -> float:
         return lr_factor(step, self.total_steps, self.steps_per_epoch, self.config)
 
@@ -425,7 +433,10 @@ class Run:
         if self._forward_flops_version != version:
             self._forward_flops = self.flop_counter.forward(self.sparsifier.masks).sparse_total
             self._forward_flops_version = version
-        self.train_flops.add(samples, forward_flops=self._forward_flops, repeat=repeat)
+        # A step that reads the gradients of masked weights (RigL's updates, RDA before its prune) pays for the
+        # dense weight gradient: the method says so, the tracker charges 2 f_S + f_D for it.
+        dense_gradients = self.sparsifier.needs_dense_gradients()
+        self.train_flops.add(samples, forward_flops=self._forward_flops, repeat=repeat, dense_gradients=dense_gradients)
 
     def run(self) -> dict[str, Any]:
         self.setup()
