@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 import sparsetrain
 from sparsetrain.maskops import keep_count
+from sparsetrain.methods.gap import balanced_partition
 from sparsetrain.optim_state import per_element_buffers
 
 
@@ -155,6 +158,107 @@ def test_gap_partition_by_patterns_and_errors():
         sparsetrain.create("gap", model, sparsity=0.5, total_steps=30, partition=[["0.*"], ["1.*"]])
     with pytest.raises(ValueError, match="do not fit"):
         sparsetrain.create("gap", model, sparsity=0.5, total_steps=30, unit="steps", period=20, groups=3)
+
+
+LENET5_SIZES = [150, 2400, 48000, 10080, 840]  # conv1, conv2, fc1, fc2, fc3 for 28x28 inputs
+
+
+def by_count(n: int, groups: int) -> list[tuple[int, int]]:
+    """The old rule: as many tensors per group as possible, the first groups one larger."""
+    size, extra = divmod(n, groups)
+    bounds, start = [], 0
+    for i in range(groups):
+        end = start + size + (i < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def largest(sizes, bounds) -> int:
+    return max(sum(sizes[a:b]) for a, b in bounds)
+
+
+def test_balanced_partition_by_hand():
+    # By count (3 + 2 tensors): 3 | 7 parameters. Balanced: 4 | 6.
+    assert balanced_partition([1, 1, 1, 1, 6], 2) == [(0, 4), (4, 5)]
+    assert balanced_partition([5, 5, 5, 5], 2) == [(0, 2), (2, 4)]
+    assert balanced_partition([7], 1) == [(0, 1)]
+    assert balanced_partition([3, 1, 2], 3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="3 layers into 4"):
+        balanced_partition([1, 2, 3], 4)
+
+
+@pytest.mark.parametrize("groups", [2, 3, 4])
+def test_balanced_partition_of_lenet5_is_contiguous_non_empty_and_no_worse_than_by_count(groups):
+    bounds = balanced_partition(LENET5_SIZES, groups)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(LENET5_SIZES)
+    assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+    assert largest(LENET5_SIZES, bounds) <= largest(LENET5_SIZES, by_count(5, groups))
+
+
+def test_balanced_partition_of_lenet5_in_3_groups_beats_the_tensor_count():
+    # By count: conv1+conv2 | fc1+fc2 | fc3 = 2550 | 58080 | 840; balanced: 2550 | 48000 | 10920.
+    # (With 4 groups both rules give conv1+conv2 | fc1 | fc2 | fc3: fc1 alone holds 78% of the weights.)
+    assert by_count(5, 3) == [(0, 2), (2, 4), (4, 5)]
+    assert balanced_partition(LENET5_SIZES, 3) == [(0, 2), (2, 3), (3, 5)]
+
+
+def test_balanced_partition_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 7)
+        sizes = [rng.choice([1, 10, 100, 1000]) * rng.randint(1, 9) for _ in range(n)]
+        groups = rng.randint(1, n)
+        candidates = []
+        for cuts in itertools.combinations(range(1, n), groups - 1):
+            edges = [0, *cuts, n]
+            totals = [sum(sizes[a:b]) for a, b in zip(edges, edges[1:])]
+            candidates.append((max(totals), sum(t * t for t in totals)))
+        bounds = balanced_partition(sizes, groups)
+        totals = [sum(sizes[a:b]) for a, b in bounds]
+        assert (max(totals), sum(t * t for t in totals)) == min(candidates), (sizes, groups)
+
+
+def test_gap_on_lenet5_groups_by_parameters():
+    from sparsetrain.train.models import LeNet5
+
+    s = sparsetrain.create("gap", LeNet5(1, 10), sparsity=0.9, total_steps=100, groups=3)
+    assert s.group_names == [["features.0.weight", "features.3.weight"], ["classifier.1.weight"],
+                             ["classifier.3.weight", "classifier.5.weight"]]  # fmt: skip
+    # the phases' sparsities: the dense group's weights are out of the 90%
+    phases = [s.target_sparsity_at(s.period_steps * g) for g in range(3)]
+    assert phases == pytest.approx([0.9 * (1 - n / 61470) for n in (2550, 48000, 10920)])
+
+
+@pytest.mark.parametrize("method, expected", [("gap", 3), ("pgap", 2)])
+def test_gap_default_groups_fit_a_three_layer_mlp(method, expected):
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 5))
+    s = sparsetrain.create(method, model, sparsity=0.9, total_steps=100)
+    assert len(s.group_names) == expected
+    assert sorted(n for g in s.group_names for n in g) == ["0.weight", "2.weight", "4.weight"]
+    # four layers or more: GaP's 4 groups
+    deep = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+    assert len(sparsetrain.create("gap", deep, sparsity=0.9, total_steps=100).group_names) == 4
+    with pytest.raises(ValueError, match=r"groups must be an integer in \[1, 3\].*got 4"):
+        sparsetrain.create(method, model, sparsity=0.9, total_steps=100, groups=4)
+
+
+def test_gap_init_mask_random_is_drawn_from_the_seed():
+    def masks(seed, init_mask):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(30, 30), nn.Linear(30, 30), nn.Linear(30, 30))
+        s = sparsetrain.create("gap", model, sparsity=0.8, total_steps=30, groups=3, init_mask=init_mask, seed=seed)
+        return {n: m.clone() for n, m in s.masks.items()}, model
+
+    (a, model), (b, _), (c, _) = masks(1, "random"), masks(1, "random"), masks(2, "random")
+    magnitude, _ = masks(1, "magnitude")
+    assert all(torch.equal(a[n], b[n]) for n in a) and not all(torch.equal(a[n], c[n]) for n in a)
+    assert bool(a["0.weight"].all())  # group 0 grows first: dense
+    for name in ("1.weight", "2.weight"):
+        assert int(a[name].sum()) == keep_count(900, 0.8)
+        assert not torch.equal(a[name], magnitude[name])  # not the largest weights
+    with pytest.raises(ValueError, match="init_mask must be one of magnitude, random; got 'largest'"):
+        sparsetrain.create("gap", model, sparsity=0.8, total_steps=30, init_mask="largest")
 
 
 def test_imp_rounds_compound_to_the_target_exactly():
