@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from helpers.shared import roundtrip
 from torch import nn
 
 import sparsetrain
@@ -82,6 +83,89 @@ def test_drop_grow_keeps_each_layer_count_and_follows_cosine(method):
     for event in events:
         assert event["fraction"] == pytest.approx(0.3 / 2 * (1 + math.cos(math.pi * event["step"] / 45)))
     assert sum(e["regrown"] for e in events) > 0
+
+
+def _set_run(steps: int = 60, split: int | None = None, **options):
+    """SET on a 3-layer MLP with update every 5 steps; drop_grow events; a checkpoint at ``split`` if given."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 30), nn.ReLU(), nn.Linear(30, 5))
+    sparsifier = sparsetrain.create("set", model, sparsity=0.8, total_steps=60, unit="steps", delta=5, t_end=45,
+                                    **options)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier.attach(optimizer)
+    events, grown, saved = [], [], None
+    sparsifier.subscribe(lambda e: events.append(e) if e["event"] == "drop_grow" else None)
+    for step in range(steps):
+        if step == split:
+            saved = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "sparsifier": sparsifier.state_dict()})  # fmt: skip
+        before = {n: m.clone() for n, m in sparsifier.masks.items()}
+        x = torch.randn(16, 20, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        if sparsifier.mask_version and any(not torch.equal(before[n], sparsifier.masks[n]) for n in before):
+            # update steps skip the optimizer step: the grown weights are exactly as the update set them
+            grown.append({n: p.detach()[sparsifier.masks[n] & ~before[n]].clone()
+                          for n, p in sparsifier.params.items()})  # fmt: skip
+    return model, sparsifier, events, grown, saved
+
+
+def test_set_constant_zeta_drops_alpha_at_every_update():
+    _, sparsifier, events, _, _ = _set_run(drop_schedule="constant", alpha=0.3)
+    assert [e["step"] for e in events] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert all(e["fraction"] == 0.3 for e in events)
+    # each layer drops and regrows round(0.3 * active) every time: 0.3 of 200 kept weights in the first layer
+    assert all(e["regrown"] > 0 for e in events)
+    assert sparsifier.drop_fraction(40) == 0.3 and _set_run(steps=0)[1].drop_fraction(40) < 0.3 / 2
+
+
+def test_set_random_regrowth_draws_new_weights_at_the_init_scale():
+    _, sparsifier, _, grown, _ = _set_run(grow_init="random")
+    assert set(sparsifier.init_rms) == set(sparsifier.params) and all(r > 0 for r in sparsifier.init_rms.values())
+    values = {n: torch.cat([g[n] for g in grown]) for n in sparsifier.params}
+    for name, v in values.items():
+        assert v.numel() > 30 and bool((v != 0).all()), name  # not 0: drawn
+        rms = float(v.pow(2).mean().sqrt())
+        assert 0.75 < rms / sparsifier.init_rms[name] < 1.25, (name, rms, sparsifier.init_rms[name])
+        assert abs(float(v.mean())) < 0.3 * rms  # zero-mean
+    # the init's scale is the rescaled one (rescale_init on): the kept init weights of the first layer
+    torch.manual_seed(0)
+    first = nn.Linear(20, 50).weight.detach()
+    assert sparsifier.init_rms["0.weight"] > float(first.pow(2).mean().sqrt()) * 1.5  # 20% kept: ~sqrt(5) larger
+    # zero regrowth (the default) really is zero
+    _, _, _, zero_grown, _ = _set_run()
+    assert all(bool((g[n] == 0).all()) for g in zero_grown for n in g)
+
+
+def test_set_random_regrowth_is_a_function_of_seed_and_step_and_resumes_bit_identically():
+    model_a, *_ = _set_run(grow_init="random", drop_schedule="constant")
+    model_b, _, _, _, saved = _set_run(grow_init="random", drop_schedule="constant", split=23)
+    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    torch.manual_seed(5)  # a different init: the checkpoint replaces it, init_rms included
+    model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 30), nn.ReLU(), nn.Linear(30, 5))
+    sparsifier = sparsetrain.create("set", model, sparsity=0.8, total_steps=60, unit="steps", delta=5, t_end=45,
+                                    grow_init="random", drop_schedule="constant")  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    sparsifier.load_state_dict(saved["sparsifier"])
+    sparsifier.attach(optimizer)
+    for step in range(23, 60):
+        x = torch.randn(16, 20, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    for (name, a), b in zip(model_a.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_set_option_values_are_checked():
+    model = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="drop_schedule must be one of cosine, constant; got 'linear'"):
+        sparsetrain.create("set", model, sparsity=0.5, total_steps=10, drop_schedule="linear")
+    with pytest.raises(ValueError, match="grow_init must be one of zero, random; got 'normal'"):
+        sparsetrain.create("set", model, sparsity=0.5, total_steps=10, grow_init="normal")
 
 
 def _masks_after(method: str, seed: int, steps: int = 20) -> dict[str, torch.Tensor]:
