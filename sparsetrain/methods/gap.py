@@ -92,10 +92,10 @@ class GaP(Sparsifier):
     ``period`` in ``unit``; left out, the cycles fill the first 80% of the run. Phases are named 'grow0',
     'grow1', ... (group i dense) and 'sparse' (fine-tuning).
     ``rescale_init`` (default on): the layers pruned at step 0 have the kept weights of each output unit
-    multiplied so that the unit's weight norm equals its dense norm (``norm_preserving_scale``), so the model
-    starts at the dense init's signal scale whatever the mask (sparse-aware init, Evci et al., AAAI 2022, made
-    exact for a magnitude mask); later prunings leave the trained weights alone. Turn it off for a model that
-    is not freshly initialised.
+    multiplied so that the unit's weight norm equals its dense norm (``norm_preserving_scale``): for uncorrelated
+    inputs each unit keeps its dense init's output variance whatever the mask (sparse-aware init, Evci et al.,
+    AAAI 2022, whose fan-in factor overshoots after a magnitude top-k); later prunings leave the trained weights
+    alone. Turn it off for a model that is not freshly initialised.
     Reference: Ma et al., "Effective model sparsification by scheduled grow-and-prune methods", ICLR 2022.
     Differences from the paper: the first group grows from a model pruned at initialization (the paper starts
     from a pruned or randomly masked model as well); layer sparsities are uniform (the paper's 'uniform' rows).
