@@ -23,6 +23,7 @@ from sparsetrain.distributed.compression import (
     unpack_nibbles,
 )
 from sparsetrain.distributed.hooks import check_hook
+from sparsetrain.maskops import keep_count
 
 WORKER = Path(__file__).parent / "helpers" / "distributed_worker.py"
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -136,6 +137,24 @@ def test_parallel_gap_trains_replicas_apart_then_merges(tmp_path):
     assert report["weights_differ_at_end"] is False
     assert report["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert report["phase"] == "sparse"
+
+
+def test_parallel_gap_merge_prunes_every_layer_identically_on_all_ranks(tmp_path):
+    """Right after each merge every layer is at the target on both ranks, the group a rank grows next included
+    (its weights pruned at the merge re-enter at 0), and the two replicas hold bit-identical values."""
+    out = tmp_path / "merges.json"
+    result = torchrun(str(WORKER), "pgap_merges", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["groups"] == [["0.weight"], ["2.weight", "4.weight"]]  # 1280 | 4096 + 320 parameters
+    assert [m["step"] for m in report["merges"]] == [5, 10, 15]
+    for merge in report["merges"]:
+        assert merge["bit_identical"], merge["step"]
+        if merge["step"] < 15:
+            assert merge["grown_on_rank0"], merge  # a group is growing (all-ones masks) while its weights are sparse
+        for rank_counts in merge["counts"]:
+            for name, (nonzero, numel) in rank_counts.items():
+                assert nonzero == keep_count(numel, 0.9), (merge["step"], name, nonzero, numel)
 
 
 @pytest.mark.skipif(not FASHION.exists(), reason="apt-get install dataset-fashion-mnist")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 
 import pytest
 import torch
+from helpers.shared import roundtrip
 from torch import nn
 
 import sparsetrain
 from sparsetrain.maskops import keep_count
+from sparsetrain.methods.gap import balanced_partition
 from sparsetrain.optim_state import per_element_buffers
 
 
@@ -79,6 +83,89 @@ def test_drop_grow_keeps_each_layer_count_and_follows_cosine(method):
     for event in events:
         assert event["fraction"] == pytest.approx(0.3 / 2 * (1 + math.cos(math.pi * event["step"] / 45)))
     assert sum(e["regrown"] for e in events) > 0
+
+
+def _set_run(steps: int = 60, split: int | None = None, **options):
+    """SET on a 3-layer MLP with update every 5 steps; drop_grow events; a checkpoint at ``split`` if given."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 30), nn.ReLU(), nn.Linear(30, 5))
+    sparsifier = sparsetrain.create("set", model, sparsity=0.8, total_steps=60, unit="steps", delta=5, t_end=45,
+                                    **options)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier.attach(optimizer)
+    events, grown, saved = [], [], None
+    sparsifier.subscribe(lambda e: events.append(e) if e["event"] == "drop_grow" else None)
+    for step in range(steps):
+        if step == split:
+            saved = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "sparsifier": sparsifier.state_dict()})  # fmt: skip
+        before = {n: m.clone() for n, m in sparsifier.masks.items()}
+        x = torch.randn(16, 20, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        if sparsifier.mask_version and any(not torch.equal(before[n], sparsifier.masks[n]) for n in before):
+            # update steps skip the optimizer step: the grown weights are exactly as the update set them
+            grown.append({n: p.detach()[sparsifier.masks[n] & ~before[n]].clone()
+                          for n, p in sparsifier.params.items()})  # fmt: skip
+    return model, sparsifier, events, grown, saved
+
+
+def test_set_constant_zeta_drops_alpha_at_every_update():
+    _, sparsifier, events, _, _ = _set_run(drop_schedule="constant", alpha=0.3)
+    assert [e["step"] for e in events] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert all(e["fraction"] == 0.3 for e in events)
+    # each layer drops and regrows round(0.3 * active) every time: 0.3 of 200 kept weights in the first layer
+    assert all(e["regrown"] > 0 for e in events)
+    assert sparsifier.drop_fraction(40) == 0.3 and _set_run(steps=0)[1].drop_fraction(40) < 0.3 / 2
+
+
+def test_set_random_regrowth_draws_new_weights_at_the_init_scale():
+    _, sparsifier, _, grown, _ = _set_run(grow_init="random")
+    assert set(sparsifier.init_rms) == set(sparsifier.params) and all(r > 0 for r in sparsifier.init_rms.values())
+    values = {n: torch.cat([g[n] for g in grown]) for n in sparsifier.params}
+    for name, v in values.items():
+        assert v.numel() > 30 and bool((v != 0).all()), name  # not 0: drawn
+        rms = float(v.pow(2).mean().sqrt())
+        assert 0.75 < rms / sparsifier.init_rms[name] < 1.25, (name, rms, sparsifier.init_rms[name])
+        assert abs(float(v.mean())) < 0.3 * rms  # zero-mean
+    # the init's scale is the rescaled one (rescale_init on): the kept init weights of the first layer
+    torch.manual_seed(0)
+    first = nn.Linear(20, 50).weight.detach()
+    assert sparsifier.init_rms["0.weight"] > float(first.pow(2).mean().sqrt()) * 1.5  # 20% kept: ~sqrt(5) larger
+    # zero regrowth (the default) really is zero
+    _, _, _, zero_grown, _ = _set_run()
+    assert all(bool((g[n] == 0).all()) for g in zero_grown for n in g)
+
+
+def test_set_random_regrowth_is_a_function_of_seed_and_step_and_resumes_bit_identically():
+    model_a, *_ = _set_run(grow_init="random", drop_schedule="constant")
+    model_b, _, _, _, saved = _set_run(grow_init="random", drop_schedule="constant", split=23)
+    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    torch.manual_seed(5)  # a different init: the checkpoint replaces it, init_rms included
+    model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 30), nn.ReLU(), nn.Linear(30, 5))
+    sparsifier = sparsetrain.create("set", model, sparsity=0.8, total_steps=60, unit="steps", delta=5, t_end=45,
+                                    grow_init="random", drop_schedule="constant")  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    sparsifier.load_state_dict(saved["sparsifier"])
+    sparsifier.attach(optimizer)
+    for step in range(23, 60):
+        x = torch.randn(16, 20, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    for (name, a), b in zip(model_a.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_set_option_values_are_checked():
+    model = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="drop_schedule must be one of cosine, constant; got 'linear'"):
+        sparsetrain.create("set", model, sparsity=0.5, total_steps=10, drop_schedule="linear")
+    with pytest.raises(ValueError, match="grow_init must be one of zero, random; got 'normal'"):
+        sparsetrain.create("set", model, sparsity=0.5, total_steps=10, grow_init="normal")
 
 
 def _masks_after(method: str, seed: int, steps: int = 20) -> dict[str, torch.Tensor]:
@@ -155,6 +242,107 @@ def test_gap_partition_by_patterns_and_errors():
         sparsetrain.create("gap", model, sparsity=0.5, total_steps=30, partition=[["0.*"], ["1.*"]])
     with pytest.raises(ValueError, match="do not fit"):
         sparsetrain.create("gap", model, sparsity=0.5, total_steps=30, unit="steps", period=20, groups=3)
+
+
+LENET5_SIZES = [150, 2400, 48000, 10080, 840]  # conv1, conv2, fc1, fc2, fc3 for 28x28 inputs
+
+
+def by_count(n: int, groups: int) -> list[tuple[int, int]]:
+    """The old rule: as many tensors per group as possible, the first groups one larger."""
+    size, extra = divmod(n, groups)
+    bounds, start = [], 0
+    for i in range(groups):
+        end = start + size + (i < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def largest(sizes, bounds) -> int:
+    return max(sum(sizes[a:b]) for a, b in bounds)
+
+
+def test_balanced_partition_by_hand():
+    # By count (3 + 2 tensors): 3 | 7 parameters. Balanced: 4 | 6.
+    assert balanced_partition([1, 1, 1, 1, 6], 2) == [(0, 4), (4, 5)]
+    assert balanced_partition([5, 5, 5, 5], 2) == [(0, 2), (2, 4)]
+    assert balanced_partition([7], 1) == [(0, 1)]
+    assert balanced_partition([3, 1, 2], 3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="3 layers into 4"):
+        balanced_partition([1, 2, 3], 4)
+
+
+@pytest.mark.parametrize("groups", [2, 3, 4])
+def test_balanced_partition_of_lenet5_is_contiguous_non_empty_and_no_worse_than_by_count(groups):
+    bounds = balanced_partition(LENET5_SIZES, groups)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(LENET5_SIZES)
+    assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+    assert largest(LENET5_SIZES, bounds) <= largest(LENET5_SIZES, by_count(5, groups))
+
+
+def test_balanced_partition_of_lenet5_in_3_groups_beats_the_tensor_count():
+    # By count: conv1+conv2 | fc1+fc2 | fc3 = 2550 | 58080 | 840; balanced: 2550 | 48000 | 10920.
+    # (With 4 groups both rules give conv1+conv2 | fc1 | fc2 | fc3: fc1 alone holds 78% of the weights.)
+    assert by_count(5, 3) == [(0, 2), (2, 4), (4, 5)]
+    assert balanced_partition(LENET5_SIZES, 3) == [(0, 2), (2, 3), (3, 5)]
+
+
+def test_balanced_partition_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 7)
+        sizes = [rng.choice([1, 10, 100, 1000]) * rng.randint(1, 9) for _ in range(n)]
+        groups = rng.randint(1, n)
+        candidates = []
+        for cuts in itertools.combinations(range(1, n), groups - 1):
+            edges = [0, *cuts, n]
+            totals = [sum(sizes[a:b]) for a, b in zip(edges, edges[1:])]
+            candidates.append((max(totals), sum(t * t for t in totals)))
+        bounds = balanced_partition(sizes, groups)
+        totals = [sum(sizes[a:b]) for a, b in bounds]
+        assert (max(totals), sum(t * t for t in totals)) == min(candidates), (sizes, groups)
+
+
+def test_gap_on_lenet5_groups_by_parameters():
+    from sparsetrain.train.models import LeNet5
+
+    s = sparsetrain.create("gap", LeNet5(1, 10), sparsity=0.9, total_steps=100, groups=3)
+    assert s.group_names == [["features.0.weight", "features.3.weight"], ["classifier.1.weight"],
+                             ["classifier.3.weight", "classifier.5.weight"]]  # fmt: skip
+    # the phases' sparsities: the dense group's weights are out of the 90%
+    phases = [s.target_sparsity_at(s.period_steps * g) for g in range(3)]
+    assert phases == pytest.approx([0.9 * (1 - n / 61470) for n in (2550, 48000, 10920)])
+
+
+@pytest.mark.parametrize("method, expected", [("gap", 3), ("pgap", 2)])
+def test_gap_default_groups_fit_a_three_layer_mlp(method, expected):
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 5))
+    s = sparsetrain.create(method, model, sparsity=0.9, total_steps=100)
+    assert len(s.group_names) == expected
+    assert sorted(n for g in s.group_names for n in g) == ["0.weight", "2.weight", "4.weight"]
+    # four layers or more: GaP's 4 groups
+    deep = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+    assert len(sparsetrain.create("gap", deep, sparsity=0.9, total_steps=100).group_names) == 4
+    with pytest.raises(ValueError, match=r"groups must be an integer in \[1, 3\].*got 4"):
+        sparsetrain.create(method, model, sparsity=0.9, total_steps=100, groups=4)
+
+
+def test_gap_init_mask_random_is_drawn_from_the_seed():
+    def masks(seed, init_mask):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(30, 30), nn.Linear(30, 30), nn.Linear(30, 30))
+        s = sparsetrain.create("gap", model, sparsity=0.8, total_steps=30, groups=3, init_mask=init_mask, seed=seed)
+        return {n: m.clone() for n, m in s.masks.items()}, model
+
+    (a, model), (b, _), (c, _) = masks(1, "random"), masks(1, "random"), masks(2, "random")
+    magnitude, _ = masks(1, "magnitude")
+    assert all(torch.equal(a[n], b[n]) for n in a) and not all(torch.equal(a[n], c[n]) for n in a)
+    assert bool(a["0.weight"].all())  # group 0 grows first: dense
+    for name in ("1.weight", "2.weight"):
+        assert int(a[name].sum()) == keep_count(900, 0.8)
+        assert not torch.equal(a[name], magnitude[name])  # not the largest weights
+    with pytest.raises(ValueError, match="init_mask must be one of magnitude, random; got 'largest'"):
+        sparsetrain.create("gap", model, sparsity=0.8, total_steps=30, init_mask="largest")
 
 
 def test_imp_rounds_compound_to_the_target_exactly():

@@ -27,10 +27,13 @@ class ParallelGaP(GaP):
     False, and the trainer runs backward under DDP's ``no_sync``). At the end of a round the replicas are merged:
     every group's weights come from the rank that grew it (a broadcast), all other parameters are averaged,
     momentum is reset, and every layer is pruned to the target by per-layer magnitude top-k, identically on all
-    ranks. After ``rounds`` rounds training fine-tunes the merged sparse model with fixed masks, data-parallel
-    as usual. ``groups`` defaults to the number of ranks (one group per worker); in one process it is cyclic
-    GaP with one dense group per round. ``rescale_init`` (default on, GaP's option): the layers pruned at step 0
-    have their kept weights multiplied by sqrt(fan_in / active fan-in) of their unit (Evci et al., AAAI 2022).
+    ranks: right after a merge every layer is at the target on every rank, with the same values everywhere.
+    The next round then grows each rank's next group from that pruned state (the weights pruned at the merge
+    re-enter at 0). After ``rounds`` rounds training fine-tunes the merged sparse model with fixed masks,
+    data-parallel as usual. ``groups`` defaults to the number of ranks (one group per worker); in one process it
+    is cyclic GaP with one dense group per round, 2 groups by default (1 for a one-layer model). Groups are
+    balanced by parameter count; ``init_mask`` and ``rescale_init`` are GaP's: the step-0 mask by magnitude or
+    at random, and each pruned unit's kept weights scaled back to the unit's dense weight norm.
 
     Reference: Ma et al., "Effective model sparsification by scheduled grow-and-prune methods", ICLR 2022,
     arXiv 2106.09857 (parallel GaP, section 3.2).
@@ -44,8 +47,11 @@ class ParallelGaP(GaP):
                  **common: Any) -> None:  # fmt: skip
         rank, world = _world()
         self.rank, self.world = rank, world
-        super().__init__(model, groups=groups if groups is not None else max(world, 2), rounds=rounds,
-                         period=period, **common)  # fmt: skip
+        super().__init__(model, groups=groups, rounds=rounds, period=period, **common)
+
+    def default_groups(self, layers: int) -> int:
+        """One group per rank; in one process 2 (at most one per sparsified layer)."""
+        return self.world if self.world > 1 else min(2, layers)
 
     def setup(self) -> None:
         self.group_names = self.partition_groups()
@@ -68,15 +74,22 @@ class ParallelGaP(GaP):
 
     @torch.no_grad()
     def on_step(self, step: int) -> None:
-        if step > self.fine_tune_start or (step % self.period_steps != 0):
+        if step == 0:
+            self.set_masks(self.initial_masks(), reason=f"pgap grow group {self.dense_group_at(0)}")
             return
-        if step > 0:
-            self._merge(step)
-        pruned = self.compute_masks(self.final_sparsity, self.magnitude_scores())
+        if step > self.fine_tune_start or step % self.period_steps != 0:
+            return
+        self._merge(step)
+        # Every layer to the target, the group this rank grows next included: the merged weights are the same on
+        # every rank, so are these masks. Without this the next grower would keep the dense weights its previous
+        # grower broadcast, and a group would stay dense for all the rounds.
+        self.set_masks(self.compute_masks(self.final_sparsity, self.magnitude_scores()), reason="pgap merge")
         group = self.dense_group_at(step)
-        grown = set() if group is None else set(self.group_names[group])
-        masks = {n: torch.ones_like(m) if n in grown else pruned[n] for n, m in pruned.items()}
-        self.set_masks(masks, reason="pgap merge" if group is None else f"pgap grow group {group}")
+        if group is not None:
+            grown = set(self.group_names[group])
+            # The next round regrows its group from the pruned state: the weights pruned above re-enter at 0.
+            masks = {n: torch.ones_like(m) if n in grown else m for n, m in self.masks.items()}
+            self.set_masks(masks, reason=f"pgap grow group {group}")
 
     def _merge(self, step: int) -> None:
         """Replicas -> one model: each group from the rank that grew it in the round just ended; the rest averaged."""

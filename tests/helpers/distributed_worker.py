@@ -92,6 +92,42 @@ def parallel_gap() -> dict:
             "phase": sparsifier.phase}  # fmt: skip
 
 
+def parallel_gap_merges() -> dict:
+    """Right after each merge (and the grow that follows it): per-layer nonzero counts, and whether the ranks agree."""
+    model = model_and_data()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sparsifier = sparsetrain.create("pgap", model, sparsity=0.9, total_steps=20, unit="steps", period=5, rounds=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier.attach(optimizer)
+    rank = dist.get_rank()
+    merges = []
+    for step in range(20):
+        x, y = batch(step, rank)
+        optimizer.zero_grad()
+        context = ddp.no_sync() if not sparsifier.synchronize_gradients() else torch.enable_grad()
+        with context:
+            nn.functional.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+        if sparsifier.count % 5 or sparsifier.count > sparsifier.fine_tune_start:
+            continue
+        counts = {n: [int(torch.count_nonzero(p)), p.numel()] for n, p in sparsifier.params.items()}
+        grown = [n for n, m in sparsifier.masks.items() if bool(m.all())]
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(2)]
+        dist.all_gather(gathered, flat)
+        all_counts = [None, None]
+        dist.all_gather_object(all_counts, counts)
+        merges.append(
+            {
+                "step": sparsifier.count,
+                "counts": all_counts,
+                "grown_on_rank0": grown if rank == 0 else None,
+                "bit_identical": torch.equal(gathered[0].view(torch.int32), gathered[1].view(torch.int32)),
+            }
+        )
+    return {"merges": merges, "groups": sparsifier.group_names}
+
+
 def weights_after(hook: str | None, method: str = "dense") -> list[torch.Tensor]:
     model = model_and_data()
     # Small buckets: several of them, and DDP rebuilds them after the first iteration (hooks must cope).
@@ -113,6 +149,8 @@ def main() -> None:
         result = {method: check_masks(method) for method in SCHEDULES}
     elif mode == "pgap":
         result = parallel_gap()
+    elif mode == "pgap_merges":
+        result = parallel_gap_merges()
     elif mode == "hooks":
         reference, _ = weights_after(None)
         identity, bits = weights_after("allreduce")
