@@ -64,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any option, e.g. --set weight_decay=1e-4 --set method_options.warmup=2",
     )
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run exactly where it stopped (one stopped before its first checkpoint starts "
+        "again from the beginning)",
+    )
     train.add_argument(
         "--nproc",
         type=int,
