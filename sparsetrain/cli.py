@@ -196,12 +196,13 @@ def launch_distributed(args: argparse.Namespace, argv: list[str]) -> int:
         config = _train_config(args)  # validate everything here, once, before any process starts
         if config["batch_size"] % args.nproc:
             raise ConfigError(f"batch_size {config['batch_size']} does not divide among {args.nproc} processes")
+        _check_method_fits_hook(config)
+        # Last: it creates the run's folder, which a usage error must not leave behind.
         if config["out"] is None:
             config["out"] = _choose_out_dir(config, explicit=False)
             argv = [*argv, "--out", config["out"]]
         else:
             _choose_out_dir(config, explicit=True)
-        _check_method_fits_hook(config)
     rest, skip = [], False
     for item in argv:
         if skip:
