@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError, SparsetrainError
+from .errors import CheckpointError, ConfigError, SparsetrainError, WriteError, first_line, writing
 
 RECIPES = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "fashion_mnist" / "lenet5_acdc_s90.yaml"
@@ -64,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any option, e.g. --set weight_decay=1e-4 --set method_options.warmup=2",
     )
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run exactly where it stopped (one stopped before its first checkpoint starts "
+        "again from the beginning)",
+    )
     train.add_argument(
         "--nproc",
         type=int,
@@ -130,22 +135,53 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
     return resolve(recipe, overrides)
 
 
-def _choose_out_dir(config: dict[str, Any], explicit: bool) -> str:
+def _choose_out_dir(config: dict[str, Any], explicit: bool, prepare: bool = True) -> str:
+    """The run's folder, checked (and created, when ``prepare``) before anything is loaded.
+
+    A folder that holds only what a run writes before its first checkpoint (its config, metrics of an epoch that
+    never finished, temporary files) is a run that never started: it is cleared and reused.
+    """
     from .train.config import default_out_dir
+    from .train.loop import clear_unstarted, folder_state
 
     out = Path(config["out"] or default_out_dir(config))
-    if out.exists() and any(out.iterdir()):
+    _check_folder_path(out, "--out")
+    state = folder_state(out)
+    if state in ("run", "other"):
         if explicit:
+            if state == "run":
+                raise ConfigError(
+                    f"output directory {str(out)!r} already holds a run; nothing was overwritten. Continue it with "
+                    f"--resume {out}, or choose a new --out"
+                )
             raise ConfigError(
-                f"output directory {str(out)!r} already holds a run; nothing was overwritten. Continue it with "
-                f"--resume {out}, or choose a new --out"
+                f"output directory {str(out)!r} holds files that are not a sparsetrain run; nothing was "
+                "overwritten. Choose a new or empty --out"
             )
         # The default name is taken: number the new run rather than touch the old one.
         n = 2
-        while (out.parent / f"{out.name}-{n}").exists():
+        while folder_state(out.parent / f"{out.name}-{n}") in ("run", "other"):
             n += 1
         out = out.parent / f"{out.name}-{n}"
+        _check_folder_path(out, "--out")
+        state = folder_state(out)
+    if prepare:
+        with writing(out):
+            if state == "unstarted":
+                logging.getLogger(__name__).info("%s: a run that stopped before its first checkpoint; reused", out)
+                clear_unstarted(out)
+            out.mkdir(parents=True, exist_ok=True)  # unwritable places fail here, before any data loads
     return str(out)
+
+
+def _check_folder_path(path: Path, option: str) -> None:
+    """A folder path whose own name or a parent's names an existing file is a usage error."""
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                what = "is" if part == path else f"is inside {str(part)!r}, which is"
+                raise ConfigError(f"{option} {str(path)!r} {what} a file, not a folder; choose a folder")
+            return
 
 
 def launch_distributed(args: argparse.Namespace, argv: list[str]) -> int:
@@ -160,12 +196,13 @@ def launch_distributed(args: argparse.Namespace, argv: list[str]) -> int:
         config = _train_config(args)  # validate everything here, once, before any process starts
         if config["batch_size"] % args.nproc:
             raise ConfigError(f"batch_size {config['batch_size']} does not divide among {args.nproc} processes")
+        _check_method_fits_hook(config)
+        # Last: it creates the run's folder, which a usage error must not leave behind.
         if config["out"] is None:
             config["out"] = _choose_out_dir(config, explicit=False)
             argv = [*argv, "--out", config["out"]]
         else:
             _choose_out_dir(config, explicit=True)
-        _check_method_fits_hook(config)
     rest, skip = [], False
     for item in argv:
         if skip:
@@ -205,33 +242,104 @@ def _check_method_fits_hook(config: dict[str, Any]) -> None:
         )
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _resume_config(run_dir: Path, main_rank: bool) -> tuple[dict[str, Any], bool, str]:
+    """The config of the run in ``run_dir`` and whether it resumes from ``last.pt`` (False: the run stopped
+    before its first checkpoint and starts again from the beginning with its saved config)."""
     from .train.checkpoint import load
-    from .train.config import validate
-    from .train.loop import LAST, Run, describe
+    from .train.config import validate, yaml_load
+    from .train.loop import LAST, RESUME_KEYS, clear_unstarted, folder_state, remove_stale_temporaries
 
+    state = folder_state(run_dir)
+    if state == "unstarted" and (run_dir / "config.yaml").is_file():
+        # Stopped (Ctrl-C, kill, crash) before the first epoch finished: nothing to continue, so start it afresh.
+        try:
+            config = yaml_load((run_dir / "config.yaml").read_text())
+        except Exception as error:  # noqa: BLE001 - any unreadable config is the same dead end for the user
+            raise CheckpointError(f"{str(run_dir / 'config.yaml')!r} could not be read ({first_line(error)})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{str(run_dir / 'config.yaml')!r} is not a run's config (not a mapping)")
+        config = validate(config)
+        if main_rank:  # config.yaml stays: the other ranks of a data-parallel run read it too
+            with writing(run_dir):
+                clear_unstarted(run_dir, keep=("config.yaml",))
+        config["out"] = str(run_dir)
+        return config, False, " (no epoch had finished: started again from the beginning)"
+    if not (run_dir / LAST).is_file():
+        raise CheckpointError(f"{str(run_dir)!r} has no {LAST} to resume from; give the directory of a run")
+    if (run_dir / LAST).stat().st_size == 0:  # never written by sparsetrain (its writes are atomic): a bad copy
+        raise CheckpointError(f"{str(run_dir / LAST)!r} is empty (0 bytes); there is nothing to resume from")
+    data = load(run_dir / LAST)
+    missing = [key for key in RESUME_KEYS if key not in data]
+    if data.get("kind") != "last" or missing:
+        raise CheckpointError(
+            f"{str(run_dir / LAST)!r} is a {data.get('kind') or 'sparsetrain'} checkpoint, not the state of a run "
+            f"in progress (it lacks {', '.join(missing) or 'the last-epoch state'}); --resume needs the {LAST} "
+            "that sparsetrain train writes"
+        )
+    if not isinstance(data["config"], dict):
+        raise CheckpointError(f"{str(run_dir / LAST)!r} holds no run config (config is {data['config']!r})")
+    try:
+        config = validate(data["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"{str(run_dir / LAST)!r} holds a config this version cannot use: {error}") from None
+    if main_rank:
+        with writing(run_dir):
+            stale = remove_stale_temporaries(run_dir)
+        if stale:
+            logging.getLogger(__name__).info("removed unfinished temporary files: %s", ", ".join(stale))
+    config["out"] = str(run_dir)
+    return config, True, " (resumed)"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from .train.loop import LAST, describe
+
+    main_rank = os.environ.get("RANK", "0") == "0"
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / LAST).is_file():
-            raise CheckpointError(f"{str(run_dir)!r} has no {LAST} to resume from; give the directory of a run")
-        config = validate(load(run_dir / LAST)["config"])
-        config["out"] = str(run_dir)
+        if not run_dir.is_dir():
+            raise CheckpointError(f"{str(run_dir)!r} is not a folder; --resume takes the directory of a run")
+        config, resume, note = _resume_config(run_dir, main_rank)
         if args.data_dir is not None:  # the user's path wins over the one recorded in the checkpoint
             config["data_dir"] = args.data_dir
-        resume = True
     else:
         config = _train_config(args)
         explicit = config["out"] is not None
-        config["out"] = _choose_out_dir(config, explicit)
-        resume = False
-    import os
-
-    main_rank = os.environ.get("RANK", "0") == "0"
+        # Under torchrun the launcher (and rank 0) prepared the folder; the other ranks only read the path.
+        config["out"] = _choose_out_dir(config, explicit, prepare=main_rank)
+        resume, note = False, ""
     progress = args.progress if args.progress is not None else sys.stderr.isatty() and main_rank
     if config["progress"] is not None and args.progress is None:
         progress = config["progress"]
     if main_rank:
-        print(f"sparsetrain: {describe(config)} -> {config['out']}" + (" (resumed)" if resume else ""), flush=True)
+        print(f"sparsetrain: {describe(config)} -> {config['out']}{note}", flush=True)
+    out = Path(config["out"])
+    try:
+        return _train(config, resume, progress, main_rank)
+    except KeyboardInterrupt:
+        if main_rank:
+            print("\ninterrupted; " + _saved_advice(out, LAST), file=sys.stderr)
+        return 130
+    except WriteError as error:
+        if (out / LAST).is_file():
+            raise WriteError(f"{error}. {_saved_advice(out, LAST)} once it can be written") from None
+        raise
+
+
+def _saved_advice(out: Path, last: str) -> str:
+    """What is left to continue from: said only when it is true."""
+    if (out / last).is_file():
+        return f"the last finished epoch is saved in {out / last}: continue with --resume {out}"
+    return (
+        f"no epoch had finished, so nothing was saved; run the same command again (it reuses {out}) "
+        f"or --resume {out} (which starts it from the beginning)"
+    )
+
+
+def _train(config: dict[str, Any], resume: bool, progress: bool, main_rank: bool) -> int:
+    from .train.loop import Run
 
     def on_epoch(row: dict[str, Any]) -> None:
         print(
@@ -307,13 +415,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.models import build_model
 
     data = load(args.checkpoint)
-    config = data["config"]
+    config = data.get("config")
+    if not isinstance(config, dict) or not isinstance(data.get("model_spec"), dict):
+        raise CheckpointError(f"{args.checkpoint!r} holds no model spec and config; is it a sparsetrain checkpoint?")
     try:
         model = build_model(**data["model_spec"])
         model.load_state_dict(data["model"])
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(
-            f"checkpoint {args.checkpoint!r} does not match its model spec ({str(error).splitlines()[0][:200]})"
+            f"checkpoint {args.checkpoint!r} does not match its model spec ({first_line(error)})"
         ) from None
     splits = load_dataset(
         config["dataset"],
@@ -342,7 +452,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- compare
-def _summaries(paths: list[str]) -> list[tuple[Path, dict[str, Any]]]:
+# Config keys that do not change what is learned (where files go, how it ran), and the seed and sparsity, which a
+# comparison varies: runs that differ only in these are the same task. The method's own settings form the line.
+NOT_TASK = ("seed", "sparsity", "out", "data_dir", "device", "threads", "progress", "plots", "check_masks",
+            "eval_batch_size", "method", "method_options", "distribution")  # fmt: skip
+METHOD_SIDE = ("method_options", "distribution")
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} is {value!r}, not a number")
+    return float(value)
+
+
+def _read_run(folder: Path, summary: Any) -> dict[str, Any]:
+    """One run's comparable record from its summary.json (and config.yaml when there); ValueError if foreign."""
+    from .train.config import yaml_load
+
+    if not isinstance(summary, dict):
+        raise ValueError("not a JSON object")
+    try:
+        sparse, dense = summary["sparse_model"], summary["dense_model"]
+        method = summary["method"]
+        if not isinstance(method, str) or not isinstance(sparse, dict) or not isinstance(dense, (dict, type(None))):
+            raise ValueError("method or sparse_model has the wrong type")
+        run = {
+            "folder": folder,
+            "method": method,
+            "sparsity": _number(sparse["sparsity"], "sparse_model.sparsity"),
+            "test_acc": _number(sparse["test_acc"], "sparse_model.test_acc"),
+            "dense_acc": None if dense is None else _number(dense["test_acc"], "dense_model.test_acc"),
+            "flops": _number(summary["train_flops_ratio"], "train_flops_ratio"),
+            "time": _number(summary["wall_time_s"], "wall_time_s"),
+            "seed": summary.get("seed"),
+        }
+        task = {key: summary[key] for key in ("dataset", "model", "epochs")}
+        task["mask_type"] = summary.get("mask_type", "unstructured")
+    except KeyError as error:
+        raise ValueError(f"no {error.args[0]!r}") from None
+    except TypeError as error:
+        raise ValueError(first_line(error)) from None
+    side: dict[str, Any] = {}
+    config_path = folder / "config.yaml"
+    if config_path.is_file():
+        try:
+            config = yaml_load(config_path.read_text())
+        except Exception:  # noqa: BLE001 - an unreadable config leaves the summary's own fields
+            config = None
+        if isinstance(config, dict):
+            # The dataset's files are its identity for the data sets read from a user's folder.
+            own_data = config.get("dataset") in ("npz", "imagefolder")
+            task.update({k: v for k, v in config.items() if k not in NOT_TASK or (own_data and k == "data_dir")})
+            side = {k: config.get(k) for k in METHOD_SIDE}
+    run["task"] = json.dumps(task, sort_keys=True, default=str)
+    run["side"] = json.dumps(side, sort_keys=True, default=str)
+    return run
+
+
+def _summaries(paths: list[str]) -> list[dict[str, Any]]:
     found = []
     for raw in paths:
         path = Path(raw)
@@ -353,34 +520,94 @@ def _summaries(paths: list[str]) -> list[tuple[Path, dict[str, Any]]]:
             raise ConfigError(f"{raw!r} is not a finished run (no summary.json in it or its subfolders)")
         for candidate in candidates:
             try:
-                found.append((candidate.parent, json.loads(candidate.read_text())))
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{str(candidate)!r} is not valid JSON") from None
+                found.append(_read_run(candidate.parent, json.loads(candidate.read_text())))
+            except (ValueError, OSError) as error:  # json.JSONDecodeError is a ValueError
+                print(f"warning: skipping {candidate}: not a sparsetrain run summary ({first_line(error)})",
+                      file=sys.stderr)  # fmt: skip
+    if not found:
+        raise ConfigError(f"no usable run summary in {', '.join(map(repr, paths))}; nothing to compare")
     return found
 
 
+def _differing(records: list[dict[str, Any]]) -> set[str]:
+    keys = {k for r in records for k in r}
+    return {k for k in keys if len({json.dumps(r.get(k), sort_keys=True, default=str) for r in records}) > 1}
+
+
+def _describe_task(task: dict[str, Any], differing: set[str]) -> str:
+    text = f"{task.get('model')} on {task.get('dataset')}, {task.get('epochs')} epochs"
+    extra = sorted(differing - {"model", "dataset", "epochs"})
+    return text + "".join(f", {key}={task.get(key)}" for key in extra)
+
+
+def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread over the seeds of each (task, method, sparsity): never over different tasks.
+
+    A task is everything that changes what is learned except the seed and the sparsity: dataset, model, epochs,
+    mask type and the rest of the recipe. A line is one method (with its own options) on one task.
+    """
+    import statistics
+
+    tasks = {r["task"]: json.loads(r["task"]) for r in runs}
+    task_text = {key: _describe_task(task, _differing(list(tasks.values()))) for key, task in tasks.items()}
+    lines: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        lines.setdefault((run["task"], run["method"], run["side"]), []).append(run)
+    rows = []
+    for (task, method, side), members in lines.items():
+        # Two lines of one method on one task differ in the method's own options: name what differs.
+        siblings = [json.loads(s) for (t, m, s) in lines if t == task and m == method]
+        line = method + "".join(f", {k}={json.loads(side).get(k)}" for k in sorted(_differing(siblings)))
+        label = f"{line} - {task_text[task]}" if len(tasks) > 1 else line
+        points: dict[float, list[dict[str, Any]]] = {}
+        for run in members:
+            points.setdefault(round(run["sparsity"], 3), []).append(run)
+        for sparsity, group in sorted(points.items()):
+            accs = [r["test_acc"] for r in group]
+            dense = [r["dense_acc"] for r in group if r["dense_acc"] is not None]
+            rows.append({
+                "label": label, "line": line, "task": task_text[task], "method": method, "sparsity": sparsity,
+                "n": len(group),
+                "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "dense_mean": statistics.mean(dense) if dense else None,
+                "flops": statistics.mean(r["flops"] for r in group), "time": statistics.mean(r["time"] for r in group),
+                "seeds": sorted({r["seed"] for r in group}, key=str),
+            })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["task"], r["label"], r["sparsity"]))
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    runs = _summaries(args.runs)
+    try:
+        from .train.plots import plot_compare, plot_formats
+    except ImportError:
+        plot_compare = plot_formats = None
+    if plot_formats is not None:
+        suffix = Path(args.plot).suffix[1:].lower()
+        if suffix and suffix not in plot_formats():
+            raise ConfigError(
+                f"--plot {args.plot!r}: unknown image type {suffix!r}; use one of {', '.join(plot_formats())}"
+            )
+    rows = group_runs(_summaries(args.runs))
+    width = max(len("task"), *(len(r["task"]) for r in rows))
+    label_width = max(len("method"), *(len(r["line"]) for r in rows))
     header = (
-        f"{'run':40s} {'method':10s} {'sparsity':>8s} {'sparse acc':>10s} {'dense acc':>9s} {'FLOPs':>6s} {'time':>7s}"
+        f"{'task':{width}s}  {'method':{label_width}s} {'sparsity':>8s} {'n':>3s} {'sparse acc':>14s} "
+        f"{'dense acc':>9s} {'FLOPs':>6s} {'time':>7s}"
     )
     print(header)
     print("-" * len(header))
-    rows = []
-    for path, s in runs:
-        sparse, dense = s["sparse_model"], s["dense_model"]
-        dense_acc = f"{dense['test_acc']:.2f}" if dense else "-"
+    for r in rows:
+        acc = f"{r['mean']:.2f}" + (f" +- {r['std']:.2f}" if r["n"] > 1 else "")
+        dense = f"{r['dense_mean']:.2f}" if r["dense_mean"] is not None else "-"
         print(
-            f"{path.name[:40]:40s} {s['method']:10s} {sparse['sparsity']:8.4f} {sparse['test_acc']:10.2f} "
-            f"{dense_acc:>9s} {s['train_flops_ratio']:6.3f} {s['wall_time_s']:6.0f}s"
+            f"{r['task']:{width}s}  {r['line']:{label_width}s} {r['sparsity']:8.3f} {r['n']:3d} "
+            f"{acc:>14s} {dense:>9s} {r['flops']:6.3f} {r['time']:6.0f}s"
         )
-        rows.append({"method": s["method"], "sparsity": sparse["sparsity"], "test_acc": sparse["test_acc"]})
-    try:
-        from .train.plots import plot_compare
-
-        print(f"plot: {plot_compare(rows, args.plot)}")
-    except ImportError:
+    print("n: runs averaged (seeds of the same task); sparse acc: mean +- standard deviation over them")
+    if plot_compare is None:
         print("(no plot: pip install matplotlib)")
+    else:
+        print(f"plot: {plot_compare(rows, args.plot)}")
     return 0
 
 
@@ -424,9 +651,14 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; the last finished epoch is saved: continue with --resume RUN_DIR", file=sys.stderr)
+    except KeyboardInterrupt:  # `train` says itself what was saved
+        print("\ninterrupted", file=sys.stderr)
         return 130
+    except OSError as error:
+        # A file system failure outside the writers that name their file (those raise WriteError above).
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"error: {error.strerror or first_line(error)}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, writing
 
 DEFAULT_BATCH_SIZES = "1,8,64,256"
 
@@ -76,7 +76,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not isinstance(data.get("model"), dict) or not isinstance(data.get("model_spec"), dict):
         raise CheckpointError(f"{args.checkpoint!r} holds no model state and spec; is it a sparsetrain checkpoint?")
     state = data["model"]
-    summary = export.save(state, out, metadata=export.checkpoint_metadata(data), dtype=dtype)
+    with writing(out):
+        summary = export.save(state, out, metadata=export.checkpoint_metadata(data), dtype=dtype)
 
     # Read the file back and compare bit for bit: the file is only announced once it is known to be right.
     back = export.read(out, max_bytes=None).state_dict  # the file just written: no cap on its size

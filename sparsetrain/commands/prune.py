@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_line, writing
 
 DEFAULT_SPARSITIES = "0.5,0.7,0.9"
 DEFAULT_CALIBRATION_SAMPLES = 1000
@@ -144,7 +144,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             model.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(
-                f"checkpoint {args.checkpoint!r} does not match its model spec ({str(error).splitlines()[0][:200]})"
+                f"checkpoint {args.checkpoint!r} does not match its model spec ({first_line(error)})"
             ) from None
         return model
 
@@ -205,7 +205,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "source_test_acc": dense["acc"],
         }
         # The source run's training state (optimizer, sparsifier, ...) means nothing for the pruned model: left out.
-        save_atomic(checkpoint_payload(model, spec, config, kind="pruned", metrics=metrics), target)
+        with writing(target):
+            save_atomic(checkpoint_payload(model, spec, config, kind="pruned", metrics=metrics), target)
         after = f"{recalibrated['acc']:16.2f}" if recalibrated else f"{'-':>16s}"
         shown = f"{measured:.4f}"
         print(f"{shown:>8s} {pruned['acc']:10.2f} {after}  {target}")

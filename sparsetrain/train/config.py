@@ -98,7 +98,44 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"option 'val_fraction' must be in [0, 1), got {out['val_fraction']!r}")
     if "lr" in out and out["lr"] <= 0:
         raise ConfigError(f"option 'lr' must be positive, got {out['lr']!r}")
+    # None means "default" for these two; 0 or a negative count is a mistake, not a default.
+    for key, meaning in (("threads", "torch CPU threads"), ("limit_train", "training samples")):
+        if out.get(key) is not None and out[key] < 1:
+            raise ConfigError(f"option {key!r} is a number of {meaning} and must be at least 1, got {out[key]!r}")
+    if "milestones" in out:
+        numbers = all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in out["milestones"])
+        if not numbers or not all(0 <= m <= 1 for m in out["milestones"]):
+            raise ConfigError(
+                "option 'milestones' takes fractions of training in [0, 1] such as [0.5, 0.75]; "
+                f"got {out['milestones']!r}"
+            )
+    _check_method_options(out)
     return out
+
+
+def _check_method_options(out: dict[str, Any]) -> None:
+    """The method name, sparsity, mask type and distribution: checked here, before any data loads."""
+    import sparsetrain
+
+    from ..distributions import check_distribution
+    from ..maskops import check_sparsity, parse_nm
+
+    if "method" in out and out["method"] not in sparsetrain.list_methods():
+        raise ConfigError(f"unknown method {out['method']!r}; available: {', '.join(sparsetrain.list_methods())}")
+    try:
+        if "sparsity" in out:
+            check_sparsity(out["sparsity"])
+        nm = parse_nm(out["mask_type"]) if "mask_type" in out else None
+        if out.get("distribution") is not None:
+            check_distribution(out["distribution"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if nm is not None and "method" in out and "nm" not in sparsetrain.get_method(out["method"]).capabilities:
+        able = [name for name in sparsetrain.list_methods() if "nm" in sparsetrain.get_method(name).capabilities]
+        raise ConfigError(
+            f"method {out['method']!r} does not support N:M masks (mask_type {out['mask_type']!r}); "
+            f"methods that do: {', '.join(able)}"
+        )
 
 
 # YAML 1.2 numbers. PyYAML follows YAML 1.1, where a float needs a dot (``1e-6`` would be a string) and
@@ -182,7 +219,29 @@ def resolve(recipe: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[st
         else:
             config[key] = value
     config["method_options"] = options
-    return validate(config)
+    config = validate(config)
+    _fix_nm_sparsity(config, recipe or {}, overrides)
+    return config
+
+
+def _fix_nm_sparsity(config: dict[str, Any], recipe: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """An N:M mask type fixes the sparsity at 1 - N/M: a sparsity given beside it must agree (as in the library
+    and ``sparsetrain prune``); the config then records the sparsity really trained at."""
+    from ..maskops import parse_nm
+
+    nm = parse_nm(config["mask_type"])
+    if nm is None:
+        return
+    implied = 1.0 - nm[0] / nm[1]
+    # A sparsity is given beside the mask type when the same level (or a higher one) sets it: a recipe's
+    # sparsity does not bind a mask type chosen on the command line.
+    given = "sparsity" in overrides or ("sparsity" in recipe and "mask_type" not in overrides)
+    if given and abs(config["sparsity"] - implied) > 1e-9:
+        raise ConfigError(
+            f"mask_type {config['mask_type']} fixes the sparsity at {implied:g}, but sparsity {config['sparsity']:g} "
+            "was given too; leave the sparsity out or make it agree"
+        )
+    config["sparsity"] = implied
 
 
 def default_out_dir(config: dict[str, Any]) -> str:

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -27,7 +29,7 @@ import sparsetrain
 
 from ..distributed import check_masks_consistent
 from ..distributed.hooks import check_hook, register_hook
-from ..errors import ConfigError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, TrainingDiverged, first_line, writing
 from ..flops import FlopCounter, TrainingFlops
 from . import checkpoint
 from .config import default_out_dir
@@ -38,6 +40,11 @@ log = logging.getLogger(__name__)
 
 # The run's files; everything a resume needs is in last.pt.
 LAST, SPARSE, DENSE = "last.pt", "sparse_final.pt", "dense_best.pt"
+# What a run writes before its first checkpoint: a folder holding only these stopped in its first epoch.
+EARLY_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "tensorboard")
+# What restore() reads from last.pt.
+RESUME_KEYS = ("model", "model_spec", "config", "epoch", "optimizer", "sparsifier", "train_flops", "metrics",
+               "best_dense", "elapsed", "rng")  # fmt: skip
 
 
 def lr_factor(step: int, total: int, steps_per_epoch: int, config: dict[str, Any]) -> float:
@@ -372,10 +379,14 @@ class Run:
             logits = self.train_model(x)
             loss = nn.functional.cross_entropy(logits, y)
         if not torch.isfinite(loss):
+            saved = (
+                f"the last good checkpoint is {self.out / LAST}"
+                if (self.out / LAST).is_file()
+                else "no epoch had finished, so no checkpoint was saved"
+            )
             raise TrainingDiverged(
-                f"the loss became {float(loss)} at epoch {self.epoch + 1}, step {self.sparsifier.count}; "
-                f"lower the learning rate (lr={config['lr']}) or set grad_clip; the last good checkpoint "
-                f"is {self.out / LAST}"
+                f"the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.sparsifier.count}; "
+                f"lower the learning rate (lr={config['lr']}) or set grad_clip; {saved}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -441,12 +452,20 @@ class Run:
     def run(self) -> dict[str, Any]:
         self.setup()
         if self.resume:
-            self.restore(checkpoint.load(self.out / LAST))
-            truncate_metrics(self.out, self.epoch)
+            try:
+                self.restore(checkpoint.load(self.out / LAST))
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                raise CheckpointError(
+                    f"cannot resume from {str(self.out / LAST)!r}: it does not fit the run it describes "
+                    f"({type(error).__name__}: {first_line(error)})"
+                ) from None
+            if self.is_main:
+                truncate_metrics(self.out, self.epoch)
             log.info("resumed %s at epoch %d", self.out, self.epoch)
         elif self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_config(self.config, self.out / "config.yaml")
+            with writing(self.out / "config.yaml"):
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_config(self.config, self.out / "config.yaml")
         config = self.config
         try:
             while self.epoch < config["epochs"]:
@@ -485,9 +504,10 @@ class Run:
                 "time": self.elapsed,
             }
             self.metrics.append(row)
-            append_metrics(row, self.out)
+            with writing(self.out / "metrics.jsonl"):
+                append_metrics(row, self.out)
             self._tensorboard(row)
-            checkpoint.save_atomic(self.state(), self.out / LAST)
+            self._save(self.state(), LAST)
             if self.on_epoch:
                 self.on_epoch(row)
         else:
@@ -520,6 +540,10 @@ class Run:
         recalibrate_batchnorm(self.model, batches, num_samples=1000)
         return {"info": dense_info, "state": dense_state}
 
+    def _save(self, payload: dict[str, Any], name: str) -> None:
+        with writing(self.out / name):
+            checkpoint.save_atomic(payload, self.out / name)
+
     def finish(self) -> dict[str, Any]:
         config, data = self.config, self.data
         pruned_after = "prune_after_training" in self.sparsifier.capabilities
@@ -536,10 +560,7 @@ class Run:
             "forward_flops": forward.sparse_total,
             "forward_flops_ratio": forward.ratio,
         }
-        checkpoint.save_atomic(
-            checkpoint_payload(self.model, self.spec, config, kind="sparse_final", metrics=sparse_info),
-            self.out / SPARSE,
-        )
+        self._save(checkpoint_payload(self.model, self.spec, config, kind="sparse_final", metrics=sparse_info), SPARSE)
         dense_info = None
         if self.best_dense is not None:
             dense_model = build_model(**self.spec).to(self.device)
@@ -552,17 +573,13 @@ class Run:
                 "epoch": self.best_dense["epoch"],
                 "step": self.best_dense["step"],
             }
-            checkpoint.save_atomic(
-                checkpoint_payload(dense_model, self.spec, config, kind="dense_best", metrics=dense_info),
-                self.out / DENSE,
-            )
+            self._save(checkpoint_payload(dense_model, self.spec, config, kind="dense_best", metrics=dense_info), DENSE)
         elif trained_dense is not None:
             dense_info = trained_dense["info"]
             dense_model = build_model(**self.spec).to(self.device)
             dense_model.load_state_dict(trained_dense["state"])
-            checkpoint.save_atomic(
-                checkpoint_payload(dense_model, self.spec, config, kind="dense_final", metrics=dense_info),
-                self.out / DENSE,
+            self._save(
+                checkpoint_payload(dense_model, self.spec, config, kind="dense_final", metrics=dense_info), DENSE
             )
         elif report.overall == 0 or config["method"] == "dense":
             dense_info = {
@@ -601,7 +618,7 @@ class Run:
             "out": str(self.out),
             "files": sorted(p.name for p in self.out.iterdir() if not p.name.startswith(".")),
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         if config["plots"]:
             try:
                 from .plots import plot_run
@@ -610,7 +627,7 @@ class Run:
             else:
                 plot_run(self.metrics, summary["timeline"], self.out / "training.png", title=describe(config))
         summary["files"] = sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 
@@ -623,6 +640,58 @@ def write_config(config: dict[str, Any], path: Path) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump(copy.deepcopy(config), sort_keys=True))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` is always either the old file or the complete new one (a full disk leaves
+    the old one), raising :class:`~sparsetrain.errors.WriteError` that names ``path`` when it cannot."""
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def folder_state(out: Path) -> str:
+    """What an output folder holds: ``"empty"`` (or missing), ``"run"`` (a run's ``last.pt``: resume it),
+    ``"unstarted"`` (only what a run writes before its first checkpoint: it stopped in its first epoch and
+    can be reused), or ``"other"`` (files that are not a run's)."""
+    if not out.is_dir():
+        return "empty"
+    entries = list(out.iterdir())
+    if not entries:
+        return "empty"
+    if (out / LAST).is_file():
+        return "run"
+    if all(e.name in EARLY_FILES or _temporary(e.name) for e in entries):
+        return "unstarted"
+    return "other"
+
+
+def _temporary(name: str) -> bool:
+    # The atomic writers' temporary files: ".<name>.<random>.tmp".
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def clear_unstarted(out: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove what a run that stopped before its first checkpoint left (its config, partial metrics, ...)."""
+    for entry in out.iterdir():
+        if (entry.name in EARLY_FILES or _temporary(entry.name)) and entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def remove_stale_temporaries(out: Path) -> list[str]:
+    """Temporary files of writes a killed run never finished; they are never read, only in the way."""
+    stale = sorted(e.name for e in out.iterdir() if _temporary(e.name) and e.is_file())
+    for name in stale:
+        (out / name).unlink()
+    return stale
 
 
 def append_metrics(row: dict[str, Any], out: Path) -> None:

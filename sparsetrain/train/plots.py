@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ..errors import writing  # noqa: E402
 
 PHASE_COLORS = {"sparse": "#f4a582", "dense": "#92c5de"}
 # Methods with named phases (GaP's grow groups, IMP's rounds) take these in order of appearance.
@@ -62,31 +66,57 @@ def plot_run(
         fig.legend(handles, [f"{k} phase" for k in colors], loc="upper right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_formats() -> list[str]:
+    """The image types matplotlib can write (file name suffixes)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Save and close ``fig`` through a temporary file and a rename: a full disk leaves an older plot whole."""
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with writing(path):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    fig.savefig(handle, dpi=110, format=path.suffix[1:].lower() or "png")
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    finally:
+        plt.close(fig)
     return path
 
 
-def plot_compare(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Test accuracy against sparsity, one line per method (mean over seeds, error bar = std)."""
-    import statistics
+def plot_compare(points: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Test accuracy against sparsity, one line per ``label`` (a method on one task).
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_method: dict[str, dict[float, list[float]]] = {}
-    for row in rows:
-        by_method.setdefault(row["method"], {}).setdefault(round(row["sparsity"], 3), []).append(row["test_acc"])
-    for method, points in sorted(by_method.items()):
-        xs = sorted(points)
-        means = [statistics.mean(points[x]) for x in xs]
-        stds = [statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs]
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
+    Each point is ``{"label", "sparsity", "mean", "std"}``: the caller has already averaged over the seeds of one
+    task, so runs of different datasets or models never share a point.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        lines.setdefault(point["label"], []).append(point)
+    for label, line in sorted(lines.items()):
+        line = sorted(line, key=lambda p: p["sparsity"])
+        ax.errorbar(
+            [p["sparsity"] for p in line],
+            [p["mean"] for p in line],
+            yerr=[p["std"] for p in line],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     ax.set_xlabel("sparsity")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
