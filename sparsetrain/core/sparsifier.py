@@ -2,8 +2,9 @@
 
 Contracts (see DESIGN.md 2.1):
 - masks are boolean tensors keyed by the parameter's qualified name;
-- after every real optimizer step masked weights are exactly 0, so ``model.state_dict()`` *is* the sparse
-  model; before the step their gradients are zeroed, so no optimizer buffer ever leaks into them;
+- after every real optimizer step masked weights are exactly +0.0 (NaN and inf included), so
+  ``model.state_dict()`` *is* the sparse model; before the step their gradients are set to exactly 0, so no
+  optimizer buffer ever leaks into them;
 - ``count`` counts real optimizer steps (a step that ``GradScaler`` skips never reaches the hooks);
 - randomness comes from a local generator seeded by (seed, step), never the global RNG.
 
@@ -53,6 +54,31 @@ def derived_seed(seed: int, step: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
     return (x ^ (x >> 31)) >> 1
+
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def _zero_where_masked(tensors: list[Tensor], masks: list[Tensor]) -> None:
+    """Set ``tensors`` to exactly +0.0 where their cached ``masks`` (from ``_refresh_enforced_masks``) are 0.
+
+    Multiplying the values by a 0/1 mask would keep NaN and inf (NaN * 0 is NaN) and turn negative weights into
+    -0.0. Multiplying their *bits*, read as integers of the same width, by the 0/1 integer mask gives all-zero
+    bits, which is +0.0, whatever the value was, and leaves kept values bit for bit: still one fused foreach
+    kernel per call, about as fast as the float multiply, where a ``masked_fill_`` per tensor measured 6-9x
+    slower on CPU. Tensors of a width with no integer type (complex128), or whose dtype changed after the
+    masks were cached, take the per-tensor ``masked_fill_``.
+    """
+    bits, bit_masks = [], []
+    for tensor, mask in zip(tensors, masks):
+        if mask.dtype != torch.bool and tensor.element_size() == mask.element_size():
+            bits.append(tensor.view(mask.dtype))
+            bit_masks.append(mask)
+        else:
+            tensor.masked_fill_(mask == 0, 0)
+    if bits:
+        torch._foreach_mul_(bits, bit_masks)
 
 
 class Sparsifier:
@@ -145,7 +171,7 @@ class Sparsifier:
         self.masks: dict[str, Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
         self.history: list[Event] = []
         self.mask_version = 0
-        self._float_masks: dict[str, Tensor] = {}
+        self._enforced_masks: dict[str, Tensor] = {}
         self._listeners: list[Callable[[Event], None]] = []
         self._hooks: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -344,7 +370,7 @@ class Sparsifier:
         self.mask_version = int(state.get("mask_version", 0))
         self.init_rescaled = bool(state.get("init_rescaled", False))
         self.load_extra_state(state.get("extra", {}))
-        self._refresh_float_masks()
+        self._refresh_enforced_masks()
 
     # ----------------------------------------------------------------- helpers for methods
     def steps(self, value: float | None, what: str, default_fraction: float | None = None) -> int:
@@ -398,8 +424,8 @@ class Sparsifier:
         """Install new masks: zero the pruned weights and their optimizer state, log a mask_update event."""
         for name, mask in masks.items():
             self.masks[name] = mask.to(dtype=torch.bool, device=self.params[name].device)
-        self._refresh_float_masks()
-        self._apply_masks(clear_negative_zeros=True)  # newly pruned negative weights would become -0.0
+        self._refresh_enforced_masks()
+        self._apply_masks()
         if self._optimizer is not None:
             self._zero_state_where_masked(self._optimizer)
         self.mask_version += 1
@@ -440,25 +466,22 @@ class Sparsifier:
 
     # ----------------------------------------------------------------- enforcement
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero the gradients of masked weights, so momentum and Adam moments never leak into them."""
-        if not self._float_masks:
+        """Set the gradients of masked weights to exactly 0 (NaN and inf too): no optimizer buffer leaks into them."""
+        if not self._enforced_masks:
             return
         grads, masks = [], []
-        for name, mask in self._float_masks.items():
+        for name, mask in self._enforced_masks.items():
             grad = self.params[name].grad
             if grad is not None:
                 grads.append(grad)
                 masks.append(mask)
-        if grads:
-            torch._foreach_mul_(grads, masks)
+        _zero_where_masked(grads, masks)
 
     def _after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.count += 1
         # The step just taken ran under the current masks: re-zero with them before a boundary may change them
-        # (a decompression must see pruned weights at exactly 0 so they re-enter at 0). When attached, masked
-        # weights had zero gradients and zero optimizer state, so they stayed +0.0 through the step; called by hand
-        # after an unmasked step they moved, and re-zeroing a negative one would leave -0.0.
-        self._apply_masks(clear_negative_zeros=not self._hooks)
+        # (a decompression must see pruned weights at exactly 0 so they re-enter at 0).
+        self._apply_masks()
         self._boundary()
 
     def _boundary(self) -> None:
@@ -475,23 +498,22 @@ class Sparsifier:
             self.emit({"event": "phase_start", "phase": phase})
 
     @torch.no_grad()
-    def _apply_masks(self, clear_negative_zeros: bool = False) -> None:
-        if self._float_masks:
-            names = list(self._float_masks)
-            weights = [self.params[n].data for n in names]
-            torch._foreach_mul_(weights, [self._float_masks[n] for n in names])
-            if clear_negative_zeros:
-                # A negative weight times 0 is -0.0, which compares equal but costs an export a sign bit per zero
-                # to stay bit-identical; adding +0.0 turns -0.0 into +0.0 and leaves every other value as it is.
-                torch._foreach_add_(weights, 0.0)
+    def _apply_masks(self) -> None:
+        if self._enforced_masks:
+            names = list(self._enforced_masks)
+            _zero_where_masked([self.params[n].data for n in names], [self._enforced_masks[n] for n in names])
 
-    def _refresh_float_masks(self) -> None:
-        # Only masks with zeros need work each step; multiplying by a cached mask of the weight's dtype is the
-        # cheapest exact way to zero them (one fused foreach kernel).
-        self._float_masks = {n: m.to(self.params[n].dtype) for n, m in self.masks.items() if not bool(m.all())}
+    def _refresh_enforced_masks(self) -> None:
+        # Only masks with zeros need work each step; they are cached as 0/1 integers of the weight's width, the
+        # form _zero_where_masked multiplies the weights' bits by.
+        self._enforced_masks = {
+            n: m.to(_SAME_WIDTH_INT.get(self.params[n].element_size(), torch.bool))
+            for n, m in self.masks.items()
+            if not bool(m.all())
+        }
 
     def _zero_state_where_masked(self, optimizer: torch.optim.Optimizer) -> None:
-        for name in self._float_masks:
+        for name in self._enforced_masks:
             zero_state_where(optimizer, self.params[name], ~self.masks[name])
 
     def __repr__(self) -> str:

@@ -188,10 +188,10 @@ class RDAMethod(Sparsifier):
             group.update(settings)
 
     # ------------------------------------------------------------------ enforcement only after the prune
-    def _refresh_float_masks(self) -> None:
+    def _refresh_enforced_masks(self) -> None:
         # Before the prune the masks observe the weights: enforcing them would stop a zeroed weight from coming
         # back, which dual averaging allows. After it they are ordinary fixed masks.
         if self.pruned_at(self.count):
-            super()._refresh_float_masks()
+            super()._refresh_enforced_masks()
         else:
-            self._float_masks = {}
+            self._enforced_masks = {}
