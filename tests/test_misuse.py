@@ -94,3 +94,23 @@ def test_exact_zeros_in_other_dtypes(dtype):
         param.grad[~sparsifier.masks[name]] = float("nan")
     opt.step()
     assert_masked_exactly_plus_zero(sparsifier)
+
+
+# ------------------------------------------------------------------------------------ step() without the optimizer
+def test_step_by_hand_needs_the_optimizer():
+    model = mlp()
+    sparsifier, opt = pruned(model, attach=False)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match=r"sparsifier\.step\(optimizer\)"):
+        sparsifier.step()
+    assert sparsifier.count == 0  # refused before anything happened
+    sparsifier.step(opt)
+    assert sparsifier.count == 1
+    # The optimizer given once is remembered; its momentum at masked positions is cleared every time.
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    sparsifier.step()
+    for name, param in sparsifier.params.items():
+        momentum = opt.state[param]["momentum_buffer"]
+        assert torch.all(momentum[~sparsifier.masks[name]] == 0)

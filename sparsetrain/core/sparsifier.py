@@ -300,9 +300,10 @@ class Sparsifier:
         self._hooks = []
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """The attached hooks' work, called by hand right after ``optimizer.step()``.
+        """The attached hooks' work, called by hand right after ``optimizer.step()``: ``sparsifier.step(optimizer)``.
 
-        Gradients were not masked before that step, so the optimizer state is cleaned at masked positions here.
+        Gradients were not masked before that step, so the optimizer state is cleaned at masked positions here;
+        that needs the optimizer (the last one given is reused when it is left out).
         """
         if self._hooks:
             raise RuntimeError("this sparsifier is attached; its hooks already run at every optimizer.step()")
@@ -312,10 +313,15 @@ class Sparsifier:
                 "use sparsifier.attach(optimizer) instead of calling step()"
             )
         optimizer = optimizer or self._optimizer
+        if optimizer is None:
+            # Without it the momentum of masked weights would keep building, to be released when they re-enter.
+            raise ValueError(
+                "sparsifier.step() needs the optimizer that just stepped, to clear the momentum of masked weights: "
+                "call sparsifier.step(optimizer), or attach the sparsifier once with sparsifier.attach(optimizer)"
+            )
         self._optimizer = optimizer
-        if optimizer is not None:
-            # Clean with the masks the step ran under, before a boundary may replace them.
-            self._zero_state_where_masked(optimizer)
+        # Clean with the masks the step ran under, before a boundary may replace them.
+        self._zero_state_where_masked(optimizer)
         self._after_step(optimizer)
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
