@@ -114,3 +114,16 @@ def test_step_by_hand_needs_the_optimizer():
     for name, param in sparsifier.params.items():
         momentum = opt.state[param]["momentum_buffer"]
         assert torch.all(momentum[~sparsifier.masks[name]] == 0)
+
+
+# ------------------------------------------------------------------------------------ cram / rda without wrap_optimizer
+@pytest.mark.parametrize("method", ["cram", "rda"])
+def test_optimizer_methods_refuse_a_plain_optimizer(method):
+    model = mlp()
+    sparsifier = sparsetrain.create(method, model, sparsity=0.5, total_steps=10)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"wrap_optimizer\(optimizer\)") as info:
+        sparsifier.attach(plain)
+    assert "SGD" in str(info.value) and method in str(info.value)
+    assert not plain._optimizer_step_pre_hooks  # nothing was hooked
+    sparsifier.attach(sparsifier.wrap_optimizer(plain))  # the fix in the message works
