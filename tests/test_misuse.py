@@ -127,3 +127,51 @@ def test_optimizer_methods_refuse_a_plain_optimizer(method):
     assert "SGD" in str(info.value) and method in str(info.value)
     assert not plain._optimizer_step_pre_hooks  # nothing was hooked
     sparsifier.attach(sparsifier.wrap_optimizer(plain))  # the fix in the message works
+
+
+# ------------------------------------------------------------------------------------ tied weights
+class TiedLM(nn.Module):
+    """An embedding and an output layer sharing one weight (as in GPT-2): two names, one parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.body = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 32, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.body(self.embed(tokens))))
+
+
+def test_exclude_matches_every_name_of_a_tied_weight(caplog):
+    with caplog.at_level("WARNING", logger="sparsetrain"):
+        sparsifier = sparsetrain.create("magnitude", TiedLM(), sparsity=0.5, exclude=["out.weight"])
+    assert list(sparsifier.params) == ["body.weight"]  # the tied weight is excluded by its second name
+    assert "matches no parameter" not in caplog.text
+
+
+def test_include_matches_every_name_of_a_tied_weight():
+    model = TiedLM()
+    sparsifier = sparsetrain.create("magnitude", model, sparsity=0.5, include=["out.*"])
+    assert list(sparsifier.params) == ["embed.weight"]  # keyed by its first name
+    assert sparsifier.params["embed.weight"] is model.out.weight
+    with pytest.raises(ValueError, match="out.weight"):  # the names listed include the second name
+        sparsetrain.create("magnitude", model, sparsity=0.5, include=["nothing.*"])
+
+
+# ------------------------------------------------------------------------------------ a state without masks
+@pytest.mark.parametrize(
+    "state", [{"method": "magnitude", "count": 3}, {"method": "magnitude", "masks": {}}, {"method": "magnitude"}]
+)
+def test_state_without_masks_is_a_clear_error(state):
+    sparsifier = sparsetrain.create("magnitude", mlp(), sparsity=0.5)
+    with pytest.raises(ValueError, match="Sparsifier.state_dict") as info:
+        sparsifier.load_state_dict(state)
+    assert "has no" in str(info.value)
+
+
+def test_state_that_is_not_a_dict_is_a_clear_error():
+    sparsifier = sparsetrain.create("magnitude", mlp(), sparsity=0.5)
+    with pytest.raises(ValueError, match="got list"):
+        sparsifier.load_state_dict([1, 2])

@@ -96,7 +96,9 @@ class Sparsifier:
         mask_type: 'unstructured' or 'N:M' (e.g. '2:4': N kept of every M along the input dimension).
         include / exclude: glob patterns over parameter names (default: every weight with dim >= 2).
         seed: seeds every random choice the method makes, together with the step.
-        total_steps, or total_epochs with steps_per_epoch: the run's length (schedules need it).
+        total_steps, or total_epochs with steps_per_epoch: the run's length (schedules need it). Both count
+            optimizer steps: with gradient accumulation over ``a`` batches, steps_per_epoch is
+            ``len(loader) // a``, not ``len(loader)`` (which would stretch every schedule ``a`` times).
         unit: how the method's time options are given: 'fraction' of training, 'epochs' or 'steps'.
     """
 
@@ -356,8 +358,18 @@ class Sparsifier:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"sparsifier state must be the dict from Sparsifier.state_dict(), got {type(state).__name__}"
+            )
         if state.get("method") != self.name:
             raise ValueError(f"sparsifier state is for method {state.get('method')!r}, not {self.name!r}")
+        missing = [key for key in ("masks", "count") if key not in state]
+        if missing or not isinstance(state["masks"], dict):
+            raise ValueError(
+                f"sparsifier state for {self.name!r} has no {' or '.join(map(repr, missing)) or 'dict of masks'}: "
+                f"expected the dict from Sparsifier.state_dict(), got keys {sorted(map(str, state))}"
+            )
         masks = state["masks"]
         if set(masks) != set(self.masks):
             raise ValueError(
@@ -371,7 +383,7 @@ class Sparsifier:
                 )
         self.masks = {n: m.to(device=self.params[n].device, dtype=torch.bool).clone() for n, m in masks.items()}
         self.count = int(state["count"])
-        self.history = [dict(e) for e in state["history"]]
+        self.history = [dict(e) for e in state.get("history", [])]
         self._phase = state.get("phase")
         self.mask_version = int(state.get("mask_version", 0))
         self.init_rescaled = bool(state.get("init_rescaled", False))
