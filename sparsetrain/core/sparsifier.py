@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import maskops
 from ..distributions import check_distribution, layer_sparsities
-from ..optim_state import reset_momentum, zero_state_where
+from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers, reset_momentum, zero_state_where
 from ..schedules import UNITS, Phase, resolve_total_steps, to_steps
 from .selection import select_parameters
 
@@ -174,6 +174,7 @@ class Sparsifier:
         self.history: list[Event] = []
         self.mask_version = 0
         self._enforced_masks: dict[str, Tensor] = {}
+        self._second_moments: dict[str, dict[str, Tensor]] = {}
         self._listeners: list[Callable[[Event], None]] = []
         self._hooks: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -251,6 +252,17 @@ class Sparsifier:
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+    @property
+    def reentry_keeps_second_moments(self) -> bool:
+        """Whether pruned weights get their second moments back when they re-enter (see ``set_masks``).
+
+        True for methods whose pruned weights re-enter training as a rule: alternating phases (AC/DC) and group
+        phases (GaP, pgap). RigL and SET zero every slot of a grown weight instead, as RigL's reference does; the
+        other methods never let a pruned weight back. Keeping costs one tensor per second-moment buffer of each
+        pruned parameter, saved in ``state_dict`` (none with plain or momentum SGD).
+        """
+        return bool({"phases", "group_phases"} & self.capabilities)
 
     # ----------------------------------------------------------------- public API
     @property
@@ -354,6 +366,7 @@ class Sparsifier:
             "phase": self._phase,
             "mask_version": self.mask_version,
             "init_rescaled": self.init_rescaled,
+            "second_moments": {n: {k: t.clone() for k, t in kept.items()} for n, kept in self._second_moments.items()},
             "extra": self.extra_state(),
         }
 
@@ -387,6 +400,11 @@ class Sparsifier:
         self._phase = state.get("phase")
         self.mask_version = int(state.get("mask_version", 0))
         self.init_rescaled = bool(state.get("init_rescaled", False))
+        self._second_moments = {
+            n: {k: t.to(self.params[n].device).clone() for k, t in kept.items()}
+            for n, kept in state.get("second_moments", {}).items()
+            if n in self.params
+        }
         self.load_extra_state(state.get("extra", {}))
         self._refresh_enforced_masks()
 
@@ -439,9 +457,17 @@ class Sparsifier:
 
     @torch.no_grad()
     def set_masks(self, masks: dict[str, Tensor], reason: str) -> None:
-        """Install new masks: zero the pruned weights and their optimizer state, log a mask_update event."""
-        for name, mask in masks.items():
-            self.masks[name] = mask.to(dtype=torch.bool, device=self.params[name].device)
+        """Install new masks: zero the pruned weights and their optimizer state, log a mask_update event.
+
+        The optimizer state of pruned weights is zeroed except second moments (``optim_state.SECOND_MOMENT_KEYS``).
+        Methods whose pruned weights re-enter (AC/DC, GaP: ``reentry_keeps_second_moments``) also record them at
+        the pruning and put them back at re-entry, so a re-entering weight steps on the scale it had, not on a
+        3x larger first step, however long it stayed pruned (Adam lets a zero-gradient entry decay by beta2 per step).
+        """
+        masks = {n: m.to(dtype=torch.bool, device=self.params[n].device) for n, m in masks.items()}
+        if self.reentry_keeps_second_moments and self._optimizer is not None:
+            self._keep_second_moments(self._optimizer, masks)
+        self.masks.update(masks)
         self._refresh_enforced_masks()
         self._apply_masks()
         if self._optimizer is not None:
@@ -470,11 +496,16 @@ class Sparsifier:
         self.init_rescaled = True
         self.emit({"event": "init_rescale"})
 
-    def densify(self, reason: str, reset_optimizer_momentum: bool) -> None:
-        """All masks become ones; pruned weights re-enter at their current value, 0."""
+    def densify(self, reason: str, reset_optimizer_momentum: str | bool = False) -> None:
+        """All masks become ones; pruned weights re-enter at their current value, 0, with their second moments.
+
+        ``reset_optimizer_momentum``: 'all' zeroes the momentum (first-moment) buffers of every parameter the
+        optimizer holds, 'sparsified' (or True) those of the sparsified parameters only, False none.
+        """
         self.set_masks({n: torch.ones_like(m) for n, m in self.masks.items()}, reason)
         if reset_optimizer_momentum and self._optimizer is not None:
-            reset_momentum(self._optimizer, list(self.params.values()))
+            every = reset_optimizer_momentum == "all"
+            reset_momentum(self._optimizer, None if every else list(self.params.values()))
 
     def emit(self, event: Event) -> None:
         event = {"step": self.count, **event}
@@ -529,6 +560,26 @@ class Sparsifier:
             for n, m in self.masks.items()
             if not bool(m.all())
         }
+
+    @torch.no_grad()
+    def _keep_second_moments(self, optimizer: torch.optim.Optimizer, masks: dict[str, Tensor]) -> None:
+        """Record the second moments of weights ``masks`` prunes; restore those of weights it lets back in."""
+        for name, new in masks.items():
+            old = self.masks[name]
+            pruned, reentering = old & ~new, new & ~old
+            if not (pruned.any() or reentering.any()):
+                continue
+            kept = self._second_moments.setdefault(name, {})
+            for key, buffer in per_element_buffers(optimizer, self.params[name]).items():
+                if key not in SECOND_MOMENT_KEYS:
+                    continue
+                if key in kept and reentering.any():
+                    buffer.copy_(torch.where(reentering, kept[key].to(buffer.device, buffer.dtype), buffer))
+                if pruned.any():
+                    record = kept.setdefault(key, torch.zeros_like(buffer))
+                    record.copy_(torch.where(pruned, buffer, record))
+            if bool(new.all()) or not kept:
+                self._second_moments.pop(name, None)  # everything is back: nothing left to hold
 
     def _zero_state_where_masked(self, optimizer: torch.optim.Optimizer) -> None:
         for name in self._enforced_masks:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import maskops
 from ..core import Sparsifier, register
+from ..optim_state import zero_state_where
 from ..schedules import cosine_decay
 
 
@@ -21,10 +22,12 @@ class SET(Sparsifier):
       n = round(a(t) * active), a(t) = alpha / 2 (1 + cos(pi t / t_end));
       drop the n active weights with the smallest |w|; grow n weights chosen among the inactive ones
       (``grow_scores``: random here, drawn from a generator seeded by (seed, step)).
-    The count per layer is preserved exactly; new weights start at 0 with zeroed optimizer state; a weight that is
-    dropped and regrown in the same update keeps its value. The initial mask is random at the layer sparsities
-    of ``distribution`` (ERK by default). With ``skip_update_step`` (default) the optimizer step of an update
-    step is skipped (gradients set to None), as in RigL's reference.
+    The count per layer is preserved exactly; new weights start at 0 with every optimizer slot zeroed, second
+    moments included, as RigL's reference does (a dropped weight keeps its second moments until then, see
+    ``optim_state.SECOND_MOMENT_KEYS``); a weight that is dropped and regrown in the same update keeps its value.
+    The initial mask is random at the layer sparsities of ``distribution`` (ERK by default). With
+    ``skip_update_step`` (default) the optimizer step of an update step is skipped (gradients set to None), as in
+    RigL's reference.
     ``rescale_init`` (default on): the initial mask's kept weights are multiplied by sqrt(fan_in / active
     fan-in) of their output unit (sparse-aware init, Evci et al., AAAI 2022), so the sparse net starts at the
     dense init's signal scale; turn it off for a model that is not freshly initialised.
@@ -99,6 +102,7 @@ class SET(Sparsifier):
         fraction = self.drop_fraction(step)
         grow = self.grow_scores(step)
         masks = {}
+        grown_now: dict[str, Tensor] = {}
         moved = 0
         for name, param in self.params.items():
             mask = self.masks[name]
@@ -113,8 +117,12 @@ class SET(Sparsifier):
             grown = maskops.topk_count_mask(grow_scores, n_swap)
             new_mask = kept | grown
             new = new_mask & ~mask
+            grown_now[name] = new
             param[new] = 0.0  # new connections start at 0 (already 0 as hard zeros; kept explicit)
             moved += int(new.sum())
             masks[name] = new_mask
         self.set_masks(masks, reason=f"{self.name} drop/grow {fraction:.4f}")
+        if self._optimizer is not None:
+            for name, grown in grown_now.items():  # RigL's reference zeroes every slot of a grown weight
+                zero_state_where(self._optimizer, self.params[name], grown, keep_second_moments=False)
         self.emit({"event": "drop_grow", "fraction": fraction, "regrown": moved})
