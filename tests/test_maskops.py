@@ -408,7 +408,7 @@ def test_check_sparsity_rejects(value):
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
 def test_global_topk_large_path_is_exact_and_ranks_globally(sparsity):
-    """The bracketed-threshold path (used above 1M scores) keeps exactly k, the largest ones, ties by index."""
+    """The bracketed-threshold path (used above 1M scores) keeps exactly k, the largest ones, ties spread."""
     g = torch.Generator().manual_seed(3)
     scores = {
         "a": torch.rand(300, 200, generator=g),

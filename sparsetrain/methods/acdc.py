@@ -27,9 +27,9 @@ class ACDC(Sparsifier):
 
     ``reset_momentum``: 'all' (default, as the official code: every parameter's momentum buffer, biases and
     batch norm included), 'sparsified' (only the sparsified weights' buffers) or False (none); True means 'all'.
-    Only first moments are reset. Second moments (Adam's ``exp_avg_sq``, ...) are kept at a compression and at
-    re-entry (``optim_state.SECOND_MOMENT_KEYS``), so a re-entering weight takes an ordinary first step, not
-    3.16 lr: during the sparse phase its gradient is 0, so Adam lets them decay by beta2 per step.
+    Only first moments are reset. Second moments (Adam's ``exp_avg_sq``, ...; ``optim_state.SECOND_MOMENT_KEYS``)
+    of the weights a compression prunes are recorded then and given back when they re-enter, so a re-entering
+    weight takes an ordinary first step, not (1 - beta1) / sqrt(1 - beta2) = 3.16 lr as with zeroed ones.
 
     Lengths are in ``unit``: 'fraction' of training (the default), 'epochs' (with steps_per_epoch) or 'steps'.
     A length left out is the official 100-epoch ImageNet proportion of the run, whatever the unit:
