@@ -2,8 +2,9 @@
 
 Every function here is pure: it reads tensors and returns new boolean masks, never touching a model.
 Counts are exact: a tensor of n elements kept at density d keeps exactly ``keep_count(n, 1 - d)`` elements,
-whatever the ties, because we choose by index from ``torch.topk`` and never by threshold comparison
-(a threshold keeps every element equal to it, so ties change the count).
+whatever the ties. Per tensor we choose by index from ``torch.topk``; the global ranking keeps what lies above
+its threshold and chooses among the scores equal to it by count. A bare threshold comparison would keep every
+element equal to it, so ties would change the count.
 """
 
 from __future__ import annotations
@@ -79,53 +80,66 @@ def topk_mask(scores: Tensor, sparsity: float) -> Tensor:
 def global_topk_masks(scores: dict[str, Tensor], sparsity: float, *, concat_below: int = 1 << 20) -> dict[str, Tensor]:
     """One ranking over all tensors: keep exactly the ``keep_count(N, sparsity)`` largest of all N scores.
 
-    Small sets (fewer than ``concat_below`` scores) are concatenated and ranked with one ``torch.topk``. Large
-    sets (a ResNet-50 has 25M weights) never materialize the concatenation: a sample brackets the threshold,
-    one counting pass over the tensors confirms the bracket, and only the few scores inside it are ranked.
-    Extra memory is a small fraction of the scores plus the output masks; nothing is sorted in full.
-    Ties at the threshold are kept in parameter order, then by index, so the count is exact and every rank of a
-    distributed run chooses the same weights.
+    Small sets (fewer than ``concat_below`` scores) find the threshold (the keep-th largest score) with one
+    ``torch.kthvalue`` over the concatenation. Large sets (a ResNet-50 has 25M weights) never materialize it: a
+    sample brackets the threshold, one counting pass over the tensors confirms the bracket, and only the few
+    scores inside it are ranked. Extra memory is a small fraction of the scores plus the output masks.
+
+    Every score above the threshold is kept. Scores equal to it (ties) fill the remaining places, shared among
+    the tensors in proportion to how many tied scores each holds (largest remainders, integer arithmetic), and
+    spread evenly over each tensor's tied positions. So the count is exact, every rank of a distributed run
+    chooses the same weights, and many equal weights (a constant init, quantised weights) never empty one layer
+    while another stays dense, as a tie-break by parameter order would.
     """
     names = list(scores)
     if not names:
         return {}
     total = sum(scores[n].numel() for n in names)
     keep = keep_count(total, sparsity)
-    if total < concat_below or keep in (0, total):
+    if keep in (0, total):
+        return {n: torch.full(scores[n].shape, keep > 0, dtype=torch.bool, device=scores[n].device) for n in names}
+    if total < concat_below:
         flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
-        kept = _select(flat, keep)
-        del flat
-        out: dict[str, Tensor] = {}
-        offset = 0
-        for name in names:
-            numel = scores[name].numel()
-            out[name] = kept[offset : offset + numel].view(scores[name].shape).clone()
-            offset += numel
-        return out
-    flats = [scores[n].detach().reshape(-1) for n in names]
-    threshold, above = _kth_largest(flats, keep, total)
-    # Keep everything above the threshold, then the first (keep - above) scores equal to it, in order.
-    ties_left = keep - above
-    out = {}
-    for name, flat in zip(names, flats):
-        mask = flat > threshold
-        if ties_left > 0:
-            equal = flat == threshold
-            n_equal = int(equal.sum())
-            if n_equal:
-                if n_equal > ties_left:
-                    positions = equal.nonzero().squeeze(1)[:ties_left]
-                    equal = torch.zeros_like(equal)
-                    equal[positions] = True
-                    n_equal = ties_left
-                mask |= equal
-                ties_left -= n_equal
-        out[name] = mask.view(scores[name].shape)
-    return out
+        threshold = float(torch.kthvalue(flat, total - keep + 1).values)  # the keep-th largest
+        flats = list(flat.split([scores[n].numel() for n in names]))
+        above = int((flat > threshold).sum())
+        tie_counts = [int((f == threshold).sum()) for f in flats]
+    else:
+        flats = [scores[n].detach().reshape(-1) for n in names]
+        threshold, above, tie_counts = _kth_largest(flats, keep, total)
+    kept = [f > threshold for f in flats]
+    for mask, flat, count, share in zip(kept, flats, tie_counts, _proportional_shares(keep - above, tie_counts)):
+        if share == 0:
+            continue
+        ties = flat == threshold
+        if share == count:
+            mask |= ties
+        else:
+            positions = ties.nonzero().squeeze(1)
+            # Evenly spaced among the layer's tied positions: a constant layer keeps some of every row.
+            mask[positions[torch.arange(share, device=positions.device) * count // share]] = True
+    return {n: mask.view(scores[n].shape) for n, mask in zip(names, kept)}
 
 
-def _kth_largest(flats: list[Tensor], k: int, total: int) -> tuple[float, int]:
-    """The k-th largest value over the tensors, and how many values are strictly larger than it."""
+def _proportional_shares(total: int, counts: list[int]) -> list[int]:
+    """Split ``total`` places among groups holding ``counts`` candidates, in proportion: exact, deterministic.
+
+    Largest-remainder apportionment in integers: each group gets floor(total * count / sum); the places left go
+    to the largest remainders, earlier groups first on equal remainders. No float, so every process agrees.
+    """
+    whole = sum(counts)
+    if total == 0 or whole == 0:
+        return [0] * len(counts)
+    shares = [total * c // whole for c in counts]
+    remainders = [total * c % whole for c in counts]
+    left = total - sum(shares)
+    for i in sorted(range(len(counts)), key=lambda i: (-remainders[i], i))[:left]:
+        shares[i] += 1
+    return shares
+
+
+def _kth_largest(flats: list[Tensor], k: int, total: int) -> tuple[float, int, list[int]]:
+    """The k-th largest value over the tensors, how many values are strictly larger, and how many equal it in each."""
     generator = torch.Generator().manual_seed(0)  # the result is exact whatever the sample; fixed for speed only
     sample_size = min(total, 1 << 18)
     sample = torch.cat([
@@ -147,7 +161,8 @@ def _kth_largest(flats: list[Tensor], k: int, total: int) -> tuple[float, int]:
         if above < k <= above + n_inside:
             candidates = torch.cat(inside)
             threshold = float(torch.topk(candidates, k - above, sorted=False).values.min())
-            return threshold, above + int((candidates > threshold).sum())
+            # Every value equal to the threshold lies inside the bracket: count the ties per tensor there.
+            return threshold, above + int((candidates > threshold).sum()), [int((t == threshold).sum()) for t in inside]
     raise RuntimeError("global top-k: the threshold bracket failed to converge")  # unreachable: lo=-inf, hi=inf
 
 

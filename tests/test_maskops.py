@@ -214,6 +214,47 @@ def test_global_topk_total_count_with_ties(sparsity, kept):
     assert sum(int(m.sum()) for m in masks.values()) == kept
 
 
+@pytest.mark.parametrize("concat_below", [1 << 20, 1])  # both paths: concatenated, and bracketed threshold
+def test_global_topk_ties_shared_across_layers_in_proportion(concat_below):
+    """All scores equal (a constant init): every layer keeps its share, none is emptied, the count is exact."""
+    scores = {n: torch.ones(s) for n, s in LENET_PARTS.items()}
+    masks = global_topk_masks(scores, 0.98, concat_below=concat_below)  # keep 980 of 48990
+    # 980 * (150, 48000, 840) / 48990 = 3.0006, 960.2, 16.80: floors 3, 960, 16; the one place left goes to the
+    # largest remainder (fc3's 0.80).
+    assert [int(masks[n].sum()) for n in LENET_PARTS] == [3, 960, 17]
+    # Spread within each layer: fc1 (120 rows of 400) keeps 8 in every row, not 960 in its first 3 rows.
+    assert masks["fc1"].sum(dim=1).tolist() == [8] * 120
+
+
+@pytest.mark.parametrize("concat_below", [1 << 20, 1])
+def test_global_topk_ties_at_the_threshold_only_are_shared(concat_below):
+    """Scores above the threshold are all kept; only the tied ones are shared, by how many each layer holds."""
+    scores = {
+        "a": torch.tensor([9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]),  # one above, five tied
+        "b": torch.tensor([1.0] * 10 + [8.0, 7.0]),  # two above, ten tied
+        "c": torch.tensor([0.5, 0.5]),  # below the threshold
+    }
+    masks = global_topk_masks(scores, 1 - 9 / 22, concat_below=concat_below)  # keep 9 of 22: 3 above, 6 of 15 ties
+    assert [int(masks[n].sum()) for n in scores] == [1 + 2, 2 + 4, 0]
+    assert masks["a"][0] and masks["b"][10] and masks["b"][11]
+
+
+def test_global_topk_ties_never_empty_a_layer_by_parameter_order():
+    """Two equal layers of equal weights at 50%: half of each, where a tie-break by order emptied the second."""
+    scores = {"first": torch.full((10, 10), 0.25), "second": torch.full((10, 10), 0.25)}
+    for concat_below in (1 << 20, 1):
+        masks = global_topk_masks(scores, 0.5, concat_below=concat_below)
+        assert [int(m.sum()) for m in masks.values()] == [50, 50]
+
+
+@pytest.mark.parametrize(
+    ("places", "counts", "shares"),
+    [(10, [3, 3, 4], [3, 3, 4]), (2, [1, 1, 1], [1, 1, 0]), (7, [10, 5, 5], [3, 2, 2]), (0, [4, 4], [0, 0])],
+)
+def test_proportional_shares_table(places, counts, shares):
+    assert maskops._proportional_shares(places, counts) == shares
+
+
 def test_global_topk_masks_are_independent_tensors():
     scores = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, 4.0])}
     masks = global_topk_masks(scores, 0.5)
@@ -367,7 +408,7 @@ def test_check_sparsity_rejects(value):
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
 def test_global_topk_large_path_is_exact_and_ranks_globally(sparsity):
-    """The bracketed-threshold path (used above 1M scores) keeps exactly k, the largest ones, ties by index."""
+    """The bracketed-threshold path (used above 1M scores) keeps exactly k, the largest ones, ties spread."""
     g = torch.Generator().manual_seed(3)
     scores = {
         "a": torch.rand(300, 200, generator=g),
@@ -384,7 +425,8 @@ def test_global_topk_large_path_is_exact_and_ranks_globally(sparsity):
     assert smallest_kept >= largest_dropped
     for name, mask in masks.items():
         assert mask.shape == scores[name].shape and mask.dtype == torch.bool
-    # Ties at the threshold are taken in order: the tied layer's kept entries form a prefix.
+    # Ties at the threshold are spread evenly over the tied layer: gaps between kept entries differ by at most 1.
     tied = masks["ties"].reshape(-1)
-    if 0 < int(tied.sum()) < tied.numel():
-        assert torch.all(tied[: int(tied.sum())])
+    if 1 < int(tied.sum()) < tied.numel():
+        gaps = tied.nonzero().squeeze(1).diff()
+        assert int(gaps.max()) - int(gaps.min()) <= 1

@@ -365,7 +365,7 @@ def test_method_resume_with_rda_optimizer_is_bit_identical_across_the_prune():
     model2.load_state_dict(saved["model"])
     optimizer2.load_state_dict(saved["opt"])
     sparsifier2.load_state_dict(saved["sp"])
-    assert sparsifier2._float_masks == {}  # observed masks are not enforced after a resume either
+    assert sparsifier2._enforced_masks == {}  # observed masks are not enforced after a resume either
     train_steps(model2, optimizer2, range(6, 20))
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)

@@ -31,27 +31,39 @@ def select_parameters(
     Default: every parameter with ``dim() >= 2`` (Linear, Conv, Embedding weights), not biases or norms.
     ``include`` replaces that default with glob patterns over names (``"features.*.weight"``); ``exclude``
     removes matches from the selection (keep the first conv and the classifier dense, for example).
+    A parameter shared by several modules (tied weights: an embedding and an output layer) is one parameter with
+    several names: the patterns match any of them, and it is keyed by the first (``model.named_parameters()``'s).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     include_patterns = _as_patterns(include, "include")
     exclude_patterns = _as_patterns(exclude, "exclude")
     named = dict(model.named_parameters())
+    # Every name of every parameter: named_parameters() reports a tied parameter under its first name only, so
+    # exclude=["lm_head.weight"] on a head tied to the embedding would match nothing and sparsify it anyway.
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    all_names = [n for names in aliases.values() for n in names]
+
+    def matches(param: nn.Parameter, patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(n, pat) for n in aliases[id(param)] for pat in patterns)
+
     if include_patterns:
         for pattern in include_patterns:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in named):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in all_names):
                 raise ValueError(
                     f"include pattern {pattern!r} matches no parameter; parameter names are: "
-                    f"{', '.join(named) or '(none)'}"
+                    f"{', '.join(all_names) or '(none)'}"
                 )
-        chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in include_patterns)}
+        chosen = {n: p for n, p in named.items() if matches(p, include_patterns)}
     else:
         chosen = {n: p for n, p in named.items() if p.dim() >= 2}
     for pattern in exclude_patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in named):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in all_names):
             # A recipe may be shared across models; a miss is worth a warning, not an error.
             log.warning("exclude pattern %r matches no parameter", pattern)
-    chosen = {n: p for n, p in chosen.items() if not any(fnmatch.fnmatchcase(n, pat) for pat in exclude_patterns)}
+    chosen = {n: p for n, p in chosen.items() if not matches(p, exclude_patterns)}
     if not chosen:
         raise ValueError(
             "nothing to sparsify: no parameter with dim >= 2 is selected "

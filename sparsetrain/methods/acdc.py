@@ -25,6 +25,12 @@ class ACDC(Sparsifier):
       weights are zeroed and masked weights are re-zeroed after every step. At each decompressed start all
       masks become ones: pruned weights re-enter at 0 and momentum buffers are reset (``reset_momentum``).
 
+    ``reset_momentum``: 'all' (default, as the official code: every parameter's momentum buffer, biases and
+    batch norm included), 'sparsified' (only the sparsified weights' buffers) or False (none); True means 'all'.
+    Only first moments are reset. Second moments (Adam's ``exp_avg_sq``, ...; ``optim_state.SECOND_MOMENT_KEYS``)
+    of the weights a compression prunes are recorded then and given back when they re-enter, so a re-entering
+    weight takes an ordinary first step, not (1 - beta1) / sqrt(1 - beta2) = 3.16 lr as with zeroed ones.
+
     Lengths are in ``unit``: 'fraction' of training (the default), 'epochs' (with steps_per_epoch) or 'steps'.
     A length left out is the official 100-epoch ImageNet proportion of the run, whatever the unit:
     warm-up 10%, compressed 5%, decompressed 5%, final 15%. The official
@@ -36,7 +42,8 @@ class ACDC(Sparsifier):
 
     Differences from the official code: exact top-k counts (the reference's strict '>' threshold keeps k-1
     weights); gradients of masked weights are zeroed before the step, so no momentum leaks into them; and the
-    mask difference is corrected for changes in sparsity.
+    mask difference is corrected for changes in sparsity. (The official code trains with SGD; with Adam-like
+    optimizers the kept second moments are ours.)
     """
 
     capabilities = frozenset({"sparse", "mask_updates", "phases", "nm"})
@@ -49,11 +56,17 @@ class ACDC(Sparsifier):
         compressed: float | None = None,
         decompressed: float | None = None,
         final: float | None = None,
-        reset_momentum: bool = True,
+        reset_momentum: str | bool = "all",
         **common: Any,
     ) -> None:
         self.warmup, self.compressed, self.decompressed, self.final = warmup, compressed, decompressed, final
-        self.reset_momentum = bool(reset_momentum)
+        if reset_momentum is True:  # the former boolean option: True reset momentum, now for every parameter
+            reset_momentum = "all"
+        if reset_momentum not in ("all", "sparsified", False):
+            raise ValueError(
+                f"acdc: reset_momentum must be 'all', 'sparsified' or false (true means 'all'); got {reset_momentum!r}"
+            )
+        self.reset_momentum: str | bool = reset_momentum
         self._last_sparse_masks: dict[str, Tensor] | None = None
         super().__init__(model, **common)
 

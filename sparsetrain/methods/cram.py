@@ -27,8 +27,8 @@ class CrAMMethod(Sparsifier):
     ``exclude``); every trainable parameter is perturbed.
 
     Needs ``optimizer.step(closure)``: the closure zeroes the gradients, computes the loss, calls backward and
-    returns the loss; CrAM calls it twice per step (first at the clean weights). Attached to a plain optimizer
-    without the wrapper the method is dense training.
+    returns the loss; CrAM calls it twice per step (first at the clean weights). ``attach`` refuses any other
+    optimizer: without the wrapper the run would be plain dense training.
 
     Reference: Peste, Vladu, Kurtic, Lampert, Alistarh, "CrAM: A Compression-Aware Minimizer", ICLR 2023,
     arXiv 2207.14200. Differences from the paper: see :class:`sparsetrain.optim.CrAM` (exact top-k counts,
@@ -86,6 +86,17 @@ class CrAMMethod(Sparsifier):
 
     def target_sparsity_at(self, step: int) -> float:
         return 0.0
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> CrAMMethod:
+        """Attach to the :class:`~sparsetrain.optim.CrAM` optimizer from :meth:`wrap_optimizer`; others are refused."""
+        if not isinstance(optimizer, CrAM):
+            raise ValueError(
+                f"cram trains through sparsetrain.optim.CrAM, got a plain {type(optimizer).__name__} (this would be "
+                "dense training, no compression-aware step): use optimizer = sparsifier.wrap_optimizer(optimizer), "
+                "then sparsifier.attach(optimizer)"
+            )
+        super().attach(optimizer)
+        return self
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> CrAM:
         return optimizer if isinstance(optimizer, CrAM) else self.make_optimizer(optimizer)

@@ -32,8 +32,8 @@ class RDAMethod(Sparsifier):
     95.7% in 10 epochs. With ``prune_to_target=False`` there is no
     target: ``sparsity`` is only reported and the run ends with lam's sparsity.
 
-    Attached to any other optimizer (SGD, Adam, ...) nothing is penalised: the method is then one-shot magnitude
-    pruning at ``finish`` followed by fine-tuning.
+    ``attach`` refuses any other optimizer (SGD, Adam, ...): nothing would be penalised and the run would be
+    one-shot magnitude pruning at ``finish``; :meth:`wrap_optimizer` builds the RDA optimizer from it.
 
     Options: ``lam``, ``M``, ``tau``, ``mode`` ('unstructured', 'kernel', 'channel'), ``step_scale`` (see
     :class:`~sparsetrain.optim.RDA`), ``prune_to_target``, ``finish``, ``anneal``.
@@ -176,6 +176,13 @@ class RDAMethod(Sparsifier):
         return self.make_optimizer(params, lr=lr, weight_decay=weight_decay)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RDAMethod:
+        """Attach to the :class:`~sparsetrain.optim.RDA` optimizer from :meth:`wrap_optimizer`; others are refused."""
+        if not isinstance(optimizer, RDA):
+            raise ValueError(
+                f"rda trains through sparsetrain.optim.RDA, got a plain {type(optimizer).__name__} (nothing would "
+                "be penalised: plain training and a magnitude prune at 'finish'): use "
+                "optimizer = sparsifier.wrap_optimizer(optimizer), then sparsifier.attach(optimizer)"
+            )
         super().attach(optimizer)
         self._configure_optimizer(self.count)
         return self
@@ -188,10 +195,10 @@ class RDAMethod(Sparsifier):
             group.update(settings)
 
     # ------------------------------------------------------------------ enforcement only after the prune
-    def _refresh_float_masks(self) -> None:
+    def _refresh_enforced_masks(self) -> None:
         # Before the prune the masks observe the weights: enforcing them would stop a zeroed weight from coming
         # back, which dual averaging allows. After it they are ordinary fixed masks.
         if self.pruned_at(self.count):
-            super()._refresh_float_masks()
+            super()._refresh_enforced_masks()
         else:
-            self._float_masks = {}
+            self._enforced_masks = {}

@@ -17,7 +17,8 @@ class RigL(SET):
     a(t) = alpha/2 (1 + cos(pi t / t_end)) (alpha = 0.3) of active weights with the smallest |w|, grow as many
     inactive weights with the largest |gradient|. Masked weights are hard zeros (not detached), so the gradient
     of the step is dense; with gradient accumulation it is the accumulated gradient at ``optimizer.step()``.
-    Grown weights start at 0 with zeroed optimizer state; ERK layer sparsities by default. ``rescale_init``
+    Grown weights start at 0 with every optimizer slot zeroed, second moments included (as the reference);
+    ERK layer sparsities by default. ``rescale_init``
     (default on): the initial mask's kept weights get sqrt(fan_in / active fan-in) of their unit (SET's option).
 
     Differences from the paper: none in the update; the reference's TF code grows among positions inactive

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .. import maskops
 from ..core import Sparsifier, register
 from ..core.sparsifier import derived_seed
+from ..optim_state import zero_state_where
 from ..schedules import cosine_decay
 
 DROP_SCHEDULES = ("cosine", "constant")
@@ -34,10 +35,12 @@ class SET(Sparsifier):
       (``grow_scores``: random here, drawn from a generator seeded by (seed, step)).
     The count per layer is preserved exactly; new weights start at 0 (``grow_init="zero"``, default) or are drawn
     from N(0, r^2), r the RMS of the layer's kept weights at step 0 (its initialisation, after ``rescale_init``),
-    from a generator seeded by (seed, step) (``grow_init="random"``); either way their optimizer state starts at 0.
-    A weight that is dropped and regrown in the same update keeps its value. The initial mask is random at the
-    layer sparsities of ``distribution`` (ERK by default). With ``skip_update_step`` (default) the optimizer
-    step of an update step is skipped (gradients set to None), as in RigL's reference.
+    from a generator seeded by (seed, step) (``grow_init="random"``); either way every optimizer slot of a grown
+    weight is zeroed, second moments included, as RigL's reference does (a dropped weight keeps its second
+    moments until then, see ``optim_state.SECOND_MOMENT_KEYS``). A weight that is dropped and regrown in the same
+    update keeps its value. The initial mask is random at the layer sparsities of ``distribution`` (ERK by
+    default). With ``skip_update_step`` (default) the optimizer step of an update step is skipped (gradients set
+    to None), as in RigL's reference.
     ``rescale_init`` (default on): the initial mask's kept weights are multiplied by sqrt(fan_in / active
     fan-in) of their output unit (sparse-aware init, Evci et al., AAAI 2022), so the sparse net starts at the
     dense init's signal scale; turn it off for a model that is not freshly initialised.
@@ -151,6 +154,7 @@ class SET(Sparsifier):
         # Values of random regrowth: a second stream of (seed, step), apart from the grow scores' draws.
         values = torch.Generator().manual_seed(derived_seed(derived_seed(self.seed, step), 1))
         masks = {}
+        grown_now: dict[str, Tensor] = {}
         moved = 0
         for name, param in self.params.items():
             mask = self.masks[name]
@@ -165,6 +169,7 @@ class SET(Sparsifier):
             grown = maskops.topk_count_mask(grow_scores, n_swap)
             new_mask = kept | grown
             new = new_mask & ~mask
+            grown_now[name] = new
             if self.grow_init == "random":
                 drawn = torch.randn(param.shape, generator=values) * self.init_rms[name]
                 param[new] = drawn.to(device=param.device, dtype=param.dtype)[new]
@@ -173,4 +178,7 @@ class SET(Sparsifier):
             moved += int(new.sum())
             masks[name] = new_mask
         self.set_masks(masks, reason=f"{self.name} drop/grow {fraction:.4f}")
+        if self._optimizer is not None:
+            for name, grown in grown_now.items():  # RigL's reference zeroes every slot of a grown weight
+                zero_state_where(self._optimizer, self.params[name], grown, keep_second_moments=False)
         self.emit({"event": "drop_grow", "fraction": fraction, "regrown": moved})
