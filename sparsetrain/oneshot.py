@@ -33,7 +33,8 @@ def prune_oneshot(
 
     In place, because the pruned model is what the caller evaluates, re-calibrates and saves; copy the model (or
     its ``state_dict``) first to keep the dense one. The masks come from the same machinery as every method
-    (the ``magnitude`` sparsifier at step 0): exact counts, ties broken by index.
+    (the ``magnitude`` sparsifier at step 0): exact counts; exact ties at the threshold are shared among
+    layers in proportion to how many each holds.
 
     Args:
         model: the model; by default every weight with dim >= 2 is pruned.
