@@ -216,9 +216,8 @@ class Run:
     def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One optimizer step on the batch; returns the loss and logits of its first forward pass.
 
-        One path for every optimizer: the forward/backward pass is a closure. A plain optimizer steps on the
-        gradients it left; one that evaluates the loss itself (the 'closure' capability; CrAM runs it twice)
-        is given it. Each pass is clipped and counted in training FLOPs, at the density in force for this step.
+        One path for every optimizer: the forward/backward pass (clipped, counted in training FLOPs) is a closure,
+        run before a plain optimizer's step, or by the step itself for optimizers that need one (CrAM: twice).
         """
         # Parallel GaP trains replicas apart: no gradient all-reduce while its rounds last.
         apart = self.world > 1 and not self.sparsifier.synchronize_gradients()
@@ -248,8 +247,9 @@ class Run:
         """The step just taken ended ``phase``. When it was a decompressed phase of the sparse-dense pair (AC/DC),
         its last dense weights are a candidate dense twin: chosen on validation accuracy, never test. The dense
         warm-up is not a decompressed phase."""
+        weights, self._dense_weights = self._dense_weights, None
         if phase == "dense" and self.sparsifier.count > self._warmup_end():
-            self._consider_dense(self.sparsifier.count)
+            self._consider_dense(self.sparsifier.count, weights)
 
     def _keep_dense_weights(self, event: dict[str, Any]) -> None:
         # The one thing done inside optimizer.step(): the step that ends a dense phase also compresses the model
@@ -263,8 +263,7 @@ class Run:
         timeline = self.sparsifier.timeline()
         return timeline[0].end if timeline and timeline[0].kind == "dense" else 0
 
-    def _consider_dense(self, step: int) -> None:
-        weights, self._dense_weights = self._dense_weights, None
+    def _consider_dense(self, step: int, weights: dict[str, Tensor]) -> None:
         if self._twin is None:
             self._twin = copy.deepcopy(self.model)  # evaluated in place of the (now pruned) model; no RNG drawn
         self._twin.load_state_dict(weights)
