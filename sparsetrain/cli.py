@@ -142,7 +142,7 @@ def _choose_out_dir(config: dict[str, Any], explicit: bool, prepare: bool = True
     never finished, temporary files) is a run that never started: it is cleared and reused.
     """
     from .train.config import default_out_dir
-    from .train.loop import clear_unstarted, folder_state
+    from .train.outputs import clear_unstarted, folder_state
 
     out = Path(config["out"] or default_out_dir(config))
     _check_folder_path(out, "--out")
@@ -247,7 +247,7 @@ def _resume_config(run_dir: Path, main_rank: bool) -> tuple[dict[str, Any], bool
     before its first checkpoint and starts again from the beginning with its saved config)."""
     from .train.checkpoint import load
     from .train.config import validate, yaml_load
-    from .train.loop import LAST, RESUME_KEYS, clear_unstarted, folder_state, remove_stale_temporaries
+    from .train.outputs import LAST, RESUME_KEYS, clear_unstarted, folder_state, remove_stale_temporaries
 
     state = folder_state(run_dir)
     if state == "unstarted" and (run_dir / "config.yaml").is_file():
@@ -294,7 +294,8 @@ def _resume_config(run_dir: Path, main_rank: bool) -> tuple[dict[str, Any], bool
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from .train.loop import LAST, describe
+    from .train.config import describe
+    from .train.outputs import LAST
 
     main_rank = os.environ.get("RANK", "0") == "0"
     if args.resume:
@@ -411,7 +412,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .flops import FlopCounter
     from .train.checkpoint import load
     from .train.data import load_dataset
-    from .train.loop import evaluate
+    from .train.evaluation import evaluate
     from .train.models import build_model
 
     data = load(args.checkpoint)

@@ -111,7 +111,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..oneshot import norm_modules, prune_oneshot, recalibrate_batchnorm
     from ..train.checkpoint import load, save_atomic
     from ..train.data import iterate_batches, load_dataset
-    from ..train.loop import checkpoint_payload, evaluate, weight_sparsity
+    from ..train.evaluation import checkpoint_payload, evaluate, weight_sparsity
     from ..train.models import build_model
 
     # Usage mistakes first, before any work.

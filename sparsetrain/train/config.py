@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,5 +246,84 @@ def _fix_nm_sparsity(config: dict[str, Any], recipe: dict[str, Any], overrides: 
     config["sparsity"] = implied
 
 
-def default_out_dir(config: dict[str, Any]) -> str:
+def default_out_dir(config: Mapping[str, Any]) -> str:
     return f"runs/{config['method']}-{config['model']}-{config['dataset']}-s{config['sparsity']:g}-seed{config['seed']}"
+
+
+def describe(config: Mapping[str, Any]) -> str:
+    """One line naming the run: method and target, model, dataset, epochs."""
+    target = config["mask_type"] if config["mask_type"] != "unstructured" else f"{config['sparsity']:g}"
+    return f"{config['method']} {target} - {config['model']} on {config['dataset']} - {config['epochs']} epochs"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A validated run configuration: one typed field per option of :data:`SCHEMA` (same names, same order).
+
+    Built once from the YAML/recipe form with :meth:`from_dict`; :meth:`to_dict` gives that form back, the one
+    ``config.yaml`` and checkpoints store, so saved files keep their format and old checkpoints still load.
+    """
+
+    dataset: str
+    data_dir: str | None
+    val_fraction: float
+    limit_train: int | None
+    model: str
+    method: str
+    sparsity: float
+    distribution: str | None
+    mask_type: str
+    include: list[str] | str | None
+    exclude: list[str] | str | None
+    method_options: dict[str, Any]
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: str
+    warmup_epochs: float
+    milestones: list[float]
+    gamma: float
+    grad_clip: float | None
+    amp: bool
+    device: str
+    seed: int
+    threads: int | None
+    out: str | None
+    progress: bool | None
+    plots: bool
+    comm_hook: str
+    qsgd_levels: int
+    qsgd_bucket: int
+    qsgd_norm: str
+    check_masks: bool
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> TrainConfig:
+        """Validate ``config`` (option: value, as in a recipe or a checkpoint) and build the typed config.
+
+        Options it leaves out take their defaults (a checkpoint written before an option existed still loads);
+        an unknown option, a wrong type or a value out of range raises :class:`~sparsetrain.errors.ConfigError`.
+        """
+        return cls(**validate({**defaults(), **config}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain option: value form, in :data:`SCHEMA` order (what ``config.yaml`` and checkpoints hold)."""
+        return {key: copy.deepcopy(getattr(self, key)) for key in SCHEMA}
+
+    def describe(self) -> str:
+        return describe(self.to_dict())
+
+    @property
+    def target_sparsity(self) -> float | None:
+        """The sparsity to reach, or None when an N:M mask type fixes it instead."""
+        return self.sparsity if self.mask_type == "unstructured" else None
+
+
+def as_train_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
+    """``config`` itself, or the typed config built from its dict form."""
+    return config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
