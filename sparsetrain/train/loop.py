@@ -12,10 +12,8 @@ import copy
 import csv
 import json
 import logging
-import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -27,14 +25,17 @@ from torch import nn
 
 import sparsetrain
 
+from .._atomic import write_text_atomic
 from ..distributed import check_masks_consistent
-from ..distributed.hooks import check_hook, register_hook
+from ..distributed.hooks import check_hook, hook_options, register_hook
 from ..errors import CheckpointError, ConfigError, TrainingDiverged, first_line, writing
 from ..flops import FlopCounter, TrainingFlops
+from ..models import build_model, model_spec
+from ..optim.groups import weight_decay_groups
 from . import checkpoint
 from .config import default_out_dir
 from .data import Splits, iterate_batches, load_dataset, num_batches
-from .models import build_model, model_spec
+from .lr_schedules import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -47,32 +48,8 @@ RESUME_KEYS = ("model", "model_spec", "config", "epoch", "optimizer", "sparsifie
                "best_dense", "elapsed", "rng")  # fmt: skip
 
 
-def lr_factor(step: int, total: int, steps_per_epoch: int, config: dict[str, Any]) -> float:
-    """Learning-rate multiplier at ``step``: a pure function of time, so a resumed run needs no scheduler state."""
-    warmup = int(round(config["warmup_epochs"] * steps_per_epoch))
-    schedule = config["schedule"]
-    if schedule == "onecycle":
-        # Linear rise over the first 30% from lr/25, then cosine annealing to lr/1e4 (Smith & Topin 2019).
-        peak = max(1, int(0.3 * total))
-        if step < peak:
-            return 1 / 25 + (1 - 1 / 25) * step / peak
-        progress = (step - peak) / max(1, total - peak)
-        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "step":
-        return config["gamma"] ** sum(step >= m * total for m in config["milestones"])
-    return 1.0
-
-
 def make_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
-    # Weight decay on weights only: decaying biases and norm scales does not help and hurts small nets.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(model.parameters(), config["weight_decay"])  # weights decay, biases and norms not
     if config["optimizer"] == "sgd":
         return torch.optim.SGD(
             groups, lr=config["lr"], momentum=config["momentum"], nesterov=config["nesterov"] and config["momentum"] > 0
@@ -243,10 +220,7 @@ class Run:
         self.elapsed = 0.0
 
     def _hook_options(self) -> dict[str, Any]:
-        config = self.config
-        if config["comm_hook"] != "qsgd":
-            return {}
-        return {"levels": config["qsgd_levels"], "bucket_size": config["qsgd_bucket"], "norm": config["qsgd_norm"]}
+        return hook_options(self.config["comm_hook"], self.config)
 
     @property
     def is_main(self) -> bool:
@@ -640,22 +614,6 @@ def write_config(config: dict[str, Any], path: Path) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump(copy.deepcopy(config), sort_keys=True))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is always either the old file or the complete new one (a full disk leaves
-    the old one), raising :class:`~sparsetrain.errors.WriteError` that names ``path`` when it cannot."""
-    with writing(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 def folder_state(out: Path) -> str:
