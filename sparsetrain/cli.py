@@ -400,19 +400,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .flops import FlopCounter
     from .train.checkpoint import load, require, restore_model
-    from .train.data import load_dataset
+    from .train.data import load_run_dataset
     from .train.loop import evaluate
 
     data = load(args.checkpoint)
     require(data, args.checkpoint, "model", "model_spec", "config")
     config = data["config"]
     model = restore_model(data, args.checkpoint)
-    splits = load_dataset(
-        config["dataset"],
-        data_dir=args.data_dir or config["data_dir"],
-        val_fraction=config["val_fraction"],
-        seed=config["seed"],
-    )
+    splits = load_run_dataset(config, args.data_dir)
     test = evaluate(model, splits.test, 1000, torch.device("cpu"))
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
     print(f"test accuracy: {test['acc']:.2f}%   test loss: {test['loss']:.4f}")

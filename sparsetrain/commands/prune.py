@@ -110,7 +110,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..distributions import check_distribution
     from ..oneshot import norm_modules, prune_oneshot, recalibrate_batchnorm
     from ..train.checkpoint import load, require, restore_model, save_atomic
-    from ..train.data import iterate_batches, load_dataset
+    from ..train.data import iterate_batches, load_run_dataset
     from ..train.loop import checkpoint_payload, evaluate, weight_sparsity
 
     # Usage mistakes first, before any work.
@@ -155,12 +155,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise ConfigError(f"{error} (on the command line: --exclude PATTERN)") from None
 
     prune(fresh_model(), sparsities[0])  # options that do not fit this model fail here, before the data loads
-    splits = load_dataset(
-        config["dataset"],
-        data_dir=args.data_dir or config["data_dir"],
-        val_fraction=config["val_fraction"],
-        seed=config["seed"],
-    )
+    splits = load_run_dataset(config, args.data_dir)
     device = torch.device("cpu")
     model = fresh_model()
     has_norms = bool(norm_modules(model))

@@ -26,9 +26,10 @@ import random
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "iterate_batches",
     "list_datasets",
     "load_dataset",
+    "load_run_dataset",
     "num_batches",
     "read_idx",
     "register_dataset",
@@ -813,6 +815,17 @@ def load_dataset(
     )
     logger.info("%r", splits)
     return splits
+
+
+def load_run_dataset(config: Mapping[str, Any], data_dir: str | None = None) -> Splits:
+    """The data of a run as its saved config names it, split as in training; ``data_dir`` overrides the config's
+    (the files may have moved since). For commands that evaluate a checkpoint (``eval``, ``prune``)."""
+    return load_dataset(
+        config["dataset"],
+        data_dir=data_dir or config["data_dir"],
+        val_fraction=config["val_fraction"],
+        seed=config["seed"],
+    )
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
