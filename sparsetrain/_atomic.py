@@ -9,15 +9,16 @@ bits; a new name gets the usual ``0o666`` minus the umask, as ``open()`` would g
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, writing
 
-__all__ = ["check_replaceable", "write_atomic"]
+__all__ = ["check_replaceable", "write_atomic", "write_text_atomic"]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -90,3 +91,14 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
             os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` atomically (:func:`write_atomic`); a failure raises
+    :class:`~sparsetrain.errors.WriteError` naming ``path`` (a full disk leaves the old file)."""
+    with writing(path):
+        write_atomic(path, functools.partial(_write_text, text=text))

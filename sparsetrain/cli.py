@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "--comm-hook",
         dest="comm_hook",
         default=None,
-        help="gradient communication: none, allreduce, fp16, qsgd, natural, masked",
+        help=_flag_help("comm_hook"),
     )
     bar = train.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
@@ -223,23 +223,13 @@ def launch_distributed(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _check_method_fits_hook(config: dict[str, Any]) -> None:
     import sparsetrain
-    from sparsetrain.distributed import check_hook
+    from sparsetrain.distributed.hooks import check_hook, hook_options
 
-    method = sparsetrain.get_method(config["method"]) if config["method"] in sparsetrain.list_methods() else None
-    if method is None:
-        raise ConfigError(f"unknown method {config['method']!r}; available: {', '.join(sparsetrain.list_methods())}")
-    options = {}
-    if config["comm_hook"] == "qsgd":
-        options = {"levels": config["qsgd_levels"], "bucket_size": config["qsgd_bucket"], "norm": config["qsgd_norm"]}
-    try:
-        check_hook(config["comm_hook"], None, options)
+    try:  # the same check the trainer makes, here before any process starts
+        method = sparsetrain.get_method(config["method"])
+        check_hook(config["comm_hook"], method, hook_options(config["comm_hook"], config))
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if config["comm_hook"] == "masked" and "dense_gradients" in method.capabilities:
-        raise ConfigError(
-            f"the masked hook does not fit method {config['method']!r}: it needs dense gradients "
-            "at every step; use --comm-hook none, fp16, qsgd or natural"
-        )
 
 
 def _resume_config(run_dir: Path, main_rank: bool) -> tuple[dict[str, Any], bool, str]:
@@ -410,28 +400,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .flops import FlopCounter
-    from .train.checkpoint import load
-    from .train.data import load_dataset
+    from .train.checkpoint import load, require, restore_model
+    from .train.data import load_run_dataset
     from .train.evaluation import evaluate
-    from .train.models import build_model
 
     data = load(args.checkpoint)
-    config = data.get("config")
-    if not isinstance(config, dict) or not isinstance(data.get("model_spec"), dict):
-        raise CheckpointError(f"{args.checkpoint!r} holds no model spec and config; is it a sparsetrain checkpoint?")
-    try:
-        model = build_model(**data["model_spec"])
-        model.load_state_dict(data["model"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"checkpoint {args.checkpoint!r} does not match its model spec ({first_line(error)})"
-        ) from None
-    splits = load_dataset(
-        config["dataset"],
-        data_dir=args.data_dir or config["data_dir"],
-        val_fraction=config["val_fraction"],
-        seed=config["seed"],
-    )
+    require(data, args.checkpoint, "model", "model_spec", "config")
+    config = data["config"]
+    model = restore_model(data, args.checkpoint)
+    splits = load_run_dataset(config, args.data_dir)
     test = evaluate(model, splits.test, 1000, torch.device("cpu"))
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
     print(f"test accuracy: {test['acc']:.2f}%   test loss: {test['loss']:.4f}")
@@ -639,8 +616,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .train.data import DataError
-
     try:
         if args.command == "train" and getattr(args, "nproc", None):
             return launch_distributed(args, list(sys.argv[1:] if argv is None else argv))
@@ -649,9 +624,6 @@ def main(argv: list[str] | None = None) -> int:
     except SparsetrainError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:  # `train` says itself what was saved
         print("\ninterrupted", file=sys.stderr)
         return 130

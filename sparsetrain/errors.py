@@ -27,6 +27,11 @@ class CheckpointError(SparsetrainError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
+class DataError(SparsetrainError, ValueError):
+    """A dataset could not be loaded (missing, corrupt or unreadable files); the message says what was tried and
+    how to fix it. A ValueError too, as it always was."""
+
+
 class TrainingDiverged(SparsetrainError):
     """The loss became NaN or infinite."""
 

@@ -737,7 +737,7 @@ def _model_from_spec(path: Path, spec: Any, plans: Mapping[str, _Plan], max_byte
     The spec comes from the file, so it is built first on the meta device (shapes only, no memory): a spec with
     ``num_classes=5e6`` is refused for not matching the file, or for its size, before a real tensor exists.
     """
-    from .train.models import build_model  # only here: the export format itself does not depend on the trainer
+    from .models import build_model  # only here: a file without a model spec needs no model zoo
 
     if not isinstance(spec, dict) or not {"name", "input_shape", "num_classes"} <= set(spec):
         raise _corrupt(path, f"its model spec is {spec!r}; expected name, input_shape and num_classes")

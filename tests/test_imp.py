@@ -10,7 +10,7 @@ from helpers.shared import conv_bn_net, roundtrip
 from torch import nn
 
 import sparsetrain
-from sparsetrain.train.loop import lr_factor
+from sparsetrain.train.lr_schedules import lr_factor
 
 TOTAL, STEPS_PER_EPOCH, PRETRAIN, ROUND = 100, 10, 40, 30
 

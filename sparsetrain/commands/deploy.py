@@ -66,6 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .. import export
     from .._atomic import check_replaceable
     from ..train.checkpoint import load as load_checkpoint
+    from ..train.checkpoint import require
 
     out = Path(args.output)
     check_replaceable(out)  # --force replaces a regular file only, never a device, fifo or directory
@@ -73,8 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{str(out)!r} exists; nothing was overwritten. Choose another -o or pass --force")
     dtype = export.parse_dtype(args.dtype)  # before any work: an unknown dtype is a usage error
     data = load_checkpoint(args.checkpoint)
-    if not isinstance(data.get("model"), dict) or not isinstance(data.get("model_spec"), dict):
-        raise CheckpointError(f"{args.checkpoint!r} holds no model state and spec; is it a sparsetrain checkpoint?")
+    require(data, args.checkpoint, "model", "model_spec")
     state = data["model"]
     with writing(out):
         summary = export.save(state, out, metadata=export.checkpoint_metadata(data), dtype=dtype)
@@ -144,21 +144,15 @@ def _load_model(path_text: str) -> tuple[Any, dict[str, Any], str]:
     """The model, its spec and a one-line description, from a checkpoint, a run directory or an export file."""
     from .. import export
     from ..train.checkpoint import load as load_checkpoint
-    from ..train.models import build_model
+    from ..train.checkpoint import restore_model
 
     path = Path(path_text)
     if not path.exists():
         raise CheckpointError(f"{path_text!r} does not exist; give a checkpoint, a run directory or an export file")
     if path.is_dir() or path.suffix == ".pt":
         data = load_checkpoint(path)
+        model = restore_model(data, path_text)
         spec = data["model_spec"]
-        try:
-            model = build_model(**spec)
-            model.load_state_dict(data["model"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(
-                f"{path_text!r} does not match its model spec ({str(error).splitlines()[0][:200]})"
-            ) from None
         run = export.checkpoint_metadata(data)["run"]
     else:
         exported = export.read(path)

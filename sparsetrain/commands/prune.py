@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError, first_line, writing
+from ..errors import ConfigError, writing
 
 DEFAULT_SPARSITIES = "0.5,0.7,0.9"
 DEFAULT_CALIBRATION_SAMPLES = 1000
@@ -109,10 +109,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .._atomic import check_replaceable
     from ..distributions import check_distribution
     from ..oneshot import norm_modules, prune_oneshot, recalibrate_batchnorm
-    from ..train.checkpoint import load, save_atomic
-    from ..train.data import iterate_batches, load_dataset
+    from ..train.checkpoint import load, require, restore_model, save_atomic
+    from ..train.data import iterate_batches, load_run_dataset
     from ..train.evaluation import checkpoint_payload, evaluate, weight_sparsity
-    from ..train.models import build_model
 
     # Usage mistakes first, before any work.
     sparsities = parse_sparsities(args.sparsity, args.mask_type)
@@ -132,21 +131,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join(existing)} exist(s); nothing was overwritten. Pass --force or choose --out-dir")
 
     data = load(args.checkpoint)
-    config, spec, state = data.get("config"), data.get("model_spec"), data.get("model")
-    if not isinstance(config, dict) or not isinstance(spec, dict) or not isinstance(state, dict):
-        raise CheckpointError(
-            f"{args.checkpoint!r} holds no model state, spec and config; is it a sparsetrain checkpoint?"
-        )
+    require(data, args.checkpoint, "model", "model_spec", "config")
+    config, spec = data["config"], data["model_spec"]
 
     def fresh_model() -> torch.nn.Module:
-        try:
-            model = build_model(**spec)
-            model.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(
-                f"checkpoint {args.checkpoint!r} does not match its model spec ({first_line(error)})"
-            ) from None
-        return model
+        return restore_model(data, args.checkpoint)
 
     exclude = config.get("exclude") or []
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -166,12 +155,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise ConfigError(f"{error} (on the command line: --exclude PATTERN)") from None
 
     prune(fresh_model(), sparsities[0])  # options that do not fit this model fail here, before the data loads
-    splits = load_dataset(
-        config["dataset"],
-        data_dir=args.data_dir or config["data_dir"],
-        val_fraction=config["val_fraction"],
-        seed=config["seed"],
-    )
+    splits = load_run_dataset(config, args.data_dir)
     device = torch.device("cpu")
     model = fresh_model()
     has_norms = bool(norm_modules(model))

@@ -7,9 +7,10 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from .hooks import HOOKS, HookState, WireStats, check_hook, register_hook
+from .hooks import HOOKS, HookState, WireStats, check_hook, list_comm_hooks, register_comm_hook, register_hook
 
-__all__ = ["HOOKS", "HookState", "WireStats", "check_hook", "register_hook", "masks_checksum", "check_masks_consistent"]
+__all__ = ["HOOKS", "HookState", "WireStats", "check_hook", "list_comm_hooks", "register_comm_hook", "register_hook",
+           "masks_checksum", "check_masks_consistent"]  # fmt: skip
 
 
 def masks_checksum(masks: dict[str, torch.Tensor]) -> int:

@@ -11,17 +11,22 @@
 
 Every state has ``stats``: bytes this rank put on the wire and coordinates it covered, so ``bits_per_coordinate``
 is measured, not assumed.
+
+Each hook is registered by name (:func:`register_comm_hook`, :func:`list_comm_hooks`) with the state class it
+runs with; the state class declares the hook's options and checks them.
 """
 
 # No `from __future__ import annotations` here: DDP checks the hooks' annotations as real objects.
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._registry import Registry
 from .compression import (
     NaturalPayload,
     QSGDPayload,
@@ -31,7 +36,7 @@ from .compression import (
     qsgd_encode,
 )
 
-HOOKS = ("none", "allreduce", "fp16", "qsgd", "natural", "masked")
+QSGD_NORMS = ("l2", "max")
 
 
 @dataclass
@@ -54,6 +59,9 @@ class WireStats:
 class HookState:
     """What every hook carries: the process group, its byte counts, and the step (for seeded randomness)."""
 
+    # The hook's options, each with the trainer's config key that sets it (``sparsetrain train --set KEY=...``).
+    OPTIONS: ClassVar[dict[str, str]] = {}
+
     process_group: Any = None
     stats: WireStats = field(default_factory=WireStats)
     step: int = 0
@@ -68,6 +76,8 @@ class HookState:
 
 @dataclass
 class QSGDState(HookState):
+    OPTIONS: ClassVar[dict[str, str]] = {"levels": "qsgd_levels", "bucket_size": "qsgd_bucket", "norm": "qsgd_norm"}
+
     levels: int = 7
     bucket_size: int = 512
     norm: str = "l2"
@@ -77,14 +87,44 @@ class QSGDState(HookState):
             raise ValueError(f"qsgd levels must be in [1, 127] (7 gives 4-bit codes, 127 8-bit), got {self.levels}")
         if self.bucket_size < 1:
             raise ValueError(f"qsgd bucket size must be a positive integer, got {self.bucket_size}")
-        if self.norm not in ("l2", "max"):
-            raise ValueError(f"qsgd norm must be 'l2' or 'max', got {self.norm!r}")
+        if self.norm not in QSGD_NORMS:
+            raise ValueError(f"qsgd norm must be {' or '.join(map(repr, QSGD_NORMS))}, got {self.norm!r}")
 
 
 @dataclass
 class MaskedState(HookState):
     sparsifier: Any = None
     _index_cache: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CommHook:
+    """A registered hook: the function DDP calls per gradient bucket (None: DDP's own all-reduce) and its state."""
+
+    hook: Callable[..., Any] | None
+    state: type[HookState] = HookState
+
+
+HOOK_REGISTRY: Registry[CommHook] = Registry("comm hook")
+HOOK_REGISTRY.register("none", help="DDP's built-in all-reduce (no hook)")(CommHook(None))
+
+
+def register_comm_hook(name: str, *, state: type[HookState] = HookState, help: str | None = None) -> Callable:
+    """Decorator: register a DDP communication hook ``hook(state, bucket) -> Future`` under ``name``.
+
+    ``state`` is the dataclass it runs with (a :class:`HookState`); its ``OPTIONS`` name the options it takes.
+    """
+
+    def decorate(hook: Callable[..., Any]) -> Callable[..., Any]:
+        HOOK_REGISTRY.register(name, help=help)(CommHook(hook, state))
+        return hook
+
+    return decorate
+
+
+def list_comm_hooks(pattern: str = "*") -> list[str]:
+    """Registered comm hook names matching the glob ``pattern``, in registration order."""
+    return HOOK_REGISTRY.names(pattern)
 
 
 def _done(tensor: Tensor) -> torch.futures.Future:
@@ -100,6 +140,7 @@ def _generator(state: HookState, bucket_index: int, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed(seed % (2**63))
 
 
+@register_comm_hook("allreduce", help="divide by the world size and all-reduce: what DDP does, counted")
 def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     buffer.div_(state.world())
@@ -108,6 +149,7 @@ def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.F
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+@register_comm_hook("fp16", help="all-reduce in float16 (half the bytes)")
 def fp16_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     half = buffer.div(state.world()).to(torch.float16)
@@ -123,6 +165,7 @@ def _all_gather_bytes(tensor: Tensor, state: HookState) -> list[Tensor]:
     return out
 
 
+@register_comm_hook("qsgd", state=QSGDState, help="QSGD codes (Alistarh et al. 2017), all-gathered")
 def qsgd_hook(state: QSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     generator = _generator(state, bucket.index(), buffer.device)
@@ -138,6 +181,7 @@ def qsgd_hook(state: QSGDState, bucket: dist.GradBucket) -> torch.futures.Future
     return _done(buffer)
 
 
+@register_comm_hook("natural", help="natural compression (Horvath et al. 2019): sign and exponent, 9 bits a value")
 def natural_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     payload = natural_encode(buffer, generator=_generator(state, bucket.index(), buffer.device))
@@ -151,6 +195,7 @@ def natural_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fut
     return _done(buffer)
 
 
+@register_comm_hook("masked", state=MaskedState, help="all-reduce only the live coordinates while masks are fixed")
 def masked_hook(state: MaskedState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     sparsifier = state.sparsifier
     if sparsifier.needs_dense_gradients():
@@ -181,19 +226,34 @@ def masked_hook(state: MaskedState, bucket: dist.GradBucket) -> torch.futures.Fu
     return _done(buffer)
 
 
-def check_hook(name: str, sparsifier=None, options: dict | None = None) -> None:
-    """Validate a hook choice before any process starts: the name, its options, its fit with the method."""
-    if name not in HOOKS:
-        raise ValueError(f"unknown comm hook {name!r}; choose one of: {', '.join(HOOKS)}")
-    if name == "qsgd":
-        QSGDState(**(options or {}))  # validates levels, bucket size, norm
-    elif options:
+def _method_class(sparsifier: Any) -> type:
+    return sparsifier if isinstance(sparsifier, type) else type(sparsifier)
+
+
+def check_hook(name: str, sparsifier: Any = None, options: Mapping[str, Any] | None = None) -> None:
+    """Validate a hook choice before any process starts: the name, its options, its fit with the method.
+
+    ``sparsifier`` is a sparsifier or a method's class (``sparsetrain.get_method(name)``), or None to skip that check.
+    """
+    spec = HOOK_REGISTRY.entry(name).obj  # ValueError naming the choices for an unknown name
+    options = dict(options or {})
+    if options and not spec.state.OPTIONS:
         raise ValueError(f"comm hook {name!r} takes no options, got {sorted(options)}")
-    if name == "masked" and sparsifier is not None and "dense_gradients" in type(sparsifier).capabilities:
+    unknown = sorted(set(options) - set(spec.state.OPTIONS))
+    if unknown:
+        raise ValueError(f"comm hook {name!r} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(spec.state.OPTIONS)}")  # fmt: skip
+    spec.state(**options)  # the state checks its options (QSGD's levels, bucket size, norm)
+    if name == "masked" and sparsifier is not None and "dense_gradients" in _method_class(sparsifier).capabilities:
         raise ValueError(
             f"the masked hook does not fit method {sparsifier.name!r}: it needs dense gradients at every step; "
             "use --comm-hook none, fp16, qsgd or natural"
         )
+
+
+def hook_options(name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of hook ``name`` read from a trainer config (``qsgd_levels`` -> ``levels``, ...)."""
+    return {option: config[key] for option, key in HOOK_REGISTRY.get(name).state.OPTIONS.items()}
 
 
 def register_hook(ddp_model: torch.nn.parallel.DistributedDataParallel, name: str, *, sparsifier=None,
@@ -203,15 +263,14 @@ def register_hook(ddp_model: torch.nn.parallel.DistributedDataParallel, name: st
     'none' registers nothing (DDP's built-in all-reduce) and returns None.
     """
     check_hook(name, sparsifier, options)
-    if name == "none":
+    spec = HOOK_REGISTRY.get(name)
+    if spec.hook is None:
         return None
-    if name == "qsgd":
-        state: HookState = QSGDState(seed=seed, **options)
-    elif name == "masked":
-        state = MaskedState(seed=seed, sparsifier=sparsifier)
-    else:
-        state = HookState(seed=seed)
-    hook = {"none": allreduce_hook, "allreduce": allreduce_hook, "fp16": fp16_hook, "qsgd": qsgd_hook,
-            "natural": natural_hook, "masked": masked_hook}[name]  # fmt: skip
-    ddp_model.register_comm_hook(state, hook)
+    extra = {"sparsifier": sparsifier} if "sparsifier" in {f.name for f in fields(spec.state)} else {}
+    state = spec.state(seed=seed, **extra, **options)
+    ddp_model.register_comm_hook(state, spec.hook)
     return state
+
+
+# The built-in names, in order (``list_comm_hooks()`` is the live view).
+HOOKS: tuple[str, ...] = tuple(list_comm_hooks())

@@ -7,6 +7,7 @@
 """
 
 from .cram import CrAM
+from .groups import weight_decay_groups
 from .rda import RDA, RDA_MODES, rda_a_schedule
 
-__all__ = ["CrAM", "RDA", "RDA_MODES", "rda_a_schedule"]
+__all__ = ["CrAM", "RDA", "RDA_MODES", "rda_a_schedule", "weight_decay_groups"]

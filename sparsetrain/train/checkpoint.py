@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .._atomic import write_atomic
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 FORMAT = "sparsetrain-checkpoint"
 VERSION = 1
+
+# What the parts of a checkpoint are called in messages.
+_PARTS = {"model": "model state", "model_spec": "model spec", "config": "config"}
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -87,3 +91,29 @@ def load(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a sparsetrain checkpoint (no '{FORMAT}' header)")
     return data
+
+
+def require(data: dict[str, Any], source: str | Path, *keys: str) -> None:
+    """Raise :class:`CheckpointError` naming the parts (``model``, ``model_spec``, ``config``) ``data`` lacks."""
+    missing = [_PARTS.get(key, key) for key in keys if not isinstance(data.get(key), dict)]
+    if missing:
+        what = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
+        raise CheckpointError(f"{str(source)!r} holds no {what}; is it a sparsetrain checkpoint?")
+
+
+def restore_model(data: dict[str, Any], source: str | Path) -> nn.Module:
+    """The model of a loaded checkpoint: built from its ``model_spec``, its ``model`` weights loaded (strict).
+
+    ``source`` names the checkpoint in messages. Raises :class:`CheckpointError` when a part is missing or the
+    weights do not fit the spec's model (a checkpoint edited or written by another version).
+    """
+    from ..models import build_model
+
+    require(data, source, "model", "model_spec")
+    try:
+        model = build_model(**data["model_spec"])
+        model.load_state_dict(data["model"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = first_line(error)
+        raise CheckpointError(f"checkpoint {str(source)!r} does not match its model spec ({reason})") from None
+    return model

@@ -8,16 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..distributed.hooks import HOOK_REGISTRY, QSGD_NORMS
 from ..errors import ConfigError
-from .data import DATASETS
+from ..models import MODEL_REGISTRY, check_model_name
+from .data import DATASET_REGISTRY
+from .lr_schedules import LR_SCHEDULES
 
 # key -> (default, allowed types, one-line help). None is allowed wherever the default is None.
 SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
-    "dataset": ("fashion-mnist", (str,), "fashion-mnist, mnist, mnist1d, digits, cifar10, npz, imagefolder"),
+    "dataset": ("fashion-mnist", (str,), DATASET_REGISTRY.help_text()),
     "data_dir": (None, (str,), "where the dataset's files are (default: search the usual places)"),
     "val_fraction": (0.1, (float, int), "fraction of the training set held out for validation"),
     "limit_train": (None, (int,), "use only this many training samples (quick runs)"),
-    "model": ("lenet5", (str,), "mlp, lenet5, convbase, resnet20/32/56, wrn-16-4, wrn-28-10, mobilenet-v1, ..."),
+    "model": ("lenet5", (str,), ", ".join(MODEL_REGISTRY) + ", torchvision:NAME or timm:NAME"),
     "method": ("acdc", (str,), "sparse-training method (see `sparsetrain methods`)"),
     "sparsity": (0.9, (float, int), "target sparsity in [0, 1)"),
     "distribution": (None, (str,), "global, uniform or erk (default: the method's)"),
@@ -33,8 +36,8 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "momentum": (0.9, (float, int), "SGD momentum"),
     "nesterov": (True, (bool,), "Nesterov momentum for SGD"),
     "weight_decay": (5e-4, (float, int), "weight decay"),
-    "schedule": ("cosine", (str,), "cosine, step, onecycle or constant"),
-    "warmup_epochs": (0.0, (float, int), "linear learning-rate warm-up (cosine and step)"),
+    "schedule": ("cosine", (str,), LR_SCHEDULES.help_text()),
+    "warmup_epochs": (0.0, (float, int), "linear learning-rate warm-up (not onecycle: it has its own)"),
     "milestones": ([0.5, 0.75], (list,), "step schedule: fractions of training where lr is multiplied by gamma"),
     "gamma": (0.1, (float, int), "step schedule factor"),
     "grad_clip": (None, (float, int), "clip the gradient norm to this value"),
@@ -45,19 +48,19 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "out": (None, (str,), "output directory (default: runs/<method>-<model>-<dataset>-s<sparsity>-seed<seed>)"),
     "progress": (None, (bool,), "progress bar (default: when the terminal is interactive)"),
     "plots": (True, (bool,), "write training.png at the end of the run"),
-    "comm_hook": ("none", (str,), "data-parallel gradient communication: none, allreduce, fp16, qsgd, natural, masked"),
+    "comm_hook": ("none", (str,), "data-parallel gradient communication: " + HOOK_REGISTRY.help_text()),
     "qsgd_levels": (7, (int,), "QSGD levels s (7: 4-bit codes, up to 127: 8-bit codes)"),
     "qsgd_bucket": (512, (int,), "QSGD bucket size d (values sharing one norm)"),
-    "qsgd_norm": ("l2", (str,), "QSGD scaling: l2 or max"),
+    "qsgd_norm": ("l2", (str,), "QSGD scaling: " + " or ".join(QSGD_NORMS)),
     "check_masks": (False, (bool,), "data-parallel: check every epoch that masks are bit-identical on all ranks"),
 }
 
 CHOICES = {
     "optimizer": ("sgd", "adam", "adamw"),
-    "schedule": ("cosine", "step", "onecycle", "constant"),
+    "schedule": tuple(LR_SCHEDULES),
     "device": ("auto", "cpu", "cuda"),
-    "comm_hook": ("none", "allreduce", "fp16", "qsgd", "natural", "masked"),
-    "qsgd_norm": ("l2", "max"),
+    "comm_hook": tuple(HOOK_REGISTRY),
+    "qsgd_norm": QSGD_NORMS,
 }
 
 
@@ -88,8 +91,13 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown option {', '.join(map(repr, unknown))}; known options: {', '.join(sorted(SCHEMA))}")
     out = {key: _check_type(key, value) for key, value in config.items()}
-    if "dataset" in out and out["dataset"] not in DATASETS:
-        raise ConfigError(f"unknown dataset {out['dataset']!r}; choose one of: {', '.join(DATASETS)}")
+    try:  # unknown names fail here, before any data loads, with the registry's list of choices
+        if "dataset" in out:
+            DATASET_REGISTRY.entry(out["dataset"])
+        if "model" in out:
+            check_model_name(out["model"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     for key, choices in CHOICES.items():
         if key in out and out[key] not in choices:
             raise ConfigError(f"option {key!r} must be one of {', '.join(choices)}; got {out[key]!r}")

@@ -24,35 +24,56 @@ import pickle
 import pickletools
 import random
 import re
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from .._atomic import write_atomic
+from .._registry import Registry
+from ..errors import DataError, SparsetrainError
+
 __all__ = [
     "DATASETS",
     "DataError",
     "Splits",
     "iterate_batches",
+    "list_datasets",
     "load_dataset",
+    "load_run_dataset",
     "num_batches",
     "read_idx",
+    "register_dataset",
 ]
 
 logger = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "mnist1d", "digits", "cifar10", "npz", "imagefolder")
+# A loader takes ``data_dir`` (None: search the usual places) and whether it may download, and returns the raw
+# ``(x_train, y_train, x_test, y_test, num_classes)``; load_dataset splits, standardizes and wraps them.
+Loader = Callable[[str | None, bool], tuple[Tensor, Tensor, Tensor, Tensor, int]]
+
+DATASET_REGISTRY: Registry[Loader] = Registry("dataset")
 
 
-class DataError(ValueError):
-    """A dataset could not be loaded; the message says what was tried and how to fix it."""
+def register_dataset(name: str, *, help: str | None = None) -> Callable[[Loader], Loader]:
+    """Decorator: register a loader ``(data_dir, download) -> (x_train, y_train, x_test, y_test, num_classes)``.
+
+    Inputs are float tensors of shape (N, ...), labels int64 in [0, num_classes). :func:`load_dataset` then holds
+    out the validation split and standardizes by the training statistics, the same for every dataset.
+    """
+    return DATASET_REGISTRY.register(name, help=help)
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    """Registered dataset names matching the glob ``pattern``, in registration order."""
+    return DATASET_REGISTRY.names(pattern)
 
 
 @dataclass
@@ -189,6 +210,10 @@ def _idx_search_dirs(name: str, data_dir: str | None) -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    Path(path).write_bytes(data)
+
+
 def _download_idx(name: str, target: Path) -> None:
     """Fetch the four official .gz files into ``target``, verifying MD5s; raise DataError on failure."""
     base_url = _IDX_URLS[name]
@@ -202,7 +227,6 @@ def _download_idx(name: str, target: Path) -> None:
             continue
         url = f"{base_url}{base}.gz"
         logger.info("downloading %s", url)
-        tmp_name: str | None = None
         try:
             with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
                 data = resp.read()
@@ -210,24 +234,14 @@ def _download_idx(name: str, target: Path) -> None:
             want = _IDX_MD5[name][base]
             if digest != want:
                 raise DataError(f"checksum mismatch for {url}: got md5 {digest}, expected {want}")
-            # Write next to the destination and rename, so an interrupted download never leaves a
+            # Atomically (beside the destination, then renamed), so an interrupted download never leaves a
             # truncated file that a later run would trust.
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=target)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp_name, dest)
-            tmp_name = None
-        except DataError:
+            write_atomic(dest, functools.partial(_write_bytes, data=data))
+        except SparsetrainError:
             raise
         except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as exc:
             # URLError and socket timeouts are OSErrors; IncompleteRead is an HTTPException.
             raise DataError(f"download of {url} failed: {exc}") from exc
-        finally:
-            if tmp_name is not None:
-                try:
-                    os.unlink(tmp_name)
-                except OSError:
-                    pass
 
 
 def _load_idx_dataset(name: str, data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -672,6 +686,53 @@ def _load_imagefolder(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Ten
 
 
 # --------------------------------------------------------------------------------------------------
+# Registry: one entry per dataset name
+# --------------------------------------------------------------------------------------------------
+
+
+@register_dataset("fashion-mnist", help="Fashion-MNIST: 28x28 grayscale clothing images, 10 classes (IDX files)")
+def _fashion_mnist(data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    return (*_load_idx_dataset("fashion-mnist", data_dir, download), 10)
+
+
+@register_dataset("mnist", help="MNIST: 28x28 grayscale digits, 10 classes (IDX files)")
+def _mnist(data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    return (*_load_idx_dataset("mnist", data_dir, download), 10)
+
+
+@register_dataset("mnist1d", help="MNIST-1D: 40-sample 1-D sequences, 10 classes (the mnist1d package)")
+def _mnist1d(data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    return (*_load_mnist1d(), 10)
+
+
+@register_dataset("digits", help="scikit-learn's 8x8 digits, 10 classes")
+def _digits(data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    return (*_load_digits(), 10)
+
+
+@register_dataset("cifar10", help="CIFAR-10: 32x32 colour images, 10 classes (the python batches in --data-dir)")
+def _cifar10(data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    return (*_load_cifar10(data_dir), 10)
+
+
+@register_dataset("npz", help="your own arrays: a .npz with x_train, y_train, x_test, y_test (--data-dir)")
+def _npz(data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    x_tr, y_tr, x_te, y_te = _load_npz(data_dir)
+    labels = torch.cat([y_tr, y_te])
+    return x_tr, y_tr, x_te, y_te, int(labels.max()) + 1 if labels.numel() else 0
+
+
+@register_dataset("imagefolder", help="your own images: train/<class>/*.png and test/<class>/*.png (--data-dir)")
+def _imagefolder(data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    x_tr, y_tr, x_te, y_te, class_names = _load_imagefolder(data_dir)
+    return x_tr, y_tr, x_te, y_te, len(class_names)
+
+
+# The built-in names, in order (``list_datasets()`` is the live view).
+DATASETS: tuple[str, ...] = tuple(list_datasets())
+
+
+# --------------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------------
 
@@ -707,7 +768,7 @@ def load_dataset(
     """Load a dataset into memory and split it into train / validation / test.
 
     Args:
-        name: one of :data:`DATASETS`.
+        name: one of :func:`list_datasets`.
         data_dir: where to read the data from; its meaning depends on the dataset (a folder of IDX
             files, the CIFAR-10 batch folder, a .npz file, an image-folder root).
         val_fraction: fraction of the training data held out as a validation set (0 allowed).
@@ -719,32 +780,14 @@ def load_dataset(
         DataError: the data could not be found or read; the message says how to provide it.
     """
     key = name.lower()
-    if key not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if key not in DATASET_REGISTRY:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if limit_train is not None and limit_train < 1:
         raise DataError(f"limit_train must be a positive integer, got {limit_train}")
 
-    if key in ("fashion-mnist", "mnist"):
-        x_tr, y_tr, x_te, y_te = _load_idx_dataset(key, data_dir, download)
-        num_classes = 10
-    elif key == "mnist1d":
-        x_tr, y_tr, x_te, y_te = _load_mnist1d()
-        num_classes = 10
-    elif key == "digits":
-        x_tr, y_tr, x_te, y_te = _load_digits()
-        num_classes = 10
-    elif key == "cifar10":
-        x_tr, y_tr, x_te, y_te = _load_cifar10(data_dir)
-        num_classes = 10
-    elif key == "npz":
-        x_tr, y_tr, x_te, y_te = _load_npz(data_dir)
-        labels = torch.cat([y_tr, y_te])
-        num_classes = int(labels.max()) + 1 if labels.numel() else 0
-    else:  # imagefolder
-        x_tr, y_tr, x_te, y_te, class_names = _load_imagefolder(data_dir)
-        num_classes = len(class_names)
+    x_tr, y_tr, x_te, y_te, num_classes = DATASET_REGISTRY.get(key)(data_dir, download)
 
     n = x_tr.shape[0]
     n_val = round(val_fraction * n)
@@ -772,6 +815,17 @@ def load_dataset(
     )
     logger.info("%r", splits)
     return splits
+
+
+def load_run_dataset(config: Mapping[str, Any], data_dir: str | None = None) -> Splits:
+    """The data of a run as its saved config names it, split as in training; ``data_dir`` overrides the config's
+    (the files may have moved since). For commands that evaluate a checkpoint (``eval``, ``prune``)."""
+    return load_dataset(
+        config["dataset"],
+        data_dir=data_dir or config["data_dir"],
+        val_fraction=config["val_fraction"],
+        seed=config["seed"],
+    )
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:

@@ -12,12 +12,10 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -27,14 +25,16 @@ from torch import Tensor, nn
 import sparsetrain
 
 from ..distributed import check_masks_consistent
-from ..distributed.hooks import check_hook, register_hook
+from ..distributed.hooks import check_hook, hook_options, register_hook
 from ..errors import CheckpointError, ConfigError, TrainingDiverged, first_line, writing
 from ..flops import FlopCounter, TrainingFlops
+from ..models import build_model, model_spec
+from ..optim.groups import weight_decay_groups
 from . import checkpoint
 from .config import TrainConfig, as_train_config, default_out_dir, describe
 from .data import Splits, iterate_batches, load_dataset, num_batches
 from .evaluation import checkpoint_payload, cpu_state, evaluate, weight_sparsity
-from .models import build_model, model_spec
+from .lr_schedules import lr_factor
 from .outputs import (
     DENSE,
     EARLY_FILES,
@@ -61,37 +61,9 @@ __all__ = ["DENSE", "EARLY_FILES", "LAST", "RESUME_KEYS", "SPARSE", "Run", "appe
 log = logging.getLogger(__name__)
 
 
-def lr_factor(step: int, total: int, steps_per_epoch: int, config: TrainConfig | Mapping[str, Any]) -> float:
-    """Learning-rate multiplier at ``step``: a pure function of time, so a resumed run needs no scheduler state.
-
-    ``config`` is the run's config, or any mapping with its schedule options (schedule, warmup_epochs,
-    milestones, gamma).
-    """
-    c = config if isinstance(config, TrainConfig) else SimpleNamespace(**config)
-    warmup = int(round(c.warmup_epochs * steps_per_epoch))
-    if c.schedule == "onecycle":
-        # Linear rise over the first 30% from lr/25, then cosine annealing to lr/1e4 (Smith & Topin 2019).
-        peak = max(1, int(0.3 * total))
-        if step < peak:
-            return 1 / 25 + (1 - 1 / 25) * step / peak
-        progress = (step - peak) / max(1, total - peak)
-        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
-    if step < warmup:
-        return (step + 1) / warmup
-    if c.schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if c.schedule == "step":
-        return c.gamma ** sum(step >= m * total for m in c.milestones)
-    return 1.0
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig | Mapping[str, Any]) -> torch.optim.Optimizer:
     c = as_train_config(config)
-    # Weight decay on weights only: decaying biases and norm scales does not help and hurts small nets.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(model.parameters(), c.weight_decay)  # weights decay, biases and norms do not
     if c.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0)
     if c.optimizer == "adam":
@@ -142,6 +114,7 @@ class Run:
         self.on_epoch = on_epoch
         self.progress = progress
         self.resume = resume
+        self._config_dict: dict[str, Any] | None = None  # the plain form of the config, for the LR schedules
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -315,7 +288,10 @@ class Run:
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
 
     def _base_lr_factor(self, step: int) -> float:
-        return lr_factor(step, self.total_steps, self.steps_per_epoch, self.config)
+        # The schedules read their options from the plain form; built once, the config is frozen.
+        if self._config_dict is None:
+            self._config_dict = self.config.to_dict()
+        return lr_factor(step, self.total_steps, self.steps_per_epoch, self._config_dict)
 
     def _count_flops(self, samples: int, repeat: bool = False) -> None:
         version = self.sparsifier.masks_key()
@@ -416,10 +392,7 @@ class Run:
             log.warning("comm_hook %s has no effect in a single process", config.comm_hook)
 
     def _hook_options(self) -> dict[str, Any]:
-        config = self.config
-        if config.comm_hook != "qsgd":
-            return {}
-        return {"levels": config.qsgd_levels, "bucket_size": config.qsgd_bucket, "norm": config.qsgd_norm}
+        return hook_options(self.config.comm_hook, self.config.to_dict())
 
     @property
     def is_main(self) -> bool:

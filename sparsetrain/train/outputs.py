@@ -7,14 +7,12 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import writing
+from .._atomic import write_text_atomic
 
 # The run's files; everything a resume needs is in last.pt.
 LAST, SPARSE, DENSE = "last.pt", "sparse_final.pt", "dense_best.pt"
@@ -29,23 +27,7 @@ RESUME_KEYS = ("model", "model_spec", "config", "epoch", "optimizer", "sparsifie
 def write_config(config: Mapping[str, Any], path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(copy.deepcopy(dict(config)), sort_keys=True))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is always either the old file or the complete new one (a full disk leaves
-    the old one), raising :class:`~sparsetrain.errors.WriteError` that names ``path`` when it cannot."""
-    with writing(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    write_text_atomic(path, yaml.safe_dump(copy.deepcopy(dict(config)), sort_keys=True))
 
 
 def folder_state(out: Path) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .._atomic import write_atomic  # noqa: E402
 from ..errors import writing  # noqa: E402
 
 PHASE_COLORS = {"sparse": "#f4a582", "dense": "#92c5de"}
@@ -77,18 +76,12 @@ def plot_formats() -> list[str]:
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
-    """Save and close ``fig`` through a temporary file and a rename: a full disk leaves an older plot whole."""
+    """Save and close ``fig`` atomically (a temporary file and a rename): a full disk leaves an older plot whole."""
     path = Path(path)
+    image_type = path.suffix[1:].lower() or "png"
     try:
         with writing(path):
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    fig.savefig(handle, dpi=110, format=path.suffix[1:].lower() or "png")
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=image_type))
     finally:
         plt.close(fig)
     return path
