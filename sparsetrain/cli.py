@@ -235,11 +235,6 @@ def _check_method_fits_hook(config: dict[str, Any]) -> None:
         check_hook(config["comm_hook"], None, options)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if config["comm_hook"] == "masked" and "dense_gradients" in method.capabilities:
-        raise ConfigError(
-            f"the masked hook does not fit method {config['method']!r}: it needs dense gradients "
-            "at every step; use --comm-hook none, fp16, qsgd or natural"
-        )
 
 
 def _resume_config(run_dir: Path, main_rank: bool) -> tuple[dict[str, Any], bool, str]:
@@ -359,7 +354,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = [("model", "val acc", "test acc", "sparsity")]
     sparse = summary["sparse_model"]
     dense = summary["dense_model"]
-    if summary["method"] == "dense":
+    import sparsetrain
+
+    makes_sparse = sparsetrain.Capability.SPARSE | sparsetrain.Capability.PRUNE_AFTER_TRAINING
+    if not sparsetrain.get_method(summary["method"]).capabilities & makes_sparse:  # the dense baseline
         rows.append(
             ("dense (final)", f"{sparse['val_acc']:.2f}", f"{sparse['test_acc']:.2f}", f"{sparse['sparsity']:.4f}")
         )
@@ -409,6 +407,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .flops import FlopCounter
+    from .maskops import count_zeros
     from .train.checkpoint import load
     from .train.data import load_dataset
     from .train.loop import evaluate
@@ -439,7 +438,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, tensor in data["model"].items():
         if tensor.dim() < 2 or not tensor.is_floating_point():
             continue
-        z = tensor.numel() - int(torch.count_nonzero(tensor))
+        z = count_zeros(tensor)
         zeros, total = zeros + z, total + tensor.numel()
         print(f"{name:40s} {str(tuple(tensor.shape)):>18s} {z / tensor.numel():9.4f}")
     print(f"{'all weights (dim >= 2)':40s} {'':>18s} {zeros / max(total, 1):9.4f}")
@@ -615,7 +614,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     import sparsetrain
 
-    common = set(sparsetrain.method_options("dense"))
+    common = set(sparsetrain.core.common_options())
     names = sparsetrain.list_methods(args.pattern)
     if not names:
         raise ConfigError(f"no method matches {args.pattern!r}; methods: {', '.join(sparsetrain.list_methods())}")

@@ -189,11 +189,6 @@ def check_hook(name: str, sparsifier=None, options: dict | None = None) -> None:
         QSGDState(**(options or {}))  # validates levels, bucket size, norm
     elif options:
         raise ValueError(f"comm hook {name!r} takes no options, got {sorted(options)}")
-    if name == "masked" and sparsifier is not None and "dense_gradients" in type(sparsifier).capabilities:
-        raise ValueError(
-            f"the masked hook does not fit method {sparsifier.name!r}: it needs dense gradients at every step; "
-            "use --comm-hook none, fp16, qsgd or natural"
-        )
 
 
 def register_hook(ddp_model: torch.nn.parallel.DistributedDataParallel, name: str, *, sparsifier=None,

@@ -130,8 +130,9 @@ def _check_method_options(out: dict[str, Any]) -> None:
             check_distribution(out["distribution"])
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if nm is not None and "method" in out and "nm" not in sparsetrain.get_method(out["method"]).capabilities:
-        able = [name for name in sparsetrain.list_methods() if "nm" in sparsetrain.get_method(name).capabilities]
+    nm_flag = sparsetrain.Capability.NM
+    if nm is not None and "method" in out and nm_flag not in sparsetrain.get_method(out["method"]).capabilities:
+        able = [name for name in sparsetrain.list_methods() if nm_flag in sparsetrain.get_method(name).capabilities]
         raise ConfigError(
             f"method {out['method']!r} does not support N:M masks (mask_type {out['mask_type']!r}); "
             f"methods that do: {', '.join(able)}"

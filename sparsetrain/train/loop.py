@@ -12,7 +12,6 @@ import copy
 import csv
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -57,12 +56,12 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, config: dict[str, Any
         if step < peak:
             return 1 / 25 + (1 - 1 / 25) * step / peak
         progress = (step - peak) / max(1, total - peak)
-        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1e-4 + (1 - 1e-4) * sparsetrain.schedules.half_cosine(progress)
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "cosine":
         progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress))
+        return sparsetrain.schedules.half_cosine(progress)
     if schedule == "step":
         return config["gamma"] ** sum(step >= m * total for m in config["milestones"])
     return 1.0
@@ -102,7 +101,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -
 
 def weight_sparsity(state: dict[str, torch.Tensor], names) -> float:
     """Fraction of exact zeros over the named tensors of a state dict (the sparsified weights)."""
-    zeros = sum(state[n].numel() - int(torch.count_nonzero(state[n])) for n in names)
+    zeros = sum(sparsetrain.maskops.count_zeros(state[n]) for n in names)
     return zeros / max(1, sum(state[n].numel() for n in names))
 
 
@@ -204,7 +203,7 @@ class Run:
         self.sparsifier = create_sparsifier(self.model, config, self.steps_per_epoch)
         # Methods that are optimizers (rda) or wrap one (cram) supply the optimizer the run steps.
         self.optimizer = self.sparsifier.wrap_optimizer(make_optimizer(self.model, config))
-        self.uses_closure = "closure" in self.sparsifier.capabilities
+        self.uses_closure = sparsetrain.Capability.CLOSURE in self.sparsifier.capabilities
         if self.uses_closure and config["amp"] and self.device.type == "cuda":
             raise ConfigError(
                 f"method {config['method']!r} steps with a closure, which fp16 gradient scaling (amp on cuda) does "
@@ -546,7 +545,7 @@ class Run:
 
     def finish(self) -> dict[str, Any]:
         config, data = self.config, self.data
-        pruned_after = "prune_after_training" in self.sparsifier.capabilities
+        pruned_after = sparsetrain.Capability.PRUNE_AFTER_TRAINING in self.sparsifier.capabilities
         trained_dense = self._prune_after_training() if pruned_after else None
         final_val = evaluate(self.model, data.val, config["eval_batch_size"], self.device)
         final_test = evaluate(self.model, data.test, config["eval_batch_size"], self.device)
@@ -581,7 +580,7 @@ class Run:
             self._save(
                 checkpoint_payload(dense_model, self.spec, config, kind="dense_final", metrics=dense_info), DENSE
             )
-        elif report.overall == 0 or config["method"] == "dense":
+        elif report.overall == 0 or sparsetrain.Capability.SPARSE not in self.sparsifier.capabilities:
             dense_info = {
                 "sparsity": report.overall,
                 "val_acc": final_val["acc"],
