@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 UNITS = ("fraction", "epochs", "steps")
@@ -31,6 +31,7 @@ __all__ = [
     "acdc_phases",
     "phase_at",
     "half_cosine",
+    "timeline_of",
     "cosine_decay",
     "polynomial_sparsity",
     "Schedule",
@@ -184,6 +185,20 @@ def cosine_decay(step: int, end: int, initial: float) -> float:
     return initial * half_cosine(step, end)
 
 
+def timeline_of(phase_of: Callable[[int], str], end: int) -> list[Phase]:
+    """Steps ``[0, end)`` as maximal intervals of equal ``phase_of(step)``: the timeline of any phase function."""
+    phases: list[Phase] = []
+    start = 0
+    kind = phase_of(0)
+    for step in range(1, end):
+        now = phase_of(step)
+        if now != kind:
+            phases.append(Phase(start, step, kind))
+            start, kind = step, now
+    phases.append(Phase(start, end, kind))
+    return phases
+
+
 # ------------------------------------------------------------------------------------------ sparsity schedules
 class Schedule:
     """What a sparsity schedule says about step ``t``: the sparsity, whether masks update, the phase; the timeline.
@@ -206,16 +221,7 @@ class Schedule:
 
     def timeline(self, end: int) -> list[Phase]:
         """The phases of steps ``[0, end)`` as maximal intervals of equal ``phase_at``."""
-        phases: list[Phase] = []
-        start = 0
-        kind = self.phase_at(0)
-        for step in range(1, end):
-            now = self.phase_at(step)
-            if now != kind:
-                phases.append(Phase(start, step, kind))
-                start, kind = step, now
-        phases.append(Phase(start, end, kind))
-        return phases
+        return timeline_of(self.phase_at, end)
 
 
 @dataclass(frozen=True)

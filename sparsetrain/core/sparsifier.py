@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import maskops
 from ..distributions import check_distribution, layer_sparsities
 from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers, reset_momentum, zero_state_where
-from ..schedules import UNITS, Phase, resolve_total_steps, to_steps
+from ..schedules import UNITS, Phase, resolve_total_steps, timeline_of, to_steps
 from .capabilities import Capability
 from .selection import select_parameters
 
@@ -197,17 +197,7 @@ class Sparsifier:
 
     def timeline(self) -> list[Phase]:
         """The run's phases as step intervals (for plots and logs)."""
-        end = self.total_steps or max(self.count, 1)
-        phases: list[Phase] = []
-        start = 0
-        kind = self.phase_at(0)
-        for step in range(1, end):
-            now = self.phase_at(step)
-            if now != kind:
-                phases.append(Phase(start, step, kind))
-                start, kind = step, now
-        phases.append(Phase(start, end, kind))
-        return phases
+        return timeline_of(self.phase_at, self.total_steps or max(self.count, 1))
 
     def lr_factor(self, step: int, base: Callable[[int], float]) -> float:
         """Learning-rate multiplier at ``step`` given the run's own schedule ``base`` (a function of the step).

@@ -228,12 +228,12 @@ def resolve(recipe: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[st
 def _fix_nm_sparsity(config: dict[str, Any], recipe: dict[str, Any], overrides: dict[str, Any]) -> None:
     """An N:M mask type fixes the sparsity at 1 - N/M: a sparsity given beside it must agree (as in the library
     and ``sparsetrain prune``); the config then records the sparsity really trained at."""
-    from ..maskops import parse_nm
+    from ..maskops import nm_sparsity, parse_nm
 
     nm = parse_nm(config["mask_type"])
     if nm is None:
         return
-    implied = 1.0 - nm[0] / nm[1]
+    implied = nm_sparsity(config["mask_type"])
     # A sparsity is given beside the mask type when the same level (or a higher one) sets it: a recipe's
     # sparsity does not bind a mask type chosen on the command line.
     given = "sparsity" in overrides or ("sparsity" in recipe and "mask_type" not in overrides)
