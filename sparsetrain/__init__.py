@@ -10,6 +10,8 @@ Three lines in any training loop::
 # methods registers every method; oneshot and optim are public modules (prune_oneshot, RDA, CrAM).
 from . import methods, oneshot, optim  # noqa: F401
 from .core import (
+    Capability,
+    ScheduledPruning,
     Sparsifier,
     SparsityReport,
     create,
@@ -24,7 +26,9 @@ from .schedules import Phase
 __version__ = "0.1.0"
 
 __all__ = [
+    "Capability",
     "Phase",
+    "ScheduledPruning",
     "Sparsifier",
     "SparsityReport",
     "create",

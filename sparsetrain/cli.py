@@ -350,7 +350,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = [("model", "val acc", "test acc", "sparsity")]
     sparse = summary["sparse_model"]
     dense = summary["dense_model"]
-    if summary["method"] == "dense":
+    import sparsetrain
+
+    makes_sparse = sparsetrain.Capability.SPARSE | sparsetrain.Capability.PRUNE_AFTER_TRAINING
+    if not sparsetrain.get_method(summary["method"]).capabilities & makes_sparse:  # the dense baseline
         rows.append(
             ("dense (final)", f"{sparse['val_acc']:.2f}", f"{sparse['test_acc']:.2f}", f"{sparse['sparsity']:.4f}")
         )
@@ -400,6 +403,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .flops import FlopCounter
+    from .maskops import count_zeros
     from .train.checkpoint import load, require, restore_model
     from .train.data import load_run_dataset
     from .train.evaluation import evaluate
@@ -417,7 +421,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, tensor in data["model"].items():
         if tensor.dim() < 2 or not tensor.is_floating_point():
             continue
-        z = tensor.numel() - int(torch.count_nonzero(tensor))
+        z = count_zeros(tensor)
         zeros, total = zeros + z, total + tensor.numel()
         print(f"{name:40s} {str(tuple(tensor.shape)):>18s} {z / tensor.numel():9.4f}")
     print(f"{'all weights (dim >= 2)':40s} {'':>18s} {zeros / max(total, 1):9.4f}")
@@ -593,7 +597,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     import sparsetrain
 
-    common = set(sparsetrain.method_options("dense"))
+    common = set(sparsetrain.core.common_options())
     names = sparsetrain.list_methods(args.pattern)
     if not names:
         raise ConfigError(f"no method matches {args.pattern!r}; methods: {', '.join(sparsetrain.list_methods())}")

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from ._atomic import write_atomic
 from .errors import CheckpointError, ConfigError, SparsetrainError
+from .maskops import count_zeros
 
 __all__ = [
     "FORMAT",
@@ -385,7 +386,7 @@ def save(
                 )
             tensor = cast
         encoding, parts = _encode(name, tensor.contiguous())
-        zeros = tensor.numel() - int(torch.count_nonzero(tensor))  # -0.0 is a zero, NaN is not
+        zeros = count_zeros(tensor)  # -0.0 is a zero, NaN is not
         record = {
             "shape": list(tensor.shape),
             "dtype": _dtype_name(original),

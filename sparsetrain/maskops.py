@@ -10,6 +10,7 @@ element equal to it, so ties would change the count.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -20,7 +21,10 @@ __all__ = [
     "topk_count_mask",
     "global_topk_masks",
     "parse_nm",
+    "nm_sparsity",
+    "check_nm_shape",
     "nm_mask",
+    "count_zeros",
     "relative_mask_difference",
     "check_sparsity",
     "sparse_init_scale",
@@ -182,20 +186,45 @@ def parse_nm(mask_type: str) -> tuple[int, int] | None:
     return n, m
 
 
+def nm_sparsity(mask_type: str, sparsity: float | None = None) -> float | None:
+    """The sparsity of a ``mask_type``: 1 - N/M for 'N:M', ``sparsity`` itself for 'unstructured'.
+
+    An N:M mask type fixes the sparsity: a ``sparsity`` given beside it must agree, else a ValueError.
+    """
+    nm = parse_nm(mask_type)
+    if nm is None:
+        return sparsity
+    implied = 1.0 - nm[0] / nm[1]
+    if sparsity is not None and abs(sparsity - implied) > 1e-9:
+        raise ValueError(
+            f"mask_type {mask_type!r} fixes the sparsity at {implied:g}; got sparsity={sparsity!r} "
+            "(leave sparsity out or make them agree)"
+        )
+    return implied
+
+
+def check_nm_shape(shape: Sequence[int], n: int, m: int, what: str = "weight", remedy: str = "") -> None:
+    """Raise ValueError unless a weight of ``shape`` can take an N:M mask: 2+ dims, input dim (dim 1) a multiple of M.
+
+    ``what`` names the weight in the message, ``remedy`` says how to leave it out (default: ``exclude=``).
+    """
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"N:M masks need a weight with at least 2 dims; {what} has shape {shape}")
+    if shape[1] % m:
+        raise ValueError(
+            f"mask_type '{n}:{m}': {what} of shape {shape} has an input dimension ({shape[1]}) that is not a "
+            f"multiple of {m}; {remedy or 'exclude this layer with exclude='}"
+        )
+
+
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     """N:M mask: in every group of M consecutive weights along the input dimension keep the N largest scores.
 
     The input dimension is dim 1 (``in_features`` of a Linear, input channels of a conv), the layout that
     sparse tensor cores and N:M kernels expect. Its size must be a multiple of M.
     """
-    if scores.dim() < 2:
-        raise ValueError(f"N:M masks need a weight with at least 2 dims, got shape {tuple(scores.shape)}")
-    in_dim = scores.shape[1]
-    if in_dim % m:
-        raise ValueError(
-            f"N:M mask {n}:{m} needs the input dimension to be a multiple of {m}; "
-            f"weight of shape {tuple(scores.shape)} has {in_dim} inputs (exclude this layer with exclude=)"
-        )
+    check_nm_shape(scores.shape, n, m)
     # Move the input dim last so groups of M are contiguous: (out, k..., in) -> (-1, M).
     moved = scores.detach().float().movedim(1, -1).contiguous()
     groups = moved.reshape(-1, m)
@@ -203,6 +232,11 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(1, idx, True)
     return keep.view(moved.shape).movedim(-1, 1).contiguous()
+
+
+def count_zeros(tensor: Tensor) -> int:
+    """Number of elements equal to zero (-0.0 included; NaN is not a zero)."""
+    return tensor.numel() - int(torch.count_nonzero(tensor))
 
 
 def relative_mask_difference(old: dict[str, Tensor], new: dict[str, Tensor]) -> float:

@@ -222,7 +222,7 @@ def test_cram_method_is_dense_and_drives_the_wrapper():
     torch.manual_seed(0)
     net = BNNet()
     sparsifier = sparsetrain.create("cram", net, sparsity=0.9, total_steps=10, rho=0.1, sparsities=(0.8,), seed=2)
-    assert {"own_optimizer", "closure"} <= type(sparsifier).capabilities
+    assert sparsetrain.Capability.OWN_OPTIMIZER | sparsetrain.Capability.CLOSURE in type(sparsifier).capabilities
     optimizer = sparsifier.make_optimizer(torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
     assert isinstance(optimizer, CrAM) and optimizer.model is net and optimizer.rho == 0.1
     assert optimizer.compressed == [net.fc1.weight, net.fc2.weight]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparsetrain
 from sparsetrain.distributed.compression import (
     natural_decode,
     natural_encode,
@@ -93,13 +94,15 @@ def test_hook_checks_happen_before_anything_starts():
         check_hook("zip")
     with pytest.raises(ValueError, match="levels must be in"):
         check_hook("qsgd", options={"levels": 500})
-
-    class NeedsDenseGradients:
-        name = "dense-every-step"
-        capabilities = frozenset({"dense_gradients"})
-
-    with pytest.raises(ValueError, match="does not fit method"):
-        check_hook("masked", NeedsDenseGradients())
+    # The masked hook fits every method: a step that reads the gradients of masked weights (RigL's updates, RDA
+    # before its prune: Capability.DENSE_GRADIENTS, needs_dense_gradients()) is all-reduced densely.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    for method in sparsetrain.list_methods():
+        check_hook("masked", sparsetrain.create(method, model, sparsity=0.5, total_steps=100))
+    rigl = sparsetrain.create("rigl", model, sparsity=0.5, total_steps=100, delta=10)
+    assert sparsetrain.Capability.DENSE_GRADIENTS in type(rigl).capabilities
+    rigl.count = 10
+    assert rigl.needs_dense_gradients()
 
 
 # ------------------------------------------------------------------------------------------ 2 processes

@@ -432,3 +432,21 @@ def test_short_real_run_reaches_floor(method, options, tmp_path):
         pytest.skip("Fashion-MNIST not installed")
     assert summary["sparse_model"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert summary["sparse_model"]["test_acc"] > 72
+
+
+@pytest.mark.parametrize("method", ["gap", "pgap"])
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_gap_target_sparsity_is_the_masks_sparsity_at_every_step(method, distribution):
+    """The schedule's target is exact: the fraction of zeros the masks hold, per-layer rounding and ERK included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 13), nn.ReLU(), nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 3))
+    options = dict(groups=3, rounds=1, period=4) if method == "gap" else dict(rounds=2, period=4)
+    s = sparsetrain.create(method, model, sparsity=0.7, total_steps=20, unit="steps", distribution=distribution,
+                           **options)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    s.attach(optimizer)
+    for _ in range(20):
+        assert s.target_sparsity == s.sparsity_of_masks(), (s.count, s.phase)
+        model(torch.randn(4, 10)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -430,3 +430,28 @@ def test_global_topk_large_path_is_exact_and_ranks_globally(sparsity):
     if 1 < int(tied.sum()) < tied.numel():
         gaps = tied.nonzero().squeeze(1).diff()
         assert int(gaps.max()) - int(gaps.min()) <= 1
+
+
+# ----------------------------------------------------------------------------------------------- shared rules
+def test_count_zeros_counts_negative_zero_and_not_nan():
+    t = torch.tensor([0.0, -0.0, 1.0, float("nan"), float("inf"), 0.0])
+    assert maskops.count_zeros(t) == 3
+    assert maskops.count_zeros(torch.tensor([True, False, False])) == 2
+
+
+def test_nm_sparsity_is_fixed_by_the_mask_type():
+    assert maskops.nm_sparsity("2:4") == 0.5
+    assert maskops.nm_sparsity("2:4", 0.5) == 0.5
+    assert maskops.nm_sparsity("1:8") == 0.875
+    assert maskops.nm_sparsity("unstructured", 0.9) == 0.9
+    assert maskops.nm_sparsity("unstructured") is None
+    with pytest.raises(ValueError, match=r"'2:4' fixes the sparsity at 0.5; got sparsity=0.9"):
+        maskops.nm_sparsity("2:4", 0.9)
+
+
+def test_check_nm_shape_names_the_weight_and_the_remedy():
+    maskops.check_nm_shape((8, 16, 3, 3), 2, 4)
+    with pytest.raises(ValueError, match=r"parameter 'fc' of shape \(8, 6\).*\(6\).*multiple of 4; drop it"):
+        maskops.check_nm_shape((8, 6), 2, 4, what="parameter 'fc'", remedy="drop it")
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        maskops.check_nm_shape((8,), 2, 4)

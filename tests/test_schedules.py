@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 import sparsetrain
 from sparsetrain.schedules import (
+    Cyclic,
+    GroupCycles,
+    OneShot,
     Phase,
+    Polynomial,
+    Rounds,
     acdc_phases,
     cosine_decay,
     cubic_sparsity,
     gmp_update_steps,
+    half_cosine,
     phase_at,
     resolve_total_steps,
     to_steps,
@@ -357,3 +365,91 @@ def test_cosine_decay_endpoints():
     assert cosine_decay(150, 100, 0.3) == 0.0
     values = [cosine_decay(t, 100, 0.3) for t in range(101)]
     assert all(b <= a for a, b in zip(values, values[1:]))
+
+
+def test_half_cosine_falls_and_rises():
+    assert half_cosine(0.0) == 1.0 and half_cosine(1.0) == pytest.approx(0.0, abs=1e-15)
+    assert half_cosine(0.5) == pytest.approx(0.5)
+    assert half_cosine(25, 100) == pytest.approx(0.5 * (1 + math.sqrt(0.5)))
+    assert half_cosine(0, 10, rising=True) == 0.0 and half_cosine(10, 10, rising=True) == 1.0
+    assert half_cosine(3, 10, rising=True) == pytest.approx(1 - half_cosine(3, 10))
+
+
+def test_the_cosine_is_written_once():
+    """Every cosine-shaped rule (LR schedules, IMP's retraining, RigL's drop fraction, RDA's a) calls half_cosine."""
+    package = Path(sparsetrain.__file__).parent
+    writers = [p.relative_to(package).as_posix() for p in package.rglob("*.py") if "cos(" in _code(p)]
+    assert writers == ["schedules.py"]
+
+
+def _code(path: Path) -> str:
+    # Docstrings and comments may write the formula; code may not.
+    return "\n".join(line for line in path.read_text().splitlines() if "math.cos" in line or "torch.cos" in line)
+
+
+# ----------------------------------------------------------------------------------------------- Schedule objects
+def test_one_shot_schedule():
+    s = OneShot(3, 0.8)
+    assert [s.sparsity_at(t) for t in range(5)] == [0.0, 0.0, 0.0, 0.8, 0.8]
+    assert [t for t in range(10) if s.is_update_step(t)] == [3]
+    assert s.timeline(6) == [Phase(0, 3, "dense"), Phase(3, 6, "sparse")]
+    assert OneShot(0, 0.5).timeline(4) == [Phase(0, 4, "sparse")]
+
+
+def test_polynomial_schedule_holds_the_last_update():
+    s = Polynomial.every(10, 30, 10, 0.0, 0.8)
+    assert s.update_steps == (10, 20, 30)
+    assert [t for t in range(40) if s.is_update_step(t)] == [10, 20, 30]
+    table = {0: 0.0, 9: 0.0, 10: 0.0, 19: 0.0, 20: pytest.approx(0.7), 29: pytest.approx(0.7), 30: 0.8, 99: 0.8}
+    assert {t: s.sparsity_at(t) for t in table} == table
+    assert s.timeline(40) == [Phase(0, 20, "dense"), Phase(20, 40, "sparse")]
+
+
+def test_cyclic_schedule_is_the_acdc_table():
+    s = Cyclic(tuple(acdc_phases(100, 10, 5, 5, 15)), 0.9)
+    assert [s.phase_at(t) for t in range(100)] == [IMAGENET_TABLE[t] for t in range(100)]
+    assert [s.sparsity_at(t) for t in range(100)] == [0.9 if IMAGENET_TABLE[t] == "sparse" else 0.0 for t in range(100)]
+    # No update at 0: the warm-up starts dense.
+    assert [t for t in range(100) if s.is_update_step(t)] == [*range(10, 80, 5), 85]
+    assert s.timeline(100) == acdc_phases(100, 10, 5, 5, 15)
+
+
+def test_rounds_schedule():
+    s = Rounds(pretrain=6, round_steps=8, rounds=3, sparsity=0.875)
+    assert [t for t in range(40) if s.is_update_step(t)] == s.starts == [6, 14, 22]
+    assert [s.phase_at(t) for t in (0, 5, 6, 13, 14, 22, 39)] == ["dense"] * 2 + ["round1"] * 2 + [
+        "round2",
+        "round3",
+        "round3",
+    ]
+    assert [s.sparsity_at(t) for t in (5, 6, 14, 22)] == [0.0, pytest.approx(0.5), pytest.approx(0.75), 0.875]
+
+
+def test_group_cycles_schedule():
+    s = GroupCycles(period=4, fine_tune=24, group_sparsity=(0.5, 0.6, 0.7), sparsity=0.9)
+    assert [s.dense_group_at(t) for t in (0, 3, 4, 8, 12, 23, 24)] == [0, 0, 1, 2, 0, 2, None]
+    assert [s.phase_at(t) for t in (0, 4, 24)] == ["grow0", "grow1", "sparse"]
+    assert [s.sparsity_at(t) for t in (0, 4, 8, 24)] == [0.5, 0.6, 0.7, 0.9]
+    assert [t for t in range(40) if s.is_update_step(t)] == [0, 4, 8, 12, 16, 20, 24]
+    shifted = GroupCycles(period=4, fine_tune=8, group_sparsity=(0.5, 0.6), sparsity=0.9, offset=1)
+    assert [shifted.dense_group_at(t) for t in (0, 4, 8)] == [1, 0, None]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "static", "gmp", "acdc", "imp", "gap", "pgap"])
+def test_scheduled_methods_derive_everything_from_one_schedule(method):
+    """phase_at, target_sparsity_at, timeline and the mask updates of a ScheduledPruning all come from its schedule."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    s = sparsetrain.create(method, model, sparsity=0.75, total_steps=40)
+    assert isinstance(s, sparsetrain.ScheduledPruning)
+    assert all(s.phase_at(t) == s.schedule.phase_at(t) for t in range(40))
+    assert all(s.target_sparsity_at(t) == s.schedule.sparsity_at(t) for t in range(40))
+    assert s.timeline() == s.schedule.timeline(40)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    s.attach(optimizer)
+    updates = {e["step"] for e in s.history if e["event"] == "mask_update"}
+    for _ in range(40):
+        model(torch.randn(4, 16)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    updates = {e["step"] for e in s.history if e["event"] == "mask_update"}
+    assert updates == {t for t in range(40) if s.schedule.is_update_step(t)}

@@ -173,6 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from torch import nn
 
     from ..inference import time_paired, to_sparse_kernels
+    from ..maskops import count_zeros
 
     sizes = _parse_batch_sizes(args.batch_sizes)
     if args.threads is not None:
@@ -183,7 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--repeats must be positive, got {args.repeats}")
     model, spec, what = _load_model(args.model)
     weights = [p for p in model.parameters() if p.dim() >= 2]
-    zeros = sum(int((p == 0).sum()) for p in weights)
+    zeros = sum(count_zeros(p) for p in weights)
     sparsity = zeros / max(1, sum(p.numel() for p in weights))
     convs = sum(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in model.modules())
     print(

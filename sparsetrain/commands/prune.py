@@ -61,14 +61,14 @@ def add_parsers(subparsers: Any) -> None:
 
 def parse_sparsities(text: str | None, mask_type: str) -> list[float | None]:
     """The sparsities to prune to: a list of numbers in [0, 1), or ``[None]`` for an N:M mask type."""
-    from ..maskops import check_sparsity, parse_nm
+    from ..maskops import check_sparsity, nm_sparsity, parse_nm
 
     try:
         nm = parse_nm(mask_type)
     except ValueError as error:
         raise ConfigError(f"--mask-type: {error}") from None
     if nm is not None:
-        implied = 1.0 - nm[0] / nm[1]
+        implied = nm_sparsity(mask_type)
         if text is not None:
             values = _parse_numbers(text)
             if any(abs(v - implied) > 1e-9 for v in values):

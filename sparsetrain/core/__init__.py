@@ -1,10 +1,15 @@
 """The engine: mask store, hard-zero enforcement, time, state_dict, and the method registry."""
 
-from .registry import create, get_method, list_methods, method_options, method_summary, register
+from .capabilities import Capability
+from .registry import common_options, create, get_method, list_methods, method_options, method_summary, register
+from .scheduled import ScheduledPruning
 from .selection import select_parameters
 from .sparsifier import Sparsifier, SparsityReport
 
 __all__ = [
+    "Capability",
+    "ScheduledPruning",
+    "common_options",
     "Sparsifier",
     "SparsityReport",
     "create",

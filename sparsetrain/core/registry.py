@@ -8,17 +8,25 @@ from typing import Any
 
 from torch import nn
 
+from .capabilities import check_capabilities
 from .sparsifier import Sparsifier
 
 _REGISTRY: dict[str, type[Sparsifier]] = {}
 
 
 def register(name: str):
-    """Class decorator: register a Sparsifier subclass under a lower-case ``name``."""
+    """Class decorator: register a Sparsifier subclass under a lower-case ``name``.
+
+    Refuses a class whose ``capabilities`` is not a :class:`~sparsetrain.core.Capability`, or whose flags disagree
+    with the queries it overrides (``check_capabilities``).
+    """
     if name != name.lower() or not name:
         raise ValueError(f"method names are lower-case and non-empty, got {name!r}")
 
     def decorate(cls: type[Sparsifier]) -> type[Sparsifier]:
+        if not (isinstance(cls, type) and issubclass(cls, Sparsifier)):
+            raise ValueError(f"method {name!r}: only Sparsifier subclasses can be registered, got {cls!r}")
+        check_capabilities(cls)
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         cls.name = name
@@ -39,10 +47,19 @@ def get_method(name: str) -> type[Sparsifier]:
     return _REGISTRY[name]
 
 
+def common_options() -> dict[str, Any]:
+    """The keywords every method accepts (``Sparsifier``'s own), with defaults."""
+    return _options(Sparsifier)
+
+
 def method_options(name: str) -> dict[str, Any]:
     """Every keyword a method accepts (its own and the common ones), with defaults."""
+    return _options(get_method(name))
+
+
+def _options(cls: type[Sparsifier]) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    for klass in reversed(get_method(name).__mro__):
+    for klass in reversed(cls.__mro__):
         if not (isinstance(klass, type) and issubclass(klass, Sparsifier)):
             continue
         for param in inspect.signature(klass.__init__).parameters.values():

@@ -9,7 +9,9 @@ Contracts (docs/contracts.md):
 - randomness comes from a local generator seeded by (seed, step), never the global RNG.
 
 A method subclasses :class:`Sparsifier` and overrides ``on_step`` (what happens at a step boundary) and, if
-it has a schedule, ``target_sparsity_at`` / ``phase_at`` / ``timeline``.
+it has a schedule, ``target_sparsity_at`` / ``phase_at`` / ``timeline``; a method that prunes by a score on a
+schedule subclasses :class:`~sparsetrain.core.ScheduledPruning` instead, which derives all of them from one
+:class:`~sparsetrain.schedules.Schedule`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torch import Tensor, nn
 from .. import maskops
 from ..distributions import check_distribution, layer_sparsities
 from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers, reset_momentum, zero_state_where
-from ..schedules import UNITS, Phase, resolve_total_steps, to_steps
+from ..schedules import UNITS, Phase, resolve_total_steps, timeline_of, to_steps
+from .capabilities import Capability
 from .selection import select_parameters
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,14 @@ def _zero_where_masked(tensors: list[Tensor], masks: list[Tensor]) -> None:
         torch._foreach_mul_(bits, bit_masks)
 
 
+def check_nm_parameters(params: dict[str, nn.Parameter] | dict[str, Tensor], nm: tuple[int, int]) -> None:
+    """Refuse any of ``params`` (by qualified name) that cannot take an N:M mask, naming how to leave it out."""
+    for name, param in params.items():
+        maskops.check_nm_shape(
+            param.shape, *nm, what=f"parameter {name!r}", remedy=f"exclude it with exclude=[{name!r}]"
+        )
+
+
 class Sparsifier:
     """Base class of every sparse-training method.
 
@@ -104,12 +115,10 @@ class Sparsifier:
 
     name: ClassVar[str] = ""
     default_distribution: ClassVar[str] = "global"
-    # Capability flags, read by the conformance suite: 'sparse' (reaches the target sparsity),
-    # 'mask_updates' (masks change during training), 'phases' (alternates dense and sparse phases),
-    # 'nm' (accepts N:M masks), 'own_optimizer' (training needs the optimizer wrap_optimizer returns),
-    # 'closure' (that optimizer's step needs a closure that recomputes the loss), 'prune_after_training' (trains
-    # a dense model meant to be pruned one-shot to the target afterwards).
-    capabilities: ClassVar[frozenset[str]] = frozenset()
+    # What the method declares about itself; the flags and who reads them are listed in Capability's docstring.
+    capabilities: ClassVar[Capability] = Capability(0)
+    # Score kinds ``scores`` computes (a method picks one by name).
+    SCORES: ClassVar[tuple[str, ...]] = ("magnitude", "random", "gradient")
     # Methods that act before the optimizer step (RigL reads the step's dense gradients) need attach().
     needs_attach: ClassVar[bool] = False
     # Methods that mask a freshly initialised model from step 0 (static, SET, RigL, GaP) set this from their
@@ -134,22 +143,11 @@ class Sparsifier:
         self.model = model
         self.params: dict[str, nn.Parameter] = select_parameters(model, include, exclude)
         self.nm = maskops.parse_nm(mask_type)
-        if self.nm is not None and "nm" not in self.capabilities:
+        if self.nm is not None and Capability.NM not in self.capabilities:
             raise ValueError(f"method {self.name!r} does not support N:M masks (mask_type={mask_type!r})")
         if self.nm is not None:
-            nm_sparsity = 1.0 - self.nm[0] / self.nm[1]
-            if sparsity is not None and abs(sparsity - nm_sparsity) > 1e-9:
-                raise ValueError(
-                    f"mask_type {mask_type!r} fixes the sparsity at {nm_sparsity:g}; got sparsity={sparsity!r} "
-                    "(leave sparsity out or make them agree)"
-                )
-            sparsity = nm_sparsity
-            for name, param in self.params.items():
-                if param.dim() < 2 or param.shape[1] % self.nm[1]:
-                    raise ValueError(
-                        f"mask_type {mask_type!r}: parameter {name!r} of shape {tuple(param.shape)} has an input "
-                        f"dimension that is not a multiple of {self.nm[1]}; exclude it with exclude=[{name!r}]"
-                    )
+            sparsity = maskops.nm_sparsity(mask_type, sparsity)
+            check_nm_parameters(self.params, self.nm)
         if sparsity is None:
             raise ValueError(f"method {self.name!r} needs sparsity= (a number in [0, 1), e.g. 0.9)")
         self.final_sparsity = maskops.check_sparsity(sparsity)
@@ -199,17 +197,7 @@ class Sparsifier:
 
     def timeline(self) -> list[Phase]:
         """The run's phases as step intervals (for plots and logs)."""
-        end = self.total_steps or max(self.count, 1)
-        phases: list[Phase] = []
-        start = 0
-        kind = self.phase_at(0)
-        for step in range(1, end):
-            now = self.phase_at(step)
-            if now != kind:
-                phases.append(Phase(start, step, kind))
-                start, kind = step, now
-        phases.append(Phase(start, end, kind))
-        return phases
+        return timeline_of(self.phase_at, self.total_steps or max(self.count, 1))
 
     def lr_factor(self, step: int, base: Callable[[int], float]) -> float:
         """Learning-rate multiplier at ``step`` given the run's own schedule ``base`` (a function of the step).
@@ -263,7 +251,7 @@ class Sparsifier:
         other methods never let a pruned weight back. Keeping costs one tensor per second-moment buffer of each
         pruned parameter, saved in ``state_dict`` (none with plain or momentum SGD).
         """
-        return bool({"phases", "group_phases"} & self.capabilities)
+        return bool(self.capabilities & (Capability.PHASES | Capability.GROUP_PHASES))
 
     # ----------------------------------------------------------------- public API
     @property
@@ -348,7 +336,7 @@ class Sparsifier:
         """Sparsity measured on the weights (zeros counted in the tensors), overall and per layer."""
         layers, zeros, total = {}, 0, 0
         for name, param in self.params.items():
-            z = param.numel() - int(torch.count_nonzero(param))
+            z = maskops.count_zeros(param)
             layers[name] = z / param.numel()
             zeros += z
             total += param.numel()
@@ -356,7 +344,7 @@ class Sparsifier:
 
     def sparsity_of_masks(self) -> float:
         total = sum(m.numel() for m in self.masks.values())
-        return sum(m.numel() - int(m.sum()) for m in self.masks.values()) / total
+        return sum(maskops.count_zeros(m) for m in self.masks.values()) / total
 
     def state_dict(self) -> dict:
         return {
@@ -434,7 +422,23 @@ class Sparsifier:
         return torch.Generator().manual_seed(derived_seed(self.seed, step))
 
     def magnitude_scores(self) -> dict[str, Tensor]:
-        return {n: p.detach().abs() for n, p in self.params.items()}
+        return self.scores("magnitude")
+
+    def scores(self, kind: str, step: int | None = None) -> dict[str, Tensor]:
+        """Per-weight scores of the sparsified parameters, higher kept first; ``kind`` is one of ``SCORES``.
+
+        'magnitude': |w| (Han et al. 2015). 'random': uniform draws from the generator of (seed, ``step``; the
+        current step when left out), in parameter order: a random mask, the same on every rank and after a resume.
+        'gradient': |dL/dw| of the gradient now in ``.grad`` (RigL's growth criterion; 0 where there is none).
+        """
+        if kind == "magnitude":
+            return {n: p.detach().abs() for n, p in self.params.items()}
+        if kind == "random":
+            generator = self.generator(self.count if step is None else step)
+            return {n: torch.rand(p.shape, generator=generator) for n, p in self.params.items()}
+        if kind == "gradient":
+            return {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().abs() for n, p in self.params.items()}
+        raise ValueError(f"unknown score {kind!r}; scores are: {', '.join(self.SCORES)}")
 
     def compute_masks(
         self, sparsity: float, scores: dict[str, Tensor], *, among_active: bool = False

@@ -226,14 +226,11 @@ def masked_hook(state: MaskedState, bucket: dist.GradBucket) -> torch.futures.Fu
     return _done(buffer)
 
 
-def _method_class(sparsifier: Any) -> type:
-    return sparsifier if isinstance(sparsifier, type) else type(sparsifier)
-
-
 def check_hook(name: str, sparsifier: Any = None, options: Mapping[str, Any] | None = None) -> None:
-    """Validate a hook choice before any process starts: the name, its options, its fit with the method.
+    """Validate a hook choice before any process starts: the name and its options.
 
-    ``sparsifier`` is a sparsifier or a method's class (``sparsetrain.get_method(name)``), or None to skip that check.
+    ``sparsifier`` (a sparsifier, a method's class or None) is accepted for compatibility: every hook fits every
+    method, since the masked hook sends a step densely whenever the method reads dense gradients on it.
     """
     spec = HOOK_REGISTRY.entry(name).obj  # ValueError naming the choices for an unknown name
     options = dict(options or {})
@@ -244,11 +241,6 @@ def check_hook(name: str, sparsifier: Any = None, options: Mapping[str, Any] | N
         raise ValueError(f"comm hook {name!r} has no option {', '.join(unknown)}; its options: "
                          f"{', '.join(spec.state.OPTIONS)}")  # fmt: skip
     spec.state(**options)  # the state checks its options (QSGD's levels, bucket size, norm)
-    if name == "masked" and sparsifier is not None and "dense_gradients" in _method_class(sparsifier).capabilities:
-        raise ValueError(
-            f"the masked hook does not fit method {sparsifier.name!r}: it needs dense gradients at every step; "
-            "use --comm-hook none, fp16, qsgd or natural"
-        )
 
 
 def hook_options(name: str, config: Mapping[str, Any]) -> dict[str, Any]:

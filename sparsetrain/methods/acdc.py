@@ -7,12 +7,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import maskops
-from ..core import Sparsifier, register
-from ..schedules import Phase, acdc_phases, phase_at
+from ..core import Capability, ScheduledPruning, register
+from ..schedules import Cyclic, Phase, acdc_phases
 
 
 @register("acdc")
-class ACDC(Sparsifier):
+class ACDC(ScheduledPruning):
     """AC/DC: dense warm-up, then alternating sparse and dense phases, ending sparse; yields a sparse-dense pair.
 
     Algorithm:
@@ -44,9 +44,13 @@ class ACDC(Sparsifier):
     weights); gradients of masked weights are zeroed before the step, so no momentum leaks into them; and the
     mask difference is corrected for changes in sparsity. (The official code trains with SGD; with Adam-like
     optimizers the kept second moments are ours.)
+
+    Built on the :class:`~sparsetrain.schedules.Cyclic` schedule of ``acdc_phases`` and the magnitude score; the
+    method itself is only what happens at a phase start: the compression's mask difference, the
+    decompression's momentum reset.
     """
 
-    capabilities = frozenset({"sparse", "mask_updates", "phases", "nm"})
+    capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.PHASES | Capability.NM
 
     def __init__(
         self,
@@ -70,7 +74,7 @@ class ACDC(Sparsifier):
         self._last_sparse_masks: dict[str, Tensor] | None = None
         super().__init__(model, **common)
 
-    def setup(self) -> None:
+    def make_schedule(self) -> Cyclic:
         total = self.require_total_steps()
         self.phases: list[Phase] = acdc_phases(
             total,
@@ -79,28 +83,16 @@ class ACDC(Sparsifier):
             decompressed=self.steps(self.decompressed, "decompressed", default_fraction=0.05),
             final=self.steps(self.final, "final", default_fraction=0.15),
         )
-        self._starts = {p.start: p for p in self.phases}
+        return Cyclic(tuple(self.phases), self.final_sparsity)
 
-    def timeline(self) -> list[Phase]:
-        return list(self.phases)
-
-    def phase_at(self, step: int) -> str:
-        return phase_at(self.phases, step).kind
-
-    def target_sparsity_at(self, step: int) -> float:
-        return self.final_sparsity if self.phase_at(step) == "sparse" else 0.0
-
-    def on_step(self, step: int) -> None:
-        phase = self._starts.get(step)
-        if phase is None:
-            return
-        if phase.kind == "sparse":
-            self._compress()
-        elif step > 0:
+    def update_masks(self, step: int) -> None:
+        if self.phase_at(step) == "sparse":
+            self._compress(step)
+        else:
             self.densify("decompress", reset_optimizer_momentum=self.reset_momentum)
 
-    def _compress(self) -> None:
-        masks = self.compute_masks(self.final_sparsity, self.magnitude_scores())
+    def _compress(self, step: int) -> None:
+        masks = self.masks_at(step)
         difference = None
         if self._last_sparse_masks is not None:
             difference = 100.0 * maskops.relative_mask_difference(self._last_sparse_masks, masks)

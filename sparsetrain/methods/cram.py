@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .. import maskops
-from ..core import Sparsifier, register
+from ..core import Capability, Sparsifier, register
+from ..core.sparsifier import check_nm_parameters
 from ..optim.cram import CrAM
 
 
@@ -37,7 +38,7 @@ class CrAMMethod(Sparsifier):
 
     # prune_after_training: the trainer prunes the final model one-shot to ``sparsity`` (with batch-norm
     # re-calibration) and reports it as the run's sparse model, the trained model as its dense one.
-    capabilities = frozenset({"own_optimizer", "closure", "prune_after_training"})
+    capabilities = Capability.OWN_OPTIMIZER | Capability.CLOSURE | Capability.PRUNE_AFTER_TRAINING
 
     def __init__(
         self,
@@ -58,15 +59,9 @@ class CrAMMethod(Sparsifier):
                 f"cram compresses by one global magnitude ranking (or N:M); distribution={distribution!r} is not "
                 "supported (leave it out or use 'global')"
             )
-        nm_sparsity = None if nm is None else 1.0 - nm[0] / nm[1]
         if sparsity is not None:
             sparsity = maskops.check_sparsity(sparsity)
-            if nm_sparsity is not None and abs(sparsity - nm_sparsity) > 1e-9:
-                raise ValueError(
-                    f"mask_type {mask_type!r} fixes the sparsity at {nm_sparsity:g}; got sparsity={sparsity!r} "
-                    "(leave sparsity out or make them agree)"
-                )
-        self.target = nm_sparsity if sparsity is None else sparsity
+        self.target = maskops.nm_sparsity(mask_type, sparsity)
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0:
             raise ValueError(f"cram: rho must be a number >= 0 (0.05 in the paper), got {rho!r}")
         self.rho = float(rho)
@@ -77,12 +72,7 @@ class CrAMMethod(Sparsifier):
         super().__init__(model, sparsity=0.0, **common)
         self.mask_type = mask_type
         if nm is not None:
-            for name, param in self.params.items():
-                if param.dim() < 2 or param.shape[1] % nm[1]:
-                    raise ValueError(
-                        f"mask_type {mask_type!r}: parameter {name!r} of shape {tuple(param.shape)} has an input "
-                        f"dimension that is not a multiple of {nm[1]}; exclude it with exclude=[{name!r}]"
-                    )
+            check_nm_parameters(self.params, nm)
 
     def target_sparsity_at(self, step: int) -> float:
         return 0.0

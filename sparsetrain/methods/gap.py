@@ -9,7 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core import Sparsifier, register
+from ..core import Capability, ScheduledPruning, register
+from ..distributions import layer_sparsities
+from ..maskops import keep_count
+from ..schedules import GroupCycles
 
 INIT_MASKS = ("magnitude", "random")
 DEFAULT_GROUPS = 4
@@ -77,7 +80,7 @@ def norm_preserving_scale(weight: Tensor, dense_sq_norms: Tensor) -> Tensor:
 
 
 @register("gap")
-class GaP(Sparsifier):
+class GaP(ScheduledPruning):
     """Cyclic GaP: one group of layers dense at a time, the rest sparse; groups rotate; ends sparse and fine-tunes.
 
     The sparsified layers are split into ``groups`` contiguous groups in parameter order, balanced by parameter
@@ -90,7 +93,9 @@ class GaP(Sparsifier):
     training fine-tunes with fixed masks to the end.
 
     ``period`` in ``unit``; left out, the cycles fill the first 80% of the run. Phases are named 'grow0',
-    'grow1', ... (group i dense) and 'sparse' (fine-tuning).
+    'grow1', ... (group i dense) and 'sparse' (fine-tuning); the :class:`~sparsetrain.schedules.GroupCycles`
+    schedule gives them, and the target sparsity of each: the exact fraction of zeros the masks then hold
+    (every layer outside the dense group at its exact per-layer count).
     ``rescale_init`` (default on): the layers pruned at step 0 have the kept weights of each output unit
     multiplied so that the unit's weight norm equals its dense norm (``norm_preserving_scale``): for uncorrelated
     inputs each unit keeps its dense init's output variance whatever the mask (sparse-aware init, Evci et al.,
@@ -102,7 +107,7 @@ class GaP(Sparsifier):
     """
 
     default_distribution = "uniform"
-    capabilities = frozenset({"sparse", "mask_updates", "group_phases"})
+    capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.GROUP_PHASES
 
     def __init__(
         self,
@@ -123,9 +128,9 @@ class GaP(Sparsifier):
         self._dense_sq_norms: dict[str, Tensor] | None = None
         super().__init__(model, **common)
 
-    def setup(self) -> None:
+    def make_schedule(self) -> GroupCycles:
         self.group_names = self.partition_groups()
-        self.schedule_cycles(periods_per_round=len(self.group_names))
+        return self.schedule_cycles(periods_per_round=len(self.group_names))
 
     def default_groups(self, layers: int) -> int:
         """The group count when ``groups`` is left out: 4, at most one group per sparsified layer."""
@@ -159,8 +164,9 @@ class GaP(Sparsifier):
         sizes = [self.params[n].numel() for n in names]
         return [names[start:end] for start, end in balanced_partition(sizes, count)]
 
-    def schedule_cycles(self, periods_per_round: int) -> None:
-        """``period_steps`` and ``fine_tune_start``: rounds x periods fill the first 80% unless ``period`` is given."""
+    def schedule_cycles(self, periods_per_round: int, offset: int = 0) -> GroupCycles:
+        """The schedule: ``period_steps`` and ``fine_tune_start`` (rounds x periods fill the first 80% unless
+        ``period`` is given), the first dense group ``offset``, and each phase's exact sparsity."""
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}")
         total = self.require_total_steps()
@@ -174,35 +180,25 @@ class GaP(Sparsifier):
                 f"{self.name} cycles do not fit: {self.rounds} rounds x {periods_per_round} periods x "
                 f"{self.period_steps} steps = {self.fine_tune_start} steps > {total} steps of training"
             )
+        # Every layer outside the dense group holds exactly its per-layer count of zeros (compute_masks).
+        shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        per_layer = layer_sparsities(self.distribution, shapes, self.final_sparsity)
+        zeros = {n: p.numel() - keep_count(p.numel(), per_layer[n]) for n, p in self.params.items()}
+        total = sum(p.numel() for p in self.params.values())
+        all_zeros = sum(zeros.values())
+        group_sparsity = tuple((all_zeros - sum(zeros[n] for n in group)) / total for group in self.group_names)
+        return GroupCycles(self.period_steps, self.fine_tune_start, group_sparsity, all_zeros / total, offset)
 
     def dense_group_at(self, step: int) -> int | None:
         """Index of the dense group at ``step``; None once fine-tuning has started."""
-        if step >= self.fine_tune_start:
-            return None
-        return (step // self.period_steps) % len(self.group_names)
-
-    def phase_at(self, step: int) -> str:
-        group = self.dense_group_at(step)
-        return "sparse" if group is None else f"grow{group}"
-
-    def target_sparsity_at(self, step: int) -> float:
-        group = self.dense_group_at(step)
-        if group is None:
-            return self.final_sparsity
-        dense = sum(self.params[n].numel() for n in self.group_names[group])
-        total = sum(p.numel() for p in self.params.values())
-        return self.final_sparsity * (1 - dense / total)  # approximate: uniform/erk per-layer rounding aside
+        return self.schedule.dense_group_at(step)
 
     def initial_masks(self) -> dict[str, Tensor]:
         """Step 0: every layer at the target by ``init_mask``, the step-0 dense group's layers all ones."""
         if self.rescale_init and not self.init_rescaled:
             self._dense_sq_norms = {n: unit_sq_norms(p) for n, p in self.params.items()}
-        if self.init_mask == "random":
-            generator = self.generator(0)  # (seed, step 0): the same draws on every rank and after a resume
-            scores = {n: torch.rand(p.shape, generator=generator) for n, p in self.params.items()}
-        else:
-            scores = self.magnitude_scores()
-        pruned = self.compute_masks(self.final_sparsity, scores)
+        # Random scores come from (seed, step 0): the same draws on every rank and after a resume.
+        pruned = self.compute_masks(self.final_sparsity, self.scores(self.init_mask, 0))
         group = self.dense_group_at(0)
         dense = set() if group is None else set(self.group_names[group])
         return {n: torch.ones_like(m) if n in dense else m for n, m in pruned.items()}
@@ -224,7 +220,7 @@ class GaP(Sparsifier):
             group = self.dense_group_at(0)
             self.set_masks(self.initial_masks(), reason="gap" if group is None else f"gap grow group {group}")
             return
-        if step % self.period_steps != 0 or step > self.fine_tune_start:
+        if not self.is_update_step(step):
             return
         group = self.dense_group_at(step)
         dense_names = set() if group is None else set(self.group_names[group])

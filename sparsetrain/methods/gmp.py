@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import bisect
 from typing import Any
 
 from torch import nn
 
-from ..core import Sparsifier, register
-from ..schedules import cubic_sparsity, gmp_update_steps
+from ..core import Capability, ScheduledPruning, register
+from ..schedules import Polynomial
 
 
 @register("gmp")
-class GMP(Sparsifier):
+class GMP(ScheduledPruning):
     """Gradual magnitude pruning: sparsity rises on a cubic schedule; pruned weights stay pruned.
+
+    The pair (cubic :class:`~sparsetrain.schedules.Polynomial`, magnitude score among the surviving weights).
 
     s_t = s_f + (s_i - s_f)(1 - (t - t0) / (t_end - t0))^3 at updates t0, t0 + dt, ..., t_end; at each update
     the largest |w| among the surviving weights are kept. ``start``/``end`` in ``unit`` (when left out: 20% and
@@ -26,7 +27,9 @@ class GMP(Sparsifier):
     """
 
     default_distribution = "uniform"
-    capabilities = frozenset({"sparse", "mask_updates"})
+    capabilities = Capability.SPARSE | Capability.MASK_UPDATES
+    keep_pruned = True
+    reason = "gmp {sparsity:.4f}"
 
     def __init__(
         self,
@@ -41,7 +44,7 @@ class GMP(Sparsifier):
         self.start, self.end, self.frequency, self.initial_sparsity = start, end, frequency, initial_sparsity
         super().__init__(model, **common)
 
-    def setup(self) -> None:
+    def make_schedule(self) -> Polynomial:
         self.require_total_steps()
         self.start_step = self.steps(self.start, "start", default_fraction=0.2)
         self.end_step = self.steps(self.end, "end", default_fraction=0.8)
@@ -58,18 +61,8 @@ class GMP(Sparsifier):
         if frequency is None:
             window = self.end_step - self.start_step
             frequency = self.steps_per_epoch or max(1, window // 50)
-        self.update_steps = gmp_update_steps(self.start_step, self.end_step, int(frequency))
-        self._update_set = set(self.update_steps)
-
-    def target_sparsity_at(self, step: int) -> float:
-        if step < self.start_step:
-            return 0.0
-        # The mask in force is the one set at the last update step at or before ``step``.
-        last = self.update_steps[bisect.bisect_right(self.update_steps, step) - 1]
-        return cubic_sparsity(last, self.start_step, self.end_step, self.initial_sparsity, self.final_sparsity)
-
-    def on_step(self, step: int) -> None:
-        if step in self._update_set:
-            target = self.target_sparsity_at(step)
-            masks = self.compute_masks(target, self.magnitude_scores(), among_active=True)
-            self.set_masks(masks, reason=f"gmp {target:.4f}")
+        schedule = Polynomial.every(
+            self.start_step, self.end_step, int(frequency), self.initial_sparsity, self.final_sparsity
+        )
+        self.update_steps = list(schedule.update_steps)
+        return schedule

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core import Sparsifier, register
+from ..core import Capability, ScheduledPruning, register
 from ..optim_state import reset_momentum
+from ..schedules import Rounds, half_cosine
 
 RETRAIN_SCHEDULES = ("ft", "lrw", "slr", "clr", "rewind")
 
 
 @register("imp")
-class IMP(Sparsifier):
+class IMP(ScheduledPruning):
     """IMP: dense pre-training, then ``rounds`` rounds that each prune and retrain; one run, one stated budget.
 
     Round r (1..n) prunes globally by magnitude among the surviving weights to s_r = 1 - (1 - s)^(r / n), i.e.
@@ -47,9 +47,13 @@ class IMP(Sparsifier):
     Le & Hua 2021 (arXiv 2105.03193); Zimmer, Spiegel & Pokutta, "How I Learned to Stop Worrying and Love
     Retraining" (IMP revisited, arXiv 2111.00843, code ZIB-IOL/BIMP) for the slr/clr details.
     Differences from the papers: the rounds share one fixed budget instead of each retraining for a full run.
+
+    Built on the :class:`~sparsetrain.schedules.Rounds` schedule and the magnitude score among the surviving
+    weights; the method adds the rewinding and the retraining learning rates.
     """
 
-    capabilities = frozenset({"sparse", "mask_updates"})
+    capabilities = Capability.SPARSE | Capability.MASK_UPDATES
+    keep_pruned = True
 
     def __init__(
         self,
@@ -79,7 +83,7 @@ class IMP(Sparsifier):
         self._profile: tuple[Callable[[int], float], float, int, float] | None = None
         super().__init__(model, **common)
 
-    def setup(self) -> None:
+    def make_schedule(self) -> Rounds:
         total = self.require_total_steps()
         self.pretrain_steps = self.steps(self.pretrain, "pretrain", default_fraction=1 / (self.rounds + 1))
         self.round_steps = (total - self.pretrain_steps) // self.rounds
@@ -91,26 +95,15 @@ class IMP(Sparsifier):
         self.rewind_step = None if self.rewind is None else self.steps(self.rewind, "rewind")
         if self.rewind_step is not None and self.rewind_step > self.pretrain_steps:
             raise ValueError(f"rewind must lie in pre-training (<= {self.pretrain_steps} steps), got {self.rewind!r}")
+        return Rounds(self.pretrain_steps, self.round_steps, self.rounds, self.final_sparsity)
 
     def round_sparsity(self, r: int) -> float:
         """Sparsity after round r (1-based); round n is exactly the target."""
-        if r >= self.rounds:
-            return self.final_sparsity
-        return 1.0 - (1.0 - self.final_sparsity) ** (r / self.rounds)
+        return self.schedule.round_sparsity(r)
 
     def round_at(self, step: int) -> int:
         """0 during pre-training, else the 1-based round."""
-        if step < self.pretrain_steps:
-            return 0
-        return min(self.rounds, 1 + (step - self.pretrain_steps) // self.round_steps)
-
-    def phase_at(self, step: int) -> str:
-        r = self.round_at(step)
-        return "dense" if r == 0 else f"round{r}"
-
-    def target_sparsity_at(self, step: int) -> float:
-        r = self.round_at(step)
-        return 0.0 if r == 0 else self.round_sparsity(r)
+        return self.schedule.round_at(step)
 
     @torch.no_grad()
     def on_step(self, step: int) -> None:
@@ -118,10 +111,13 @@ class IMP(Sparsifier):
             self._rewind_state = {n: p.detach().clone() for n, p in self.model.named_parameters()}
             if self.rewind_buffers:
                 self._rewind_buffer_state = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        if step not in self.round_starts:
-            return
-        r = self.round_starts.index(step) + 1
-        masks = self.compute_masks(self.round_sparsity(r), self.magnitude_scores(), among_active=True)
+        super().on_step(step)
+
+    @torch.no_grad()
+    def update_masks(self, step: int) -> None:
+        # The masks rank the trained weights; the survivors are then rewound (when rewinding) and masked.
+        r = self.round_at(step)
+        masks = self.masks_at(step)
         if self._rewind_state is not None:
             for name, param in self.model.named_parameters():
                 param.copy_(self._rewind_state[name])
@@ -152,12 +148,12 @@ class IMP(Sparsifier):
         peak, peak_at, floor = self._schedule_profile(base, pre)
         warm = max(1, int(0.1 * R))
         if t < warm:
-            return peak * 0.5 * (1 - math.cos(math.pi * (t + 1) / warm))
+            return peak * half_cosine(t + 1, warm, rising=True)
         progress = (t - warm) / max(1, R - warm)
         if self.retrain == "slr":
             u = progress * P
             return peak if u < peak_at else pre(u)
-        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (peak - floor) * half_cosine(progress)
 
     def _schedule_profile(
         self, base: Callable[[int], float], pre: Callable[[float], float]

@@ -6,30 +6,30 @@ from typing import Any
 
 from torch import nn
 
-from ..core import Sparsifier, register
+from ..core import Capability, ScheduledPruning, register
+from ..schedules import OneShot
 
 
 @register("magnitude")
-class Magnitude(Sparsifier):
+class Magnitude(ScheduledPruning):
     """One-shot magnitude pruning: at step ``at`` keep the largest |w|, then train with that mask fixed.
 
-    ``at`` is in ``unit`` (default: fraction of training, 0 = prune at initialization, 0.5 = half-way and
-    fine-tune the rest). Reference: Han et al. 2015, "Learning both weights and connections", arXiv 1506.02626.
+    The pair (:class:`~sparsetrain.schedules.OneShot` at ``at``, magnitude score). ``at`` is in ``unit``
+    (default: fraction of training, 0 = prune at initialization, 0.5 = half-way and fine-tune the rest).
+    Reference: Han et al. 2015, "Learning both weights and connections", arXiv 1506.02626.
     Differences from the paper: one round, no retraining schedule of its own (see ``imp`` for rounds).
     """
 
-    capabilities = frozenset({"sparse", "mask_updates", "nm"})
+    capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.NM
+    reason = "one-shot"
 
     def __init__(self, model: nn.Module, *, at: float | None = None, **common: Any) -> None:
         self.at = at
         super().__init__(model, **common)
 
-    def setup(self) -> None:
-        self.prune_step = 0 if not self.at else self.steps(self.at, "at")
+    def make_schedule(self) -> OneShot:
+        return OneShot(0 if not self.at else self.steps(self.at, "at"), self.final_sparsity)
 
-    def target_sparsity_at(self, step: int) -> float:
-        return self.final_sparsity if step >= self.prune_step else 0.0
-
-    def on_step(self, step: int) -> None:
-        if step == self.prune_step:
-            self.set_masks(self.compute_masks(self.final_sparsity, self.magnitude_scores()), reason="one-shot")
+    @property
+    def prune_step(self) -> int:
+        return self.schedule.step

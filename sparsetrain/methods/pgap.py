@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import register
+from ..core import Capability, register
 from ..optim_state import reset_momentum
+from ..schedules import GroupCycles
 from .gap import GaP
 
 
@@ -41,7 +42,7 @@ class ParallelGaP(GaP):
     momentum restarts from zero after each merge.
     """
 
-    capabilities = frozenset({"sparse", "mask_updates", "group_phases", "replica_phases"})
+    capabilities = GaP.capabilities | Capability.REPLICA_PHASES
 
     def __init__(self, model: nn.Module, *, groups: int | None = None, rounds: int = 2, period: float | None = None,
                  **common: Any) -> None:  # fmt: skip
@@ -53,20 +54,15 @@ class ParallelGaP(GaP):
         """One group per rank; in one process 2 (at most one per sparsified layer)."""
         return self.world if self.world > 1 else min(2, layers)
 
-    def setup(self) -> None:
+    def make_schedule(self) -> GroupCycles:
         self.group_names = self.partition_groups()
         if self.world > 1 and len(self.group_names) != self.world:
             raise ValueError(
                 f"pgap grows one group per rank: groups must equal the number of processes ({self.world}), "
                 f"got {len(self.group_names)}"
             )
-        self.schedule_cycles(periods_per_round=1)
-
-    def dense_group_at(self, step: int) -> int | None:
-        if step >= self.fine_tune_start:
-            return None
-        round_index = step // self.period_steps
-        return (self.rank + round_index) % len(self.group_names)
+        # Rank i grows group (i + round) mod k: GaP's rotation, one period per round, offset by the rank.
+        return self.schedule_cycles(periods_per_round=1, offset=self.rank)
 
     def synchronize_gradients(self) -> bool:
         """False while replicas train apart (the rounds); True while fine-tuning the merged model."""
@@ -77,7 +73,7 @@ class ParallelGaP(GaP):
         if step == 0:
             self.set_masks(self.initial_masks(), reason=f"pgap grow group {self.dense_group_at(0)}")
             return
-        if step > self.fine_tune_start or step % self.period_steps != 0:
+        if not self.is_update_step(step):
             return
         self._merge(step)
         # Every layer to the target, the group this rank grows next included: the merged weights are the same on

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core import Sparsifier, register
+from ..core import Capability, Sparsifier, register
 from ..optim.rda import RDA, check_options, rda_a_schedule
 
 DEFAULT_LAM = 1e-6
@@ -44,7 +44,10 @@ class RDAMethod(Sparsifier):
     biases and norm parameters are never penalised.
     """
 
-    capabilities = frozenset({"sparse", "mask_updates", "nm", "own_optimizer"})
+    capabilities = (
+        Capability.SPARSE | Capability.MASK_UPDATES | Capability.NM | Capability.OWN_OPTIMIZER
+        | Capability.DENSE_GRADIENTS
+    )  # fmt: skip
 
     def __init__(
         self,

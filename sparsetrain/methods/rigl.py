@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..core import register
@@ -30,8 +29,4 @@ class RigL(SET):
         return self.is_update_step(self.count)
 
     def grow_scores(self, step: int) -> dict[str, Tensor]:
-        scores = {}
-        for name, param in self.params.items():
-            grad = param.grad
-            scores[name] = torch.zeros_like(param) if grad is None else grad.detach().abs()
-        return scores
+        return self.scores("gradient", step)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import maskops
-from ..core import Sparsifier, register
+from ..core import Capability, Sparsifier, register
 from ..core.sparsifier import derived_seed
 from ..optim_state import zero_state_where
 from ..schedules import cosine_decay
@@ -55,7 +55,7 @@ class SET(Sparsifier):
     """
 
     default_distribution = "erk"
-    capabilities = frozenset({"sparse", "mask_updates", "drop_grow"})
+    capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.DROP_GROW | Capability.DENSE_GRADIENTS
     needs_attach = True
 
     def __init__(
@@ -103,9 +103,7 @@ class SET(Sparsifier):
 
     def on_step(self, step: int) -> None:
         if step == 0:  # the initial random mask
-            generator = self.generator(0)
-            scores = {n: torch.rand(p.shape, generator=generator) for n, p in self.params.items()}
-            self.set_masks(self.compute_masks(self.final_sparsity, scores), reason="initial random")
+            self.set_masks(self.compute_masks(self.final_sparsity, self.scores("random", 0)), reason="initial random")
             self._record_init_rms()
 
     def rescale_kept_weights(self) -> None:
@@ -132,8 +130,7 @@ class SET(Sparsifier):
 
     def grow_scores(self, step: int) -> dict[str, Tensor]:
         """Higher is grown first; only inactive positions are considered."""
-        generator = self.generator(step)
-        return {n: torch.rand(p.shape, generator=generator) for n, p in self.params.items()}
+        return self.scores("random", step)
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The update happens here, before the step: the gradients of this step are the dense gradients RigL

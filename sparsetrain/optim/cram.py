@@ -116,11 +116,9 @@ class CrAM(torch.optim.Optimizer):
             raise ValueError("CrAM: every parameter in compress must also be in params")
         if self.nm is not None:
             for p in self.compressed:
-                if p.dim() < 2 or p.shape[1] % self.nm[1]:
-                    raise ValueError(
-                        f"CrAM: mask_type {mask_type!r} needs compressed weights whose input dimension is a multiple "
-                        f"of {self.nm[1]}; got shape {tuple(p.shape)} (leave it out of compress=)"
-                    )
+                maskops.check_nm_shape(
+                    p.shape, *self.nm, what="CrAM: a compressed weight", remedy="leave it out of compress="
+                )
         self.rho = float(rho)
         self.sparsities = sparsities
         self.mask_type = mask_type

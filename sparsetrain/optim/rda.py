@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..schedules import half_cosine
+
 __all__ = ["RDA", "RDA_MODES", "check_options", "rda_a_schedule"]
 
 RDA_MODES = ("unstructured", "kernel", "channel")
@@ -28,7 +30,7 @@ def rda_a_schedule(step: int, total: int) -> float:
         raise ValueError(f"rda_a_schedule needs total > 0 steps, got {total!r}")
     if step < 0:
         raise ValueError(f"rda_a_schedule needs step >= 0, got {step!r}")
-    return 0.5 * (1.0 - math.cos(math.pi * min(step, total) / total))
+    return half_cosine(min(step, total), total, rising=True)
 
 
 def check_options(group: dict[str, Any]) -> None:

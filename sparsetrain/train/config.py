@@ -140,8 +140,9 @@ def _check_method_options(out: dict[str, Any]) -> None:
             check_distribution(out["distribution"])
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if nm is not None and "method" in out and "nm" not in sparsetrain.get_method(out["method"]).capabilities:
-        able = [name for name in sparsetrain.list_methods() if "nm" in sparsetrain.get_method(name).capabilities]
+    nm_flag = sparsetrain.Capability.NM
+    if nm is not None and "method" in out and nm_flag not in sparsetrain.get_method(out["method"]).capabilities:
+        able = [name for name in sparsetrain.list_methods() if nm_flag in sparsetrain.get_method(name).capabilities]
         raise ConfigError(
             f"method {out['method']!r} does not support N:M masks (mask_type {out['mask_type']!r}); "
             f"methods that do: {', '.join(able)}"
@@ -237,12 +238,12 @@ def resolve(recipe: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[st
 def _fix_nm_sparsity(config: dict[str, Any], recipe: dict[str, Any], overrides: dict[str, Any]) -> None:
     """An N:M mask type fixes the sparsity at 1 - N/M: a sparsity given beside it must agree (as in the library
     and ``sparsetrain prune``); the config then records the sparsity really trained at."""
-    from ..maskops import parse_nm
+    from ..maskops import nm_sparsity, parse_nm
 
     nm = parse_nm(config["mask_type"])
     if nm is None:
         return
-    implied = 1.0 - nm[0] / nm[1]
+    implied = nm_sparsity(config["mask_type"])
     # A sparsity is given beside the mask type when the same level (or a higher one) sets it: a recipe's
     # sparsity does not bind a mask type chosen on the command line.
     given = "sparsity" in overrides or ("sparsity" in recipe and "mask_type" not in overrides)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..maskops import count_zeros
 from . import checkpoint
 from .config import TrainConfig
 from .data import iterate_batches
@@ -35,7 +36,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -
 def weight_sparsity(state: Mapping[str, torch.Tensor], names: Iterable[str]) -> float:
     """Fraction of exact zeros over the named tensors of a state dict (the sparsified weights)."""
     names = list(names)
-    zeros = sum(state[n].numel() - int(torch.count_nonzero(state[n])) for n in names)
+    zeros = sum(count_zeros(state[n]) for n in names)
     return zeros / max(1, sum(state[n].numel() for n in names))
 
 

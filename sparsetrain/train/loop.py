@@ -328,7 +328,7 @@ class Run:
         self.sparsifier = create_sparsifier(self.model, config, self.steps_per_epoch)
         # Methods that are optimizers (rda) or wrap one (cram) supply the optimizer the run steps.
         self.optimizer = self.sparsifier.wrap_optimizer(make_optimizer(self.model, config))
-        self.uses_closure = "closure" in self.sparsifier.capabilities
+        self.uses_closure = sparsetrain.Capability.CLOSURE in self.sparsifier.capabilities
         if self.uses_closure and config.amp and self.device.type == "cuda":
             raise ConfigError(
                 f"method {config.method!r} steps with a closure, which fp16 gradient scaling (amp on cuda) does "
@@ -490,7 +490,7 @@ class Run:
 
     def finish(self) -> dict[str, Any]:
         """The run's outputs after the last epoch: the sparse model, its dense counterpart, plots, summary.json."""
-        pruned_after = "prune_after_training" in self.sparsifier.capabilities
+        pruned_after = sparsetrain.Capability.PRUNE_AFTER_TRAINING in self.sparsifier.capabilities
         trained_dense = self._prune_after_training() if pruned_after else None
         sparse_info = self._save_sparse_model()
         dense_info = self._save_dense_model(sparse_info, trained_dense)
@@ -556,7 +556,7 @@ class Run:
             kind = "dense_best"
         elif trained_dense is not None:
             info, model, kind = trained_dense["info"], self._model_holding(trained_dense["state"]), "dense_final"
-        elif sparse["sparsity"] == 0 or self.config.method == "dense":
+        elif sparse["sparsity"] == 0 or sparsetrain.Capability.SPARSE not in self.sparsifier.capabilities:
             return {"sparsity": sparse["sparsity"], "val_acc": sparse["val_acc"], "test_acc": sparse["test_acc"],
                     "epoch": self.epoch, "step": self.sparsifier.count}  # fmt: skip
         else:

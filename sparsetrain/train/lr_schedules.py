@@ -14,11 +14,11 @@ function is asked; a schedule with its own rise (``onecycle``) registers ``warmu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._registry import Registry
+from ..schedules import half_cosine
 
 __all__ = ["LR_SCHEDULES", "list_lr_schedules", "lr_factor", "register_lr_schedule"]
 
@@ -55,7 +55,7 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, config: Mapping[str, 
 @register_lr_schedule("cosine", help="cosine annealing to 0 (Loshchilov & Hutter 2017)")
 def _cosine(step: int, total: int, warmup: int, config: Mapping[str, Any]) -> float:
     progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
+    return half_cosine(progress)
 
 
 @register_lr_schedule("step", help="multiplied by gamma at each of the milestones (fractions of training)")
@@ -70,7 +70,7 @@ def _onecycle(step: int, total: int, warmup: int, config: Mapping[str, Any]) -> 
     if step < peak:
         return 1 / 25 + (1 - 1 / 25) * step / peak
     progress = (step - peak) / max(1, total - peak)
-    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1e-4 + (1 - 1e-4) * half_cosine(progress)
 
 
 @register_lr_schedule("constant", help="the peak learning rate throughout")
