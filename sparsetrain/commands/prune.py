@@ -1,7 +1,9 @@
-"""``sparsetrain prune``: one-shot magnitude pruning of a trained checkpoint, with batch-norm re-calibration.
+"""``sparsetrain prune``: one-shot pruning of a trained checkpoint, with batch-norm re-calibration.
 
 The post-training half of CrAM (Peste et al., ICLR 2023), usable on any checkpoint: for each sparsity, prune the
-trained model once by magnitude, re-estimate its batch-norm statistics on about 1000 training samples, print the
+trained model once, by magnitude (default) or with OBC / ExactOBS (Frantar & Alistarh, NeurIPS 2022, arXiv
+2208.11580) on calibration samples of the training set at magnitude's per-layer allocation, re-estimate its
+batch-norm statistics on about 1000 training samples, print the
 test accuracy before and after, and save the pruned model next to the input. A command function: it prints its
 table. User mistakes raise ``ConfigError`` (exit code 2) or ``CheckpointError`` (exit code 1).
 """
@@ -16,15 +18,19 @@ from ..errors import ConfigError, writing
 
 DEFAULT_SPARSITIES = "0.5,0.7,0.9"
 DEFAULT_CALIBRATION_SAMPLES = 1000
+DEFAULT_OBC_SAMPLES = 1024
+METHODS = ("magnitude", "obc")
 
 
 def add_parsers(subparsers: Any) -> None:
     """Add the ``prune`` subcommand to the CLI's subparsers."""
     prune = subparsers.add_parser(
         "prune",
-        help="one-shot magnitude pruning of a checkpoint at several sparsities, with batch-norm re-calibration",
-        description="Prune the model of a sparsetrain checkpoint (or run directory) once by magnitude at each "
-        "sparsity (or to an N:M pattern), re-estimate its batch-norm running statistics on training samples, and "
+        help="one-shot pruning (magnitude or OBC) of a checkpoint at several sparsities, with batch-norm "
+        "re-calibration",
+        description="Prune the model of a sparsetrain checkpoint (or run directory) once at each sparsity (or to "
+        "an N:M pattern), by magnitude or with OBC / ExactOBS (Frantar & Alistarh 2022), re-estimate its "
+        "batch-norm running statistics on training samples, and "
         "print the test accuracy before and after re-calibration. Each pruned model is saved next to the input "
         "as pruned_s<SPARSITY>.pt (pruned_<N>of<M>.pt for N:M), in the checkpoint format. Meant for CrAM-trained "
         "models, and works on any.",
@@ -34,6 +40,22 @@ def add_parsers(subparsers: Any) -> None:
         "--sparsity",
         default=None,
         help=f"comma-separated sparsities in [0, 1) (default: {DEFAULT_SPARSITIES}; not used with an N:M --mask-type)",
+    )
+    prune.add_argument(
+        "--method",
+        choices=METHODS,
+        default="magnitude",
+        help="magnitude (default) or obc: OBC / ExactOBS solves each Linear/Conv2d layer with greedy OBS on its "
+        "calibration inputs, layer by layer, at the per-layer sparsities that magnitude pruning with the same "
+        "--distribution gives (default: global magnitude's allocation)",
+    )
+    prune.add_argument(
+        "--calibration",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"--method obc: training samples whose layer inputs give each layer's Hessian (default: "
+        f"{DEFAULT_OBC_SAMPLES})",
     )
     prune.add_argument("--mask-type", default="unstructured", help="unstructured (default) or N:M such as 2:4")
     prune.add_argument(
@@ -108,7 +130,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from .._atomic import check_replaceable
     from ..distributions import check_distribution
-    from ..oneshot import norm_modules, prune_oneshot, recalibrate_batchnorm
+    from ..oneshot import norm_modules, prune_obc, prune_oneshot, recalibrate_batchnorm
     from ..train.checkpoint import load, require, restore_model, save_atomic
     from ..train.data import iterate_batches, load_run_dataset
     from ..train.evaluation import checkpoint_payload, evaluate, weight_sparsity
@@ -121,6 +143,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--distribution: {error}") from None
     if args.calibrate < 0:
         raise ConfigError(f"--calibrate must be a number of samples >= 0 (0: no re-calibration), got {args.calibrate}")
+    if args.calibration is not None and args.method != "obc":
+        raise ConfigError(f"--calibration is the number of OBC calibration samples; it needs --method obc "
+                          f"(got --method {args.method})")
+    obc_samples = DEFAULT_OBC_SAMPLES if args.calibration is None else args.calibration
+    if obc_samples < 1:
+        raise ConfigError(f"--calibration must be a number of training samples >= 1, got {obc_samples}")
     source = Path(args.checkpoint)
     out_dir = Path(args.out_dir) if args.out_dir else (source if source.is_dir() else source.parent)
     targets = [out_dir / output_name(s, args.mask_type) for s in sparsities]
@@ -141,16 +169,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     exclude += args.exclude
 
-    def prune(model: torch.nn.Module, sparsity: float | None) -> dict[str, torch.Tensor]:
+    def prune(model: torch.nn.Module, sparsity: float | None, method: str = "magnitude") -> dict[str, torch.Tensor]:
+        options = dict(
+            mask_type=args.mask_type, distribution=args.distribution, include=config.get("include"),
+            exclude=exclude or None,
+        )
         try:
-            return prune_oneshot(
-                model,
-                sparsity,
-                mask_type=args.mask_type,
-                distribution=args.distribution,
-                include=config.get("include"),
-                exclude=exclude or None,
-            )
+            if method == "obc":
+                # Training samples only, the same draw for every sparsity.
+                batches = iterate_batches(splits.train, config["batch_size"], shuffle=True, seed=0)
+                return prune_obc(model, sparsity, batches, num_samples=obc_samples, **options)
+            return prune_oneshot(model, sparsity, **options)
         except ValueError as error:  # a pattern that matches nothing, an N:M that does not fit a layer, ...
             raise ConfigError(f"{error} (on the command line: --exclude PATTERN)") from None
 
@@ -162,6 +191,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     dense = evaluate(model, splits.test, 1000, device)
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
     print(f"unpruned test accuracy: {dense['acc']:.2f}%")
+    if args.method == "obc":
+        print(f"method: OBC / ExactOBS on {obc_samples} training samples, at {args.distribution} magnitude's "
+              "per-layer sparsities")
     calibrate = args.calibrate if has_norms else 0
     if args.calibrate and not has_norms:
         print("(the model has no batch-norm layer: nothing to re-calibrate)")
@@ -170,7 +202,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print("-" * len(header))
     for sparsity, target in zip(sparsities, targets):
         model = fresh_model()
-        masks = prune(model, sparsity)
+        masks = prune(model, sparsity, args.method)
         pruned = evaluate(model, splits.test, 1000, device)
         recalibrated, used = None, 0
         if calibrate:
@@ -181,10 +213,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         metrics = {
             "sparsity": measured,
             "mask_type": args.mask_type,
+            "method": args.method,
             "distribution": args.distribution,
             "test_acc_pruned": pruned["acc"],
             "test_acc": (recalibrated or pruned)["acc"],
             "calibration_samples": used,
+            "obc_calibration_samples": obc_samples if args.method == "obc" else 0,
             "source": str(args.checkpoint),
             "source_test_acc": dense["acc"],
         }

@@ -1,0 +1,14 @@
+"""Post-training compression of a trained model: one-shot pruning and batch-norm re-calibration.
+
+- ``prune_oneshot``: magnitude pruning (``magnitude.py``), the default of ``sparsetrain prune``.
+- ``prune_obc``: OBC / ExactOBS (Frantar & Alistarh, NeurIPS 2022, arXiv 2208.11580), each layer solved with
+  greedy Optimal Brain Surgeon on its calibration inputs (``obc.py``, ``calibration.py``).
+- ``recalibrate_batchnorm``: re-estimates the batch-norm statistics of the pruned model (``batchnorm.py``).
+"""
+
+from .batchnorm import norm_modules, recalibrate_batchnorm
+from .calibration import layer_hessian
+from .magnitude import prune_oneshot
+from .obc import exact_obs, prune_obc
+
+__all__ = ["prune_oneshot", "recalibrate_batchnorm", "norm_modules", "prune_obc", "exact_obs", "layer_hessian"]

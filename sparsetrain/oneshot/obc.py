@@ -1,0 +1,256 @@
+"""OBC / ExactOBS: one-shot pruning that solves each layer's compression with greedy Optimal Brain Surgeon.
+
+Frantar & Alistarh, NeurIPS 2022, "Optimal Brain Compression" (arXiv 2208.11580). For a layer with weight
+rows ``w`` and input Hessian ``H = 2 X X^T / N`` the layer-wise error of a change ``delta`` is
+``delta^T H delta / 2`` per row, independently per row. ExactOBS removes, in each row, the weight with the least
+saliency ``w_p^2 / [H^-1]_pp``, moves the others by the OBS update ``-w_p / [H^-1]_pp * H^-1[:, p]`` and removes
+row and column p from ``H^-1`` (a rank-1 downdate), greedily until the row's count is reached. All rows of a
+chunk run in parallel on a (rows, d, d) stack of inverse Hessians.
+
+Unstructured: the paper's allocation inside the layer, i.e. every row records the error increase of each of its
+removal steps, and the layer's budget of removals goes to the smallest increases over all rows (so rows get
+different counts, the layer's count is exact). N:M: at most M-N removals in each group of M weights along the
+input dimension. The final weights of a row are the closed-form optimum for its removed set,
+``w'_K = H_KK^-1 (H w)_K`` on the kept set K, which is what the sequential OBS updates compute.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..maskops import parse_nm
+from .calibration import calibration_inputs, exact_obs_supported, execution_order, layer_hessian
+from .magnitude import prune_oneshot
+
+__all__ = ["exact_obs", "prune_obc", "nm_groups"]
+
+log = logging.getLogger(__name__)
+
+# Bytes of (rows, d, d) inverse Hessians processed at once: bounds memory, large enough to batch well.
+_CHUNK_BYTES = 128 << 20
+
+
+def nm_groups(weight_shape: Sequence[int], m: int) -> Tensor:
+    """The N:M group of each column of ``weight.reshape(out, -1)``: M consecutive input channels, same kernel tap.
+
+    A Linear column is an input feature (group ``c // M``); a conv column is (channel c, kernel position s), the
+    group ``(c // M) * K + s`` with K kernel positions, matching ``maskops.nm_mask`` (groups along dim 1).
+    """
+    taps = math.prod(weight_shape[2:]) if len(weight_shape) > 2 else 1
+    cols = torch.arange(int(weight_shape[1]) * taps)
+    return (cols // taps // m) * taps + cols % taps
+
+
+def _greedy(w: Tensor, hinv: Tensor, steps: int, groups: Tensor | None, per_group: int) -> tuple[Tensor, Tensor]:
+    """Run ``steps`` ExactOBS removals on every row of ``w``; return the removed columns and error increases."""
+    rows, d = w.shape
+    w = w.clone()
+    hinv = hinv.expand(rows, d, d).clone()
+    removed = torch.zeros(rows, d, dtype=torch.bool, device=w.device)
+    order = torch.empty(rows, steps, dtype=torch.long, device=w.device)
+    losses = torch.empty(rows, steps, dtype=w.dtype, device=w.device)
+    index = torch.arange(rows, device=w.device)
+    counts = None
+    if groups is not None:
+        counts = torch.zeros(rows, int(groups.max()) + 1, dtype=torch.long, device=w.device)
+        full_of = groups.expand(rows, d)
+    for t in range(steps):
+        diag = torch.diagonal(hinv, dim1=1, dim2=2)
+        blocked = removed
+        if counts is not None:
+            blocked = blocked | (counts.gather(1, full_of) >= per_group)
+        # Removed columns have [H^-1]_pp = 0 after the downdate: masked here, whatever 0/0 gave.
+        score = (w * w / diag).masked_fill(blocked, math.inf)
+        p = score.argmin(1)
+        losses[:, t] = score[index, p] / 2
+        order[:, t] = p
+        col = hinv[index, :, p]
+        dpp = diag[index, p]
+        w -= (w[index, p] / dpp).unsqueeze(1) * col
+        w[index, p] = 0.0
+        hinv.baddbmm_(col.unsqueeze(2), (col / dpp.unsqueeze(1)).unsqueeze(1), alpha=-1.0)
+        removed[index, p] = True
+        if counts is not None:
+            counts[index, groups[p]] += 1
+    return order, losses
+
+
+def _reconstruct(w: Tensor, hessian: Tensor, keep: Tensor, chunk: int) -> Tensor:
+    """Per row, the optimum on the kept columns: ``w'_K = H_KK^-1 (H w)_K``, zero elsewhere (float64)."""
+    rows, d = w.shape
+    out = torch.zeros_like(w)
+    hw = w @ hessian  # (H w)^T per row; H is symmetric
+    kept = keep.sum(1)
+    kmax = int(kept.max()) if rows else 0
+    if kmax == 0:
+        return out
+    # Kept columns first in each row, padded with pruned ones that become identity rows with a zero target.
+    idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :kmax]
+    valid = torch.arange(kmax, device=w.device).unsqueeze(0) < kept.unsqueeze(1)
+    eye = torch.eye(kmax, dtype=w.dtype, device=w.device)
+    for start in range(0, rows, chunk):
+        sl = slice(start, start + chunk)
+        i, v = idx[sl], valid[sl]
+        both = v.unsqueeze(2) & v.unsqueeze(1)
+        a = torch.where(both, hessian[i.unsqueeze(2), i.unsqueeze(1)], eye)
+        b = torch.where(v, hw[sl].gather(1, i), torch.zeros((), dtype=w.dtype, device=w.device))
+        x = torch.cholesky_solve(b.unsqueeze(2), torch.linalg.cholesky(a)).squeeze(2)
+        out[sl].scatter_(1, i, torch.where(v, x, torch.zeros((), dtype=w.dtype, device=w.device)))
+    return out
+
+
+@torch.no_grad()
+def exact_obs(
+    weight: Tensor,
+    hessian: Tensor,
+    *,
+    keep: int | None = None,
+    mask_type: str = "unstructured",
+    rows_per_chunk: int | None = None,
+) -> tuple[Tensor, Tensor, float]:
+    """ExactOBS on one layer (Frantar & Alistarh 2022, arXiv 2208.11580): pruned weights, mask, layer error.
+
+    Args:
+        weight: (out, in) weights, or a conv weight (out, C, kh, kw) whose columns follow ``unfold``.
+        hessian: (d, d) ``2 X X^T / N`` of the layer's inputs with damping (positive definite), d = weight[0].numel().
+        keep: how many weights of the layer stay (unstructured); exact.
+        mask_type: 'unstructured' or 'N:M' (N kept of every M along the input dimension; then ``keep`` is unused).
+        rows_per_chunk: rows solved at once (default: as many as fit in about 128 MiB of inverse Hessians).
+
+    Returns:
+        ``(new_weight, mask, error)``: the weight in ``weight``'s shape and dtype with pruned entries exactly 0,
+        the bool mask (True = kept), and ``sum over rows of delta^T H delta / 2`` (``||W X - W' X||^2 / N``).
+
+    Raises:
+        ValueError: ``keep`` missing or outside [0, numel], an N:M that does not fit the input dimension.
+    """
+    shape = weight.shape
+    w = weight.detach().reshape(shape[0], -1).to(torch.float64)
+    rows, d = w.shape
+    h = hessian.to(device=w.device, dtype=torch.float64)
+    if h.shape != (d, d):
+        raise ValueError(f"hessian must be ({d}, {d}) for a weight of shape {tuple(shape)}, got {tuple(h.shape)}")
+    nm = parse_nm(mask_type)
+    groups, per_group = None, 0
+    if nm is not None:
+        n, m = nm
+        if shape[1] % m:
+            raise ValueError(f"mask_type {mask_type!r}: input dimension {shape[1]} is not a multiple of {m}")
+        groups, per_group = nm_groups(shape, m).to(w.device), m - n
+        steps = d * (m - n) // m
+    else:
+        if keep is None or not 0 <= keep <= rows * d:
+            raise ValueError(f"keep must be a count in [0, {rows * d}] for unstructured ExactOBS, got {keep!r}")
+        total = rows * d - keep
+        # Rows may take more than the average: up to a quarter of the row beyond it, which bounds the cost.
+        steps = min(d, -(-total // rows) + -(-d // 4)) if total else 0
+    chunk = rows_per_chunk or max(1, _CHUNK_BYTES // (4 * d * d))
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h)).to(torch.float32)
+    orders, step_losses = [], []
+    for start in range(0, rows, chunk):
+        order, losses = _greedy(w[start : start + chunk].float(), hinv, steps, groups, per_group)
+        orders.append(order)
+        step_losses.append(losses)
+    order = torch.cat(orders) if orders else torch.empty(rows, 0, dtype=torch.long)
+    prune = torch.zeros(rows, d, dtype=torch.bool, device=w.device)
+    if nm is not None:
+        prune.scatter_(1, order, True)
+    elif total:
+        # Non-decreasing per row (cummax), then the smallest increases over all rows, step-major with a stable
+        # sort so that equal values take earlier steps first: each row's selection is a prefix of its order.
+        losses = torch.cat(step_losses).double().cummax(dim=1).values
+        chosen = torch.argsort(losses.T.reshape(-1), stable=True)[:total]
+        per_row = torch.bincount(chosen % rows, minlength=rows)
+        prefix = torch.arange(steps, device=w.device).unsqueeze(0) < per_row.unsqueeze(1)
+        prune.scatter_(1, order, prefix)
+    new = _reconstruct(w, h, ~prune, max(1, _CHUNK_BYTES // (8 * d * d)))
+    delta = new - w
+    error = float(((delta @ h) * delta).sum() / 2)
+    return new.to(weight.dtype).reshape(shape), (~prune).reshape(shape), error
+
+
+@torch.no_grad()
+def prune_obc(
+    model: nn.Module,
+    sparsity: float | None,
+    calibration_batches: Iterable[Any],
+    *,
+    mask_type: str = "unstructured",
+    distribution: str = "global",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    num_samples: int | None = None,
+    damping: float = 0.01,
+    layer_errors: dict[str, float] | None = None,
+) -> dict[str, Tensor]:
+    """Prune ``model`` **in place** with OBC / ExactOBS (Frantar & Alistarh, NeurIPS 2022, arXiv 2208.11580).
+
+    Per-layer sparsities: the ones magnitude pruning with the same ``distribution`` gives (by default global
+    magnitude's allocation); OBC then chooses *which* weights of each layer go and compensates the rest. Layers are
+    pruned sequentially in forward order, each on the calibration inputs produced by the already pruned layers
+    before it. ``nn.Linear`` and ``nn.Conv2d`` (groups=1) are solved exactly; any other pruned weight (depthwise
+    convs, embeddings, ...) keeps its magnitude mask, with a logged note. Biases are not changed.
+
+    Args:
+        model: the trained model; put in eval mode during calibration, its modes restored afterwards.
+        sparsity: fraction of zeros in [0, 1); for N:M leave it None.
+        calibration_batches: training batches (tensors or ``(inputs, targets, ...)``); never the test set.
+        mask_type: 'unstructured' or 'N:M' such as '2:4' (along the input dimension).
+        distribution: per-layer allocation as in ``prune_oneshot``: 'global' (default), 'uniform' or 'erk'.
+        include / exclude: glob patterns over parameter names.
+        num_samples: use at most this many calibration samples (default: all the batches give).
+        damping: added to H's diagonal, as a fraction of its mean diagonal.
+        layer_errors: if given, filled with parameter name -> ``||W X - W' X||^2 / N`` on that layer's inputs.
+
+    Returns:
+        The masks (parameter name -> bool, True = kept), as ``prune_oneshot``.
+
+    Raises:
+        ValueError: a bad sparsity, mask type, distribution or pattern, or no calibration data.
+    """
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
+    # The magnitude masks validate every option and give each layer's count under the chosen distribution.
+    masks = prune_oneshot(copy.deepcopy(model), sparsity, mask_type=mask_type, distribution=distribution,
+                          include=include, exclude=exclude)
+    inputs = calibration_inputs(calibration_batches, num_samples)
+    params = dict(model.named_parameters())
+    exact: dict[nn.Module, str] = {}
+    for name, mask in masks.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        reason = exact_obs_supported(module) if attr == "weight" else "not a layer's weight"
+        if reason is None:
+            exact[module] = name
+        else:
+            log.info("OBC: %s is %s; pruned by magnitude", name, reason)
+            params[name].mul_(mask)  # before calibration, so later layers see its pruned outputs
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        ordered = execution_order(model, list(exact), inputs[0].to(next(iter(params.values())).device))
+        for module, name in exact.items():
+            if module not in ordered:
+                log.info("OBC: %s is not called in the forward pass; pruned by magnitude", name)
+                params[name].mul_(masks[name])
+        for module in ordered:
+            name = exact[module]
+            hessian = layer_hessian(model, module, inputs, damping)
+            new, mask, error = exact_obs(module.weight, hessian, keep=int(masks[name].sum()), mask_type=mask_type)
+            module.weight.copy_(new)
+            masks[name] = mask.to(masks[name].device)
+            if layer_errors is not None:
+                layer_errors[name] = error
+            log.info("OBC: %s pruned to %d of %d weights, layer error %.4g", name, int(mask.sum()), mask.numel(),
+                     error)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    return masks
