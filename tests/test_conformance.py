@@ -29,6 +29,7 @@ TOTAL = 30
 SCHEDULES = {
     "acdc": dict(unit="steps", warmup=4, compressed=4, decompressed=4, final=6),
     "gmp": dict(unit="steps", start=2, end=14, frequency=3),
+    "mfac": dict(unit="steps", start=2, end=14, frequency=3, ngrads=2),  # gmp's, recording the 2 steps before each
     "magnitude": dict(unit="steps", at=5),
     "rigl": dict(unit="steps", delta=3, t_end=20),
     "set": dict(unit="steps", delta=3, t_end=20),
