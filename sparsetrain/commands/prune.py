@@ -57,6 +57,13 @@ def add_parsers(subparsers: Any) -> None:
         help=f"--method obc: training samples whose layer inputs give each layer's Hessian (default: "
         f"{DEFAULT_OBC_SAMPLES})",
     )
+    prune.add_argument(
+        "--solver",
+        choices=("auto", "exact", "sparsegpt"),
+        default=None,
+        help="--method obc: per-layer solver; auto (default): ExactOBS up to 1024 inputs per row, SparseGPT "
+        "(one Cholesky factor for all rows, lazy column blocks) for wider layers",
+    )
     prune.add_argument("--mask-type", default="unstructured", help="unstructured (default) or N:M such as 2:4")
     prune.add_argument(
         "--distribution", default="global", help="global (default: one ranking over all layers), uniform or erk"
@@ -131,6 +138,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .._atomic import check_replaceable
     from ..distributions import check_distribution
     from ..oneshot import norm_modules, prune_obc, prune_oneshot, recalibrate_batchnorm
+    from ..oneshot.obc import solver_summary
     from ..train.checkpoint import load, require, restore_model, save_atomic
     from ..train.data import iterate_batches, load_run_dataset
     from ..train.evaluation import checkpoint_payload, evaluate, weight_sparsity
@@ -145,6 +153,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--calibrate must be a number of samples >= 0 (0: no re-calibration), got {args.calibrate}")
     if args.calibration is not None and args.method != "obc":
         raise ConfigError(f"--calibration is the number of OBC calibration samples; it needs --method obc "
+                          f"(got --method {args.method})")
+    if args.solver is not None and args.method != "obc":
+        raise ConfigError(f"--solver chooses OBC's per-layer solver; it needs --method obc "
                           f"(got --method {args.method})")
     obc_samples = DEFAULT_OBC_SAMPLES if args.calibration is None else args.calibration
     if obc_samples < 1:
@@ -178,11 +189,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             if method == "obc":
                 # Training samples only, the same draw for every sparsity.
                 batches = iterate_batches(splits.train, config["batch_size"], shuffle=True, seed=0)
-                return prune_obc(model, sparsity, batches, num_samples=obc_samples, **options)
+                return prune_obc(model, sparsity, batches, num_samples=obc_samples, solver=args.solver or "auto",
+                                 solvers=solvers, **options)
             return prune_oneshot(model, sparsity, **options)
         except ValueError as error:  # a pattern that matches nothing, an N:M that does not fit a layer, ...
             raise ConfigError(f"{error} (on the command line: --exclude PATTERN)") from None
 
+    solvers: dict[str, tuple[str, int]] = {}
     prune(fresh_model(), sparsities[0])  # options that do not fit this model fail here, before the data loads
     splits = load_run_dataset(config, args.data_dir)
     device = torch.device("cpu")
@@ -228,4 +241,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         after = f"{recalibrated['acc']:16.2f}" if recalibrated else f"{'-':>16s}"
         shown = f"{measured:.4f}"
         print(f"{shown:>8s} {pruned['acc']:10.2f} {after}  {target}")
+    if solvers:
+        print(f"solver: {solver_summary(solvers)}")
     return 0

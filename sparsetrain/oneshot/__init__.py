@@ -2,7 +2,8 @@
 
 - ``prune_oneshot``: magnitude pruning (``magnitude.py``), the default of ``sparsetrain prune``.
 - ``prune_obc``: OBC / ExactOBS (Frantar & Alistarh, NeurIPS 2022, arXiv 2208.11580), each layer solved with
-  greedy Optimal Brain Surgeon on its calibration inputs (``obc.py``, ``calibration.py``).
+  greedy Optimal Brain Surgeon on its calibration inputs (``obc.py``, ``calibration.py``); layers too wide for it
+  are solved by ``sparsegpt`` (Frantar & Alistarh, ICML 2023, arXiv 2301.00774; ``sparsegpt.py``).
 - ``recalibrate_batchnorm``: re-estimates the batch-norm statistics of the pruned model (``batchnorm.py``).
 """
 
@@ -10,5 +11,8 @@ from .batchnorm import norm_modules, recalibrate_batchnorm
 from .calibration import layer_hessian
 from .magnitude import prune_oneshot
 from .obc import exact_obs, prune_obc
+from .sparsegpt import sparsegpt
 
-__all__ = ["prune_oneshot", "recalibrate_batchnorm", "norm_modules", "prune_obc", "exact_obs", "layer_hessian"]
+__all__ = [
+    "prune_oneshot", "recalibrate_batchnorm", "norm_modules", "prune_obc", "exact_obs", "sparsegpt", "layer_hessian",
+]

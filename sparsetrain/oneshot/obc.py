@@ -28,13 +28,51 @@ from torch import Tensor, nn
 from ..maskops import parse_nm
 from .calibration import calibration_inputs, exact_obs_supported, execution_order, layer_hessian
 from .magnitude import prune_oneshot
+from .sparsegpt import sparsegpt
 
-__all__ = ["exact_obs", "prune_obc", "nm_groups"]
+__all__ = ["exact_obs", "prune_obc", "nm_groups", "choose_solver", "solver_summary", "SOLVERS"]
 
 log = logging.getLogger(__name__)
 
 # Bytes of (rows, d, d) inverse Hessians processed at once: bounds memory, large enough to batch well.
 _CHUNK_BYTES = 128 << 20
+
+SOLVERS = ("auto", "exact", "sparsegpt")
+# ExactOBS costs O(rows d^3) time (one d x d inverse Hessian per row): under "auto" it runs only where d and
+# rows * d^2 float64 bytes stay below these bounds (e.g. LeNet-300-100's 300 x 784 layer: 1.4 GiB, exact), and
+# SparseGPT (one Cholesky factor for all rows, O(d^3 + rows d^2)) runs on wider layers.
+EXACT_MAX_COLUMNS = 1024
+EXACT_MAX_BYTES = 2 << 30
+
+
+def choose_solver(weight_shape: Sequence[int], solver: str = "auto") -> str:
+    """'exact' (ExactOBS) or 'sparsegpt' for a layer of this weight shape; ``solver`` other than 'auto' is kept.
+
+    Raises:
+        ValueError: ``solver`` not one of 'auto', 'exact', 'sparsegpt'.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if solver != "auto":
+        return solver
+    rows, d = int(weight_shape[0]), math.prod(int(s) for s in weight_shape[1:])
+    return "exact" if d <= EXACT_MAX_COLUMNS and rows * d * d * 8 <= EXACT_MAX_BYTES else "sparsegpt"
+
+
+def solver_summary(solvers: dict[str, tuple[str, int]]) -> str:
+    """One line from ``prune_obc``'s ``solvers`` (name -> (solver, inputs per row)).
+
+    E.g. ``exact for 2 layers, sparsegpt for 1 layer (784 inputs)``: the SparseGPT layers' input widths in brackets.
+    """
+    parts = []
+    for kind in SOLVERS[1:]:
+        widths = [d for solver, d in solvers.values() if solver == kind]
+        if widths:
+            text = f"{kind} for {len(widths)} layer{'s' if len(widths) != 1 else ''}"
+            if kind == "sparsegpt":
+                text += f" ({', '.join(str(d) for d in sorted(set(widths)))} inputs)"
+            parts.append(text)
+    return ", ".join(parts) or "no layer solved"
 
 
 def nm_groups(weight_shape: Sequence[int], m: int) -> Tensor:
@@ -189,6 +227,8 @@ def prune_obc(
     num_samples: int | None = None,
     damping: float = 0.01,
     layer_errors: dict[str, float] | None = None,
+    solver: str = "auto",
+    solvers: dict[str, tuple[str, int]] | None = None,
 ) -> dict[str, Tensor]:
     """Prune ``model`` **in place** with OBC / ExactOBS (Frantar & Alistarh, NeurIPS 2022, arXiv 2208.11580).
 
@@ -208,13 +248,18 @@ def prune_obc(
         num_samples: use at most this many calibration samples (default: all the batches give).
         damping: added to H's diagonal, as a fraction of its mean diagonal.
         layer_errors: if given, filled with parameter name -> ``||W X - W' X||^2 / N`` on that layer's inputs.
+        solver: per-layer solver: 'exact' (ExactOBS), 'sparsegpt' (SparseGPT, Frantar & Alistarh 2023, for wide
+            layers), or 'auto' (default): exact up to 1024 inputs per row and 2 GiB of rows x d^2 float64
+            inverse Hessians, SparseGPT beyond (``choose_solver``).
+        solvers: if given, filled with parameter name -> (the solver that ran, inputs per row); logged too.
 
     Returns:
         The masks (parameter name -> bool, True = kept), as ``prune_oneshot``.
 
     Raises:
-        ValueError: a bad sparsity, mask type, distribution or pattern, or no calibration data.
+        ValueError: a bad sparsity, mask type, distribution, pattern or solver, or no calibration data.
     """
+    choose_solver((1, 1), solver)  # validates the name before any work
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
     # The magnitude masks validate every option and give each layer's count under the chosen distribution.
@@ -243,13 +288,17 @@ def prune_obc(
         for module in ordered:
             name = exact[module]
             hessian = layer_hessian(model, module, inputs, damping)
-            new, mask, error = exact_obs(module.weight, hessian, keep=int(masks[name].sum()), mask_type=mask_type)
+            kind = choose_solver(module.weight.shape, solver)
+            solve = exact_obs if kind == "exact" else sparsegpt
+            new, mask, error = solve(module.weight, hessian, keep=int(masks[name].sum()), mask_type=mask_type)
+            if solvers is not None:
+                solvers[name] = (kind, module.weight[0].numel())
             module.weight.copy_(new)
             masks[name] = mask.to(masks[name].device)
             if layer_errors is not None:
                 layer_errors[name] = error
-            log.info("OBC: %s pruned to %d of %d weights, layer error %.4g", name, int(mask.sum()), mask.numel(),
-                     error)
+            log.info("OBC: %s pruned to %d of %d weights by %s, layer error %.4g", name, int(mask.sum()),
+                     mask.numel(), kind, error)
     finally:
         for m, training in modes.items():
             m.train(training)
