@@ -189,6 +189,9 @@ def prune_obc(
     num_samples: int | None = None,
     damping: float = 0.01,
     layer_errors: dict[str, float] | None = None,
+    allocation: str = "magnitude",
+    database: Any = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
     """Prune ``model`` **in place** with OBC / ExactOBS (Frantar & Alistarh, NeurIPS 2022, arXiv 2208.11580).
 
@@ -208,6 +211,10 @@ def prune_obc(
         num_samples: use at most this many calibration samples (default: all the batches give).
         damping: added to H's diagonal, as a fraction of its mean diagonal.
         layer_errors: if given, filled with parameter name -> ``||W X - W' X||^2 / N`` on that layer's inputs.
+        allocation: 'magnitude' (the per-layer counts of magnitude pruning with ``distribution``) or 'database'
+            (chosen from the OBC database, never worse on the calibration loss: ``database.prune_obc_database``).
+        database: with allocation='database', a built ``ObcDatabase`` or a cache file path (else built in memory).
+        report: if given, filled with ``allocation`` (the one used) and, for 'database', the details.
 
     Returns:
         The masks (parameter name -> bool, True = kept), as ``prune_oneshot``.
@@ -215,6 +222,16 @@ def prune_obc(
     Raises:
         ValueError: a bad sparsity, mask type, distribution or pattern, or no calibration data.
     """
+    if allocation not in ("magnitude", "database"):
+        raise ValueError(f"allocation must be 'magnitude' or 'database', got {allocation!r}")
+    if allocation == "database":
+        from .database import prune_obc_database
+
+        return prune_obc_database(model, sparsity, calibration_batches, distribution=distribution,
+                                  include=include, exclude=exclude, num_samples=num_samples, damping=damping,
+                                  layer_errors=layer_errors, database=database, report=report)
+    if report is not None:
+        report["allocation"] = "magnitude"
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
     # The magnitude masks validate every option and give each layer's count under the chosen distribution.
