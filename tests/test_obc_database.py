@@ -149,3 +149,62 @@ def test_default_obc_is_never_worse_than_obc_at_global_allocation(sparsity):
     # Exactly the global magnitude's total number of zeros, whichever allocation won.
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n in masks)
     assert zeros == sum(int((~m).sum()) for m in base_masks.values())
+
+
+@pytest.fixture(scope="module")
+def trained_mlp_checkpoint(tmp_path_factory):
+    """LeNet-300-100 on the 8x8 digits, trained 1 epoch by hand (well under 1 s)."""
+    from sparsetrain.train import checkpoint
+    from sparsetrain.train.config import defaults
+    from sparsetrain.train.data import iterate_batches, load_dataset
+    from sparsetrain.train.loop import checkpoint_payload
+    from sparsetrain.train.models import build_model, model_spec
+
+    config = {**defaults(), "dataset": "digits", "model": "mlp", "batch_size": 64}
+    spec = model_spec("mlp", (1, 8, 8), 10)
+    torch.manual_seed(0)
+    model = build_model(**spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for x, y in iterate_batches(load_dataset("digits").train, 64, shuffle=True, seed=0):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("obcdb") / "run" / "dense_best.pt"
+    checkpoint.save_atomic(checkpoint_payload(model, spec, config, kind="dense_best"), path)
+    return path
+
+
+def test_prune_command_obc_defaults_to_the_database_and_reuses_its_cache(trained_mlp_checkpoint, capsys,
+                                                                        monkeypatch):
+    from sparsetrain.cli import main
+    from sparsetrain.train import checkpoint
+
+    calls = [0]
+    real = database.exact_obs
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(database, "exact_obs", counted)
+    out_dir = trained_mlp_checkpoint.parent / "obcdb"
+    argv = ["prune", str(trained_mlp_checkpoint), "--method", "obc", "--sparsity", "0.5,0.9", "--calibration",
+            "128", "--out-dir", str(out_dir)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    cache = trained_mlp_checkpoint.with_name(trained_mlp_checkpoint.name + ".obcdb.safetensors")
+    assert cache.is_file() and f"built and cached in {cache}" in out
+    assert "layer error" in out and "allocation" in out
+    first = calls[0]
+    assert first >= 3 * 12  # three layers at the 12 default levels (+ exact top-ups)
+    assert main([*argv, "--force"]) == 0
+    out = capsys.readouterr().out
+    assert f"loaded from {cache}" in out and calls[0] - first <= 2 * 3  # at most top-ups, no database rebuild
+    for s in ("0.5", "0.9"):
+        data = checkpoint.load(out_dir / f"pruned_s{s}.pt")
+        assert data["metrics"]["allocation"] in ("database", "magnitude") and data["metrics"]["layer_error"] >= 0
+        assert data["metrics"]["sparsity"] == pytest.approx(float(s), abs=1e-3)
+        assert main(["eval", str(out_dir / f"pruned_s{s}.pt")]) == 0
+    assert "acc" in capsys.readouterr().out.lower()
+    assert main(["prune", str(trained_mlp_checkpoint), "--allocation", "database"]) == 2
+    assert "needs --method obc" in capsys.readouterr().err
