@@ -168,7 +168,8 @@ def test_prune_command_obc_writes_checkpoints_that_eval_accepts(trained_mlp_chec
     from sparsetrain.train import checkpoint
 
     out_dir = trained_mlp_checkpoint.parent / "obc"
-    argv = ["prune", str(trained_mlp_checkpoint), "--method", "obc", "--sparsity", "0.9", "--calibration", "256"]
+    argv = ["prune", str(trained_mlp_checkpoint), "--method", "obc", "--sparsity", "0.9", "--calibration", "256",
+            "--allocation", "magnitude"]
     assert main([*argv, "--out-dir", str(out_dir)]) == 0
     out = capsys.readouterr().out
     assert "OBC / ExactOBS on 256 training samples" in out

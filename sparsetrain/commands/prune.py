@@ -20,6 +20,7 @@ DEFAULT_SPARSITIES = "0.5,0.7,0.9"
 DEFAULT_CALIBRATION_SAMPLES = 1000
 DEFAULT_OBC_SAMPLES = 1024
 METHODS = ("magnitude", "obc")
+ALLOCATIONS = ("database", "magnitude")
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -48,6 +49,15 @@ def add_parsers(subparsers: Any) -> None:
         help="magnitude (default) or obc: OBC / ExactOBS solves each Linear/Conv2d layer with greedy OBS on its "
         "calibration inputs, layer by layer, at the per-layer sparsities that magnitude pruning with the same "
         "--distribution gives (default: global magnitude's allocation)",
+    )
+    prune.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default=None,
+        help="--method obc: database (default): per-layer sparsities chosen from the OBC database (each layer "
+        "solved at a grid of sparsities, cached next to the checkpoint as <CHECKPOINT>.obcdb.safetensors) by a "
+        "dynamic program on the summed layer errors; OBC at magnitude's allocation is run too and the lower "
+        "calibration loss is kept. magnitude: the per-layer sparsities of magnitude pruning with --distribution",
     )
     prune.add_argument(
         "--calibration",
@@ -137,7 +147,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from .._atomic import check_replaceable
     from ..distributions import check_distribution
-    from ..oneshot import norm_modules, prune_obc, prune_oneshot, recalibrate_batchnorm
+    from ..maskops import parse_nm
+    from ..oneshot import build_database, norm_modules, prune_obc, prune_oneshot, recalibrate_batchnorm
     from ..oneshot.obc import solver_summary
     from ..train.checkpoint import load, require, restore_model, save_atomic
     from ..train.data import iterate_batches, load_run_dataset
@@ -157,6 +168,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.solver is not None and args.method != "obc":
         raise ConfigError(f"--solver chooses OBC's per-layer solver; it needs --method obc "
                           f"(got --method {args.method})")
+    if args.allocation is not None and args.method != "obc":
+        raise ConfigError(f"--allocation chooses OBC's per-layer sparsities; it needs --method obc "
+                          f"(got --method {args.method})")
+    if args.allocation == "database" and parse_nm(args.mask_type) is not None:
+        raise ConfigError(f"--allocation database needs unstructured pruning: --mask-type {args.mask_type} fixes "
+                          "every layer's count (leave --allocation out)")
+    allocation = args.allocation or ("database" if parse_nm(args.mask_type) is None else "magnitude")
     obc_samples = DEFAULT_OBC_SAMPLES if args.calibration is None else args.calibration
     if obc_samples < 1:
         raise ConfigError(f"--calibration must be a number of training samples >= 1, got {obc_samples}")
@@ -180,6 +198,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     exclude += args.exclude
 
+    database: Any = None
+    report: dict[str, Any] = {}
+    layer_errors: dict[str, float] = {}
+
     def prune(model: torch.nn.Module, sparsity: float | None, method: str = "magnitude") -> dict[str, torch.Tensor]:
         options = dict(
             mask_type=args.mask_type, distribution=args.distribution, include=config.get("include"),
@@ -189,8 +211,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             if method == "obc":
                 # Training samples only, the same draw for every sparsity.
                 batches = iterate_batches(splits.train, config["batch_size"], shuffle=True, seed=0)
-                return prune_obc(model, sparsity, batches, num_samples=obc_samples, solver=args.solver or "auto",
-                                 solvers=solvers, **options)
+                report.clear()
+                layer_errors.clear()
+                return prune_obc(model, sparsity, batches, num_samples=obc_samples, allocation=allocation,
+                                 database=database, report=report, layer_errors=layer_errors,
+                                 solver=args.solver or "auto", solvers=solvers, **options)
             return prune_oneshot(model, sparsity, **options)
         except ValueError as error:  # a pattern that matches nothing, an N:M that does not fit a layer, ...
             raise ConfigError(f"{error} (on the command line: --exclude PATTERN)") from None
@@ -204,13 +229,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
     dense = evaluate(model, splits.test, 1000, device)
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
     print(f"unpruned test accuracy: {dense['acc']:.2f}%")
-    if args.method == "obc":
+    if args.method == "obc" and allocation == "database":
+        cache = (source / "obcdb.safetensors" if source.is_dir()
+                 else source.with_name(source.name + ".obcdb.safetensors"))
+        try:
+            database = build_database(fresh_model(), iterate_batches(splits.train, config["batch_size"], shuffle=True,
+                                                                     seed=0),
+                                      num_samples=obc_samples, include=config.get("include"), exclude=exclude or None,
+                                      cache=cache)
+        except ValueError as error:
+            raise ConfigError(f"{error} (on the command line: --exclude PATTERN)") from None
+        print(f"method: OBC / ExactOBS on {obc_samples} training samples, per-layer sparsities from the database "
+              f"({'loaded from' if database.source == 'cache' else 'built and cached in'} {cache}) or "
+              f"{args.distribution} magnitude's, whichever has the lower calibration loss")
+    elif args.method == "obc":
         print(f"method: OBC / ExactOBS on {obc_samples} training samples, at {args.distribution} magnitude's "
               "per-layer sparsities")
     calibrate = args.calibrate if has_norms else 0
     if args.calibrate and not has_norms:
         print("(the model has no batch-norm layer: nothing to re-calibrate)")
-    header = f"{'sparsity':>8s} {'pruned acc':>10s} {'recalibrated acc':>16s}  file"
+    obc = args.method == "obc"
+    extra = f" {'layer error':>11s} {'allocation':>10s}" if obc else ""
+    header = f"{'sparsity':>8s} {'pruned acc':>10s} {'recalibrated acc':>16s}{extra}  file"
     print(header)
     print("-" * len(header))
     for sparsity, target in zip(sparsities, targets):
@@ -235,12 +275,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "source": str(args.checkpoint),
             "source_test_acc": dense["acc"],
         }
+        if obc:
+            metrics.update(allocation=report["allocation"], layer_error=sum(layer_errors.values()))
         # The source run's training state (optimizer, sparsifier, ...) means nothing for the pruned model: left out.
         with writing(target):
             save_atomic(checkpoint_payload(model, spec, config, kind="pruned", metrics=metrics), target)
         after = f"{recalibrated['acc']:16.2f}" if recalibrated else f"{'-':>16s}"
         shown = f"{measured:.4f}"
-        print(f"{shown:>8s} {pruned['acc']:10.2f} {after}  {target}")
+        extra = f" {sum(layer_errors.values()):11.4g} {report['allocation']:>10s}" if obc else ""
+        print(f"{shown:>8s} {pruned['acc']:10.2f} {after}{extra}  {target}")
     if solvers:
         print(f"solver: {solver_summary(solvers)}")
     return 0

@@ -4,15 +4,18 @@
 - ``prune_obc``: OBC / ExactOBS (Frantar & Alistarh, NeurIPS 2022, arXiv 2208.11580), each layer solved with
   greedy Optimal Brain Surgeon on its calibration inputs (``obc.py``, ``calibration.py``); layers too wide for it
   are solved by ``sparsegpt`` (Frantar & Alistarh, ICML 2023, arXiv 2301.00774; ``sparsegpt.py``).
+- ``build_database`` / ``allocate_levels``: the OBC database of every layer at a grid of sparsities and the
+  dynamic program that picks each layer's level from it (``database.py``, ``allocation.py``).
 - ``recalibrate_batchnorm``: re-estimates the batch-norm statistics of the pruned model (``batchnorm.py``).
 """
 
+from .allocation import allocate_levels
 from .batchnorm import norm_modules, recalibrate_batchnorm
 from .calibration import layer_hessian
+from .database import DEFAULT_GRID, ObcDatabase, build_database, prune_obc_database
 from .magnitude import prune_oneshot
 from .obc import exact_obs, prune_obc
 from .sparsegpt import sparsegpt
 
-__all__ = [
-    "prune_oneshot", "recalibrate_batchnorm", "norm_modules", "prune_obc", "exact_obs", "sparsegpt", "layer_hessian",
-]
+__all__ = ["prune_oneshot", "recalibrate_batchnorm", "norm_modules", "prune_obc", "exact_obs", "sparsegpt",
+           "layer_hessian", "allocate_levels", "build_database", "prune_obc_database", "ObcDatabase", "DEFAULT_GRID"]

@@ -229,6 +229,9 @@ def prune_obc(
     layer_errors: dict[str, float] | None = None,
     solver: str = "auto",
     solvers: dict[str, tuple[str, int]] | None = None,
+    allocation: str = "magnitude",
+    database: Any = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
     """Prune ``model`` **in place** with OBC / ExactOBS (Frantar & Alistarh, NeurIPS 2022, arXiv 2208.11580).
 
@@ -252,6 +255,10 @@ def prune_obc(
             layers), or 'auto' (default): exact up to 1024 inputs per row and 2 GiB of rows x d^2 float64
             inverse Hessians, SparseGPT beyond (``choose_solver``).
         solvers: if given, filled with parameter name -> (the solver that ran, inputs per row); logged too.
+        allocation: 'magnitude' (the per-layer counts of magnitude pruning with ``distribution``) or 'database'
+            (chosen from the OBC database, never worse on the calibration loss: ``database.prune_obc_database``).
+        database: with allocation='database', a built ``ObcDatabase`` or a cache file path (else built in memory).
+        report: if given, filled with ``allocation`` (the one used) and, for 'database', the details.
 
     Returns:
         The masks (parameter name -> bool, True = kept), as ``prune_oneshot``.
@@ -260,6 +267,16 @@ def prune_obc(
         ValueError: a bad sparsity, mask type, distribution, pattern or solver, or no calibration data.
     """
     choose_solver((1, 1), solver)  # validates the name before any work
+    if allocation not in ("magnitude", "database"):
+        raise ValueError(f"allocation must be 'magnitude' or 'database', got {allocation!r}")
+    if allocation == "database":
+        from .database import prune_obc_database
+
+        return prune_obc_database(model, sparsity, calibration_batches, distribution=distribution,
+                                  include=include, exclude=exclude, num_samples=num_samples, damping=damping,
+                                  layer_errors=layer_errors, database=database, report=report)
+    if report is not None:
+        report["allocation"] = "magnitude"
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
     # The magnitude masks validate every option and give each layer's count under the chosen distribution.

@@ -1,0 +1,377 @@
+"""The OBC database: every prunable layer solved by ExactOBS at a grid of sparsities, with its layer-wise error.
+
+OBC (Frantar & Alistarh, NeurIPS 2022, arXiv 2208.11580, section 5) builds such a database once and then picks one
+level per layer under a global budget (``allocation.py``) and stitches the model from the stored weights. As in
+the paper, each layer is solved **independently** on the calibration inputs it receives in the *dense* model (not
+sequentially on pruned predecessors), so one database serves every target sparsity. Stored per (layer, level): the
+pruned weights and ``||W X - W' X||^2 / N`` (``exact_obs``'s error, ``sum over rows delta^T H delta / 2`` with
+``H = 2 X X^T / N`` + damping, as ``layer_hessian`` builds it); per layer its Hessian, for the exact top-up.
+
+The on-disk cache is a safetensors file (no code runs on load) keyed by a SHA-256 of the model's weights, the
+calibration inputs, the damping and the grid. A file with another key, other layers, shapes, dtypes, non-finite
+values or more non-zeros than a level allows is not used: the database is rebuilt and the file replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .._atomic import write_atomic
+from ..maskops import check_sparsity, keep_count
+from .allocation import allocate_levels
+from .calibration import exact_obs_supported, execution_order, layer_hessian
+from .magnitude import prune_oneshot
+from .obc import exact_obs
+
+__all__ = ["DEFAULT_GRID", "ObcDatabase", "build_database", "prune_obc_database"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+_FORMAT = "sparsetrain-obcdb-1"
+
+
+@dataclass
+class ObcDatabase:
+    """Per layer (parameter name, in forward order): ``weights[name]`` (levels, *shape), ``errors[name]`` (levels,)
+    float64, ``hessians[name]`` (d, d) float64; ``grid`` the sparsity of each level; ``key`` the cache key;
+    ``source`` 'built' or 'cache'."""
+
+    grid: tuple[float, ...]
+    names: list[str]
+    weights: dict[str, Tensor] = field(default_factory=dict)
+    errors: dict[str, Tensor] = field(default_factory=dict)
+    hessians: dict[str, Tensor] = field(default_factory=dict)
+    key: str = ""
+    source: str = "built"
+
+    def zeros(self, name: str) -> list[int]:
+        """The zero count of each level of layer ``name``."""
+        numel = self.weights[name][0].numel()
+        return [numel - keep_count(numel, s) for s in self.grid]
+
+
+def _check_grid(grid: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(check_sparsity(s)) for s in grid)
+    if not values or list(values) != sorted(set(values)):
+        raise ValueError(f"the database grid must be increasing sparsities in [0, 1), got {list(grid)!r}")
+    return values
+
+
+def _collect(batches: Iterable[Any], num_samples: int | None) -> tuple[list[Tensor], list[Tensor] | None]:
+    """Inputs (and targets, when every batch has them) of the batches, cut to ``num_samples`` in all."""
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
+        raise ValueError(f"the number of calibration samples must be a positive integer, got {num_samples!r}")
+    inputs: list[Tensor] = []
+    targets: list[Tensor] | None = []
+    seen = 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        cut = x.shape[0] if num_samples is None else num_samples - seen
+        if x.shape[0] and cut > 0:
+            inputs.append(x[:cut])
+            if y is None or targets is None:
+                targets = None
+            else:
+                targets.append(y[:cut])
+            seen += int(inputs[-1].shape[0])
+        if num_samples is not None and seen >= num_samples:
+            break
+    if not inputs:
+        raise ValueError("no calibration data: the calibration batches yielded no sample (pass training inputs)")
+    return inputs, targets
+
+
+def _exact_layers(model: nn.Module, names: Iterable[str], sample: Tensor) -> list[tuple[str, nn.Module]]:
+    """The (name, module) of the Linear/Conv2d weights among ``names`` that run in the forward pass, in order."""
+    found: dict[nn.Module, str] = {}
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr == "weight" and exact_obs_supported(module) is None:
+            found[module] = name
+    ordered = execution_order(model, list(found), sample)
+    return [(found[m], m) for m in ordered]
+
+
+def _key(model: nn.Module, inputs: Sequence[Tensor], names: Sequence[str], grid: Sequence[float],
+         damping: float) -> str:
+    digest = hashlib.sha256(json.dumps([_FORMAT, list(grid), float(damping), list(names)]).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for x in inputs:
+        digest.update(f"{x.dtype}:{tuple(x.shape)}".encode())
+        digest.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_cache(path: str | os.PathLike[str], key: str, grid: tuple[float, ...],
+                layers: Sequence[tuple[str, nn.Module]]) -> ObcDatabase | None:
+    """The cached database if ``path`` holds one for exactly this key, layers and shapes; else None (logged)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != _FORMAT or meta.get("key") != key:
+                raise ValueError("written for another checkpoint, calibration set or grid")
+            names = [name for name, _ in layers]
+            if json.loads(meta.get("names", "null")) != names or json.loads(meta.get("grid", "null")) != list(grid):
+                raise ValueError("other layers or grid")
+            if set(handle.keys()) != {f"{kind}/{n}" for n in names for kind in "weh"}:
+                raise ValueError("unexpected tensors")
+            db = ObcDatabase(grid, names, key=key, source="cache")
+            for name, module in layers:
+                w, e, h = (handle.get_tensor(f"{kind}/{name}") for kind in "weh")
+                shape, d = tuple(module.weight.shape), module.weight[0].numel()
+                if (w.dtype != module.weight.dtype or tuple(w.shape) != (len(grid), *shape)
+                        or e.dtype != torch.float64 or tuple(e.shape) != (len(grid),)
+                        or h.dtype != torch.float64 or tuple(h.shape) != (d, d)):
+                    raise ValueError(f"{name}: wrong dtype or shape")
+                if not (torch.isfinite(w).all() and torch.isfinite(e).all() and torch.isfinite(h).all()):
+                    raise ValueError(f"{name}: non-finite values")
+                numel = module.weight.numel()
+                if any(int((w[i] != 0).sum()) > keep_count(numel, s) for i, s in enumerate(grid)):
+                    raise ValueError(f"{name}: a level has more non-zeros than its sparsity allows")
+                db.weights[name], db.errors[name], db.hessians[name] = w, e, h
+            return db
+    except Exception as error:  # any unreadable or foreign file: rebuilt, never trusted
+        log.warning("OBC database %s not used (%s); rebuilding it", path, error)
+        return None
+
+
+def _save_cache(path: str | os.PathLike[str], db: ObcDatabase) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name in db.names:
+        tensors[f"w/{name}"] = db.weights[name].contiguous()
+        tensors[f"e/{name}"] = db.errors[name].contiguous()
+        tensors[f"h/{name}"] = db.hessians[name].contiguous()
+    meta = {"format": _FORMAT, "key": db.key, "names": json.dumps(db.names), "grid": json.dumps(list(db.grid))}
+    try:
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    except OSError as error:  # a cache that cannot be written costs a rebuild next time, nothing else
+        log.warning("OBC database not cached at %s: %s", path, error)
+
+
+@torch.no_grad()
+def build_database(
+    model: nn.Module,
+    calibration_batches: Iterable[Any],
+    *,
+    grid: Sequence[float] = DEFAULT_GRID,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    num_samples: int | None = None,
+    damping: float = 0.01,
+    cache: str | os.PathLike[str] | None = None,
+) -> ObcDatabase:
+    """The OBC database of ``model`` (not changed): each prunable Linear/Conv2d weight by ExactOBS at each ``grid``
+    sparsity, on its dense-model calibration inputs (Frantar & Alistarh 2022, arXiv 2208.11580).
+
+    Args:
+        model: the trained dense model.
+        calibration_batches: training batches (tensors or ``(inputs, targets, ...)``); never the test set.
+        grid: increasing sparsities in [0, 1).
+        include / exclude: glob patterns over parameter names, as ``prune_oneshot``.
+        num_samples: use at most this many calibration samples.
+        damping: added to H's diagonal, as a fraction of its mean diagonal.
+        cache: a safetensors file: used when it holds this very database, else (re)written.
+
+    Raises:
+        ValueError: a bad grid, pattern or sample count, no calibration data, no Linear/Conv2d weight to prune.
+    """
+    grid = _check_grid(grid)
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
+    inputs, _ = _collect(calibration_batches, num_samples)
+    return _build(model, inputs, grid, include, exclude, damping, cache)
+
+
+def _build(model: nn.Module, inputs: list[Tensor], grid: tuple[float, ...], include: Any, exclude: Any,
+           damping: float, cache: str | os.PathLike[str] | None) -> ObcDatabase:
+    names = prune_oneshot(copy.deepcopy(model), 0.5, include=include, exclude=exclude)
+    device = next(model.parameters()).device
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        layers = _exact_layers(model, names, inputs[0].to(device))
+        if not layers:
+            raise ValueError("the model has no Linear or Conv2d weight to prune with OBC (check include/exclude)")
+        key = _key(model, inputs, [n for n, _ in layers], grid, damping)
+        if cache is not None:
+            db = _load_cache(cache, key, grid, layers)
+            if db is not None:
+                log.info("OBC database loaded from %s", cache)
+                return db
+        db = ObcDatabase(grid, [n for n, _ in layers], key=key)
+        for name, module in layers:
+            h = layer_hessian(model, module, inputs, damping)
+            numel = module.weight.numel()
+            solved, errs = [], []
+            for s in grid:
+                new, _, error = exact_obs(module.weight, h, keep=keep_count(numel, s))
+                solved.append(new.detach().cpu())
+                errs.append(error)
+            db.weights[name] = torch.stack(solved)
+            db.errors[name] = torch.tensor(errs, dtype=torch.float64)
+            db.hessians[name] = h.cpu()
+            log.info("OBC database: %s at %d sparsities", name, len(grid))
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    if cache is not None:
+        _save_cache(cache, db)
+    return db
+
+
+@torch.no_grad()
+def _calibration_loss(model: nn.Module, inputs: list[Tensor], targets: list[Tensor] | None,
+                      reference: list[Tensor]) -> float:
+    """Cross-entropy on the calibration labels when they are class indices, else the mean squared distance to the
+    dense model's outputs ``reference``."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i, x in enumerate(inputs):
+        out = model(x.to(device))
+        y = targets[i] if targets is not None else None
+        if y is not None and not y.is_floating_point() and out.dim() == 2 and y.dim() == 1:
+            total += float(F.cross_entropy(out, y.to(device), reduction="sum"))
+        else:
+            total += float((out - reference[i]).pow(2).sum())
+        count += int(x.shape[0])
+    return total / count
+
+
+def _stitch(model: nn.Module, db: ObcDatabase, levels: Sequence[int], target: int,
+            layer_errors: dict[str, float]) -> dict[str, Tensor]:
+    """Copy each layer's weights at its level into the (dense) ``model``. Zeros over ``target`` are given back
+    exactly: the layers with the most zeros at their level are re-solved by ExactOBS at a smaller zero count."""
+    params = dict(model.named_parameters())
+    counts = {n: db.zeros(n)[lv] for n, lv in zip(db.names, levels)}
+    excess = sum(counts.values()) - target
+    give = dict.fromkeys(db.names, 0)
+    for name in sorted(db.names, key=lambda n: -counts[n]):
+        give[name] = min(max(excess, 0), counts[name])
+        excess -= give[name]
+    masks: dict[str, Tensor] = {}
+    for name, level in zip(db.names, levels):
+        weight = params[name]
+        if give[name]:
+            new, _, error = exact_obs(weight, db.hessians[name].to(weight.device),
+                                      keep=weight.numel() - counts[name] + give[name])
+        else:
+            new, error = db.weights[name][level], float(db.errors[name][level])
+        layer_errors[name] = error
+        weight.copy_(new.to(weight.device))
+        masks[name] = weight != 0
+    return masks
+
+
+@torch.no_grad()
+def prune_obc_database(
+    model: nn.Module,
+    sparsity: float | None,
+    calibration_batches: Iterable[Any],
+    *,
+    distribution: str = "global",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    num_samples: int | None = None,
+    damping: float = 0.01,
+    layer_errors: dict[str, float] | None = None,
+    database: ObcDatabase | str | os.PathLike[str] | None = None,
+    grid: Sequence[float] = DEFAULT_GRID,
+    report: dict[str, Any] | None = None,
+) -> dict[str, Tensor]:
+    """OBC with the per-layer sparsities chosen from the database (Frantar & Alistarh 2022, arXiv 2208.11580).
+
+    Prunes ``model`` **in place** to exactly the total zero count that magnitude pruning with ``distribution``
+    gives over the same weights: ``allocate_levels`` picks one database level per layer minimising the summed
+    layer errors, the model is stitched from the stored weights, and any zeros over the target are given back by
+    re-solving the layers with the most zeros. Then OBC at magnitude's allocation (sequential ``prune_obc``) is run
+    too, both are scored by the loss on the calibration samples (cross-entropy when the batches carry class
+    labels, else the squared distance to the dense outputs), and the lower one is kept: the result is never
+    worse on the calibration set than OBC at magnitude's allocation. Weights that are not Linear/Conv2d keep their
+    magnitude mask.
+
+    Args:
+        model, sparsity, calibration_batches, distribution, include, exclude, num_samples, damping, layer_errors:
+            as ``prune_obc`` (unstructured only).
+        database: a built :class:`ObcDatabase` of this model and calibration set, or a cache file for
+            ``build_database``; None builds one in memory.
+        grid: the database sparsities when it is built here.
+        report: if given, filled with ``allocation`` ('database' or 'magnitude', the one kept),
+            ``calibration_loss`` (both), ``levels`` (layer -> database sparsity) and ``database`` ('built'/'cache').
+
+    Raises:
+        ValueError: as ``prune_obc``; a sparsity the grid cannot reach.
+    """
+    from .obc import prune_obc
+
+    if sparsity is None:
+        raise ValueError("the database allocation needs a sparsity (unstructured); an N:M pattern fixes each "
+                     "layer's count: use allocation='magnitude'")
+    masks = prune_oneshot(copy.deepcopy(model), sparsity, distribution=distribution, include=include,
+                          exclude=exclude)
+    inputs, targets = _collect(calibration_batches, num_samples)
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        reference = [model(x.to(device)) for x in inputs]
+        db = database if isinstance(database, ObcDatabase) else _build(
+            model, inputs, _check_grid(grid), include, exclude, damping, database)
+        missing = [n for n in db.names if n not in masks]
+        if missing:
+            raise ValueError(f"the database has layers that are not pruned here: {', '.join(missing)}")
+        target = sum(int((~masks[n]).sum()) for n in db.names)
+        levels = allocate_levels([db.errors[n].tolist() for n in db.names], [db.zeros(n) for n in db.names], target)
+        stitched = copy.deepcopy(model)
+        params = dict(stitched.named_parameters())
+        for name, mask in masks.items():
+            if name not in db.names:
+                params[name].mul_(mask)
+        db_errors: dict[str, float] = {}
+        db_masks = {n: m for n, m in masks.items() if n not in db.names}
+        db_masks.update(_stitch(stitched, db, levels, target, db_errors))
+        baseline = copy.deepcopy(model)
+        base_errors: dict[str, float] = {}
+        base_masks = prune_obc(baseline, sparsity, inputs, distribution=distribution, include=include,
+                               exclude=exclude, damping=damping, layer_errors=base_errors)
+        losses = {"database": _calibration_loss(stitched, inputs, targets, reference),
+                  "magnitude": _calibration_loss(baseline, inputs, targets, reference)}
+        won = "database" if losses["database"] <= losses["magnitude"] else "magnitude"
+        winner, out, errors = ((stitched, db_masks, db_errors) if won == "database"
+                               else (baseline, base_masks, base_errors))
+        model.load_state_dict(winner.state_dict())
+        log.info("OBC allocation: calibration loss %.4g (database) vs %.4g (magnitude's allocation); kept %s",
+                 losses["database"], losses["magnitude"], won)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    if layer_errors is not None:
+        layer_errors.update(errors)
+    if report is not None:
+        report.update(allocation=won, calibration_loss=losses, database=db.source,
+                      levels={n: db.grid[lv] for n, lv in zip(db.names, levels)})
+    return out
