@@ -139,3 +139,20 @@ def layer_hessian(model: nn.Module, module: nn.Module, inputs: Sequence[Tensor],
     damp = damping * float(diag.mean()) if float(diag.mean()) > 0 else 1.0
     diag += damp
     return hessian
+
+
+def weight_rows_and_hessian(weight: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
+    """The layer's weight as float64 rows (output units x inputs, conv kernels flattened as ``unfold`` orders
+    them) and its Hessian in float64 on the same device: what both per-layer solvers work on.
+
+    Raises:
+        ValueError: the Hessian is not (inputs, inputs).
+    """
+    w = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
+    d = w.shape[1]
+    h = hessian.to(device=w.device, dtype=torch.float64)
+    if h.shape != (d, d):
+        raise ValueError(
+            f"hessian must be ({d}, {d}) for a weight of shape {tuple(weight.shape)}, got {tuple(h.shape)}"
+        )
+    return w, h

@@ -26,7 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from ..maskops import parse_nm
-from .calibration import calibration_inputs, exact_obs_supported, execution_order, layer_hessian
+from .calibration import (
+    calibration_inputs,
+    exact_obs_supported,
+    execution_order,
+    layer_hessian,
+    weight_rows_and_hessian,
+)
 from .magnitude import prune_oneshot
 from .sparsegpt import sparsegpt
 
@@ -170,11 +176,8 @@ def exact_obs(
         ValueError: ``keep`` missing or outside [0, numel], an N:M that does not fit the input dimension.
     """
     shape = weight.shape
-    w = weight.detach().reshape(shape[0], -1).to(torch.float64)
+    w, h = weight_rows_and_hessian(weight, hessian)
     rows, d = w.shape
-    h = hessian.to(device=w.device, dtype=torch.float64)
-    if h.shape != (d, d):
-        raise ValueError(f"hessian must be ({d}, {d}) for a weight of shape {tuple(shape)}, got {tuple(h.shape)}")
     nm = parse_nm(mask_type)
     groups, per_group = None, 0
     if nm is not None:

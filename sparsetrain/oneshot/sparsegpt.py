@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..maskops import check_sparsity, keep_count, parse_nm
+from .calibration import weight_rows_and_hessian
 
 __all__ = ["sparsegpt"]
 
@@ -68,11 +69,8 @@ def sparsegpt(
         ValueError: a bad count, sparsity, block size or Hessian shape, an N:M that does not fit the input dimension.
     """
     shape = weight.shape
-    w = weight.detach().reshape(shape[0], -1).to(torch.float64)
+    w, h = weight_rows_and_hessian(weight, hessian)
     rows, d = w.shape
-    h = hessian.to(device=w.device, dtype=torch.float64)
-    if h.shape != (d, d):
-        raise ValueError(f"hessian must be ({d}, {d}) for a weight of shape {tuple(shape)}, got {tuple(h.shape)}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer (e.g. 128), got {block_size!r}")
     nm = parse_nm(mask_type)
