@@ -90,10 +90,11 @@ def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
 def prune_and_score(dense, method, sparsity, distribution, batches, splits) -> dict:
     model = copy.deepcopy(dense)
     start = time.perf_counter()
+    target = None if isinstance(sparsity, str) else sparsity  # an N:M mask type fixes the sparsity itself
     if method == "obc":
-        prune_obc(model, sparsity, batches, distribution=distribution, mask_type=_mask_type(sparsity))
+        prune_obc(model, target, batches, distribution=distribution, mask_type=_mask_type(sparsity))
     else:
-        prune_oneshot(model, sparsity, distribution=distribution, mask_type=_mask_type(sparsity))
+        prune_oneshot(model, target, distribution=distribution, mask_type=_mask_type(sparsity))
     seconds = time.perf_counter() - start
     if norm_modules(model):
         recalibrate_batchnorm(model, batches, num_samples=1000)
