@@ -133,7 +133,11 @@ def main() -> None:
                 for seed in args.seeds:
                     batches = calibration_batches(splits.train, args.samples, seed)
                     for method in ("magnitude", "obc"):
-                        result = prune_and_score(dense, method, sparsity, distribution, batches, splits)
+                        try:
+                            result = prune_and_score(dense, method, sparsity, distribution, batches, splits)
+                        except ValueError as error:  # an N:M pattern that does not fit one of the model's layers
+                            print(f"{model_name} {text}: skipped ({error})", flush=True)
+                            break
                         row = {"model": model_name, "dense_acc": dense_acc, "sparsity": text,
                                "distribution": distribution, "seed": seed, "method": method, **result}  # fmt: skip
                         rows.append(row)
