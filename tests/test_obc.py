@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from helpers.shared import trained_digits_mlp_checkpoint
 from torch import nn
 
 from sparsetrain.cli import main
@@ -142,26 +143,7 @@ def test_prune_obc_bad_input():
 @pytest.fixture(scope="module")
 def trained_mlp_checkpoint(tmp_path_factory):
     """LeNet-300-100 on the 8x8 digits, trained 3 epochs by hand (about 1 s)."""
-    from sparsetrain.train import checkpoint
-    from sparsetrain.train.config import defaults
-    from sparsetrain.train.data import iterate_batches, load_dataset
-    from sparsetrain.train.loop import checkpoint_payload
-    from sparsetrain.train.models import build_model, model_spec
-
-    config = {**defaults(), "dataset": "digits", "model": "mlp", "batch_size": 64}
-    spec = model_spec("mlp", (1, 8, 8), 10)
-    torch.manual_seed(0)
-    model = build_model(**spec)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    splits = load_dataset("digits")
-    for epoch in range(3):
-        for x, y in iterate_batches(splits.train, 64, shuffle=True, seed=0, epoch=epoch):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    path = tmp_path_factory.mktemp("obc") / "run" / "dense_best.pt"
-    checkpoint.save_atomic(checkpoint_payload(model, spec, config, kind="dense_best"), path)
-    return path
+    return trained_digits_mlp_checkpoint(tmp_path_factory.mktemp("obc") / "run" / "dense_best.pt", epochs=3)
 
 
 def test_prune_command_obc_writes_checkpoints_that_eval_accepts(trained_mlp_checkpoint, capsys):

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from helpers.shared import trained_digits_mlp_checkpoint
 from torch import nn
 
 from sparsetrain.oneshot import allocate_levels, build_database, database, prune_obc
@@ -154,24 +155,7 @@ def test_default_obc_is_never_worse_than_obc_at_global_allocation(sparsity):
 @pytest.fixture(scope="module")
 def trained_mlp_checkpoint(tmp_path_factory):
     """LeNet-300-100 on the 8x8 digits, trained 1 epoch by hand (well under 1 s)."""
-    from sparsetrain.train import checkpoint
-    from sparsetrain.train.config import defaults
-    from sparsetrain.train.data import iterate_batches, load_dataset
-    from sparsetrain.train.loop import checkpoint_payload
-    from sparsetrain.train.models import build_model, model_spec
-
-    config = {**defaults(), "dataset": "digits", "model": "mlp", "batch_size": 64}
-    spec = model_spec("mlp", (1, 8, 8), 10)
-    torch.manual_seed(0)
-    model = build_model(**spec)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for x, y in iterate_batches(load_dataset("digits").train, 64, shuffle=True, seed=0):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    path = tmp_path_factory.mktemp("obcdb") / "run" / "dense_best.pt"
-    checkpoint.save_atomic(checkpoint_payload(model, spec, config, kind="dense_best"), path)
-    return path
+    return trained_digits_mlp_checkpoint(tmp_path_factory.mktemp("obcdb") / "run" / "dense_best.pt", epochs=1)
 
 
 def test_prune_command_obc_defaults_to_the_database_and_reuses_its_cache(trained_mlp_checkpoint, capsys,
