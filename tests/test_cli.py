@@ -196,6 +196,44 @@ def test_own_loop_example_runs():
     assert accuracy > 80
 
 
+@pytest.mark.parametrize("epochs", [30, 10, 5])
+def test_default_recipe_keeps_the_acdc_pair_at_any_run_length(epochs, caplog):
+    """The phases scale with --epochs: 30 epochs is 3/3/3/6 epochs as documented, and shorter runs still
+    alternate and end with a decompressed phase before the final compression (a dense twin exists)."""
+    from sparsetrain.cli import DEFAULT_RECIPE
+    from sparsetrain.train.config import load_recipe, resolve
+    from sparsetrain.train.loop import create_sparsifier
+    from sparsetrain.train.models import build_model
+
+    config = resolve(load_recipe(DEFAULT_RECIPE), {"epochs": epochs})
+    model = build_model(config["model"], input_shape=(1, 28, 28), num_classes=10)
+    steps_per_epoch = 469  # Fashion-MNIST at batch 128
+    with caplog.at_level("WARNING"):
+        sparsifier = create_sparsifier(model, config, steps_per_epoch=steps_per_epoch)
+    kinds = [phase.kind for phase in sparsifier.timeline()]
+    assert kinds.count("sparse") >= 2 and kinds[-1] == "sparse" and kinds[-2] == "dense"
+    assert not [r for r in caplog.records if "no decompressed phase" in r.getMessage()]
+    if epochs == 30:
+        in_epochs = [(p.start / steps_per_epoch, p.end / steps_per_epoch) for p in sparsifier.timeline()]
+        assert in_epochs[:4] == [(0, 3), (3, 6), (6, 9), (9, 12)] and in_epochs[-1] == (24, 30)
+
+
+def test_acdc_without_a_decompressed_phase_says_so_in_one_line(caplog):
+    """Epoch lengths that do not fit a whole cycle leave one compression: warned about, naming the fix."""
+    import torch.nn as nn
+
+    import sparsetrain
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with caplog.at_level("WARNING"):
+        sparsetrain.create(
+            "acdc", model, sparsity=0.5, unit="epochs", warmup=3, compressed=3, decompressed=3, final=6,
+            total_epochs=10, steps_per_epoch=10,
+        )
+    [record] = [r for r in caplog.records if "no decompressed phase" in r.getMessage()]
+    assert "fraction" in record.getMessage() and "\n" not in record.getMessage()
+
+
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*/*.yaml")), ids=str)
 def test_every_shipped_recipe_is_valid(recipe):
     """Each recipe loads, and its method accepts its options for the recipe's run length."""

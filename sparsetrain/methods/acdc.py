@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import Tensor, nn
@@ -9,6 +10,8 @@ from torch import Tensor, nn
 from .. import maskops
 from ..core import Capability, ScheduledPruning, register
 from ..schedules import Cyclic, Phase, acdc_phases
+
+logger = logging.getLogger(__name__)
 
 
 @register("acdc")
@@ -83,6 +86,18 @@ class ACDC(ScheduledPruning):
             decompressed=self.steps(self.decompressed, "decompressed", default_fraction=0.05),
             final=self.steps(self.final, "final", default_fraction=0.15),
         )
+        if sum(phase.kind == "sparse" for phase in self.phases) < 2:
+            # One compressed phase and nothing after it is one-shot pruning with fine-tuning, not AC/DC: no
+            # alternation, no dense twin. Said in one line, with the fix, rather than refused: a user may want it.
+            lengths = ", ".join(f"{p.kind} {p.start}-{p.end}" for p in self.phases)
+            logger.warning(
+                "acdc: the run of %d steps has no decompressed phase after a compression (%s), so it is one-shot "
+                "pruning with fine-tuning and yields no dense twin; train longer or give the phase lengths as "
+                "fractions of the run (method_options unit: fraction, e.g. warmup 0.1, compressed 0.1, "
+                "decompressed 0.1, final 0.2)",
+                total,
+                lengths,
+            )
         return Cyclic(tuple(self.phases), self.final_sparsity)
 
     def update_masks(self, step: int) -> None:
