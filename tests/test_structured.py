@@ -382,3 +382,75 @@ def test_build_from_spec_on_meta_gives_the_slim_shapes():
     assert model.features[0].weight.shape == (2, 1, 5, 5) and model.features[0].weight.is_meta
     assert model.features[3].weight.shape == (16, 2, 5, 5)
     assert model.classifier[1].weight.shape == (60, 400) and model.classifier[3].weight.shape == (84, 60)
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+# A short channel AC/DC run of LeNet-5: dense 0-1, channel-sparse 1-2, dense 2-3, channel-sparse 3-4 (epochs).
+CHANNEL_RUN = [
+    "train", "--model", "lenet5", "--method", "acdc", "--sparsity", "0.5", "--limit-train", "1000", "--epochs", "4",
+    "--batch-size", "100", "--lr", "0.05", "--threads", "1", "--no-progress",
+    "--set", "method_options={unit: epochs, warmup: 1, compressed: 1, decompressed: 1, final: 1}",
+    "--set", "method_options.mask_type=channel",
+]  # fmt: skip
+
+
+def cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "sparsetrain", *args], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def channel_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "acdc-channel"
+    result = cli(*CHANNEL_RUN, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@needs_fashion
+def test_channel_acdc_run_then_slim_eval_export_bench(channel_run, images, tmp_path):
+    import json
+
+    from sparsetrain.train.checkpoint import load as load_checkpoint
+    from sparsetrain.train.checkpoint import restore_model
+
+    rows = [json.loads(line) for line in (channel_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["dense", "sparse", "dense", "sparse"]
+    data = load_checkpoint(channel_run)
+    masked = restore_model(data, channel_run).eval()
+    zigs = groups(masked, images[:1])
+    kept = kept_channels(masked, zigs)
+    # Half of each layer's channels are whole zero groups (uniform per layer by default): exactly, as top-k keeps.
+    assert {name: len(k) for name, k in kept.items()} == {
+        "features.0": 3, "features.3": 8, "classifier.1": 60, "classifier.3": 42
+    }  # fmt: skip
+
+    small_file = tmp_path / "small.safetensors"
+    result = cli("slim", str(channel_run), "-o", str(small_file))
+    assert result.returncode == 0, result.stderr
+    assert "226 in 4 channel sets, 113 all-zero removed" in result.stdout and "forward FLOPs" in result.stdout
+    small = export.load(small_file).eval()
+    assert small.features[3].out_channels == 8 and small.classifier[1].in_features == 8 * 25
+    with torch.no_grad():
+        assert (small(images) - masked(images)).abs().max() <= 1e-5  # real images, max abs difference
+    summary = json.loads((channel_run / "summary.json").read_text())
+
+    result = cli("eval", str(small_file))
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.split("test accuracy: ")[1].split("%")[0])
+    assert accuracy == pytest.approx(summary["sparse_model"]["test_acc"], abs=0.05)
+
+    half = tmp_path / "small16.safetensors"
+    result = cli("export", str(small_file), "-o", str(half), "--dtype", "fp16")
+    assert result.returncode == 0, result.stderr
+    assert export.load(half).features[3].out_channels == 8
+    result = cli("bench", str(small_file), "--batch-sizes", "1", "--repeats", "1")
+    assert result.returncode == 0, result.stderr and "lenet5" in result.stdout
+
+    result = cli("slim", str(channel_run), "-o", str(small_file))  # exists: nothing overwritten
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "--force" in result.stderr

@@ -50,7 +50,9 @@ class ACDC(ScheduledPruning):
     decompression's momentum reset.
     """
 
-    capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.PHASES | Capability.NM
+    capabilities = (
+        Capability.SPARSE | Capability.MASK_UPDATES | Capability.PHASES | Capability.NM | Capability.CHANNEL
+    )
 
     def __init__(
         self,
