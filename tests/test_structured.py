@@ -454,3 +454,40 @@ def test_channel_acdc_run_then_slim_eval_export_bench(channel_run, images, tmp_p
 
     result = cli("slim", str(channel_run), "-o", str(small_file))  # exists: nothing overwritten
     assert result.returncode == 2 and result.stderr.startswith("error:") and "--force" in result.stderr
+
+
+def test_the_config_takes_channel_masks_for_the_methods_that_have_them():
+    from sparsetrain.errors import ConfigError
+    from sparsetrain.train.config import TrainConfig, resolve
+
+    config = TrainConfig.from_dict(resolve({}, {"method": "gmp", "mask_type": "channel", "sparsity": 0.5}))
+    assert (config.mask_type, config.target_sparsity) == ("channel", 0.5)
+    with pytest.raises(ConfigError, match="'rigl' does not support channel masks.*methods that do: .*acdc"):
+        resolve({}, {"method": "rigl", "mask_type": "channel"})
+
+
+def test_channel_acdc_pruned_groups_come_back_in_the_dense_phase():
+    """A whole group at zero gets no gradient (ReLU'(0) = 0): it re-enters with the values it had when pruned."""
+    import sparsetrain
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    sparsifier = sparsetrain.create("acdc", model, sparsity=0.5, mask_type="channel", example_input=x[:1],
+                                    total_steps=12, unit="steps", warmup=2, compressed=2, decompressed=4, final=4)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier.attach(optimizer)
+    weights = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        weights.append(model[0].weight.detach().clone())
+        if sparsifier.count == 2:
+            pruned = ~sparsifier.masks["0.weight"][:, 0, 0, 0]
+            before = weights[-1].clone()  # the values at the compression (step 2), then zeroed
+    assert int(pruned.sum()) == 4
+    assert torch.all(weights[2][pruned] == 0)  # step 3: compressed
+    # The decompression at step 4 gives the pruned filters back their step-2 values, then they train.
+    assert not torch.any(weights[4][pruned] == 0)
+    assert torch.all((weights[4][pruned] - before[pruned]).abs() < 0.5)

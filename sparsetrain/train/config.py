@@ -338,7 +338,7 @@ class TrainConfig:
     @property
     def target_sparsity(self) -> float | None:
         """The sparsity to reach, or None when an N:M mask type fixes it instead."""
-        return self.sparsity if self.mask_type == "unstructured" else None
+        return self.sparsity if self.mask_type in ("unstructured", "channel") else None
 
 
 def as_train_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
