@@ -473,8 +473,8 @@ def test_channel_acdc_pruned_groups_come_back_in_the_dense_phase():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-    sparsifier = sparsetrain.create("acdc", model, sparsity=0.5, mask_type="channel", example_input=x[:1],
-                                    total_steps=12, unit="steps", warmup=2, compressed=2, decompressed=4, final=4)  # fmt: skip
+    schedule = dict(total_steps=12, unit="steps", warmup=2, compressed=2, decompressed=4, final=4)
+    sparsifier = sparsetrain.create("acdc", model, sparsity=0.5, mask_type="channel", example_input=x[:1], **schedule)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sparsifier.attach(optimizer)
     weights = []
