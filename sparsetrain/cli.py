@@ -18,7 +18,7 @@ from .errors import CheckpointError, ConfigError, SparsetrainError, WriteError, 
 RECIPES = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "fashion_mnist" / "lenet5_acdc_s90.yaml"
 
-PLUGGED_COMMANDS = ("deploy", "prune")
+PLUGGED_COMMANDS = ("deploy", "prune", "slim")
 
 # Command-line flags that map straight onto config keys.
 FLAGS = {
@@ -408,10 +408,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.data import load_run_dataset
     from .train.evaluation import evaluate
 
-    data = load(args.checkpoint)
-    require(data, args.checkpoint, "model", "model_spec", "config")
+    if Path(args.checkpoint).is_file() and Path(args.checkpoint).suffix != ".pt":
+        data = _export_file_as_checkpoint(args.checkpoint)  # an export file, e.g. from `sparsetrain slim`
+        model = data.pop("module")
+    else:
+        data = load(args.checkpoint)
+        require(data, args.checkpoint, "model", "model_spec", "config")
+        model = restore_model(data, args.checkpoint)
     config = data["config"]
-    model = restore_model(data, args.checkpoint)
     splits = load_run_dataset(config, args.data_dir)
     test = evaluate(model, splits.test, 1000, torch.device("cpu"))
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
@@ -431,6 +435,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"({flops.ratio:.3f} of dense)"
     )
     return 0
+
+
+def _export_file_as_checkpoint(path: str) -> dict[str, Any]:
+    """An export file that keeps its run's config (``sparsetrain slim`` writes one) in the form eval reads."""
+    from . import export
+    from .train.config import validate
+
+    exported = export.read(path)
+    config = exported.metadata.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{path!r} is an export file without its run's config, so eval does not know its data set; evaluate "
+            "the run's checkpoint instead, or a file written by `sparsetrain slim`"
+        )
+    try:
+        config = validate(config)
+    except ConfigError as error:
+        raise CheckpointError(f"{path!r} holds a config this version cannot use: {error}") from None
+    model = export.load(path)
+    kind = (exported.metadata.get("run") or {}).get("kind") or "exported"
+    slim = " slim" if "slim" in (exported.model_spec or {}) else ""
+    return {"module": model, "model": model.state_dict(), "config": config, "kind": f"{kind}{slim}"}
 
 
 # ---------------------------------------------------------------------------------------------------- compare

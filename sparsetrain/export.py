@@ -746,6 +746,8 @@ def _model_from_spec(path: Path, spec: Any, plans: Mapping[str, _Plan], max_byte
     if not isinstance(name, str) or _shape(input_shape) is None or not _is_int(num_classes):
         raise _corrupt(path, f"its model spec is {spec!r}")
     try:
+        if "slim" in spec:
+            return _slim_model_from_spec(path, spec, plans, max_bytes)
         with torch.device("meta"):
             shapes = build_model(name, input_shape=input_shape, num_classes=num_classes)
         _check_shapes(shapes, {k: p.shape for k, p in plans.items()}, path)
@@ -755,6 +757,25 @@ def _model_from_spec(path: Path, spec: Any, plans: Mapping[str, _Plan], max_byte
         raise ExportError(f"{error} (the model of its own spec {spec!r})") from None
     except (ValueError, TypeError, RuntimeError) as error:
         raise ExportError(f"{str(path)!r}: cannot build its model {name!r} ({error})") from None
+
+
+def _slim_model_from_spec(path: Path, spec: dict, plans: Mapping[str, _Plan], max_bytes: int | None) -> nn.Module:
+    """The slim model of a spec with kept channels (``sparsetrain slim``), allocated only once it matches the file.
+
+    The dense model and its cut are built on the meta device (shapes only); the kept channels are validated
+    against the model's channel sets, so they can only narrow it. The real model is then the meta one moved to
+    uninitialised memory, every tensor of which the file's (checked) state dict overwrites.
+    """
+    from .structured.slim import build_from_spec  # only here: plain files need no graph analysis
+
+    with torch.device("meta"):
+        shapes = build_from_spec(spec)
+    _check_shapes(shapes, {k: p.shape for k, p in plans.items()}, path)
+    _check_size(path, plans, max_bytes)
+    held = {n for n, _ in shapes.named_parameters()} | {n for n, _ in shapes.named_buffers()}
+    if not held <= set(shapes.state_dict()):
+        raise ExportError(f"{str(path)!r}: model {spec['name']!r} has tensors a file cannot hold; it cannot be slim")
+    return shapes.to_empty(device="cpu")
 
 
 def load(

@@ -179,7 +179,10 @@ def parse_nm(mask_type: str) -> tuple[int, int] | None:
         return None
     match = _NM_PATTERN.match(str(mask_type))
     if not match:
-        raise ValueError(f"mask_type must be 'unstructured' or 'N:M' such as '2:4', got {mask_type!r}")
+        raise ValueError(
+            f"mask_type must be 'unstructured', 'N:M' such as '2:4', or 'channel' (methods that support it); "
+            f"got {mask_type!r}"
+        )
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n <= m:
         raise ValueError(f"mask_type {mask_type!r}: N:M needs 0 < N <= M, got N={n}, M={m}")

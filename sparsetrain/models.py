@@ -159,8 +159,9 @@ class ConvBase(nn.Module):
         self.linear = nn.Linear(flat, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:  # (N, L) sequences without a channel axis
-            x = x.unsqueeze(1)
+        # (N, L) sequences have no channel axis: (N, 1, L). A reshape rather than `if x.dim() == 2`, so that
+        # torch.fx can trace the model (structured pruning follows its graph).
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
         return self.linear(self.features(x))
 
 

@@ -431,3 +431,84 @@ def test_own_optimizer_is_required_exactly_when_declared(method):
     else:
         assert sparsifier.wrap_optimizer(plain) is plain
         sparsifier.attach(plain)
+
+
+# ------------------------------------------------------------------------------------------ channel masks
+def pruned_groups(sparsifier) -> int:
+    """Groups whose every parameter slice is masked; asserts that no group is masked only in part."""
+    pruned = 0
+    for group in sparsifier.groups:
+        states = {bool(piece.of(sparsifier.masks[piece.name]).any()) for piece in group.params}
+        producing = {bool(piece.of(sparsifier.masks[piece.name]).any()) for piece in group.zero_invariant}
+        assert producing != {True, False}, f"{group.name} is masked in part"
+        pruned += producing == {False}
+        if producing == {False}:
+            assert states == {False}, f"{group.name}: its consumers' slices are not masked with it"
+    return pruned
+
+
+def expected_pruned_groups(sparsifier, target: float) -> int:
+    """Groups a channel mask update prunes, from the definitions: per set, or globally, at least one kept per set."""
+    widths = [s.width for s in sparsifier.groups.sets]
+    if target == 0:
+        return 0
+    if sparsifier.distribution == "uniform":
+        return sum(w - max(1, keep_count(w, target)) for w in widths)
+    return sum(widths) - max(len(widths), keep_count(sum(widths), target))
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "global"])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("method", methods_with(Capability.CHANNEL))
+def test_channel_masks_exact_groups_and_bit_identical_resume(method, opt_name, distribution):
+    from sparsetrain.structured import slim
+
+    split = 10
+    channel = dict(mask_type="channel", example_input=torch.zeros(1, 2, 8, 8), distribution=distribution)
+    model, optimizer, sparsifier, shape = build(method, "conv", opt_name, sparsity=0.5, **channel)
+    assert {s.name for s in sparsifier.groups.sets} == {"conv1", "conv2"}
+    assert "bn.weight" in sparsifier.params and "conv1.bias" in sparsifier.params  # whole groups are masked
+    version, updates = sparsifier.mask_version, 0
+    for step in range(TOTAL):
+        if step == split:
+            saved = roundtrip(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "sparsifier": sparsifier.state_dict(),
+                }
+            )
+        train_step(model, optimizer, step, shape)
+        assert_masked_weights_zero(sparsifier)
+        if sparsifier.mask_version != version:
+            version, updates = sparsifier.mask_version, updates + 1
+            assert pruned_groups(sparsifier) == expected_pruned_groups(sparsifier, sparsifier.target_sparsity)
+    assert updates >= 1 and pruned_groups(sparsifier) == expected_pruned_groups(sparsifier, 0.5)
+    assert sparsifier.group_sparsity() == pytest.approx(expected_pruned_groups(sparsifier, 0.5) / 16)
+    model.eval()
+    x = batch(0, shape)[0]
+    with torch.no_grad():
+        assert (slim(model, x[:1])(x) - model(x)).abs().max() <= 1e-5
+
+    model2, optimizer2, sparsifier2, _ = build(method, "conv", opt_name, sparsity=0.5, seed=123, **channel)
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["optimizer"])
+    sparsifier2.load_state_dict(saved["sparsifier"])
+    for step in range(split, TOTAL):
+        train_step(model2, optimizer2, step, shape)
+    model2.eval()
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert all(torch.equal(sparsifier.masks[n], sparsifier2.masks[n]) for n in sparsifier.masks)
+    assert sparsifier2.history == sparsifier.history
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in methods_with(Capability.CHANNEL)])
+def test_channel_masks_refused_without_the_flag(method):
+    with pytest.raises(ValueError, match="channel"):
+        build(method, "conv", mask_type="channel", example_input=torch.zeros(1, 2, 8, 8))
+
+
+def test_channel_masks_need_an_example_input():
+    with pytest.raises(ValueError, match="example_input"):
+        build("acdc", "conv", mask_type="channel")

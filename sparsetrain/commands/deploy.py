@@ -28,7 +28,9 @@ def add_parsers(subparsers: Any) -> None:
         "sparsetrain.export.load(FILE) rebuilds the model. Prints a per-tensor size table and the ratio to the "
         "same model as a dense fp32 file.",
     )
-    export.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a .pt file or a run directory")
+    export.add_argument(
+        "checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a .pt file, a run directory or an export file"
+    )
     export.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write (.safetensors)")
     export.add_argument(
         "--dtype", default=None, help="store values as fp16 or bf16 (default: as trained, fp32); halves the file again"
@@ -73,11 +75,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise ConfigError(f"{str(out)!r} exists; nothing was overwritten. Choose another -o or pass --force")
     dtype = export.parse_dtype(args.dtype)  # before any work: an unknown dtype is a usage error
-    data = load_checkpoint(args.checkpoint)
-    require(data, args.checkpoint, "model", "model_spec")
-    state = data["model"]
+    given = Path(args.checkpoint)
+    if given.is_file() and given.suffix != ".pt":
+        # An export file (a slim model from `sparsetrain slim`, or an earlier export): written again, e.g. in fp16.
+        exported = export.read(given)
+        state, metadata = exported.state_dict, exported.metadata
+        data = {"kind": (metadata.get("run") or {}).get("kind")}
+    else:
+        data = load_checkpoint(args.checkpoint)
+        require(data, args.checkpoint, "model", "model_spec")
+        state, metadata = data["model"], export.checkpoint_metadata(data)
     with writing(out):
-        summary = export.save(state, out, metadata=export.checkpoint_metadata(data), dtype=dtype)
+        summary = export.save(state, out, metadata=metadata, dtype=dtype)
 
     # Read the file back and compare bit for bit: the file is only announced once it is known to be right.
     back = export.read(out, max_bytes=None).state_dict  # the file just written: no cap on its size
@@ -87,7 +96,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise CheckpointError(f"internal error: {name!r} did not read back identical from {str(out)!r}")
     dense_bytes = export.dense_fp32_bytes(state)
 
-    run = export.checkpoint_metadata(data)["run"]
+    run = metadata.get("run") or {}
     source = f"{data.get('kind') or 'model'} of {run.get('method')} {run.get('model')} on {run.get('dataset')}"
     print(f"{out}: {source}" + (f", values stored as {args.dtype}" if dtype is not None else ""))
     rows = [("tensor", "shape", "sparsity", "stored as", "bytes", "fp32 bytes", "ratio")]

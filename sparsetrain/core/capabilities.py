@@ -21,6 +21,8 @@ class Capability(enum.Flag):
         expect the weights' zeros to equal the masks' at lr 0).
     NM: accepts N:M masks (``mask_type='2:4'``; ``Sparsifier.__init__`` refuses N:M without it, and so does the
         trainer's config; the suite checks the N:M groups of every method with it).
+    CHANNEL: accepts channel masks (``mask_type='channel'``: whole zero-invariant groups of
+        :mod:`sparsetrain.structured` pruned by group norm; ``Sparsifier.__init__`` refuses them without it).
     PRUNE_AFTER_TRAINING: trains a dense model meant to be pruned one-shot afterwards (the trainer prunes it to the
         target with batch-norm re-calibration and reports both models).
     CLOSURE: the method's optimizer steps only with ``optimizer.step(closure)`` (the trainer passes one and
@@ -48,6 +50,7 @@ class Capability(enum.Flag):
     OWN_OPTIMIZER = enum.auto()
     DENSE_GRADIENTS = enum.auto()
     REPLICA_PHASES = enum.auto()
+    CHANNEL = enum.auto()
 
 
 # Flags that announce a per-step query: declared exactly when the method overrides that Sparsifier method.

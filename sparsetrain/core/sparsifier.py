@@ -28,8 +28,12 @@ from .. import maskops
 from ..distributions import check_distribution, layer_sparsities
 from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers, reset_momentum, zero_state_where
 from ..schedules import UNITS, Phase, resolve_total_steps, timeline_of, to_steps
+from ..structured.groups import CONSUMER, NORM, PRODUCER
 from .capabilities import Capability
 from .selection import select_parameters
+
+# The mask type of whole zero-invariant groups (sparsetrain.structured), as opposed to 'unstructured' and 'N:M'.
+CHANNEL = "channel"
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +108,12 @@ class Sparsifier:
     Common options (every method accepts them):
         sparsity: target fraction of zeros in [0, 1) over the sparsified weights.
         distribution: 'global' (one magnitude ranking across layers), 'uniform' or 'erk'.
-        mask_type: 'unstructured' or 'N:M' (e.g. '2:4': N kept of every M along the input dimension).
+        mask_type: 'unstructured', 'N:M' (e.g. '2:4': N kept of every M along the input dimension), or 'channel'
+            (methods with ``Capability.CHANNEL``): whole zero-invariant groups (an output channel or unit with its
+            bias, batch-norm scale and shift and the input slices that read it; :mod:`sparsetrain.structured`)
+            are pruned, ranked by the root-mean-square of the score over the group's parameters; ``sparsity``
+            is then the fraction of groups pruned, and ``example_input`` is needed.
+        example_input: an input batch (only its shape matters) for finding the groups of ``mask_type='channel'``.
         include / exclude: glob patterns over parameter names (default: every weight with dim >= 2).
         seed: seeds every random choice the method makes, together with the step.
         total_steps, or total_epochs with steps_per_epoch: the run's length (schedules need it). Both count
@@ -139,10 +148,15 @@ class Sparsifier:
         total_epochs: float | None = None,
         steps_per_epoch: int | None = None,
         unit: str = "fraction",
+        example_input: Tensor | None = None,
     ) -> None:
         self.model = model
-        self.params: dict[str, nn.Parameter] = select_parameters(model, include, exclude)
-        self.nm = maskops.parse_nm(mask_type)
+        self.groups: Any = None  # the structured.Groups of channel masks
+        if mask_type == CHANNEL:
+            self.params = self._channel_setup(model, example_input, include, exclude, distribution)
+        else:
+            self.params = select_parameters(model, include, exclude)
+        self.nm = None if mask_type == CHANNEL else maskops.parse_nm(mask_type)
         if self.nm is not None and Capability.NM not in self.capabilities:
             raise ValueError(f"method {self.name!r} does not support N:M masks (mask_type={mask_type!r})")
         if self.nm is not None:
@@ -151,7 +165,10 @@ class Sparsifier:
         if sparsity is None:
             raise ValueError(f"method {self.name!r} needs sparsity= (a number in [0, 1), e.g. 0.9)")
         self.final_sparsity = maskops.check_sparsity(sparsity)
-        self.distribution = check_distribution(distribution or self.default_distribution)
+        # Channel masks rank per layer unless told otherwise: across layers, group magnitudes scale with each
+        # layer's init (He init: 1 / sqrt(fan_in)), and a global ranking cuts the widest-fan-in layer to one channel.
+        default = "uniform" if mask_type == CHANNEL else self.default_distribution
+        self.distribution = check_distribution(distribution or default)
         self.mask_type = mask_type
         self.seed = int(seed)
         self.steps_per_epoch = steps_per_epoch
@@ -179,6 +196,38 @@ class Sparsifier:
         self._phase: str | None = None
         self.setup()
         self._boundary()
+
+    def _channel_setup(
+        self,
+        model: nn.Module,
+        example_input: Tensor | None,
+        include: str | Sequence[str] | None,
+        exclude: str | Sequence[str] | None,
+        distribution: str | None,
+    ) -> dict[str, nn.Parameter]:
+        """The parameters channel masks cover: every parameter a zero-invariant group slices."""
+        if Capability.CHANNEL not in self.capabilities:
+            raise ValueError(f"method {self.name!r} does not support channel masks (mask_type='channel')")
+        if example_input is None:
+            raise ValueError(
+                "mask_type='channel' needs example_input= (an input batch, e.g. next(iter(loader))[0][:1]) to find "
+                "the model's zero-invariant groups"
+            )
+        if include is not None or exclude is not None:
+            raise ValueError(
+                "mask_type='channel' prunes the model's zero-invariant groups; include/exclude do not apply"
+            )
+        if distribution not in (None, "global", "uniform"):
+            raise ValueError(
+                f"mask_type='channel' ranks groups 'global' or 'uniform' (per layer); got {distribution!r}"
+            )
+        from ..structured import groups  # only here: the graph analysis is needed by channel masks alone
+
+        self.groups = groups(model, example_input)
+        if not len(self.groups):
+            raise ValueError("mask_type='channel': the model has no prunable channel (only its output layer)")
+        named = dict(model.named_parameters())
+        return {name: named[name] for name in self.groups.param_names()}
 
     # ----------------------------------------------------------------- hooks a method overrides
     def setup(self) -> None:
@@ -447,6 +496,8 @@ class Sparsifier:
 
         ``among_active``: pruned weights stay pruned (their score drops below every active one).
         """
+        if self.groups is not None:
+            return self._channel_masks(sparsity, scores, among_active)
         if among_active:
             scores = {
                 n: torch.where(self.masks[n], s.float(), torch.full_like(s, -1.0, dtype=torch.float))
@@ -459,6 +510,78 @@ class Sparsifier:
         if per_layer is None:
             return maskops.global_topk_masks(scores, sparsity)
         return {n: maskops.topk_mask(s, per_layer[n]) for n, s in scores.items()}
+
+    @torch.no_grad()
+    def group_scores(self, scores: dict[str, Tensor]) -> list[Tensor]:
+        """Per channel set, the score of each group: the root-mean-square of ``scores`` over its parameters.
+
+        Why normalised by the group's size: groups of different layers differ in size by orders of magnitude (a
+        stem filter against a unit of a wide Linear), and a plain norm would rank a large group above a small one
+        for its size alone. The root-mean-square compares them as per-weight magnitude compares single weights.
+        """
+        out = []
+        for channel_set in self.groups.sets:
+            rows = channel_set.channel_matrix(scores, (PRODUCER, NORM, CONSUMER))
+            squares = sum(row.float().square().sum(dim=1) for row in rows)
+            size = sum(row.shape[1] for row in rows)
+            out.append((squares / size).sqrt())
+        return out
+
+    def _channel_masks(self, sparsity: float, scores: dict[str, Tensor], among_active: bool) -> dict[str, Tensor]:
+        """Whole groups pruned: the fraction ``sparsity`` of them with the lowest :meth:`group_scores`.
+
+        'global': one ranking over all groups, each channel set keeping its best group (a set with none left
+        would cut the network in two). 'uniform': ``round((1 - sparsity) * width)`` kept per set, at least one.
+        Chosen by index from ``torch.topk`` (exact counts, ties or no ties). ``among_active``: groups already
+        pruned rank below every active one.
+        """
+        per_set = self.group_scores(scores)
+        if among_active:
+            active = [self._active_groups(s) for s in self.groups.sets]
+            per_set = [torch.where(a, s, torch.full_like(s, -1.0)) for a, s in zip(active, per_set)]
+        widths = [s.width for s in self.groups.sets]
+        keep = [torch.zeros(w, dtype=torch.bool) for w in widths]
+        if self.distribution == "uniform":
+            for kept, score in zip(keep, per_set):
+                kept[torch.topk(score, max(1, maskops.keep_count(score.numel(), sparsity))).indices] = True
+        else:
+            for kept, score in zip(keep, per_set):
+                kept[int(torch.argmax(score))] = True  # the first maximum: deterministic
+            flat = torch.cat(per_set)
+            offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
+            forced = torch.cat(keep)
+            total = max(int(forced.sum()), maskops.keep_count(flat.numel(), sparsity))
+            rest = torch.where(forced, torch.full_like(flat, -float("inf")), flat)
+            chosen = torch.topk(rest, total - int(forced.sum())).indices
+            forced[chosen] = True
+            keep = [forced[offsets[i] : offsets[i + 1]] for i in range(len(widths))]
+        masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        for channel_set, kept in zip(self.groups.sets, keep):
+            pruned = (~kept).nonzero().squeeze(1)
+            if not pruned.numel():
+                continue
+            for member in channel_set.members:
+                if member.buffer:
+                    continue
+                index = (pruned[:, None] * member.block + torch.arange(member.block)).reshape(-1)
+                mask = masks[member.name]
+                mask.index_fill_(member.dim, index.to(mask.device), False)
+        return masks
+
+    def _active_groups(self, channel_set: Any) -> Tensor:
+        """Which groups of ``channel_set`` the current masks leave active (any of their producing slices kept)."""
+        rows = channel_set.channel_matrix(self.masks, (PRODUCER,))
+        active = torch.zeros(channel_set.width, dtype=torch.bool)
+        for row in rows:
+            active |= row.any(dim=1).cpu()
+        return active
+
+    def group_sparsity(self) -> float:
+        """The fraction of zero-invariant groups the masks prune (channel masks only)."""
+        if self.groups is None:
+            raise ValueError("group_sparsity() is for mask_type='channel'")
+        active = sum(int(self._active_groups(s).sum()) for s in self.groups.sets)
+        return 1.0 - active / len(self.groups)
 
     @torch.no_grad()
     def set_masks(self, masks: dict[str, Tensor], reason: str) -> None:

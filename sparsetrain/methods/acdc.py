@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import maskops
@@ -43,6 +44,11 @@ class ACDC(ScheduledPruning):
     compressed phase's mask. Events 'phase_end' (sent before the masks change) and 'phase_start' tell a
     trainer when to evaluate and keep the best dense model.
 
+    With ``mask_type='channel'`` (whole zero-invariant groups, :mod:`sparsetrain.structured`) the pruned groups
+    re-enter a decompressed phase with the values they had when pruned, not at 0: a group that is zero as a whole
+    is a stationary point (ReLU'(0) = 0 and a zero batch-norm scale pass no gradient to any of its weights), so
+    at 0 every pruned channel would stay dead through the dense phase. The values are part of ``state_dict``.
+
     Differences from the official code: exact top-k counts (the reference's strict '>' threshold keeps k-1
     weights); gradients of masked weights are zeroed before the step, so no momentum leaks into them; and the
     mask difference is corrected for changes in sparsity. (The official code trains with SGD; with Adam-like
@@ -53,7 +59,9 @@ class ACDC(ScheduledPruning):
     decompression's momentum reset.
     """
 
-    capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.PHASES | Capability.NM
+    capabilities = (
+        Capability.SPARSE | Capability.MASK_UPDATES | Capability.PHASES | Capability.NM | Capability.CHANNEL
+    )
 
     def __init__(
         self,
@@ -75,6 +83,7 @@ class ACDC(ScheduledPruning):
             )
         self.reset_momentum: str | bool = reset_momentum
         self._last_sparse_masks: dict[str, Tensor] | None = None
+        self._pruned_values: dict[str, Tensor] | None = None  # channel masks: what the pruned groups held
         super().__init__(model, **common)
 
     def make_schedule(self) -> Cyclic:
@@ -104,10 +113,19 @@ class ACDC(ScheduledPruning):
         if self.phase_at(step) == "sparse":
             self._compress(step)
         else:
+            pruned = {n: ~m for n, m in self.masks.items()}
             self.densify("decompress", reset_optimizer_momentum=self.reset_momentum)
+            if self._pruned_values is not None:
+                with torch.no_grad():
+                    for name, values in self._pruned_values.items():
+                        param = self.params[name]
+                        param.copy_(torch.where(pruned[name], values.to(param.device, param.dtype), param))
+                self._pruned_values = None
 
     def _compress(self, step: int) -> None:
         masks = self.masks_at(step)
+        if self.groups is not None:
+            self._pruned_values = {n: p.detach().clone() for n, p in self.params.items()}
         difference = None
         if self._last_sparse_masks is not None:
             difference = 100.0 * maskops.relative_mask_difference(self._last_sparse_masks, masks)
@@ -116,8 +134,10 @@ class ACDC(ScheduledPruning):
         self.emit({"event": "compress", "mask_difference_pct": difference})
 
     def extra_state(self) -> dict:
-        return {"last_sparse_masks": self._last_sparse_masks}
+        return {"last_sparse_masks": self._last_sparse_masks, "pruned_values": self._pruned_values}
 
     def load_extra_state(self, state: dict) -> None:
         masks = state.get("last_sparse_masks")
         self._last_sparse_masks = None if masks is None else {n: m.clone() for n, m in masks.items()}
+        values = state.get("pruned_values")
+        self._pruned_values = None if values is None else {n: v.clone() for n, v in values.items()}

@@ -27,7 +27,7 @@ class GMP(ScheduledPruning):
     """
 
     default_distribution = "uniform"
-    capabilities = Capability.SPARSE | Capability.MASK_UPDATES
+    capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.CHANNEL
     keep_pruned = True
     reason = "gmp {sparsity:.4f}"
 

@@ -20,7 +20,7 @@ class Magnitude(ScheduledPruning):
     Differences from the paper: one round, no retraining schedule of its own (see ``imp`` for rounds).
     """
 
-    capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.NM
+    capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.NM | Capability.CHANNEL
     reason = "one-shot"
 
     def __init__(self, model: nn.Module, *, at: float | None = None, **common: Any) -> None:

@@ -24,7 +24,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "method": ("acdc", (str,), "sparse-training method (see `sparsetrain methods`)"),
     "sparsity": (0.9, (float, int), "target sparsity in [0, 1)"),
     "distribution": (None, (str,), "global, uniform or erk (default: the method's)"),
-    "mask_type": ("unstructured", (str,), "unstructured or N:M such as 2:4"),
+    "mask_type": ("unstructured", (str,), "unstructured, N:M such as 2:4, or channel (whole channels)"),
     "include": (None, (list, str), "glob patterns of parameters to sparsify"),
     "exclude": (None, (list, str), "glob patterns of parameters to keep dense"),
     "method_options": ({}, (dict,), "method-specific options, e.g. {warmup: 3, unit: epochs}"),
@@ -135,11 +135,19 @@ def _check_method_options(out: dict[str, Any]) -> None:
     try:
         if "sparsity" in out:
             check_sparsity(out["sparsity"])
-        nm = parse_nm(out["mask_type"]) if "mask_type" in out else None
+        nm = parse_nm(out["mask_type"]) if out.get("mask_type", "channel") != "channel" else None
         if out.get("distribution") is not None:
             check_distribution(out["distribution"])
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    channel_flag = sparsetrain.Capability.CHANNEL
+    if out.get("mask_type") == "channel" and "method" in out:
+        if channel_flag not in sparsetrain.get_method(out["method"]).capabilities:
+            able = [n for n in sparsetrain.list_methods() if channel_flag in sparsetrain.get_method(n).capabilities]
+            raise ConfigError(
+                f"method {out['method']!r} does not support channel masks (mask_type 'channel'); methods that do: "
+                f"{', '.join(able)}"
+            )
     nm_flag = sparsetrain.Capability.NM
     if nm is not None and "method" in out and nm_flag not in sparsetrain.get_method(out["method"]).capabilities:
         able = [name for name in sparsetrain.list_methods() if nm_flag in sparsetrain.get_method(name).capabilities]
@@ -240,7 +248,7 @@ def _fix_nm_sparsity(config: dict[str, Any], recipe: dict[str, Any], overrides: 
     and ``sparsetrain prune``); the config then records the sparsity really trained at."""
     from ..maskops import nm_sparsity, parse_nm
 
-    nm = parse_nm(config["mask_type"])
+    nm = None if config["mask_type"] == "channel" else parse_nm(config["mask_type"])
     if nm is None:
         return
     implied = nm_sparsity(config["mask_type"])
@@ -330,7 +338,7 @@ class TrainConfig:
     @property
     def target_sparsity(self) -> float | None:
         """The sparsity to reach, or None when an N:M mask type fixes it instead."""
-        return self.sparsity if self.mask_type == "unstructured" else None
+        return self.sparsity if self.mask_type in ("unstructured", "channel") else None
 
 
 def as_train_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:

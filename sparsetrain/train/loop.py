@@ -72,7 +72,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig | Mapping[str, Any]) ->
 
 
 def create_sparsifier(
-    model: nn.Module, config: TrainConfig | Mapping[str, Any], steps_per_epoch: int
+    model: nn.Module,
+    config: TrainConfig | Mapping[str, Any],
+    steps_per_epoch: int,
+    example_input: torch.Tensor | None = None,
 ) -> sparsetrain.Sparsifier:
     c = as_train_config(config)
     options = dict(c.method_options)
@@ -81,6 +84,8 @@ def create_sparsifier(
             options.setdefault(key, getattr(c, key))
     if c.mask_type != "unstructured":
         options.setdefault("mask_type", c.mask_type)
+    if options.get("mask_type") == "channel" and example_input is not None:
+        options.setdefault("example_input", example_input)  # channel masks find the model's groups on it
     try:
         return sparsetrain.create(
             c.method,
@@ -325,7 +330,8 @@ class Run:
                 f"batch_size {config.batch_size} is larger than the training set ({len(self.data.train)} samples)"
             )
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.sparsifier = create_sparsifier(self.model, config, self.steps_per_epoch)
+        example = self.data.train[:1][0].to(self.device)
+        self.sparsifier = create_sparsifier(self.model, config, self.steps_per_epoch, example)
         # Methods that are optimizers (rda) or wrap one (cram) supply the optimizer the run steps.
         self.optimizer = self.sparsifier.wrap_optimizer(make_optimizer(self.model, config))
         self.uses_closure = sparsetrain.Capability.CLOSURE in self.sparsifier.capabilities
