@@ -78,8 +78,11 @@ def test_masks_are_zero_after_every_step_with_accumulation_and_logged(tmp_path):
     assert watch.steps == [(batch + 1) // 2 for batch in range(32)]  # a step every second batch
     assert sparsifier.count == 16 and sparsifier.phase == "sparse"
     assert sparsifier.sparsity().overall == pytest.approx(0.9, abs=1e-3)
-    assert watch.metrics[-1] == {"sparsetrain/sparsity": pytest.approx(0.9, abs=1e-3),
-                                 "sparsetrain/target_sparsity": pytest.approx(0.9), "sparsetrain/dense_phase": 0.0}
+    assert watch.metrics[-1] == {
+        "sparsetrain/sparsity": pytest.approx(0.9, abs=1e-3),
+        "sparsetrain/target_sparsity": pytest.approx(0.9),
+        "sparsetrain/dense_phase": 0.0,
+    }
     assert watch.metrics[7]["sparsetrain/dense_phase"] == 1.0  # after step 4: the decompressed phase
     assert callback.dense_twin["step"] == 10
 
