@@ -29,8 +29,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "include": (None, (list, str), "glob patterns of parameters to sparsify"),
     "exclude": (None, (list, str), "glob patterns of parameters to keep dense"),
     "method_options": ({}, (dict,), "method-specific options, e.g. {warmup: 3, unit: epochs}"),
-    "init_from": (None, (str,), "start from the weights of this checkpoint (same model; a head of another class "
-                  "count is replaced), e.g. with --method transfer"),
+    "init_from": (None, (str,), "start from this checkpoint's weights (same model; --method transfer keeps its zeros)"),
     "epochs": (30, (int,), "training epochs"),
     "batch_size": (128, (int,), "training batch size"),
     "eval_batch_size": (1000, (int,), "evaluation batch size"),
