@@ -39,6 +39,7 @@ FLAGS = {
     "distribution": str,
     "threads": int,
     "limit_train": int,
+    "init_from": str,
 }
 
 

@@ -117,3 +117,52 @@ def restore_model(data: dict[str, Any], source: str | Path) -> nn.Module:
         reason = first_line(error)
         raise CheckpointError(f"checkpoint {str(source)!r} does not match its model spec ({reason})") from None
     return model
+
+
+def init_from(model: nn.Module, spec: dict[str, Any], source: str | Path) -> list[str]:
+    """Load the weights of the checkpoint ``source`` into ``model`` (built from ``spec``) to start a run from them;
+    returns the names of the parameters left at their fresh initialisation (a replaced classifier head).
+
+    The checkpoint is read safely (:func:`load`) and must be of the same architecture: the same model name and
+    input shape, every tensor name present on both sides with the same shape, except the classifier head's when
+    the class count differs (the last ``nn.Linear``: it keeps its fresh initialisation, as a new task needs).
+    Anything else raises :class:`CheckpointError` naming the difference.
+    """
+    from ..methods.transfer import head_parameter_names
+
+    data = load(source)
+    require(data, source, "model", "model_spec")
+    theirs = data["model_spec"]
+    for key in ("name", "input_shape"):
+        if theirs.get(key) != spec.get(key):
+            raise CheckpointError(
+                f"--init-from {str(source)!r} holds a model with {key} {theirs.get(key)!r}, this run builds "
+                f"{spec.get(key)!r}: the architectures must match (set --model and the dataset to the checkpoint's)"
+            )
+    weights, own = data["model"], model.state_dict()
+    head: list[str] = []
+    if theirs.get("num_classes") != spec.get("num_classes"):
+        names = set(head_parameter_names(model))
+        head = [n for n in own if n in names]
+    missing = sorted(set(own) - set(weights) - set(head))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"--init-from {str(source)!r} does not fit the model: missing {missing[:5] or 'nothing'}, unexpected "
+            f"{unexpected[:5] or 'nothing'}"
+        )
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"--init-from {str(source)!r}: entry {name!r} of its model is not a tensor")
+        if name in head:
+            continue
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise CheckpointError(
+                f"--init-from {str(source)!r}: {name!r} has shape {tuple(tensor.shape)}, the model's is "
+                f"{tuple(own[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in own.items():
+            if name not in head:
+                tensor.copy_(weights[name].to(dtype=tensor.dtype))
+    return head

@@ -20,6 +20,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "data_dir": (None, (str,), "where the dataset's files are (default: search the usual places)"),
     "val_fraction": (0.1, (float, int), "fraction of the training set held out for validation"),
     "limit_train": (None, (int,), "use only this many training samples (quick runs)"),
+    "classes": (None, (str, list), "keep only these classes, relabelled 0..k-1 in order: '5-9', '0,2,4' or [5, 6]"),
     "model": ("lenet5", (str,), ", ".join(MODEL_REGISTRY) + ", torchvision:NAME or timm:NAME"),
     "method": ("acdc", (str,), "sparse-training method (see `sparsetrain methods`)"),
     "sparsity": (0.9, (float, int), "target sparsity in [0, 1)"),
@@ -28,6 +29,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "include": (None, (list, str), "glob patterns of parameters to sparsify"),
     "exclude": (None, (list, str), "glob patterns of parameters to keep dense"),
     "method_options": ({}, (dict,), "method-specific options, e.g. {warmup: 3, unit: epochs}"),
+    "init_from": (None, (str,), "start from this checkpoint's weights (same model; --method transfer keeps its zeros)"),
     "epochs": (30, (int,), "training epochs"),
     "batch_size": (128, (int,), "training batch size"),
     "eval_batch_size": (1000, (int,), "evaluation batch size"),
@@ -112,6 +114,13 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     for key, meaning in (("threads", "torch CPU threads"), ("limit_train", "training samples")):
         if out.get(key) is not None and out[key] < 1:
             raise ConfigError(f"option {key!r} is a number of {meaning} and must be at least 1, got {out[key]!r}")
+    if out.get("classes") is not None:
+        from .data import parse_classes
+
+        try:
+            parse_classes(out["classes"])
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if "milestones" in out:
         numbers = all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in out["milestones"])
         if not numbers or not all(0 <= m <= 1 for m in out["milestones"]):
@@ -285,6 +294,7 @@ class TrainConfig:
     data_dir: str | None
     val_fraction: float
     limit_train: int | None
+    classes: list[int] | str | None
     model: str
     method: str
     sparsity: float
@@ -293,6 +303,7 @@ class TrainConfig:
     include: list[str] | str | None
     exclude: list[str] | str | None
     method_options: dict[str, Any]
+    init_from: str | None
     epochs: int
     batch_size: int
     eval_batch_size: int

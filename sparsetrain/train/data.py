@@ -26,7 +26,7 @@ import random
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -756,6 +756,38 @@ def _standardize_(train_x: Tensor, *others: Tensor) -> None:
         t.sub_(mean).div_(std)
 
 
+def parse_classes(value: str | Sequence[int]) -> list[int]:
+    """The class subset ``value`` names, in order: ``'5-9'`` (a range, both ends included), ``'0,2,4'``, or a list
+    of integers. Raises ValueError for anything else, for negative or repeated classes."""
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    classes: list[int] = []
+    try:
+        for part in text.replace(" ", "").split(","):
+            low, dash, high = part.partition("-")
+            first, last = int(low), int(high) if dash else int(low)
+            if last < first:
+                raise ValueError
+            classes.extend(range(first, last + 1))
+    except ValueError:
+        raise ValueError(
+            f"classes must be a range such as '5-9', a list such as '0,2,4' or [0, 2, 4] of class numbers >= 0; "
+            f"got {value!r}"
+        ) from None
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes {value!r} names a class twice")
+    return classes
+
+
+def _keep_classes(x: Tensor, y: Tensor, classes: list[int]) -> tuple[Tensor, Tensor]:
+    """The samples of ``classes``, relabelled 0..k-1 in the order of ``classes``."""
+    relabel = torch.full((int(y.max()) + 1 if len(y) else 1,), -1, dtype=torch.long)
+    known = [c for c in classes if c < len(relabel)]
+    relabel[known] = torch.tensor([classes.index(c) for c in known], dtype=torch.long)
+    new = relabel[y]
+    keep = new >= 0
+    return x[keep], new[keep]
+
+
 def load_dataset(
     name: str,
     *,
@@ -764,6 +796,7 @@ def load_dataset(
     seed: int = 0,
     limit_train: int | None = None,
     download: bool = True,
+    classes: str | Sequence[int] | None = None,
 ) -> Splits:
     """Load a dataset into memory and split it into train / validation / test.
 
@@ -775,6 +808,8 @@ def load_dataset(
         seed: seeds the validation split (a local generator; the global RNG is untouched).
         limit_train: keep only this many training samples (after the split), for quick runs.
         download: whether MNIST / Fashion-MNIST may be downloaded into the user cache when absent.
+        classes: keep only these classes (:func:`parse_classes`: ``'5-9'``, ``'0,2,4'``, a list), relabelled
+            0..k-1 in that order, in every split (a transfer task: pre-train on 0-4, fine-tune on 5-9).
 
     Raises:
         DataError: the data could not be found or read; the message says how to provide it.
@@ -788,6 +823,16 @@ def load_dataset(
         raise DataError(f"limit_train must be a positive integer, got {limit_train}")
 
     x_tr, y_tr, x_te, y_te, num_classes = DATASET_REGISTRY.get(key)(data_dir, download)
+    if classes is not None:
+        try:
+            subset = parse_classes(classes)
+        except ValueError as error:
+            raise DataError(str(error)) from None
+        outside = [c for c in subset if c >= num_classes]
+        if outside:
+            raise DataError(f"{key} has classes 0-{num_classes - 1}; classes {classes!r} names {outside}")
+        (x_tr, y_tr), (x_te, y_te) = _keep_classes(x_tr, y_tr, subset), _keep_classes(x_te, y_te, subset)
+        num_classes = len(subset)
 
     n = x_tr.shape[0]
     n_val = round(val_fraction * n)
@@ -825,6 +870,7 @@ def load_run_dataset(config: Mapping[str, Any], data_dir: str | None = None) -> 
         data_dir=data_dir or config["data_dir"],
         val_fraction=config["val_fraction"],
         seed=config["seed"],
+        classes=config.get("classes"),
     )
 
 

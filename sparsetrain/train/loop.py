@@ -316,12 +316,16 @@ class Run:
         self._setup_devices()
         torch.manual_seed(config.seed)
         self.data: Splits = load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction,
-                                         seed=config.seed, limit_train=config.limit_train)  # fmt: skip
+                                         seed=config.seed, limit_train=config.limit_train,
+                                         classes=config.classes)  # fmt: skip
         try:
             self.spec = model_spec(config.model, self.data.input_shape, self.data.num_classes)
             self.model = build_model(**self.spec).to(self.device)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        if config.init_from:
+            # Before the sparsifier is built: methods read the weights they start from (transfer: its zeros).
+            checkpoint.init_from(self.model, self.spec, config.init_from)
         self.steps_per_epoch = num_batches(
             len(self.data.train), self.batch_per_rank, drop_last=True, world_size=self.world
         )
