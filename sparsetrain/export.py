@@ -301,6 +301,7 @@ def _decode(name: str, record: Mapping[str, Any], get: Any) -> Tensor:
 def _state_dict_of(model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     out = {}
+    seen: set[tuple[int, int]] = set()
     for name, tensor in state.items():
         if not isinstance(tensor, Tensor):
             raise ValueError(f"state dict entry {name!r} is a {type(tensor).__name__}, not a tensor; cannot export it")
@@ -308,7 +309,14 @@ def _state_dict_of(model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]
             raise ValueError(f"tensor name {name!r} contains {SEP!r}, which the export format reserves")
         if tensor.is_sparse or tensor.layout != torch.strided:
             tensor = tensor.to_dense()
-        out[name] = tensor.detach().cpu()
+        tensor = tensor.detach().cpu()
+        # A tied weight (a GPT head sharing the token embedding) appears under two names with one storage; safetensors
+        # refuses shared storage, so the second name gets its own copy (loading fills the one parameter twice).
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and where in seen:
+            tensor = tensor.clone()
+        seen.add(where)
+        out[name] = tensor
     return out
 
 
@@ -743,14 +751,17 @@ def _model_from_spec(path: Path, spec: Any, plans: Mapping[str, _Plan], max_byte
     if not isinstance(spec, dict) or not {"name", "input_shape", "num_classes"} <= set(spec):
         raise _corrupt(path, f"its model spec is {spec!r}; expected name, input_shape and num_classes")
     name, input_shape, num_classes = spec["name"], spec["input_shape"], spec["num_classes"]
+    options = spec.get("options") or {}
     if not isinstance(name, str) or _shape(input_shape) is None or not _is_int(num_classes):
         raise _corrupt(path, f"its model spec is {spec!r}")
+    if not isinstance(options, dict):
+        raise _corrupt(path, f"its model spec's options are {options!r}")
     try:
         with torch.device("meta"):
-            shapes = build_model(name, input_shape=input_shape, num_classes=num_classes)
+            shapes = build_model(name, input_shape=input_shape, num_classes=num_classes, options=options)
         _check_shapes(shapes, {k: p.shape for k, p in plans.items()}, path)
         _check_size(path, plans, max_bytes)
-        return build_model(name, input_shape=input_shape, num_classes=num_classes)
+        return build_model(name, input_shape=input_shape, num_classes=num_classes, options=options)
     except ExportError as error:
         raise ExportError(f"{error} (the model of its own spec {spec!r})") from None
     except (ValueError, TypeError, RuntimeError) as error:
