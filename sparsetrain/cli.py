@@ -413,7 +413,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     splits = load_run_dataset(config, args.data_dir)
     test = evaluate(model, splits.test, 1000, torch.device("cpu"))
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
-    print(f"test accuracy: {test['acc']:.2f}%   test loss: {test['loss']:.4f}")
+    if splits.metric == "perplexity":
+        print(f"test perplexity: {test['ppl']:.3f}   test loss: {test['loss']:.4f} per token")
+    else:
+        print(f"test accuracy: {test['acc']:.2f}%   test loss: {test['loss']:.4f}")
     print(f"{'parameter':40s} {'shape':>18s} {'sparsity':>9s}")
     zeros = total = 0
     for name, tensor in data["model"].items():

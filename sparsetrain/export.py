@@ -301,7 +301,6 @@ def _decode(name: str, record: Mapping[str, Any], get: Any) -> Tensor:
 def _state_dict_of(model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     out = {}
-    seen: set[tuple[int, int]] = set()
     for name, tensor in state.items():
         if not isinstance(tensor, Tensor):
             raise ValueError(f"state dict entry {name!r} is a {type(tensor).__name__}, not a tensor; cannot export it")
@@ -309,14 +308,7 @@ def _state_dict_of(model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]
             raise ValueError(f"tensor name {name!r} contains {SEP!r}, which the export format reserves")
         if tensor.is_sparse or tensor.layout != torch.strided:
             tensor = tensor.to_dense()
-        tensor = tensor.detach().cpu()
-        # A tied weight (a GPT head sharing the token embedding) appears under two names with one storage; safetensors
-        # refuses shared storage, so the second name gets its own copy (loading fills the one parameter twice).
-        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.numel() and where in seen:
-            tensor = tensor.clone()
-        seen.add(where)
-        out[name] = tensor
+        out[name] = tensor.detach().cpu()
     return out
 
 
@@ -446,7 +438,7 @@ def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     metrics = checkpoint.get("metrics") or {}
     run = {key: config.get(key) for key in ("method", "sparsity", "distribution", "model", "dataset", "epochs", "seed")}
     run["kind"] = checkpoint.get("kind")
-    for key in ("test_acc", "val_acc", "sparsity"):
+    for key in ("test_acc", "val_acc", "test_ppl", "val_ppl", "sparsity"):
         if key in metrics:
             run["measured_sparsity" if key == "sparsity" else key] = metrics[key]
     return {"model_spec": dict(checkpoint["model_spec"]), "run": run}
@@ -756,6 +748,11 @@ def _model_from_spec(path: Path, spec: Any, plans: Mapping[str, _Plan], max_byte
         raise _corrupt(path, f"its model spec is {spec!r}")
     if not isinstance(options, dict):
         raise _corrupt(path, f"its model spec's options are {options!r}")
+    # A size option (layers, width, context) never exceeds the number of weights the file describes; a larger one
+    # would only make building the spec's model (even on the meta device) slow before the shapes refuse it.
+    elements = sum(math.prod(plan.shape) for plan in plans.values())
+    if any(_is_int(v) and v > max(1, elements) for v in options.values()):
+        raise _corrupt(path, f"its model spec's options {options!r} exceed the {elements} weights it holds")
     try:
         with torch.device("meta"):
             shapes = build_model(name, input_shape=input_shape, num_classes=num_classes, options=options)

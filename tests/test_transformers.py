@@ -276,3 +276,32 @@ def test_unknown_model_or_dataset_option_is_a_usage_error(tmp_path: Path, capsys
         code = main(["train", "--model", "gpt", "--dataset", "text", "--set", option, "--out", str(tmp_path / "r")])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and "its options:" in err and "Traceback" not in err
+
+
+def test_eval_of_a_text_run_prints_perplexity(gpt_run, capsys) -> None:
+    out, _ = gpt_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert main(["eval", str(out)]) == 0
+    assert f"test perplexity: {summary['sparse_model']['test_ppl']:.3f}" in capsys.readouterr().out
+
+
+def test_a_tied_gpt_exports_to_safetensors_and_loads_back_tied(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    from sparsetrain import export
+
+    model = gpt()  # dense: its tensors are stored as they are, the tied one under both names
+    export.save(model, tmp_path / "gpt.safetensors", metadata={"model_spec": model_spec("gpt", (16,), 256, TINY_GPT)})
+    back = export.load(tmp_path / "gpt.safetensors")
+    assert back.head.weight is back.tok_emb.weight
+    assert torch.equal(back.tok_emb.weight, model.tok_emb.weight)
+
+
+def test_an_export_claiming_a_huge_model_option_is_refused_at_once(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    from sparsetrain import export
+
+    # Building a billion layers, even on the meta device, would take hours before the shapes could refuse them.
+    spec = model_spec("gpt", (16,), 256, {**TINY_GPT, "layers": 10**9})
+    export.save(gpt(), tmp_path / "hostile.safetensors", metadata={"model_spec": spec})
+    with pytest.raises(export.ExportError, match="options .* exceed the 42368 weights it holds"):
+        export.load(tmp_path / "hostile.safetensors")

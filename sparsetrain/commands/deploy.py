@@ -121,7 +121,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"file: {summary.file_bytes:,} bytes ({_human(summary.file_bytes)}); dense fp32 safetensors: "
         f"{dense_bytes:,} bytes ({_human(dense_bytes)}); ratio {summary.file_bytes / dense_bytes:.3f}"
     )
-    acc = f"test accuracy {run['test_acc']:.2f}% (as trained), " if run.get("test_acc") is not None else ""
+    if run.get("test_ppl") is not None:  # a language model: perplexity is its measure
+        acc = f"test perplexity {run['test_ppl']:.3f} (as trained), "
+    else:
+        acc = f"test accuracy {run['test_acc']:.2f}% (as trained), " if run.get("test_acc") is not None else ""
     print(f"{acc}read back: {len(state)} tensors bit-identical" + (" to their cast values" if dtype else ""))
     print(f"load with: sparsetrain.export.load({str(out)!r})")
     return 0
