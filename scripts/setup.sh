@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what sparsetrain needs on a fresh Debian machine with Python 3.10+:
 # the real Fashion-MNIST data (Debian's dataset-fashion-mnist), the CPU build of torch, and the package itself
-# with its optional training, data and test dependencies.
+# with its optional training, data, test, export and ONNX (onnx, onnxruntime) dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -76,6 +76,28 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The object registered as ``name``; ValueError naming the choices if there is none."""
         return self.entry(name).obj
+
+    def check_options(self, name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``options`` checked against those entry ``name`` declares in its ``options`` meta (option: default), as a
+        plain dict; ValueError naming the allowed options for an unknown one, or a value not of its default's type
+        (a float option takes an int; an option whose default is None takes an int)."""
+        options = dict(options or {})
+        declared: Mapping[str, Any] = self.entry(name).meta.get("options", {})
+        unknown = sorted(set(options) - set(declared))
+        if unknown:
+            allowed = ", ".join(f"{k} (default {v!r})" for k, v in declared.items()) or "none"
+            names = ", ".join(map(repr, unknown))
+            raise ValueError(f"{self.kind} {name!r} has no option {names}; its options: {allowed}")
+        for option, value in options.items():
+            default = declared[option]
+            wanted = (int,) if default is None else (float, int) if isinstance(default, float) else (type(default),)
+            # bool is an int in Python: an int option must not silently take True, nor a bool option 1.
+            if value is not None and (not isinstance(value, wanted) or isinstance(value, bool) != (bool in wanted)):
+                raise ValueError(
+                    f"{self.kind} {name!r}: option {option} expects {' or '.join(t.__name__ for t in wanted)}, "
+                    f"got {value!r}"
+                )
+        return options
 
     def help_text(self) -> str:
         """``"a, b or c"``: the choices, for a one-line option help."""

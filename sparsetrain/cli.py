@@ -133,6 +133,9 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
             "method changed to %s: the recipe's method_options are not used", overrides["method"]
         )
         recipe = {k: v for k, v in recipe.items() if k != "method_options"}
+    for axis in ("model", "dataset"):  # likewise a recipe's model and dataset options belong to its model, dataset
+        if axis in overrides and overrides[axis] != recipe.get(axis) and recipe.get(f"{axis}_options"):
+            recipe = {k: v for k, v in recipe.items() if k != f"{axis}_options"}
     return resolve(recipe, overrides)
 
 
@@ -334,9 +337,10 @@ def _train(config: dict[str, Any], resume: bool, progress: bool, main_rank: bool
     from .train.loop import Run
 
     def on_epoch(row: dict[str, Any]) -> None:
+        key = "ppl" if "val_ppl" in row else "acc"  # perplexity where the dataset reports it (text)
         print(
             f"epoch {row['epoch']:3d}/{config['epochs']}  {row['phase']:6s}  loss {row['train_loss']:.4f}  "
-            f"train {row['train_acc']:5.2f}  val {row['val_acc']:5.2f}  test {row['test_acc']:5.2f}  "
+            f"{key}: train {row[f'train_{key}']:5.2f}  val {row[f'val_{key}']:5.2f}  test {row[f'test_{key}']:5.2f}  "
             f"sparsity {row['sparsity']:.3f}  lr {row['lr']:.4f}  {row['time']:6.1f}s",
             flush=True,
         )
@@ -348,29 +352,23 @@ def _train(config: dict[str, Any], resume: bool, progress: bool, main_rank: bool
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    rows = [("model", "val acc", "test acc", "sparsity")]
+    # Accuracy, or perplexity for language modelling (summaries written before the metric existed: accuracy).
+    key = "ppl" if summary.get("metric") == "perplexity" else "acc"
+    rows = [("model", f"val {key}", f"test {key}", "sparsity")]
     sparse = summary["sparse_model"]
     dense = summary["dense_model"]
     import sparsetrain
 
+    def row(label: str, record: dict[str, Any]) -> tuple[str, str, str, str]:
+        return (label, f"{record[f'val_{key}']:.2f}", f"{record[f'test_{key}']:.2f}", f"{record['sparsity']:.4f}")
+
     makes_sparse = sparsetrain.Capability.SPARSE | sparsetrain.Capability.PRUNE_AFTER_TRAINING
     if not sparsetrain.get_method(summary["method"]).capabilities & makes_sparse:  # the dense baseline
-        rows.append(
-            ("dense (final)", f"{sparse['val_acc']:.2f}", f"{sparse['test_acc']:.2f}", f"{sparse['sparsity']:.4f}")
-        )
+        rows.append(row("dense (final)", sparse))
     else:
-        rows.append(
-            ("sparse (final)", f"{sparse['val_acc']:.2f}", f"{sparse['test_acc']:.2f}", f"{sparse['sparsity']:.4f}")
-        )
+        rows.append(row("sparse (final)", sparse))
         if dense is not None:
-            rows.append(
-                (
-                    f"dense (best, epoch {dense['epoch']:g})",
-                    f"{dense['val_acc']:.2f}",
-                    f"{dense['test_acc']:.2f}",
-                    f"{dense['sparsity']:.4f}",
-                )
-            )
+            rows.append(row(f"dense (best, epoch {dense['epoch']:g})", dense))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     line = "+".join("-" * (w + 2) for w in widths)
     out = [f"+{line}+"]
@@ -420,7 +418,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     splits = load_run_dataset(config, args.data_dir)
     test = evaluate(model, splits.test, 1000, torch.device("cpu"))
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
-    print(f"test accuracy: {test['acc']:.2f}%   test loss: {test['loss']:.4f}")
+    if splits.metric == "perplexity":
+        print(f"test perplexity: {test['ppl']:.3f}   test loss: {test['loss']:.4f} per token")
+    else:
+        print(f"test accuracy: {test['acc']:.2f}%   test loss: {test['loss']:.4f}")
     print(f"{'parameter':40s} {'shape':>18s} {'sparsity':>9s}")
     zeros = total = 0
     for name, tensor in data["model"].items():

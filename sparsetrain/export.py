@@ -438,7 +438,7 @@ def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     metrics = checkpoint.get("metrics") or {}
     run = {key: config.get(key) for key in ("method", "sparsity", "distribution", "model", "dataset", "epochs", "seed")}
     run["kind"] = checkpoint.get("kind")
-    for key in ("test_acc", "val_acc", "sparsity"):
+    for key in ("test_acc", "val_acc", "test_ppl", "val_ppl", "sparsity"):
         if key in metrics:
             run["measured_sparsity" if key == "sparsity" else key] = metrics[key]
     return {"model_spec": dict(checkpoint["model_spec"]), "run": run}
@@ -743,16 +743,24 @@ def _model_from_spec(path: Path, spec: Any, plans: Mapping[str, _Plan], max_byte
     if not isinstance(spec, dict) or not {"name", "input_shape", "num_classes"} <= set(spec):
         raise _corrupt(path, f"its model spec is {spec!r}; expected name, input_shape and num_classes")
     name, input_shape, num_classes = spec["name"], spec["input_shape"], spec["num_classes"]
+    options = spec.get("options") or {}
     if not isinstance(name, str) or _shape(input_shape) is None or not _is_int(num_classes):
         raise _corrupt(path, f"its model spec is {spec!r}")
+    if not isinstance(options, dict):
+        raise _corrupt(path, f"its model spec's options are {options!r}")
+    # A size option (layers, width, context) never exceeds the number of weights the file describes; a larger one
+    # would only make building the spec's model (even on the meta device) slow before the shapes refuse it.
+    elements = sum(math.prod(plan.shape) for plan in plans.values())
+    if any(_is_int(v) and v > max(1, elements) for v in options.values()):
+        raise _corrupt(path, f"its model spec's options {options!r} exceed the {elements} weights it holds")
     try:
         if "slim" in spec:
             return _slim_model_from_spec(path, spec, plans, max_bytes)
         with torch.device("meta"):
-            shapes = build_model(name, input_shape=input_shape, num_classes=num_classes)
+            shapes = build_model(name, input_shape=input_shape, num_classes=num_classes, options=options)
         _check_shapes(shapes, {k: p.shape for k, p in plans.items()}, path)
         _check_size(path, plans, max_bytes)
-        return build_model(name, input_shape=input_shape, num_classes=num_classes)
+        return build_model(name, input_shape=input_shape, num_classes=num_classes, options=options)
     except ExportError as error:
         raise ExportError(f"{error} (the model of its own spec {spec!r})") from None
     except (ValueError, TypeError, RuntimeError) as error:

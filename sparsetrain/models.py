@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,31 +31,49 @@ __all__ = [
     "MODELS",
     "ConvBase",
     "LeNet5",
+    "GPT",
     "MobileNetV1",
     "ResNetCifar",
+    "VisionTransformer",
     "WideResNet",
     "build_model",
     "check_model_name",
     "list_models",
     "mlp",
+    "model_options",
     "model_spec",
     "register_model",
+    "sample_input",
+    "takes_tokens",
 ]
 
 logger = logging.getLogger(__name__)
 
-# A builder takes the sample shape (without the batch axis) and the number of classes.
-ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
+# A builder takes the sample shape (without the batch axis), the number of classes and the model's options.
+ModelBuilder = Callable[..., nn.Module]
 
 MODEL_REGISTRY: Registry[ModelBuilder] = Registry("model")
 
 
-def register_model(name: str, *, example_input: Sequence[int], help: str | None = None) -> Callable:
-    """Decorator: register a builder ``(input_shape, num_classes) -> nn.Module`` as model ``name``.
+def register_model(
+    name: str,
+    *,
+    example_input: Sequence[int],
+    help: str | None = None,
+    options: dict[str, Any] | None = None,
+    tokens: bool = False,
+) -> Callable:
+    """Decorator: register a builder ``(input_shape, num_classes, **options) -> nn.Module`` as model ``name``.
 
     ``example_input`` is a sample shape the model is meant for; the tests build every registered model on it.
+    ``options`` are the keyword options the builder takes, with their defaults (``model_options`` of a run).
+    ``tokens=True`` declares a language model: its input is integer token ids in ``[0, num_classes)`` of shape
+    ``(batch, T)`` and its output one row of logits per position, ``(batch, T, num_classes)``.
     """
-    return MODEL_REGISTRY.register(name, help=help, example_input=tuple(int(s) for s in example_input))
+    return MODEL_REGISTRY.register(
+        name, help=help, example_input=tuple(int(s) for s in example_input), options=dict(options or {}),
+        tokens=bool(tokens),
+    )  # fmt: skip
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -341,6 +359,165 @@ class MobileNetV1(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# Transformers: a GPT-style decoder (Radford et al. 2019, sized as nanoGPT) and a small ViT (Dosovitskiy et al.)
+# --------------------------------------------------------------------------------------------------
+
+
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q, k, v and output projections, each an ``nn.Linear``.
+
+    Separate Linear modules (not ``nn.MultiheadAttention``, which applies its projections through functional calls)
+    so that every projection is a named weight the sparsifier selects and the FLOP counter sees.
+    """
+
+    def __init__(self, width: int, heads: int, causal: bool, dropout: float) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be a multiple of heads {heads}")
+        self.heads, self.causal, self.dropout = heads, causal, dropout
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+
+        def split(h: Tensor) -> Tensor:  # (B, T, C) -> (B, heads, T, C / heads)
+            return h.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+
+        out = nn.functional.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)),
+            dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal,
+        )  # fmt: skip
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))`` with a 4x wide GELU MLP."""
+
+    def __init__(self, width: int, heads: int, causal: bool, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = _SelfAttention(width, heads, causal, dropout)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.fc_out = nn.Linear(4 * width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.fc_out(nn.functional.gelu(self.fc(self.ln2(x)))))
+
+
+def _transformer_init_(module: nn.Module, layers: int) -> None:
+    """GPT-2's initialization: N(0, 0.02) weights and embeddings, zero biases; the projections that write into the
+    residual stream (attention output, MLP output) scaled by 1/sqrt(2 layers) so its variance does not grow with
+    depth."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear | nn.Embedding):
+            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("attn.proj", "fc_out")) else 0.02
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _check_positive(model: str, **values: int) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model {model!r}: option {key} must be a positive integer, got {value!r}")
+
+
+class GPT(nn.Module):
+    """A GPT-style decoder-only language model (Radford et al. 2019, "Language Models are Unsupervised Multitask
+    Learners"; the layout of Karpathy's nanoGPT): token and learned position embeddings, ``layers`` pre-LN blocks of
+    causal self-attention and a GELU MLP, a final LayerNorm and a linear head over the vocabulary.
+
+    ``forward(idx)`` takes token ids ``(batch, T)`` (any integer dtype, ``T <= context``) and returns logits
+    ``(batch, T, vocab)``: position t predicts token t + 1. With ``tied=True`` the head shares the token embedding's
+    weight (one parameter, two names: ``tok_emb.weight`` and ``head.weight``).
+
+    Sparsified by default: the attention projections (q, k, v, proj), the MLP (fc, fc_out) and an untied head.
+    Kept dense by default (``keep_dense``): the token and position embeddings, and so a head tied to the token
+    embedding; LayerNorms and biases are 1-D and never selected.
+    """
+
+    keep_dense = ("tok_emb.weight", "pos_emb.weight")
+
+    def __init__(
+        self, vocab: int, context: int, *, layers: int = 4, heads: int = 4, width: int = 128, tied: bool = True,
+        dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        _check_positive("gpt", vocab=vocab, context=context, layers=layers, heads=heads, width=width)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model 'gpt': option dropout must be in [0, 1), got {dropout!r}")
+        self.context = context
+        self.tok_emb = nn.Embedding(vocab, width)
+        self.pos_emb = nn.Embedding(context, width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(width, heads, causal=True, dropout=dropout) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        _transformer_init_(self, layers)
+        if tied:
+            self.head.weight = self.tok_emb.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        if not torch.jit.is_tracing() and t > self.context:  # ONNX export traces a fixed length: no check there
+            raise ValueError(f"gpt: sequence of length {t} is longer than the model's context {self.context}")
+        positions = torch.arange(t, device=idx.device)
+        x = self.drop(self.tok_emb(idx.long()) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class VisionTransformer(nn.Module):
+    """A small Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words", arXiv 2010.11929):
+    non-overlapping ``patch x patch`` patches linearly embedded (a strided convolution), a class token, learned
+    position embeddings, ``layers`` pre-LN blocks of bidirectional self-attention and a GELU MLP, a final LayerNorm
+    and a linear classifier on the class token.
+
+    Sparsified by default: the attention projections, the MLP and the classifier. Kept dense by default
+    (``keep_dense``): the patch embedding, the class token and the position embeddings (and every 1-D LayerNorm
+    weight and bias).
+    """
+
+    keep_dense = ("patch_embed.weight", "cls_token", "pos_embed")
+
+    def __init__(
+        self, in_channels: int, image_size: tuple[int, int], num_classes: int, *, patch: int = 4, layers: int = 4,
+        heads: int = 4, width: int = 64, dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        _check_positive("vit", patch=patch, layers=layers, heads=heads, width=width)
+        h, w = image_size
+        if h % patch or w % patch:
+            raise ValueError(f"model 'vit': patch size {patch} must divide the image size {h}x{w}")
+        tokens = (h // patch) * (w // patch) + 1
+        self.patch_embed = nn.Conv2d(in_channels, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, width))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(width, heads, causal=False, dropout=dropout) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+        _transformer_init_(self, layers)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, patches, width)
+        x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+        x = self.drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x[:, 0]))
+
+
+# --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
 
@@ -395,6 +572,34 @@ def _build_mobilenet_v1(shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return MobileNetV1(num_classes, in_channels=c)
 
 
+@register_model(
+    "gpt",
+    example_input=(16,),
+    tokens=True,
+    options={"layers": 4, "heads": 4, "width": 128, "context": None, "tied": True, "dropout": 0.0},
+    help="GPT-style decoder (nanoGPT layout): byte tokens in, next-token logits out; options layers, heads, width, "
+    "context (default: the sequence length), tied, dropout",
+)
+def _build_gpt(shape: tuple[int, ...], num_classes: int, context: int | None = None, **options: Any) -> nn.Module:
+    if len(shape) != 1:
+        raise ValueError(f"model 'gpt' needs token sequences of shape (T,), got input_shape={shape}")
+    if context is not None and context < shape[0]:
+        raise ValueError(f"model 'gpt': option context={context} is shorter than the sequences ({shape[0]} tokens)")
+    return GPT(num_classes, shape[0] if context is None else context, **options)
+
+
+@register_model(
+    "vit",
+    example_input=(1, 28, 28),
+    options={"patch": 4, "layers": 4, "heads": 4, "width": 64, "dropout": 0.0},
+    help="small Vision Transformer (Dosovitskiy et al. 2021) for (C, H, W) images; options patch, layers, heads, "
+    "width, dropout",
+)
+def _build_vit(shape: tuple[int, ...], num_classes: int, **options: Any) -> nn.Module:
+    c, h, w = _require_image_shape("vit", shape)
+    return VisionTransformer(c, (h, w), num_classes, **options)
+
+
 # The built-in names, in order (``list_models()`` is the live view).
 MODELS: tuple[str, ...] = tuple(list_models())
 
@@ -433,13 +638,45 @@ def _import_optional(module: str, package: str, name: str) -> Any:
         ) from exc
 
 
-def build_model(name: str, *, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+def model_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The options ``options`` checked against those model ``name`` declares (ValueError naming the allowed ones,
+    or the expected type), as a plain dict. Models from torchvision / timm take none."""
+    key = check_model_name(name)
+    if ":" in key:
+        if options:
+            raise ValueError(f"model {key!r} takes no model options, got {dict(options)!r}")
+        return {}
+    return MODEL_REGISTRY.check_options(key, options)
+
+
+def takes_tokens(name: str) -> bool:
+    """Whether model ``name`` is a language model: integer token ids in, one row of logits per position out."""
+    key = check_model_name(name)
+    return ":" not in key and bool(MODEL_REGISTRY.entry(key).meta.get("tokens"))
+
+
+def sample_input(
+    name: str, input_shape: Sequence[int], num_classes: int, batch: int = 2, generator: torch.Generator | None = None
+) -> Tensor:
+    """A random input batch for model ``name``: standard normal samples, or token ids in ``[0, num_classes)`` for a
+    language model (what ``bench`` times and ``export --format onnx`` traces with)."""
+    shape = (batch, *(int(s) for s in input_shape))
+    if takes_tokens(name):
+        return torch.randint(0, num_classes, shape, generator=generator)
+    return torch.randn(shape, generator=generator)
+
+
+def build_model(
+    name: str, *, input_shape: Sequence[int], num_classes: int, options: Mapping[str, Any] | None = None
+) -> nn.Module:
     """Build the model ``name`` for samples of ``input_shape`` (without the batch axis).
 
     ``name`` is one of :func:`list_models`, or ``torchvision:NAME`` / ``timm:NAME`` for a model from
-    those packages (imported only then). Raises ValueError for an unknown name or unsuitable shape.
+    those packages (imported only then). ``options`` are the model's own options (``gpt``: layers, heads, width,
+    ...; see :func:`model_options`). Raises ValueError for an unknown name or option, or an unsuitable shape.
     """
     key = check_model_name(name)
+    chosen = model_options(key, options)
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"input_shape must be a non-empty tuple of positive sizes, got {tuple(input_shape)}")
@@ -454,16 +691,22 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int) -> n
         timm = _import_optional("timm", "timm", key)
         model = timm.create_model(key.split(":", 1)[1], num_classes=num_classes, in_chans=shape[0])
     else:
-        model = MODEL_REGISTRY.get(key)(shape, num_classes)
+        model = MODEL_REGISTRY.get(key)(shape, num_classes, **chosen)
 
     logger.debug("built %s with %d parameters", key, sum(p.numel() for p in model.parameters()))
     return model
 
 
-def model_spec(name: str, input_shape: Sequence[int], num_classes: int) -> dict[str, Any]:
-    """A JSON-able description of a model; ``build_model(**model_spec(...))`` rebuilds it."""
-    return {
+def model_spec(
+    name: str, input_shape: Sequence[int], num_classes: int, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A JSON-able description of a model; ``build_model(**model_spec(...))`` rebuilds it. The model's options
+    are kept only when some are given, so the spec of a model without options is what it always was."""
+    spec: dict[str, Any] = {
         "name": check_model_name(name),
         "input_shape": [int(s) for s in input_shape],
         "num_classes": int(num_classes),
     }
+    if options:
+        spec["options"] = model_options(name, options)
+    return spec

@@ -8,10 +8,19 @@ import json
 import pytest
 import torch
 
-from sparsetrain.models import MODEL_REGISTRY, MODELS, build_model, list_models, model_spec
+from sparsetrain.models import (
+    MODEL_REGISTRY,
+    MODELS,
+    build_model,
+    list_models,
+    model_spec,
+    sample_input,
+    takes_tokens,
+)
 
 # The architectures that ship; a new one is picked up by the tests below from its registration alone.
-BUILT_IN = ("mlp", "lenet5", "convbase", "resnet20", "resnet32", "resnet56", "wrn-16-4", "wrn-28-10", "mobilenet-v1")
+BUILT_IN = ("mlp", "lenet5", "convbase", "resnet20", "resnet32", "resnet56", "wrn-16-4", "wrn-28-10", "mobilenet-v1",
+            "gpt", "vit")  # fmt: skip
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -36,8 +45,9 @@ def test_forward_shape(name: str) -> None:
     shape = MODEL_REGISTRY.entry(name).meta["example_input"]
     model = build_model(name, input_shape=shape, num_classes=7).eval()
     with torch.no_grad():
-        out = model(torch.randn(2, *shape))
-    assert out.shape == (2, 7)
+        out = model(sample_input(name, shape, 7))
+    # A language model gives one row of logits per position.
+    assert out.shape == ((2, *shape, 7) if takes_tokens(name) else (2, 7))
     assert torch.isfinite(out).all()
     assert model_spec(name.upper(), shape, 7) == {"name": name, "input_shape": list(shape), "num_classes": 7}
 

@@ -21,17 +21,24 @@ def add_parsers(subparsers: Any) -> None:
     """Add the ``export`` and ``bench`` subcommands to the CLI's subparsers."""
     export = subparsers.add_parser(
         "export",
-        help="write a trained model as one small safetensors file (sparse tensors compressed)",
+        help="write a trained model as one small safetensors file (sparse tensors compressed), or as ONNX",
         description="Write the model of a sparsetrain checkpoint (or run directory: its sparse_final.pt) as one "
         "safetensors file. Mostly-zero tensors are stored as a bitmask plus the nonzero values (or CSR with int32 "
         "indices where that is smaller); the file keeps the model spec, the run's method and its accuracies, so "
         "sparsetrain.export.load(FILE) rebuilds the model. Prints a per-tensor size table and the ratio to the "
-        "same model as a dense fp32 file.",
+        "same model as a dense fp32 file. With --format onnx: an ONNX graph (weights dense, zeros included) for any "
+        "ONNX runtime, checked against torch with onnxruntime.",
     )
     export.add_argument(
         "checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a .pt file, a run directory or an export file"
     )
-    export.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write (.safetensors)")
+    export.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="the file to write (.safetensors, or .onnx)"
+    )
+    export.add_argument(
+        "--format", default="safetensors", choices=("safetensors", "onnx"),
+        help="safetensors (compressed, default) or onnx (needs the onnx package; checked with onnxruntime)",
+    )  # fmt: skip
     export.add_argument(
         "--dtype", default=None, help="store values as fp16 or bf16 (default: as trained, fp32); halves the file again"
     )
@@ -75,6 +82,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise ConfigError(f"{str(out)!r} exists; nothing was overwritten. Choose another -o or pass --force")
     dtype = export.parse_dtype(args.dtype)  # before any work: an unknown dtype is a usage error
+    if args.format == "onnx":
+        return _export_onnx(args, out)
     given = Path(args.checkpoint)
     if given.is_file() and given.suffix != ".pt":
         # An export file (a slim model from `sparsetrain slim`, or an earlier export): written again, e.g. in fp16.
@@ -121,9 +130,55 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"file: {summary.file_bytes:,} bytes ({_human(summary.file_bytes)}); dense fp32 safetensors: "
         f"{dense_bytes:,} bytes ({_human(dense_bytes)}); ratio {summary.file_bytes / dense_bytes:.3f}"
     )
-    acc = f"test accuracy {run['test_acc']:.2f}% (as trained), " if run.get("test_acc") is not None else ""
+    if run.get("test_ppl") is not None:  # a language model: perplexity is its measure
+        acc = f"test perplexity {run['test_ppl']:.3f} (as trained), "
+    else:
+        acc = f"test accuracy {run['test_acc']:.2f}% (as trained), " if run.get("test_acc") is not None else ""
     print(f"{acc}read back: {len(state)} tensors bit-identical" + (" to their cast values" if dtype else ""))
     print(f"load with: sparsetrain.export.load({str(out)!r})")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace, out: Path) -> int:
+    """``export --format onnx``: trace the checkpoint's model, write it, and compare onnxruntime with torch."""
+    import torch
+
+    from .. import export
+    from ..models import sample_input
+    from ..onnx_export import MissingOnnx, check_onnx, export_onnx, require_onnx
+    from ..train.checkpoint import load as load_checkpoint
+    from ..train.checkpoint import restore_model
+
+    if args.dtype is not None:
+        raise ConfigError("--dtype applies to the safetensors format; an ONNX export keeps the weights as trained")
+    require_onnx("onnx")  # before loading anything: a missing package is said first
+    data = load_checkpoint(args.checkpoint)
+    model = restore_model(data, args.checkpoint).eval()
+    spec = data["model_spec"]
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(size: int) -> torch.Tensor:
+        return sample_input(spec["name"], spec["input_shape"], spec["num_classes"], size, generator)
+
+    with writing(out):
+        size = export_onnx(model, out, batch(2))
+    run = export.checkpoint_metadata(data)["run"]
+    source = f"{data.get('kind') or 'model'} of {run.get('method')} {run.get('model')} on {run.get('dataset')}"
+    print(f"{out}: ONNX, {source}")
+    fp32 = sum(p.numel() * 4 for p in model.parameters())  # a tied weight once, as ONNX stores it
+    print(f"file: {size:,} bytes ({_human(size)}); the parameters as dense fp32: {fp32:,} bytes ({_human(fp32)})")
+    try:
+        check = check_onnx(out, model, [batch(1), batch(3)])
+    except MissingOnnx as error:
+        print(f"not checked: {error}")
+        return 0
+    print(
+        f"weights (dim >= 2) stored dense: {check.zero_fraction:.4f} of their values are zeros; for a compressed "
+        "file use the default safetensors format"
+    )
+    sizes = ", ".join(map(str, check.batch_sizes))
+    print(f"onnxruntime: outputs allclose to torch at batch sizes {sizes} (largest difference "
+          f"{check.max_abs_diff:.2e})")  # fmt: skip
     return 0
 
 
@@ -183,6 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..inference import time_paired, to_sparse_kernels
     from ..maskops import count_zeros
+    from ..models import sample_input
 
     sizes = _parse_batch_sizes(args.batch_sizes)
     if args.threads is not None:
@@ -203,7 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(0)
     results = []
     for batch in sizes:
-        x = torch.randn(batch, *spec["input_shape"], generator=generator)
+        x = sample_input(spec["name"], spec["input_shape"], spec["num_classes"], batch, generator)
         fast, report = to_sparse_kernels(model, x, repeats=args.repeats)
         with torch.inference_mode():
             dense_time, sparse_time = time_paired(

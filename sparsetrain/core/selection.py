@@ -1,4 +1,5 @@
-"""Which parameters a sparsifier owns: every weight with dim >= 2 unless ``include``/``exclude`` say otherwise."""
+"""Which parameters a sparsifier owns: every weight with dim >= 2 unless ``include``/``exclude`` say otherwise, or
+the model declares some of its weights dense by default (``keep_dense``: a transformer's embeddings)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ def _as_patterns(patterns: str | Sequence[str] | None, what: str) -> list[str]:
     return list(patterns)
 
 
+def _declared_dense(model: nn.Module) -> list[str]:
+    """The ``keep_dense`` patterns of every module, prefixed with the module's name, so that a declaring model
+    nested inside another (a wrapper, a ``DistributedDataParallel``) keeps its default."""
+    patterns: list[str] = []
+    for prefix, module in model.named_modules():
+        own = getattr(module, "keep_dense", ())
+        patterns += [f"{prefix}.{pattern}" if prefix else pattern for pattern in _as_patterns(own, "keep_dense")]
+    return patterns
+
+
 def select_parameters(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
@@ -28,9 +39,11 @@ def select_parameters(
 ) -> dict[str, nn.Parameter]:
     """Parameters to sparsify, by qualified name, in the model's parameter order.
 
-    Default: every parameter with ``dim() >= 2`` (Linear, Conv, Embedding weights), not biases or norms.
-    ``include`` replaces that default with glob patterns over names (``"features.*.weight"``); ``exclude``
-    removes matches from the selection (keep the first conv and the classifier dense, for example).
+    Default: every parameter with ``dim() >= 2`` (Linear, Conv, Embedding weights), not biases or norms, except
+    those a module of the model declares dense by default: a module's ``keep_dense`` attribute is a tuple of glob
+    patterns over its own parameter names (the zoo's GPT and ViT keep their token, patch and position embeddings
+    dense this way). ``include`` replaces that default with glob patterns over names (``"features.*.weight"``);
+    ``exclude`` removes matches from the selection (keep the first conv and the classifier dense, for example).
     A parameter shared by several modules (tied weights: an embedding and an output layer) is one parameter with
     several names: the patterns match any of them, and it is keyed by the first (``model.named_parameters()``'s).
     """
@@ -58,7 +71,8 @@ def select_parameters(
                 )
         chosen = {n: p for n, p in named.items() if matches(p, include_patterns)}
     else:
-        chosen = {n: p for n, p in named.items() if p.dim() >= 2}
+        dense = _declared_dense(model)
+        chosen = {n: p for n, p in named.items() if p.dim() >= 2 and not matches(p, dense)}
     for pattern in exclude_patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in all_names):
             # A recipe may be shared across models; a miss is worth a warning, not an error.

@@ -10,8 +10,8 @@ from typing import Any
 
 from ..distributed.hooks import HOOK_REGISTRY, QSGD_NORMS
 from ..errors import ConfigError
-from ..models import MODEL_REGISTRY, check_model_name
-from .data import DATASET_REGISTRY
+from ..models import MODEL_REGISTRY, check_model_name, model_options
+from .data import DATASET_REGISTRY, dataset_options
 from .lr_schedules import LR_SCHEDULES
 
 # key -> (default, allowed types, one-line help). None is allowed wherever the default is None.
@@ -21,7 +21,9 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "val_fraction": (0.1, (float, int), "fraction of the training set held out for validation"),
     "limit_train": (None, (int,), "use only this many training samples (quick runs)"),
     "classes": (None, (str, list), "keep only these classes, relabelled 0..k-1 in order: '5-9', '0,2,4' or [5, 6]"),
+    "dataset_options": ({}, (dict,), "the dataset's own options, e.g. {context: 64} for text"),
     "model": ("lenet5", (str,), ", ".join(MODEL_REGISTRY) + ", torchvision:NAME or timm:NAME"),
+    "model_options": ({}, (dict,), "the model's own options, e.g. {layers: 4, width: 128} for gpt"),
     "method": ("acdc", (str,), "sparse-training method (see `sparsetrain methods`)"),
     "sparsity": (0.9, (float, int), "target sparsity in [0, 1)"),
     "distribution": (None, (str,), "global, uniform or erk (default: the method's)"),
@@ -98,6 +100,9 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             DATASET_REGISTRY.entry(out["dataset"])
         if "model" in out:
             check_model_name(out["model"])
+            model_options(out["model"], out.get("model_options"))
+        if "dataset" in out:
+            dataset_options(out["dataset"], out.get("dataset_options"))
     except ValueError as error:
         raise ConfigError(str(error)) from None
     for key, choices in CHOICES.items():
@@ -215,6 +220,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {str(path)!r}: {error}") from None
 
 
+# Options that are dicts of their own, set one entry at a time with ``--set GROUP.KEY=VALUE``.
+_NESTED = ("method_options.", "model_options.", "dataset_options.")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as YAML (so 0.9 is a float, [a, b] a list, true a bool)."""
     import yaml
@@ -227,7 +236,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    if key.startswith("method_options."):
+    if key.startswith(_NESTED):
         return key, value
     if key not in SCHEMA:
         raise ConfigError(f"unknown option {key!r} in --set; known options: {', '.join(sorted(SCHEMA))}")
@@ -235,18 +244,20 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def resolve(recipe: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """defaults <- recipe <- overrides; ``method_options.X`` overrides merge into method_options."""
+    """defaults <- recipe <- overrides; ``method_options.X`` overrides merge into method_options (and so for
+    ``model_options.X`` and ``dataset_options.X``)."""
     config = defaults()
     config.update(recipe or {})
-    options = dict(config.get("method_options") or {})
+    nested = {prefix[:-1]: dict(config.get(prefix[:-1]) or {}) for prefix in _NESTED}
     for key, value in overrides.items():
-        if key.startswith("method_options."):
-            options[key.split(".", 1)[1]] = value
-        elif key == "method_options":
-            options.update(value or {})
+        if key.startswith(_NESTED):
+            group, option = key.split(".", 1)
+            nested[group][option] = value
+        elif key in nested:
+            nested[key].update(value or {})
         else:
             config[key] = value
-    config["method_options"] = options
+    config.update(nested)
     config = validate(config)
     _fix_nm_sparsity(config, recipe or {}, overrides)
     return config
@@ -295,7 +306,9 @@ class TrainConfig:
     val_fraction: float
     limit_train: int | None
     classes: list[int] | str | None
+    dataset_options: dict[str, Any]
     model: str
+    model_options: dict[str, Any]
     method: str
     sparsity: float
     distribution: str | None

@@ -44,6 +44,8 @@ __all__ = [
     "DATASETS",
     "DataError",
     "Splits",
+    "TokenStream",
+    "dataset_options",
     "iterate_batches",
     "list_datasets",
     "load_dataset",
@@ -62,13 +64,26 @@ Loader = Callable[[str | None, bool], tuple[Tensor, Tensor, Tensor, Tensor, int]
 DATASET_REGISTRY: Registry[Loader] = Registry("dataset")
 
 
-def register_dataset(name: str, *, help: str | None = None) -> Callable[[Loader], Loader]:
+def register_dataset(
+    name: str, *, help: str | None = None, options: dict[str, Any] | None = None, sequence: bool = False
+) -> Callable[[Loader], Loader]:
     """Decorator: register a loader ``(data_dir, download) -> (x_train, y_train, x_test, y_test, num_classes)``.
 
     Inputs are float tensors of shape (N, ...), labels int64 in [0, num_classes). :func:`load_dataset` then holds
     out the validation split and standardizes by the training statistics, the same for every dataset.
+
+    ``sequence=True`` registers a language-modelling corpus instead: the loader is
+    ``(data_dir, download, **options) -> TokenStream`` (``options`` declares those options with their defaults,
+    the run's ``dataset_options``), and :func:`load_dataset` splits the stream by position into train, validation
+    and test, cuts each into windows of ``context`` tokens (targets: the same window shifted by one) and reports
+    perplexity.
     """
-    return DATASET_REGISTRY.register(name, help=help)
+    return DATASET_REGISTRY.register(name, help=help, options=dict(options or {}), sequence=bool(sequence))
+
+
+def dataset_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``options`` checked against those dataset ``name`` declares (ValueError naming the allowed ones)."""
+    return DATASET_REGISTRY.check_options(name.lower(), options)
 
 
 def list_datasets(pattern: str = "*") -> list[str]:
@@ -86,12 +101,25 @@ class Splits:
     num_classes: int
     input_shape: tuple[int, ...]
     name: str
+    # What a run reports and selects on: "accuracy" (classes) or "perplexity" (language modelling, lower is better).
+    metric: str = "accuracy"
+    # Where the data came from, when the name alone does not say (the text corpus: its files, size and SHA-256).
+    info: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (
             f"Splits(name={self.name!r}, train={len(self.train)}, val={len(self.val)}, "
             f"test={len(self.test)}, num_classes={self.num_classes}, input_shape={self.input_shape})"
         )
+
+
+@dataclass
+class TokenStream:
+    """A language-modelling corpus: one 1-D tensor of token ids in ``[0, vocab)``, and where it came from."""
+
+    tokens: Tensor
+    vocab: int
+    info: dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -686,6 +714,138 @@ def _load_imagefolder(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Ten
 
 
 # --------------------------------------------------------------------------------------------------
+# Text: byte-level language modelling
+# --------------------------------------------------------------------------------------------------
+
+# A text file is read whole into memory, one byte per token (the windows and their targets are views of that one
+# buffer); 256 MiB is far more than a CPU run trains on, and a larger file is refused before it is read.
+MAX_TEXT_BYTES = 256 * 2**20
+# The default corpus: this many bytes of the running interpreter's standard library sources (about 4 MB of the
+# ~4.7 MB of top-level .py files in CPython 3.11), a corpus every machine with Python has, without a download.
+DEFAULT_CORPUS_BYTES = 4_000_000
+# The last fraction of the stream is the test set; the validation set (val_fraction) comes just before it.
+TEXT_TEST_FRACTION = 0.1
+
+
+def _stdlib_corpus(max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    """The first ``max_bytes`` of the standard library's top-level ``*.py`` files, sorted by name, concatenated."""
+    import platform
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    try:
+        files = sorted(p for p in root.glob("*.py") if p.is_file())
+    except OSError as exc:
+        files, reason = [], f" ({exc})"
+    else:
+        reason = ""
+    if not files:
+        raise DataError(
+            f"the text dataset's default corpus is the Python standard library's sources, but {root} holds no .py "
+            f"files{reason}; pass `--data-dir FILE` naming a text file"
+        )
+    parts: list[bytes] = []
+    used: list[str] = []
+    size = 0
+    for path in files:
+        if size >= max_bytes:
+            break
+        try:
+            data = path.read_bytes()[: max_bytes - size]
+        except OSError as exc:
+            raise DataError(f"cannot read {path} of the default text corpus: {exc}") from exc
+        parts.append(data)
+        used.append(path.name)
+        size += len(data)
+    info = {"source": "python standard library", "python": platform.python_version(), "root": str(root),
+            "files": used}  # fmt: skip
+    return b"".join(parts), info
+
+
+def _text_file(data_dir: str, max_bytes: int | None) -> tuple[bytes, dict[str, Any]]:
+    path = Path(data_dir).expanduser()
+    if not path.exists():
+        raise DataError(f"text dataset: {str(path)!r} does not exist; --data-dir names one text file")
+    if not path.is_file():
+        raise DataError(
+            f"text dataset: {str(path)!r} is not a regular file; --data-dir names one text file (not a folder, "
+            "device or pipe)"
+        )
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"text dataset: {str(path)!r} is empty")
+    wanted = size if max_bytes is None else min(size, max_bytes)
+    if wanted > MAX_TEXT_BYTES:
+        raise DataError(
+            f"text dataset: {str(path)!r} has {size:,} bytes, more than the {MAX_TEXT_BYTES:,} read into memory; "
+            "use a part of it (--set dataset_options.max_bytes=N reads the first N bytes)"
+        )
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(wanted)
+    except OSError as exc:
+        raise DataError(f"cannot read text file {str(path)!r}: {exc}") from exc
+    return data, {"source": "file", "path": str(path.resolve()), "file_bytes": size}
+
+
+def _load_text(data_dir: str | None, download: bool, context: int, max_bytes: int | None) -> TokenStream:
+    if max_bytes is not None and max_bytes < 1:
+        raise DataError(f"text dataset: option max_bytes must be a positive number of bytes, got {max_bytes}")
+    if data_dir:
+        data, info = _text_file(data_dir, max_bytes)
+    else:
+        data, info = _stdlib_corpus(DEFAULT_CORPUS_BYTES if max_bytes is None else max_bytes)
+    info.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # byte-level: token id = byte value, vocab 256
+    logger.info("text corpus: %s", {k: v for k, v in info.items() if k != "files"})
+    return TokenStream(tokens, 256, info)
+
+
+def _windows(tokens: Tensor, context: int) -> tuple[Tensor, Tensor]:
+    """Non-overlapping windows of ``context`` tokens and their targets (the next token at each position): every
+    token of the part is predicted once per epoch."""
+    n = (tokens.numel() - 1) // context
+    return tokens[: n * context].view(n, context), tokens[1 : n * context + 1].view(n, context)
+
+
+def _split_stream(
+    name: str, stream: TokenStream, context: int, val_fraction: float, limit_train: int | None
+) -> Splits:
+    """Train, validation and test by position: the first part trains, then validation, the last part tests.
+
+    Never shuffled across the split points, so no window of the test text was seen in training."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise DataError(f"{name}: option context must be a positive number of tokens, got {context!r}")
+    tokens = stream.tokens
+    n = tokens.numel()
+    n_test = round(TEXT_TEST_FRACTION * n)
+    n_val = round(val_fraction * n)
+    bounds = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test), "test": (n - n_test, n)}
+    parts = {split: _windows(tokens[a:b], context) for split, (a, b) in bounds.items()}
+    for split, (x, _) in parts.items():
+        if x.shape[0] == 0 and (split != "val" or val_fraction > 0):
+            raise DataError(
+                f"{name}: {n:,} tokens are too few for windows of {context} tokens in every split (the {split} part "
+                f"has {bounds[split][1] - bounds[split][0]:,}, it needs at least {context + 1}); use a larger text "
+                "or a smaller dataset_options.context"
+            )
+    x_train, y_train = parts["train"]
+    if limit_train is not None:
+        x_train, y_train = x_train[:limit_train], y_train[:limit_train]
+    info = {**stream.info, "context": context, "split_tokens": {k: b - a for k, (a, b) in bounds.items()}}
+    return Splits(
+        train=TensorDataset(x_train, y_train),
+        val=TensorDataset(*parts["val"]),
+        test=TensorDataset(*parts["test"]),
+        num_classes=stream.vocab,
+        input_shape=(context,),
+        name=name,
+        metric="perplexity",
+        info=info,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Registry: one entry per dataset name
 # --------------------------------------------------------------------------------------------------
 
@@ -726,6 +886,17 @@ def _npz(data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, 
 def _imagefolder(data_dir: str | None, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     x_tr, y_tr, x_te, y_te, class_names = _load_imagefolder(data_dir)
     return x_tr, y_tr, x_te, y_te, len(class_names)
+
+
+@register_dataset(
+    "text",
+    sequence=True,
+    options={"context": 64, "max_bytes": None},
+    help="byte-level language modelling on one text file (--data-dir FILE; default: 4 MB of the Python standard "
+    "library's sources); options context (tokens per window), max_bytes; reports perplexity",
+)
+def _text(data_dir: str | None, download: bool, context: int = 64, max_bytes: int | None = None) -> TokenStream:
+    return _load_text(data_dir, download, context, max_bytes)
 
 
 # The built-in names, in order (``list_datasets()`` is the live view).
@@ -797,6 +968,7 @@ def load_dataset(
     limit_train: int | None = None,
     download: bool = True,
     classes: str | Sequence[int] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Splits:
     """Load a dataset into memory and split it into train / validation / test.
 
@@ -810,6 +982,7 @@ def load_dataset(
         download: whether MNIST / Fashion-MNIST may be downloaded into the user cache when absent.
         classes: keep only these classes (:func:`parse_classes`: ``'5-9'``, ``'0,2,4'``, a list), relabelled
             0..k-1 in that order, in every split (a transfer task: pre-train on 0-4, fine-tune on 5-9).
+        options: the dataset's own options (``text``: ``context``, ``max_bytes``), checked against those it declares.
 
     Raises:
         DataError: the data could not be found or read; the message says how to provide it.
@@ -821,6 +994,16 @@ def load_dataset(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if limit_train is not None and limit_train < 1:
         raise DataError(f"limit_train must be a positive integer, got {limit_train}")
+
+    try:
+        chosen = {**DATASET_REGISTRY.entry(key).meta["options"], **dataset_options(key, options)}
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    if DATASET_REGISTRY.entry(key).meta["sequence"]:
+        stream = DATASET_REGISTRY.get(key)(data_dir, download, **chosen)
+        splits = _split_stream(key, stream, chosen["context"], val_fraction, limit_train)
+        logger.info("%r", splits)
+        return splits
 
     x_tr, y_tr, x_te, y_te, num_classes = DATASET_REGISTRY.get(key)(data_dir, download)
     if classes is not None:
@@ -871,6 +1054,7 @@ def load_run_dataset(config: Mapping[str, Any], data_dir: str | None = None) -> 
         val_fraction=config["val_fraction"],
         seed=config["seed"],
         classes=config.get("classes"),
+        options=config.get("dataset_options"),
     )
 
 

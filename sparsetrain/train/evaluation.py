@@ -3,6 +3,7 @@ checkpoints (``eval``, ``prune``, ``deploy``) share, without importing the train
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,22 +16,51 @@ from .config import TrainConfig
 from .data import iterate_batches
 
 
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of class logits ``(N, C)`` against labels ``(N,)``, or of a language model's logits
+    ``(N, T, C)`` against the next tokens ``(N, T)`` (averaged over every position: nats per token)."""
+    if logits.dim() == 3:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten().long(), reduction=reduction)
+    return nn.functional.cross_entropy(logits, y.long(), reduction=reduction)
+
+
+def count_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """Top-1 hits and predictions made: one per sample, or one per position of a language model's output."""
+    return int((logits.argmax(-1) == y).sum()), y.numel()
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean loss in nats per token (inf rather than an overflow error for a huge loss)."""
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+# What a run reports per dataset metric: the key of its metrics rows, the words of the CLI's tables, and whether a
+# higher value is better (the best dense model of AC/DC's pair is chosen on it, on validation data).
+METRICS = {
+    "accuracy": {"key": "acc", "label": "acc", "higher_is_better": True},
+    "perplexity": {"key": "ppl", "label": "ppl", "higher_is_better": False},
+}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Loss and accuracy of ``model`` on ``dataset`` (model put in eval mode and restored)."""
+    """Loss, accuracy and perplexity of ``model`` on ``dataset`` (model put in eval mode and restored).
+
+    For a language model the loss is per token, the accuracy that of next-token prediction, and ``ppl`` its
+    perplexity ``exp(loss)``; for a classifier ``ppl`` is ``exp`` of its loss too, but runs do not report it."""
     was_training = model.training
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in iterate_batches(dataset, batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
         logits = model(x)
-        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
+        total_loss += float(batch_loss(logits, y, reduction="sum"))
+        hits, count = count_correct(logits, y)
+        correct, seen = correct + hits, seen + count
     model.train(was_training)
     if seen == 0:
-        return {"loss": float("nan"), "acc": float("nan")}
-    return {"loss": total_loss / seen, "acc": 100.0 * correct / seen}
+        return {"loss": float("nan"), "acc": float("nan"), "ppl": float("nan")}
+    return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "ppl": perplexity(total_loss / seen)}
 
 
 def weight_sparsity(state: Mapping[str, torch.Tensor], names: Iterable[str]) -> float:

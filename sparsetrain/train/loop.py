@@ -33,7 +33,16 @@ from ..optim.groups import weight_decay_groups
 from . import checkpoint
 from .config import TrainConfig, as_train_config, default_out_dir, describe
 from .data import Splits, iterate_batches, load_dataset, num_batches
-from .evaluation import checkpoint_payload, cpu_state, evaluate, weight_sparsity
+from .evaluation import (
+    METRICS,
+    batch_loss,
+    checkpoint_payload,
+    count_correct,
+    cpu_state,
+    evaluate,
+    perplexity,
+    weight_sparsity,
+)
 from .lr_schedules import lr_factor
 from .outputs import (
     DENSE,
@@ -175,9 +184,9 @@ class Run:
             loss, logits = self._step(x, y)  # the sparsifier's hooks run inside: a phase may end, masks change
             if sparsifier.phase != phase:
                 self._phase_ended(phase)
-            total_loss += float(loss) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+            total_loss += float(loss) * y.numel()  # the batch's mean loss, weighted by what it averaged over
+            hits, count = count_correct(logits, y)  # per sample, or per token of a language model
+            correct, seen = correct + hits, seen + count
             if bar is not None:
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                                 phase=sparsifier.phase, sparsity=f"{sparsifier.target_sparsity:.2f}")  # fmt: skip
@@ -189,7 +198,8 @@ class Run:
             total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
             if config.check_masks and sparsifier.synchronize_gradients():
                 check_masks_consistent(sparsifier.masks)
-        return {"loss": total_loss / seen, "acc": 100.0 * correct / seen, "lr": lr}
+        loss = total_loss / seen
+        return {"loss": loss, "acc": 100.0 * correct / seen, "ppl": perplexity(loss), "lr": lr}
 
     def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One optimizer step on the batch; returns the loss and logits of its first forward pass.
@@ -223,8 +233,8 @@ class Run:
 
     def _phase_ended(self, phase: str) -> None:
         """The step just taken ended ``phase``. When it was a decompressed phase of the sparse-dense pair (AC/DC),
-        its last dense weights are a candidate dense twin: chosen on validation accuracy, never test. The dense
-        warm-up is not a decompressed phase."""
+        its last dense weights are a candidate dense twin: chosen on the validation metric (accuracy, or perplexity
+        for language modelling), never test. The dense warm-up is not a decompressed phase."""
         weights, self._dense_weights = self._dense_weights, None
         if phase == "dense" and self.sparsifier.count > self._warmup_end():
             self._consider_dense(self.sparsifier.count, weights)
@@ -246,10 +256,22 @@ class Run:
             self._twin = copy.deepcopy(self.model)  # evaluated in place of the (now pruned) model; no RNG drawn
         self._twin.load_state_dict(weights)
         val = evaluate(self._twin, self.data.val, self.config.eval_batch_size, self.device)
-        log.info("dense phase ending at step %d: val acc %.2f", step, val["acc"])
-        if self.best_dense is None or val["acc"] > self.best_dense["val_acc"]:
-            self.best_dense = {"val_acc": val["acc"], "step": step, "epoch": step / self.steps_per_epoch,
+        key = METRICS[self.data.metric]["key"]
+        log.info("dense phase ending at step %d: val %s %.2f", step, key, val[key])
+        if self.best_dense is None or self._better(val[key], self.best_dense[f"val_{key}"]):
+            self.best_dense = {**self._scores(val, "val"), "step": step, "epoch": step / self.steps_per_epoch,
                                "model": weights}  # fmt: skip
+
+    def _better(self, value: float, best: float) -> bool:
+        return value > best if METRICS[self.data.metric]["higher_is_better"] else value < best
+
+    def _scores(self, result: dict[str, float], split: str) -> dict[str, float]:
+        """``{split}_acc`` (top-1, per token for a language model), and ``{split}_ppl`` where perplexity is the
+        dataset's metric."""
+        scores = {f"{split}_acc": result["acc"]}
+        if self.data.metric == "perplexity":
+            scores[f"{split}_ppl"] = result["ppl"]
+        return scores
 
     def _batches(self) -> tuple[Any, Any]:
         """This epoch's training batches of this rank (a function of seed and epoch), and the progress bar over
@@ -269,7 +291,7 @@ class Run:
         config = self.config
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=config.amp):
             logits = self.train_model(x)
-            loss = nn.functional.cross_entropy(logits, y)
+            loss = batch_loss(logits, y)
         if not torch.isfinite(loss):
             saved = (
                 f"the last good checkpoint is {self.out / LAST}"
@@ -317,9 +339,10 @@ class Run:
         torch.manual_seed(config.seed)
         self.data: Splits = load_dataset(config.dataset, data_dir=config.data_dir, val_fraction=config.val_fraction,
                                          seed=config.seed, limit_train=config.limit_train,
-                                         classes=config.classes)  # fmt: skip
+                                         classes=config.classes,
+                                         options=config.dataset_options)  # fmt: skip
         try:
-            self.spec = model_spec(config.model, self.data.input_shape, self.data.num_classes)
+            self.spec = model_spec(config.model, self.data.input_shape, self.data.num_classes, config.model_options)
             self.model = build_model(**self.spec).to(self.device)
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -355,7 +378,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
         self.epoch = 0
         self.metrics: list[dict[str, Any]] = []
-        self.best_dense: dict[str, Any] | None = None  # {"val_acc", "step", "epoch", "model"}
+        self.best_dense: dict[str, Any] | None = None  # {"val_acc", "val_ppl" (text), "step", "epoch", "model"}
         self._dense_weights: dict[str, Tensor] | None = None  # the weights a dense phase ended with
         self._twin: nn.Module | None = None  # holds them while they are evaluated
         self.elapsed = 0.0
@@ -461,11 +484,11 @@ class Run:
             "lr": train["lr"],
             "phase": phase,
             "train_loss": train["loss"],
-            "train_acc": train["acc"],
+            **self._scores(train, "train"),
             "val_loss": val["loss"],
-            "val_acc": val["acc"],
+            **self._scores(val, "val"),
             "test_loss": test["loss"],
-            "test_acc": test["acc"],
+            **self._scores(test, "test"),
             "sparsity": self.sparsifier.sparsity().overall,
             "train_flops_ratio": self.train_flops.ratio,
             "time": self.elapsed,
@@ -520,8 +543,8 @@ class Run:
         dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         dense_info = {
             "sparsity": weight_sparsity(dense_state, self.sparsifier.params),
-            "val_acc": evaluate(self.model, data.val, config.eval_batch_size, self.device)["acc"],
-            "test_acc": evaluate(self.model, data.test, config.eval_batch_size, self.device)["acc"],
+            **self._scores(evaluate(self.model, data.val, config.eval_batch_size, self.device), "val"),
+            **self._scores(evaluate(self.model, data.test, config.eval_batch_size, self.device), "test"),
             "epoch": self.epoch,
             "step": self.sparsifier.count,
         }
@@ -539,8 +562,8 @@ class Run:
         report = self.sparsifier.sparsity()
         forward = self.flop_counter.forward()
         info = {
-            "val_acc": val["acc"],
-            "test_acc": test["acc"],
+            **self._scores(val, "val"),
+            **self._scores(test, "test"),
             "sparsity": report.overall,
             "layers": report.layers,
             "forward_flops": forward.sparse_total,
@@ -558,8 +581,8 @@ class Run:
             model = self._model_holding(best["model"])
             info = {
                 "sparsity": weight_sparsity(best["model"], self.sparsifier.params),
-                "val_acc": best["val_acc"],
-                "test_acc": evaluate(model, self.data.test, self.config.eval_batch_size, self.device)["acc"],
+                **{k: v for k, v in best.items() if k.startswith("val_")},
+                **self._scores(evaluate(model, self.data.test, self.config.eval_batch_size, self.device), "test"),
                 "epoch": best["epoch"],
                 "step": best["step"],
             }
@@ -567,8 +590,8 @@ class Run:
         elif trained_dense is not None:
             info, model, kind = trained_dense["info"], self._model_holding(trained_dense["state"]), "dense_final"
         elif sparse["sparsity"] == 0 or sparsetrain.Capability.SPARSE not in self.sparsifier.capabilities:
-            return {"sparsity": sparse["sparsity"], "val_acc": sparse["val_acc"], "test_acc": sparse["test_acc"],
-                    "epoch": self.epoch, "step": self.sparsifier.count}  # fmt: skip
+            scores = {k: v for k, v in sparse.items() if k.startswith(("val_", "test_"))}
+            return {"sparsity": sparse["sparsity"], **scores, "epoch": self.epoch, "step": self.sparsifier.count}
         else:
             return None
         self._save(checkpoint_payload(model, self.spec, self.config, kind=kind, metrics=info), DENSE)
@@ -602,6 +625,8 @@ class Run:
             "method": config.method,
             "model": config.model,
             "dataset": config.dataset,
+            "metric": self.data.metric,
+            "data": self.data.info,
             "target_sparsity": config.target_sparsity,
             "mask_type": config.mask_type,
             "epochs": config.epochs,

@@ -39,11 +39,13 @@ def _shade(ax, timeline: Sequence[dict[str, Any]]) -> None:
 def plot_run(
     metrics: Sequence[dict[str, Any]], timeline: Sequence[dict[str, Any]], path: str | Path, title: str = ""
 ) -> Path:
-    """One figure, four panels; x is the epoch (end of epoch), phases of the method shaded."""
+    """One figure, four panels; x is the epoch (end of epoch), phases of the method shaded. The first panel is
+    accuracy, or perplexity (log scale) for a run whose rows report it (language modelling)."""
     epochs = [m["epoch"] for m in metrics]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    key, label = ("ppl", "perplexity") if metrics and "val_ppl" in metrics[0] else ("acc", "accuracy (%)")
     panels = [
-        (axes[0, 0], "accuracy (%)", [("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")]),
+        (axes[0, 0], label, [(f"train_{key}", "train"), (f"val_{key}", "validation"), (f"test_{key}", "test")]),
         (axes[0, 1], "loss", [("train_loss", "train"), ("val_loss", "validation"), ("test_loss", "test")]),
         (axes[1, 0], "sparsity (measured)", [("sparsity", "sparsified weights")]),
         (axes[1, 1], "learning rate (end of epoch)", [("lr", "lr")]),
@@ -57,6 +59,8 @@ def plot_run(
         if len(series) > 1:
             ax.legend(fontsize=8)
     axes[1, 0].set_ylim(-0.02, 1.02)
+    if key == "ppl":
+        axes[0, 0].set_yscale("log")
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     if len({p["kind"] for p in timeline}) > 1:
