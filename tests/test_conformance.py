@@ -437,7 +437,7 @@ def test_own_optimizer_is_required_exactly_when_declared(method):
 def pruned_groups(sparsifier) -> int:
     """Groups whose every parameter slice is masked; asserts that no group is masked only in part."""
     pruned = 0
-    for group in sparsifier.groups:
+    for group in sparsifier.channel_groups:
         states = {bool(piece.of(sparsifier.masks[piece.name]).any()) for piece in group.params}
         producing = {bool(piece.of(sparsifier.masks[piece.name]).any()) for piece in group.zero_invariant}
         assert producing != {True, False}, f"{group.name} is masked in part"
@@ -449,7 +449,7 @@ def pruned_groups(sparsifier) -> int:
 
 def expected_pruned_groups(sparsifier, target: float) -> int:
     """Groups a channel mask update prunes, from the definitions: per set, or globally, at least one kept per set."""
-    widths = [s.width for s in sparsifier.groups.sets]
+    widths = [s.width for s in sparsifier.channel_groups.sets]
     if target == 0:
         return 0
     if sparsifier.distribution == "uniform":
@@ -466,7 +466,7 @@ def test_channel_masks_exact_groups_and_bit_identical_resume(method, opt_name, d
     split = 10
     channel = dict(mask_type="channel", example_input=torch.zeros(1, 2, 8, 8), distribution=distribution)
     model, optimizer, sparsifier, shape = build(method, "conv", opt_name, sparsity=0.5, **channel)
-    assert {s.name for s in sparsifier.groups.sets} == {"conv1", "conv2"}
+    assert {s.name for s in sparsifier.channel_groups.sets} == {"conv1", "conv2"}
     assert "bn.weight" in sparsifier.params and "conv1.bias" in sparsifier.params  # whole groups are masked
     version, updates = sparsifier.mask_version, 0
     for step in range(TOTAL):

@@ -151,7 +151,7 @@ class Sparsifier:
         example_input: Tensor | None = None,
     ) -> None:
         self.model = model
-        self.groups: Any = None  # the structured.Groups of channel masks
+        self.channel_groups: Any = None  # the structured.Groups of channel masks
         if mask_type == CHANNEL:
             self.params = self._channel_setup(model, example_input, include, exclude, distribution)
         else:
@@ -223,11 +223,11 @@ class Sparsifier:
             )
         from ..structured import groups  # only here: the graph analysis is needed by channel masks alone
 
-        self.groups = groups(model, example_input)
-        if not len(self.groups):
+        self.channel_groups = groups(model, example_input)
+        if not len(self.channel_groups):
             raise ValueError("mask_type='channel': the model has no prunable channel (only its output layer)")
         named = dict(model.named_parameters())
-        return {name: named[name] for name in self.groups.param_names()}
+        return {name: named[name] for name in self.channel_groups.param_names()}
 
     # ----------------------------------------------------------------- hooks a method overrides
     def setup(self) -> None:
@@ -496,7 +496,7 @@ class Sparsifier:
 
         ``among_active``: pruned weights stay pruned (their score drops below every active one).
         """
-        if self.groups is not None:
+        if self.channel_groups is not None:
             return self._channel_masks(sparsity, scores, among_active)
         if among_active:
             scores = {
@@ -520,7 +520,7 @@ class Sparsifier:
         for its size alone. The root-mean-square compares them as per-weight magnitude compares single weights.
         """
         out = []
-        for channel_set in self.groups.sets:
+        for channel_set in self.channel_groups.sets:
             rows = channel_set.channel_matrix(scores, (PRODUCER, NORM, CONSUMER))
             squares = sum(row.float().square().sum(dim=1) for row in rows)
             size = sum(row.shape[1] for row in rows)
@@ -537,9 +537,9 @@ class Sparsifier:
         """
         per_set = self.group_scores(scores)
         if among_active:
-            active = [self._active_groups(s) for s in self.groups.sets]
+            active = [self._active_groups(s) for s in self.channel_groups.sets]
             per_set = [torch.where(a, s, torch.full_like(s, -1.0)) for a, s in zip(active, per_set)]
-        widths = [s.width for s in self.groups.sets]
+        widths = [s.width for s in self.channel_groups.sets]
         keep = [torch.zeros(w, dtype=torch.bool) for w in widths]
         if self.distribution == "uniform":
             for kept, score in zip(keep, per_set):
@@ -556,7 +556,7 @@ class Sparsifier:
             forced[chosen] = True
             keep = [forced[offsets[i] : offsets[i + 1]] for i in range(len(widths))]
         masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
-        for channel_set, kept in zip(self.groups.sets, keep):
+        for channel_set, kept in zip(self.channel_groups.sets, keep):
             pruned = (~kept).nonzero().squeeze(1)
             if not pruned.numel():
                 continue
@@ -578,10 +578,10 @@ class Sparsifier:
 
     def group_sparsity(self) -> float:
         """The fraction of zero-invariant groups the masks prune (channel masks only)."""
-        if self.groups is None:
+        if self.channel_groups is None:
             raise ValueError("group_sparsity() is for mask_type='channel'")
-        active = sum(int(self._active_groups(s).sum()) for s in self.groups.sets)
-        return 1.0 - active / len(self.groups)
+        active = sum(int(self._active_groups(s).sum()) for s in self.channel_groups.sets)
+        return 1.0 - active / len(self.channel_groups)
 
     @torch.no_grad()
     def set_masks(self, masks: dict[str, Tensor], reason: str) -> None:

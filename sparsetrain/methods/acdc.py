@@ -124,7 +124,7 @@ class ACDC(ScheduledPruning):
 
     def _compress(self, step: int) -> None:
         masks = self.masks_at(step)
-        if self.groups is not None:
+        if self.channel_groups is not None:
             self._pruned_values = {n: p.detach().clone() for n, p in self.params.items()}
         difference = None
         if self._last_sparse_masks is not None:
