@@ -142,8 +142,29 @@ def test_residual_additions_tie_channels_and_depthwise_convs_carry_them():
     assert len(depthwise) == 1 and depthwise[0].role == PRODUCER and depthwise[0].dim == 0
 
 
+TRANSFORMERS = ("gpt", "vit")  # attention and layer norms: outside the channel groups this package follows
+
+
+@pytest.mark.parametrize(
+    "name, sample, words",
+    [
+        ("gpt", torch.zeros(1, 16, dtype=torch.long), ["GPT", "control flow"]),
+        ("vit", torch.zeros(1, 1, 28, 28), ["Tensor.flatten", "supported:"]),
+    ],
+)
+def test_transformers_are_refused_naming_what_is_not_followed(name, sample, words):
+    options = {"layers": 1, "width": 32, "heads": 2}
+    model = build_model(
+        name, input_shape=tuple(sample.shape[1:]), num_classes=10, options={**options, "context": 16}
+        if name == "gpt" else options
+    )  # fmt: skip
+    with pytest.raises(UnsupportedModel) as error:
+        groups(model, sample)
+    assert all(word in str(error.value) for word in words), str(error.value)
+
+
 @needs_fashion
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [m for m in list_models() if m not in TRANSFORMERS])
 def test_every_zoo_model_zero_invariant_and_slim_equals_masked(name, images):
     x = real_input(name, images)
     model = zoo_model(name, x)
