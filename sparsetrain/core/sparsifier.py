@@ -46,6 +46,42 @@ class SparsityReport:
     total: int
 
 
+@dataclass
+class MemoryReport:
+    """Bytes a sparsifier holds beside the model and the optimizer (see :meth:`Sparsifier.memory_bytes`).
+
+    ``masks``: the boolean masks (1 byte per sparsified weight). ``method_state``: every other tensor the method
+    keeps between steps (AC/DC's packed previous masks, kept second moments, a method's buffers).
+    ``workspace``: scratch reused by the mask enforcement, a constant few MB whatever the model's size.
+    ``parameters``: the number of sparsified weights the per-parameter figures divide by.
+    """
+
+    masks: int
+    method_state: int
+    workspace: int
+    parameters: int
+
+    @property
+    def total(self) -> int:
+        return self.masks + self.method_state + self.workspace
+
+    @property
+    def bytes_per_parameter(self) -> float:
+        """Masks and method state per sparsified weight (the workspace is a constant, left out)."""
+        return (self.masks + self.method_state) / max(1, self.parameters)
+
+
+def _tensors_in(value: Any) -> list[Tensor]:
+    """Every tensor in ``value``, looking into dicts, lists and tuples."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors_in(item)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item)]
+    return []
+
+
 def derived_seed(seed: int, step: int) -> int:
     """A 63-bit seed for the draws of (seed, step), mixed (splitmix64) so that it never equals a small seed.
 
@@ -60,28 +96,53 @@ def derived_seed(seed: int, step: int) -> int:
 
 
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Mask elements converted to integers per block by _zero_where_masked: large enough that the per-block Python cost
+# vanishes, small enough that the block stays in cache between its conversion and the multiply that reads it.
+_BLOCK = 1 << 20
 
 
 @torch.no_grad()
-def _zero_where_masked(tensors: list[Tensor], masks: list[Tensor]) -> None:
-    """Set ``tensors`` to exactly +0.0 where their cached ``masks`` (from ``_refresh_enforced_masks``) are 0.
+def _zero_where_masked(tensors: list[Tensor], masks: list[Tensor], workspace: dict[torch.dtype, Tensor]) -> None:
+    """Set ``tensors`` to exactly +0.0 where their boolean ``masks`` are False; kept values stay bit for bit.
 
     Multiplying the values by a 0/1 mask would keep NaN and inf (NaN * 0 is NaN) and turn negative weights into
-    -0.0. Multiplying their *bits*, read as integers of the same width, by the 0/1 integer mask gives all-zero
-    bits, which is +0.0, whatever the value was, and leaves kept values bit for bit: still one fused foreach
-    kernel per call, about as fast as the float multiply, where a ``masked_fill_`` per tensor measured 6-9x
-    slower on CPU. Tensors of a width with no integer type (complex128), or whose dtype changed after the
-    masks were cached, take the per-tensor ``masked_fill_``.
+    -0.0. Multiplying their *bits*, read as integers of the same width, by the 0/1 mask gives all-zero bits, which
+    is +0.0 whatever the value was. The masks stay boolean (1 byte per weight): each block of ``_BLOCK`` mask
+    elements is converted into a reused integer ``workspace`` (one block per width, a few MB whatever the model)
+    and the bits are multiplied by it with one fused foreach kernel per filled workspace. Measured on CPU (100M
+    weights, 2 threads): 13 ms, against 11 ms for integer mask copies kept between steps (4 bytes per weight) and
+    56-110 ms for ``masked_fill_``, ``torch.where(out=)`` or a multiply by the bool mask itself (mixed dtypes take
+    a slow elementwise path). Tensors of a width with no integer type (complex128) or not contiguous take
+    ``masked_fill_``.
     """
-    bits, bit_masks = [], []
+    pending: dict[torch.dtype, tuple[list[Tensor], list[Tensor], int]] = {}
+
+    def flush(dtype: torch.dtype) -> None:
+        bits, blocks, _ = pending.pop(dtype)
+        torch._foreach_mul_(bits, blocks)
+
     for tensor, mask in zip(tensors, masks):
-        if mask.dtype != torch.bool and tensor.element_size() == mask.element_size():
-            bits.append(tensor.view(mask.dtype))
-            bit_masks.append(mask)
-        else:
-            tensor.masked_fill_(mask == 0, 0)
-    if bits:
-        torch._foreach_mul_(bits, bit_masks)
+        dtype = _SAME_WIDTH_INT.get(tensor.element_size())
+        if dtype is None or not tensor.is_contiguous() or tensor.numel() != mask.numel():
+            tensor.masked_fill_(~mask, 0)
+            continue
+        bits, flat = tensor.view(-1).view(dtype), mask.reshape(-1)
+        space = workspace.get(dtype)
+        if space is None or space.device != tensor.device:
+            space = workspace[dtype] = torch.empty(_BLOCK, dtype=dtype, device=tensor.device)
+        for start in range(0, bits.numel(), _BLOCK):
+            end = min(bits.numel(), start + _BLOCK)
+            views, blocks, used = pending.get(dtype, ([], [], 0))
+            if used + end - start > _BLOCK:
+                flush(dtype)
+                views, blocks, used = [], [], 0
+            block = space[used : used + end - start]
+            block.copy_(flat[start:end])
+            views.append(bits[start:end])
+            blocks.append(block)
+            pending[dtype] = (views, blocks, used + end - start)
+    for dtype in list(pending):
+        flush(dtype)
 
 
 def check_nm_parameters(params: dict[str, nn.Parameter] | dict[str, Tensor], nm: tuple[int, int]) -> None:
@@ -172,6 +233,7 @@ class Sparsifier:
         self.history: list[Event] = []
         self.mask_version = 0
         self._enforced_masks: dict[str, Tensor] = {}
+        self._workspace: dict[torch.dtype, Tensor] = {}  # _zero_where_masked's integer blocks, one per width
         self._second_moments: dict[str, dict[str, Tensor]] = {}
         self._listeners: list[Callable[[Event], None]] = []
         self._hooks: list[Any] = []
@@ -342,6 +404,34 @@ class Sparsifier:
             total += param.numel()
         return SparsityReport(overall=zeros / total, layers=layers, zeros=zeros, total=total)
 
+    def memory_bytes(self) -> MemoryReport:
+        """Bytes this sparsifier holds: masks, method state and workspace (each storage counted once).
+
+        Everything the sparsifier object keeps between steps is counted, whatever the method: the model's own
+        weights and the optimizer's state are not (they exist without sparsification). With SGD, a magnitude,
+        GMP or RigL run holds 1 byte per sparsified weight (the boolean masks); AC/DC 1.125 (its previous
+        compressed phase's masks packed to a bit each). Adam-like optimizers add the second moments AC/DC and
+        GaP keep for the weights they prune (4 bytes per pruned float32 weight and buffer).
+        """
+        # The weights themselves are never counted, even where a method keeps a reference to them.
+        seen = {p.untyped_storage().data_ptr() for p in self.params.values()}
+
+        def size(tensors: list[Tensor]) -> int:
+            total = 0
+            for tensor in tensors:
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+            return total
+
+        masks = size(list(self.masks.values()))
+        workspace = size(list(self._workspace.values()))
+        ignored = {"model", "params", "masks", "_workspace", "_optimizer", "_hooks", "_listeners", "history"}
+        state = size([t for key, value in vars(self).items() if key not in ignored for t in _tensors_in(value)])
+        return MemoryReport(masks=masks, method_state=state, workspace=workspace,
+                            parameters=sum(p.numel() for p in self.params.values()))  # fmt: skip
+
     def sparsity_of_masks(self) -> float:
         total = sum(m.numel() for m in self.masks.values())
         return sum(maskops.count_zeros(m) for m in self.masks.values()) / total
@@ -383,7 +473,10 @@ class Sparsifier:
                 raise ValueError(
                     f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(self.masks[name].shape)}"
                 )
-        self.masks = {n: m.to(device=self.params[n].device, dtype=torch.bool).clone() for n, m in masks.items()}
+        self.masks = {
+            n: m.to(device=self.params[n].device, dtype=torch.bool).clone(memory_format=torch.contiguous_format)
+            for n, m in masks.items()
+        }
         self.count = int(state["count"])
         self.history = [dict(e) for e in state.get("history", [])]
         self._phase = state.get("phase")
@@ -469,7 +562,7 @@ class Sparsifier:
         the pruning and put them back at re-entry, so a re-entering weight steps on the scale it had, not on a
         3x larger first step, however long it stayed pruned (Adam lets a zero-gradient entry decay by beta2 per step).
         """
-        masks = {n: m.to(dtype=torch.bool, device=self.params[n].device) for n, m in masks.items()}
+        masks = {n: m.to(dtype=torch.bool, device=self.params[n].device).contiguous() for n, m in masks.items()}
         if self.reentry_keeps_second_moments and self._optimizer is not None:
             self._keep_second_moments(self._optimizer, masks)
         self.masks.update(masks)
@@ -539,7 +632,7 @@ class Sparsifier:
             if grad is not None:
                 grads.append(grad)
                 masks.append(mask)
-        _zero_where_masked(grads, masks)
+        _zero_where_masked(grads, masks, self._workspace)
 
     def _after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.count += 1
@@ -565,16 +658,14 @@ class Sparsifier:
     def _apply_masks(self) -> None:
         if self._enforced_masks:
             names = list(self._enforced_masks)
-            _zero_where_masked([self.params[n].data for n in names], [self._enforced_masks[n] for n in names])
+            _zero_where_masked(
+                [self.params[n].data for n in names], [self._enforced_masks[n] for n in names], self._workspace
+            )
 
     def _refresh_enforced_masks(self) -> None:
-        # Only masks with zeros need work each step; they are cached as 0/1 integers of the weight's width, the
-        # form _zero_where_masked multiplies the weights' bits by.
-        self._enforced_masks = {
-            n: m.to(_SAME_WIDTH_INT.get(self.params[n].element_size(), torch.bool))
-            for n, m in self.masks.items()
-            if not bool(m.all())
-        }
+        # Only masks with zeros need work each step. The boolean masks themselves, no copies: _zero_where_masked
+        # converts them block by block into its small workspace.
+        self._enforced_masks = {n: m for n, m in self.masks.items() if not bool(m.all())}
 
     @torch.no_grad()
     def _keep_second_moments(self, optimizer: torch.optim.Optimizer, masks: dict[str, Tensor]) -> None:

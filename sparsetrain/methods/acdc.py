@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import maskops
@@ -74,6 +75,7 @@ class ACDC(ScheduledPruning):
                 f"acdc: reset_momentum must be 'all', 'sparsified' or false (true means 'all'); got {reset_momentum!r}"
             )
         self.reset_momentum: str | bool = reset_momentum
+        # The previous compressed phase's masks, packed 8 to a byte: they only feed the mask-difference statistic.
         self._last_sparse_masks: dict[str, Tensor] | None = None
         super().__init__(model, **common)
 
@@ -108,10 +110,11 @@ class ACDC(ScheduledPruning):
 
     def _compress(self, step: int) -> None:
         masks = self.masks_at(step)
+        packed = {n: maskops.pack_mask(m) for n, m in masks.items()}
         difference = None
         if self._last_sparse_masks is not None:
-            difference = 100.0 * maskops.relative_mask_difference(self._last_sparse_masks, masks)
-        self._last_sparse_masks = {n: m.clone() for n, m in masks.items()}
+            difference = 100.0 * maskops.packed_relative_mask_difference(self._last_sparse_masks, packed)
+        self._last_sparse_masks = packed
         self.set_masks(masks, reason="compress")
         self.emit({"event": "compress", "mask_difference_pct": difference})
 
@@ -120,4 +123,7 @@ class ACDC(ScheduledPruning):
 
     def load_extra_state(self, state: dict) -> None:
         masks = state.get("last_sparse_masks")
-        self._last_sparse_masks = None if masks is None else {n: m.clone() for n, m in masks.items()}
+        # Checkpoints written before the masks were packed hold them as boolean tensors: pack those.
+        self._last_sparse_masks = None if masks is None else {
+            n: maskops.pack_mask(m) if m.dtype == torch.bool else m.clone() for n, m in masks.items()
+        }
