@@ -82,7 +82,8 @@ def test_memory_bytes_is_one_byte_per_weight_plus_a_packed_bit_for_acdc(method, 
     assert report.parameters == n
     assert report.masks == n  # bool masks
     if method == "acdc":  # its previous compressed phase's masks, a bit each (each layer padded to a byte)
-        assert sparsifier.history and report.method_state == sum((p.numel() + 7) // 8 for p in sparsifier.params.values())
+        packed = sum((p.numel() + 7) // 8 for p in sparsifier.params.values())
+        assert report.method_state == packed
         assert report.bytes_per_parameter == pytest.approx(1.125, abs=1e-3)
     else:
         assert report.method_state == 0
@@ -136,3 +137,92 @@ def test_acdc_reads_previous_masks_saved_unpacked():
     differences = [[e["mask_difference_pct"] for e in s.history if e["event"] == "compress"]
                    for s in (sparsifier, sparsifier2)]  # fmt: skip
     assert differences[0][-1] is not None and differences[0] == differences[1]
+
+
+# ------------------------------------------------------------------------------------ enforcement only where needed
+def magnitude_run(optimizer_factory, enforce: str = "auto"):
+    model = mlp()
+    sparsifier = sparsetrain.create("magnitude", model, sparsity=0.9, total_steps=20, unit="steps", at=0,
+                                    enforce=enforce)  # fmt: skip
+    optimizer = optimizer_factory(model.parameters())
+    sparsifier.attach(optimizer)
+    return model, sparsifier, optimizer
+
+
+def assert_masked_plus_zero(sparsifier) -> None:
+    for name, param in sparsifier.params.items():
+        masked = param.detach()[~sparsifier.masks[name]]
+        assert torch.all(masked == 0) and not torch.signbit(masked).any(), name
+
+
+@pytest.mark.parametrize("name, factory, skips", [
+    ("sgd", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4), True),
+    ("sgd-plain", lambda p: torch.optim.SGD(p, lr=0.05), True),
+    ("adam", lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-3, amsgrad=True), True),
+    ("adamw", lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.01), True),
+    ("adam-eps0", lambda p: torch.optim.Adam(p, lr=0.01, eps=0.0), False),  # 0 / 0 at a kept-zero second moment
+    ("adamw-large-decay", lambda p: torch.optim.AdamW(p, lr=0.5, weight_decay=3.0), False),  # 1 - lr wd < 0: -0.0
+    ("rmsprop", lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9), False),  # no proof for it: re-zeroed
+])  # fmt: skip
+def test_rezeroing_is_skipped_exactly_where_the_optimizer_keeps_zeros(name, factory, skips):
+    model, sparsifier, optimizer = magnitude_run(factory, enforce="check")
+    train(model, optimizer, 10)
+    assert_masked_plus_zero(sparsifier)
+    # The first step after attach enforces everything; every later one is skipped exactly when proven.
+    assert sparsifier.enforcement == ({"rezeroed": 1, "skipped": 9} if skips else {"rezeroed": 10, "skipped": 0})
+    assert sparsetrain.core.sparsifier.optimizer_keeps_zeros(optimizer) is skips
+
+
+def test_enforce_always_rezeroes_every_step_and_bad_mode_is_refused():
+    model, sparsifier, optimizer = magnitude_run(lambda p: torch.optim.SGD(p, lr=0.05), enforce="always")
+    train(model, optimizer, 5)
+    assert sparsifier.enforcement == {"rezeroed": 5, "skipped": 0}
+    with pytest.raises(ValueError, match="enforce must be one of auto, always, check; got 'sometimes'"):
+        sparsetrain.create("magnitude", mlp(), sparsity=0.5, total_steps=5, enforce="sometimes")
+
+
+def test_loading_weights_or_optimizer_state_enforces_the_next_step_in_full():
+    """Weights or momentum loaded from elsewhere (a dense checkpoint) may be nonzero at masked positions: the next
+    step re-zeroes the weights and clears the momentum there, then skipping resumes."""
+    def sgd(p):
+        return torch.optim.SGD(p, lr=0.05, momentum=0.9)
+
+    model, sparsifier, optimizer = magnitude_run(sgd)
+    dense_model = mlp(seed=3)
+    dense_optimizer = sgd(dense_model.parameters())
+    train(dense_model, dense_optimizer, 2)
+    train(model, optimizer, 3)
+    optimizer.load_state_dict(dense_optimizer.state_dict())  # momentum everywhere
+    train(model, optimizer, 1, start=3)
+    assert_masked_plus_zero(sparsifier)
+    for name, param in sparsifier.params.items():
+        assert torch.all(optimizer.state[param]["momentum_buffer"][~sparsifier.masks[name]] == 0)
+    model.load_state_dict(dense_model.state_dict())  # dense weights
+    train(model, optimizer, 1, start=4)
+    assert_masked_plus_zero(sparsifier)
+    train(model, optimizer, 3, start=5)
+    assert_masked_plus_zero(sparsifier)
+    assert sparsifier.enforcement == {"rezeroed": 3, "skipped": 5}
+
+
+def test_check_mode_names_a_weight_written_outside_the_optimizer():
+    model, sparsifier, optimizer = magnitude_run(lambda p: torch.optim.SGD(p, lr=0.05), enforce="check")
+    train(model, optimizer, 2)
+    with torch.no_grad():
+        model[0].weight[~sparsifier.masks["0.weight"]] = 1.0
+    with pytest.raises(RuntimeError, match="masked weights of '0.weight' are not \\+0.0"):
+        train(model, optimizer, 1, start=2)
+    sparsifier.apply_masks()
+    assert_masked_plus_zero(sparsifier)
+
+
+def test_step_by_hand_never_skips():
+    """Without the pre-step hook the gradients were not masked: the weights move, and are re-zeroed every step."""
+    model = mlp()
+    sparsifier = sparsetrain.create("magnitude", model, sparsity=0.9, total_steps=20, unit="steps", at=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(4):
+        train(model, optimizer, 1, start=step)
+        sparsifier.step(optimizer)
+        assert_masked_plus_zero(sparsifier)
+    assert sparsifier.enforcement == {"rezeroed": 4, "skipped": 0}

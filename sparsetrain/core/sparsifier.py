@@ -17,6 +17,8 @@ schedule subclasses :class:`~sparsetrain.core.ScheduledPruning` instead, which d
 from __future__ import annotations
 
 import logging
+import math
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -145,6 +147,62 @@ def _zero_where_masked(tensors: list[Tensor], masks: list[Tensor], workspace: di
         flush(dtype)
 
 
+ENFORCE_MODES = ("auto", "always", "check")
+
+
+def _finite(*values: Any) -> bool:
+    return all(math.isfinite(float(v)) for v in values)
+
+
+def _sgd_keeps_zeros(group: dict) -> bool:
+    # With a gradient of exactly 0, a momentum buffer of 0 and a weight of +0.0: (coupled) decay adds wd * 0, the
+    # buffer stays momentum * 0 + 0, and the weight becomes +0.0 - lr * 0 = +0.0 (IEEE: +0 + -0 is +0).
+    return not group.get("fused") and _finite(group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
+
+
+def _adam_keeps_zeros(group: dict) -> bool:
+    # exp_avg stays 0 (betas in [0, 1)); the update exp_avg / (sqrt(v_hat) + eps) is 0 / positive only with eps > 0
+    # (a second moment kept for re-entry may be 0: 0 / 0 would be NaN). Decoupled decay multiplies the weight by
+    # 1 - lr * wd, which keeps +0.0 only while that factor is not negative (a negative one gives -0.0).
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    return (
+        not group.get("fused")
+        and _finite(lr, beta1, beta2, eps, wd)
+        and 0 <= float(beta1) < 1
+        and 0 <= float(beta2) < 1
+        and float(eps) > 0
+        and (not group.get("decoupled_weight_decay") or float(lr) * float(wd) <= 1)
+    )
+
+
+# The optimizers whose update provably leaves a masked weight at +0.0 when its gradient and first-moment buffers
+# are exactly 0, by exact type (a subclass may change the update): a proof per update rule, checked on the
+# hyperparameters of every step. Any other optimizer gets the re-zeroing after every step.
+_KEEPS_ZEROS: dict[type, Callable[[dict], bool]] = {
+    torch.optim.SGD: _sgd_keeps_zeros,
+    torch.optim.Adam: _adam_keeps_zeros,
+    torch.optim.AdamW: _adam_keeps_zeros,
+}
+
+
+def optimizer_keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s next step leaves weights at +0.0 whose gradient and first moments are exactly 0.
+
+    True for ``torch.optim.SGD`` (momentum, Nesterov, dampening, weight decay), ``Adam`` and ``AdamW`` with
+    ``eps > 0``, betas in [0, 1), finite settings, not fused, and for AdamW ``lr * weight_decay <= 1``; False for
+    every other optimizer. Read at every step, so a learning-rate schedule is followed.
+    """
+    rule = _KEEPS_ZEROS.get(type(optimizer))
+    return rule is not None and all(rule(group) for group in optimizer.param_groups)
+
+
+def _forget_zeros_of(owner: weakref.ref) -> None:
+    sparsifier = owner()
+    if sparsifier is not None:
+        sparsifier._forget_zeros()
+
+
 def check_nm_parameters(params: dict[str, nn.Parameter] | dict[str, Tensor], nm: tuple[int, int]) -> None:
     """Refuse any of ``params`` (by qualified name) that cannot take an N:M mask, naming how to leave it out."""
     for name, param in params.items():
@@ -172,6 +230,12 @@ class Sparsifier:
             optimizer steps: with gradient accumulation over ``a`` batches, steps_per_epoch is
             ``len(loader) // a``, not ``len(loader)`` (which would stretch every schedule ``a`` times).
         unit: how the method's time options are given: 'fraction' of training, 'epochs' or 'steps'.
+        enforce: the re-zeroing of masked weights after each step. 'auto' (default) skips it where the optimizer
+            provably cannot move them (:func:`optimizer_keeps_zeros`: their gradients were masked before the step,
+            their first moments are 0; checked at every step, redone in full after any mask change or load);
+            'always' re-zeroes after every step; 'check' skips as 'auto' and asserts the zeros after every step (a
+            RuntimeError names the first nonzero). Write weights outside the optimizer only through
+            ``model.load_state_dict`` (or call ``sparsifier.apply_masks()`` after writing them).
     """
 
     name: ClassVar[str] = ""
@@ -200,6 +264,7 @@ class Sparsifier:
         total_epochs: float | None = None,
         steps_per_epoch: int | None = None,
         unit: str = "fraction",
+        enforce: str = "auto",
     ) -> None:
         self.model = model
         self.params: dict[str, nn.Parameter] = select_parameters(model, include, exclude)
@@ -225,6 +290,9 @@ class Sparsifier:
                 "warmup/start/end options in steps"
             )
         self.unit = unit
+        if enforce not in ENFORCE_MODES:
+            raise ValueError(f"enforce must be one of {', '.join(ENFORCE_MODES)}; got {enforce!r}")
+        self.enforce = enforce
         if not isinstance(self.rescale_init, bool):
             raise ValueError(f"rescale_init must be true or false, got {self.rescale_init!r}")
         self.init_rescaled = False
@@ -234,6 +302,17 @@ class Sparsifier:
         self.mask_version = 0
         self._enforced_masks: dict[str, Tensor] = {}
         self._workspace: dict[torch.dtype, Tensor] = {}  # _zero_where_masked's integer blocks, one per width
+        # The post-step re-zeroing may be skipped only while masked weights are +0.0 and their first moments 0:
+        # known after a step that enforced everything, lost when anything is loaded from outside (model, optimizer
+        # or sparsifier state) or attached. _grads_masked_at: the mask version this step's gradients were masked
+        # under (None: not masked).
+        self._zeros_known = False
+        self._grads_masked_at: int | None = None
+        self.enforcement = {"rezeroed": 0, "skipped": 0}  # post-step re-zeroings done and proven unnecessary
+        # Loading weights into the model may bring values at masked positions (a weak reference: the hook must not
+        # keep a replaced sparsifier and its masks alive).
+        owner = weakref.ref(self)
+        model.register_load_state_dict_post_hook(lambda module, keys: _forget_zeros_of(owner))
         self._second_moments: dict[str, dict[str, Tensor]] = {}
         self._listeners: list[Callable[[Event], None]] = []
         self._hooks: list[Any] = []
@@ -337,8 +416,10 @@ class Sparsifier:
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step_hook),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)),
+            optimizer.register_load_state_dict_post_hook(lambda opt: self._forget_zeros()),
         ]
         self._zero_state_where_masked(optimizer)
+        self._forget_zeros()
         return self
 
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
@@ -385,8 +466,8 @@ class Sparsifier:
                 "call sparsifier.step(optimizer), or attach the sparsifier once with sparsifier.attach(optimizer)"
             )
         self._optimizer = optimizer
-        # Clean with the masks the step ran under, before a boundary may replace them.
-        self._zero_state_where_masked(optimizer)
+        # The step ran on unmasked gradients: _after_step cleans the optimizer state with the masks the step ran
+        # under, before a boundary may replace them.
         self._after_step(optimizer)
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
@@ -489,6 +570,7 @@ class Sparsifier:
         }
         self.load_extra_state(state.get("extra", {}))
         self._refresh_enforced_masks()
+        self._forget_zeros()
 
     # ----------------------------------------------------------------- helpers for methods
     def steps(self, value: float | None, what: str, default_fraction: float | None = None) -> int:
@@ -633,13 +715,64 @@ class Sparsifier:
                 grads.append(grad)
                 masks.append(mask)
         _zero_where_masked(grads, masks, self._workspace)
+        self._grads_masked_at = self.mask_version
+
+    def apply_masks(self) -> None:
+        """Set masked weights to +0.0 now (after writing weights outside the optimizer and ``load_state_dict``)."""
+        self._apply_masks()
 
     def _after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.count += 1
-        # The step just taken ran under the current masks: re-zero with them before a boundary may change them
-        # (a decompression must see pruned weights at exactly 0 so they re-enter at 0).
-        self._apply_masks()
+        # The step just taken ran under the current masks: enforce them before a boundary may change them (a
+        # decompression must see pruned weights at exactly 0 so they re-enter at 0).
+        self._enforce_after_step(optimizer)
         self._boundary()
+
+    @torch.no_grad()
+    def _enforce_after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Re-zero the masked weights, unless the step provably left them at +0.0.
+
+        The proof: before the step the masked weights were +0.0 and their first moments 0 (``_zeros_known``), the
+        step's gradients were masked under the current masks, and the optimizer's update keeps such weights at
+        +0.0 (``optimizer_keeps_zeros``). Then the step wrote +0.0 there again and the buffers stayed 0, so the
+        pass over every weight is skipped. Anything else re-zeroes, and also zeroes the first moments when the
+        gradients were not masked (``step()`` by hand, a step reading dense gradients) or after a load.
+        """
+        grads_masked = self._grads_masked_at == self.mask_version
+        self._grads_masked_at = None
+        if not self._enforced_masks:
+            return
+        if (
+            self.enforce != "always"
+            and self._zeros_known
+            and grads_masked
+            and optimizer is not None
+            and optimizer_keeps_zeros(optimizer)
+        ):
+            self.enforcement["skipped"] += 1
+            if self.enforce == "check":
+                self._assert_masked_zero()
+            return
+        if optimizer is not None and not (grads_masked and self._zeros_known):
+            self._zero_state_where_masked(optimizer)
+        self._apply_masks()
+        self.enforcement["rezeroed"] += 1
+        self._zeros_known = optimizer is not None
+
+    def _forget_zeros(self) -> None:
+        self._zeros_known = False
+
+    @torch.no_grad()
+    def _assert_masked_zero(self) -> None:
+        for name, mask in self._enforced_masks.items():
+            values = self.params[name].detach()[~mask]
+            bad = (values != 0) | torch.signbit(values)
+            if bool(bad.any()):
+                raise RuntimeError(
+                    f"enforce='check': after step {self.count}, {int(bad.sum())} masked weights of {name!r} are not "
+                    f"+0.0 (first: {float(values[bad][0])}); the optimizer moved them although "
+                    "optimizer_keeps_zeros() held, or the weights were written outside the optimizer"
+                )
 
     def _boundary(self) -> None:
         step = self.count
