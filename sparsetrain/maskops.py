@@ -28,6 +28,7 @@ __all__ = [
     "relative_mask_difference",
     "pack_mask",
     "unpack_mask",
+    "packed_mask_counts",
     "packed_relative_mask_difference",
     "check_sparsity",
     "sparse_init_scale",
@@ -299,10 +300,11 @@ def _popcount(packed: Tensor) -> int:
     return int(_POPCOUNT.to(packed.device)[packed.long()].sum(dtype=torch.int64))
 
 
-def packed_relative_mask_difference(old: dict[str, Tensor], new: dict[str, Tensor]) -> float:
-    """:func:`relative_mask_difference` of two sets of masks packed by :func:`pack_mask`, without unpacking them.
+def packed_mask_counts(old: dict[str, Tensor], new: dict[str, Tensor]) -> tuple[int, int, int]:
+    """Hamming distance and kept counts of two sets of masks packed by :func:`pack_mask`, without unpacking them.
 
     The Hamming distance is the popcount of the bytes' XOR, the kept counts the popcounts of each (pad bits are 0).
+    Counts add up over shards: summed over ranks they are the counts of the whole masks.
     """
     hamming = kept_a = kept_b = 0
     for name, a in old.items():
@@ -310,6 +312,14 @@ def packed_relative_mask_difference(old: dict[str, Tensor], new: dict[str, Tenso
         hamming += _popcount(a ^ b)
         kept_a += _popcount(a)
         kept_b += _popcount(b)
+    return hamming, kept_a, kept_b
+
+
+def packed_relative_mask_difference(
+    old: dict[str, Tensor] | None = None, new: dict[str, Tensor] | None = None, *, counts: Sequence[int] | None = None
+) -> float:
+    """:func:`relative_mask_difference` of two sets of packed masks, or of their :func:`packed_mask_counts`."""
+    hamming, kept_a, kept_b = counts if counts is not None else packed_mask_counts(old or {}, new or {})
     smaller = min(kept_a, kept_b)
     if smaller == 0:
         return 0.0

@@ -32,6 +32,7 @@ from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers, reset_momentu
 from ..schedules import UNITS, Phase, resolve_total_steps, timeline_of, to_steps
 from .capabilities import Capability
 from .selection import select_parameters
+from .sharding import all_reduce_sum, check_sharding, local, local_rows, sharded_topk_masks
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,9 @@ class Sparsifier:
     # Methods that mask a freshly initialised model from step 0 (static, SET, RigL, GaP) set this from their
     # ``rescale_init`` option before calling ``Sparsifier.__init__``; see ``rescale_kept_weights``.
     rescale_init: bool = False
+    # Whether the method runs on FSDP2-sharded parameters (every rank holding its rows). Methods that are their own
+    # optimizer (rda, cram), need the full flat gradient (mfac) or train replicas apart (pgap) say False.
+    shardable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -268,6 +272,14 @@ class Sparsifier:
     ) -> None:
         self.model = model
         self.params: dict[str, nn.Parameter] = select_parameters(model, include, exclude)
+        # FSDP2 (fully_shard): parameters are DTensors sharded on dim 0; masks are kept for this rank's rows only.
+        self.process_group = check_sharding(self.params)
+        self.sharded = self.process_group is not None
+        if self.sharded and not self.shardable:
+            raise ValueError(
+                f"method {self.name!r} does not support FSDP-sharded parameters (fully_shard); methods that do: "
+                "acdc, dense, gap, gmp, imp, magnitude, rigl, set, static (or train it with DDP)"
+            )
         self.nm = maskops.parse_nm(mask_type)
         if self.nm is not None and Capability.NM not in self.capabilities:
             raise ValueError(f"method {self.name!r} does not support N:M masks (mask_type={mask_type!r})")
@@ -297,7 +309,7 @@ class Sparsifier:
             raise ValueError(f"rescale_init must be true or false, got {self.rescale_init!r}")
         self.init_rescaled = False
         self.count = 0
-        self.masks: dict[str, Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+        self.masks: dict[str, Tensor] = {n: torch.ones_like(local(p), dtype=torch.bool) for n, p in self.params.items()}
         self.history: list[Event] = []
         self.mask_version = 0
         self._enforced_masks: dict[str, Tensor] = {}
@@ -477,13 +489,27 @@ class Sparsifier:
     @torch.no_grad()
     def sparsity(self) -> SparsityReport:
         """Sparsity measured on the weights (zeros counted in the tensors), overall and per layer."""
-        layers, zeros, total = {}, 0, 0
-        for name, param in self.params.items():
-            z = maskops.count_zeros(param)
-            layers[name] = z / param.numel()
-            zeros += z
-            total += param.numel()
+        names = list(self.params)
+        # Sharded: every rank counts its rows, the counts are summed (a collective: every rank must call it).
+        counts = self.sum_over_ranks([maskops.count_zeros(local(self.params[n])) for n in names])
+        layers = {n: z / self.params[n].numel() for n, z in zip(names, counts)}
+        zeros, total = sum(counts), sum(p.numel() for p in self.params.values())
         return SparsityReport(overall=zeros / total, layers=layers, zeros=zeros, total=total)
+
+    def sum_over_ranks(self, values: Sequence[int]) -> list[int]:
+        """Integers summed over the ranks the parameters are sharded on (``values`` itself when not sharded)."""
+        return all_reduce_sum(values, self.process_group) if self.sharded else list(values)
+
+    def select_top(self, scores: dict[str, Tensor], keeps: dict[str, int]) -> dict[str, Tensor]:
+        """Per layer, a mask keeping exactly ``keeps[name]`` of its largest ``scores`` (over all shards if sharded).
+
+        ``keeps`` counts the whole layer; ``scores`` are this rank's rows. Unsharded, ties go by ``torch.topk``'s
+        index; sharded, by :func:`~sparsetrain.core.sharding.sharded_topk_masks` (the same on every rank).
+        """
+        if not self.sharded:
+            return {n: maskops.topk_count_mask(s, keeps[n]) for n, s in scores.items()}
+        names = list(scores)
+        return sharded_topk_masks(scores, [[n] for n in names], [keeps[n] for n in names], self.process_group)
 
     def memory_bytes(self) -> MemoryReport:
         """Bytes this sparsifier holds: masks, method state and workspace (each storage counted once).
@@ -494,8 +520,9 @@ class Sparsifier:
         compressed phase's masks packed to a bit each). Adam-like optimizers add the second moments AC/DC and
         GaP keep for the weights they prune (4 bytes per pruned float32 weight and buffer).
         """
-        # The weights themselves are never counted, even where a method keeps a reference to them.
-        seen = {p.untyped_storage().data_ptr() for p in self.params.values()}
+        # The weights themselves are never counted, even where a method keeps a reference to them. Sharded: this
+        # rank's bytes over this rank's weights.
+        seen = {local(p).untyped_storage().data_ptr() for p in self.params.values()}
 
         def size(tensors: list[Tensor]) -> int:
             total = 0
@@ -511,11 +538,13 @@ class Sparsifier:
         ignored = {"model", "params", "masks", "_workspace", "_optimizer", "_hooks", "_listeners", "history"}
         state = size([t for key, value in vars(self).items() if key not in ignored for t in _tensors_in(value)])
         return MemoryReport(masks=masks, method_state=state, workspace=workspace,
-                            parameters=sum(p.numel() for p in self.params.values()))  # fmt: skip
+                            parameters=sum(local(p).numel() for p in self.params.values()))  # fmt: skip
 
     def sparsity_of_masks(self) -> float:
-        total = sum(m.numel() for m in self.masks.values())
-        return sum(maskops.count_zeros(m) for m in self.masks.values()) / total
+        zeros, total = self.sum_over_ranks(
+            [sum(maskops.count_zeros(m) for m in self.masks.values()), sum(m.numel() for m in self.masks.values())]
+        )
+        return zeros / total
 
     def state_dict(self) -> dict:
         return {
@@ -555,7 +584,7 @@ class Sparsifier:
                     f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(self.masks[name].shape)}"
                 )
         self.masks = {
-            n: m.to(device=self.params[n].device, dtype=torch.bool).clone(memory_format=torch.contiguous_format)
+            n: m.to(device=local(self.params[n]).device, dtype=torch.bool).clone(memory_format=torch.contiguous_format)
             for n, m in masks.items()
         }
         self.count = int(state["count"])
@@ -564,7 +593,7 @@ class Sparsifier:
         self.mask_version = int(state.get("mask_version", 0))
         self.init_rescaled = bool(state.get("init_rescaled", False))
         self._second_moments = {
-            n: {k: t.to(self.params[n].device).clone() for k, t in kept.items()}
+            n: {k: t.to(local(self.params[n]).device).clone() for k, t in kept.items()}
             for n, kept in state.get("second_moments", {}).items()
             if n in self.params
         }
@@ -607,12 +636,16 @@ class Sparsifier:
         'gradient': |dL/dw| of the gradient now in ``.grad`` (RigL's growth criterion; 0 where there is none).
         """
         if kind == "magnitude":
-            return {n: p.detach().abs() for n, p in self.params.items()}
+            return {n: local(p.detach()).abs() for n, p in self.params.items()}
         if kind == "random":
+            # Sharded: the full layer's draws, cut to this rank's rows, so the masks equal an unsharded run's.
             generator = self.generator(self.count if step is None else step)
-            return {n: torch.rand(p.shape, generator=generator) for n, p in self.params.items()}
+            return {n: torch.rand(p.shape, generator=generator)[local_rows(p)] for n, p in self.params.items()}
         if kind == "gradient":
-            return {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().abs() for n, p in self.params.items()}
+            return {
+                n: torch.zeros_like(local(p.detach())) if p.grad is None else local(p.grad.detach()).abs()
+                for n, p in self.params.items()
+            }
         raise ValueError(f"unknown score {kind!r}; scores are: {', '.join(self.SCORES)}")
 
     def compute_masks(
@@ -628,9 +661,16 @@ class Sparsifier:
                 for n, s in scores.items()
             }
         if self.nm is not None:
-            return {n: maskops.nm_mask(s, *self.nm) for n, s in scores.items()}
-        shapes = {n: tuple(s.shape) for n, s in scores.items()}
+            return {n: maskops.nm_mask(s, *self.nm) for n, s in scores.items()}  # rows are whole on every rank
+        shapes = {n: tuple(self.params[n].shape) for n in scores}  # the full shapes, also when sharded
         per_layer = layer_sparsities(self.distribution, shapes, sparsity)
+        if self.sharded:
+            names = list(scores)
+            if per_layer is None:
+                total = sum(self.params[n].numel() for n in names)
+                return sharded_topk_masks(scores, [names], [maskops.keep_count(total, sparsity)], self.process_group)
+            keeps = {n: maskops.keep_count(self.params[n].numel(), per_layer[n]) for n in names}
+            return self.select_top(scores, keeps)
         if per_layer is None:
             return maskops.global_topk_masks(scores, sparsity)
         return {n: maskops.topk_mask(s, per_layer[n]) for n, s in scores.items()}
@@ -644,7 +684,7 @@ class Sparsifier:
         the pruning and put them back at re-entry, so a re-entering weight steps on the scale it had, not on a
         3x larger first step, however long it stayed pruned (Adam lets a zero-gradient entry decay by beta2 per step).
         """
-        masks = {n: m.to(dtype=torch.bool, device=self.params[n].device).contiguous() for n, m in masks.items()}
+        masks = {n: m.to(dtype=torch.bool, device=local(self.params[n]).device).contiguous() for n, m in masks.items()}
         if self.reentry_keeps_second_moments and self._optimizer is not None:
             self._keep_second_moments(self._optimizer, masks)
         self.masks.update(masks)
@@ -671,7 +711,7 @@ class Sparsifier:
         if self.init_rescaled:
             return
         for name, mask in self.masks.items():
-            param = self.params[name]
+            param = local(self.params[name])  # sharded: whole rows, so each unit's fan-in is on this rank
             param.mul_(maskops.sparse_init_scale(mask).to(device=param.device, dtype=param.dtype))
         self.init_rescaled = True
         self.emit({"event": "init_rescale"})
@@ -712,7 +752,7 @@ class Sparsifier:
         for name, mask in self._enforced_masks.items():
             grad = self.params[name].grad
             if grad is not None:
-                grads.append(grad)
+                grads.append(local(grad))
                 masks.append(mask)
         _zero_where_masked(grads, masks, self._workspace)
         self._grads_masked_at = self.mask_version
@@ -765,7 +805,7 @@ class Sparsifier:
     @torch.no_grad()
     def _assert_masked_zero(self) -> None:
         for name, mask in self._enforced_masks.items():
-            values = self.params[name].detach()[~mask]
+            values = local(self.params[name].detach())[~mask]
             bad = (values != 0) | torch.signbit(values)
             if bool(bad.any()):
                 raise RuntimeError(
@@ -792,7 +832,7 @@ class Sparsifier:
         if self._enforced_masks:
             names = list(self._enforced_masks)
             _zero_where_masked(
-                [self.params[n].data for n in names], [self._enforced_masks[n] for n in names], self._workspace
+                [local(self.params[n].data) for n in names], [self._enforced_masks[n] for n in names], self._workspace
             )
 
     def _refresh_enforced_masks(self) -> None:
@@ -810,6 +850,7 @@ class Sparsifier:
                 continue
             kept = self._second_moments.setdefault(name, {})
             for key, buffer in per_element_buffers(optimizer, self.params[name]).items():
+                buffer = local(buffer)
                 if key not in SECOND_MOMENT_KEYS:
                     continue
                 if key in kept and reentering.any():

@@ -113,7 +113,9 @@ class ACDC(ScheduledPruning):
         packed = {n: maskops.pack_mask(m) for n, m in masks.items()}
         difference = None
         if self._last_sparse_masks is not None:
-            difference = 100.0 * maskops.packed_relative_mask_difference(self._last_sparse_masks, packed)
+            # Sharded (FSDP2): each rank counts its rows; the counts are summed over the ranks.
+            counts = self.sum_over_ranks(maskops.packed_mask_counts(self._last_sparse_masks, packed))
+            difference = 100.0 * maskops.packed_relative_mask_difference(counts=counts)
         self._last_sparse_masks = packed
         self.set_masks(masks, reason="compress")
         self.emit({"event": "compress", "mask_difference_pct": difference})
