@@ -580,8 +580,10 @@ class Sparsifier:
             )
         for name, mask in masks.items():
             if mask.shape != self.masks[name].shape:
+                # Sharded, each rank saved the masks of its rows: another number of ranks splits rows otherwise.
+                where = " (this rank's rows; resume a sharded run on as many ranks as saved it)" if self.sharded else ""
                 raise ValueError(
-                    f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(self.masks[name].shape)}"
+                    f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(self.masks[name].shape)}{where}"
                 )
         self.masks = {
             n: m.to(device=local(self.params[n]).device, dtype=torch.bool).clone(memory_format=torch.contiguous_format)
