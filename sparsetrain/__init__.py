@@ -11,6 +11,7 @@ Three lines in any training loop::
 from . import methods, oneshot, optim  # noqa: F401
 from .core import (
     Capability,
+    MemoryReport,
     ScheduledPruning,
     Sparsifier,
     SparsityReport,
@@ -29,6 +30,7 @@ __all__ = [
     "Capability",
     "Phase",
     "ScheduledPruning",
+    "MemoryReport",
     "Sparsifier",
     "SparsityReport",
     "create",

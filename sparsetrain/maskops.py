@@ -26,6 +26,10 @@ __all__ = [
     "nm_mask",
     "count_zeros",
     "relative_mask_difference",
+    "pack_mask",
+    "unpack_mask",
+    "packed_mask_counts",
+    "packed_relative_mask_difference",
     "check_sparsity",
     "sparse_init_scale",
 ]
@@ -256,6 +260,69 @@ def relative_mask_difference(old: dict[str, Tensor], new: dict[str, Tensor]) -> 
         hamming += int((a != b).sum())
         kept_a += int(a.sum())
         kept_b += int(b.sum())
+    smaller = min(kept_a, kept_b)
+    if smaller == 0:
+        return 0.0
+    return (hamming - abs(kept_a - kept_b)) / (2 * smaller)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A boolean mask packed 8 positions to a byte (flat, row-major, bit i of byte j is position 8 j + i).
+
+    A packed mask costs 1/8 byte per weight; :func:`unpack_mask` restores it given its shape.
+    """
+    flat = mask.detach().reshape(-1).to(torch.uint8)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8)
+    packed = groups[:, 0].clone()
+    for bit in range(1, 8):
+        packed |= groups[:, bit] << bit
+    return packed
+
+
+def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """The boolean mask of ``shape`` that :func:`pack_mask` packed into ``packed``."""
+    n = 1
+    for size in shape:
+        n *= int(size)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
+        raise ValueError(
+            f"a packed mask of shape {tuple(shape)} is a flat uint8 tensor of {(n + 7) // 8} bytes; got "
+            f"{packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:n].to(torch.bool).view(tuple(shape))
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
+def _popcount(packed: Tensor) -> int:
+    return int(_POPCOUNT.to(packed.device)[packed.long()].sum(dtype=torch.int64))
+
+
+def packed_mask_counts(old: dict[str, Tensor], new: dict[str, Tensor]) -> tuple[int, int, int]:
+    """Hamming distance and kept counts of two sets of masks packed by :func:`pack_mask`, without unpacking them.
+
+    The Hamming distance is the popcount of the bytes' XOR, the kept counts the popcounts of each (pad bits are 0).
+    Counts add up over shards: summed over ranks they are the counts of the whole masks.
+    """
+    hamming = kept_a = kept_b = 0
+    for name, a in old.items():
+        b = new[name]
+        hamming += _popcount(a ^ b)
+        kept_a += _popcount(a)
+        kept_b += _popcount(b)
+    return hamming, kept_a, kept_b
+
+
+def packed_relative_mask_difference(
+    old: dict[str, Tensor] | None = None, new: dict[str, Tensor] | None = None, *, counts: Sequence[int] | None = None
+) -> float:
+    """:func:`relative_mask_difference` of two sets of packed masks, or of their :func:`packed_mask_counts`."""
+    hamming, kept_a, kept_b = counts if counts is not None else packed_mask_counts(old or {}, new or {})
     smaller = min(kept_a, kept_b)
     if smaller == 0:
         return 0.0

@@ -60,7 +60,8 @@ def zero_state_where(
     for key, buffer in per_element_buffers(optimizer, param).items():
         if keep_second_moments and key in SECOND_MOMENT_KEYS:
             continue
-        buffer.masked_fill_(pruned, 0)
+        # An FSDP2 buffer is a DTensor: the mask covers this rank's shard.
+        (buffer.to_local() if hasattr(buffer, "to_local") else buffer).masked_fill_(pruned, 0)
 
 
 @torch.no_grad()

@@ -82,6 +82,7 @@ class ACDC(ScheduledPruning):
                 f"acdc: reset_momentum must be 'all', 'sparsified' or false (true means 'all'); got {reset_momentum!r}"
             )
         self.reset_momentum: str | bool = reset_momentum
+        # The previous compressed phase's masks, packed 8 to a byte: they only feed the mask-difference statistic.
         self._last_sparse_masks: dict[str, Tensor] | None = None
         self._pruned_values: dict[str, Tensor] | None = None  # channel masks: what the pruned groups held
         super().__init__(model, **common)
@@ -126,10 +127,13 @@ class ACDC(ScheduledPruning):
         masks = self.masks_at(step)
         if self.channel_groups is not None:
             self._pruned_values = {n: p.detach().clone() for n, p in self.params.items()}
+        packed = {n: maskops.pack_mask(m) for n, m in masks.items()}
         difference = None
         if self._last_sparse_masks is not None:
-            difference = 100.0 * maskops.relative_mask_difference(self._last_sparse_masks, masks)
-        self._last_sparse_masks = {n: m.clone() for n, m in masks.items()}
+            # Sharded (FSDP2): each rank counts its rows; the counts are summed over the ranks.
+            counts = self.sum_over_ranks(maskops.packed_mask_counts(self._last_sparse_masks, packed))
+            difference = 100.0 * maskops.packed_relative_mask_difference(counts=counts)
+        self._last_sparse_masks = packed
         self.set_masks(masks, reason="compress")
         self.emit({"event": "compress", "mask_difference_pct": difference})
 
@@ -138,6 +142,9 @@ class ACDC(ScheduledPruning):
 
     def load_extra_state(self, state: dict) -> None:
         masks = state.get("last_sparse_masks")
-        self._last_sparse_masks = None if masks is None else {n: m.clone() for n, m in masks.items()}
+        # Checkpoints written before the masks were packed hold them as boolean tensors: pack those.
+        self._last_sparse_masks = None if masks is None else {
+            n: maskops.pack_mask(m) if m.dtype == torch.bool else m.clone() for n, m in masks.items()
+        }
         values = state.get("pruned_values")
         self._pruned_values = None if values is None else {n: v.clone() for n, v in values.items()}

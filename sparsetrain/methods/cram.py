@@ -38,6 +38,7 @@ class CrAMMethod(Sparsifier):
 
     # prune_after_training: the trainer prunes the final model one-shot to ``sparsity`` (with batch-norm
     # re-calibration) and reports it as the run's sparse model, the trained model as its dense one.
+    shardable = False  # see Sparsifier.shardable
     capabilities = Capability.OWN_OPTIMIZER | Capability.CLOSURE | Capability.PRUNE_AFTER_TRAINING
 
     def __init__(

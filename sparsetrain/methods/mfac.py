@@ -48,6 +48,7 @@ class MFACPruning(GMP):
     (unchecked).
     """
 
+    shardable = False  # see Sparsifier.shardable
     needs_attach = True  # the gradients are read in the pre-step hook
     reason = "mfac {sparsity:.4f}"
 

@@ -42,6 +42,7 @@ class ParallelGaP(GaP):
     momentum restarts from zero after each merge.
     """
 
+    shardable = False  # see Sparsifier.shardable
     capabilities = GaP.capabilities | Capability.REPLICA_PHASES
 
     def __init__(self, model: nn.Module, *, groups: int | None = None, rounds: int = 2, period: float | None = None,

@@ -44,6 +44,7 @@ class RDAMethod(Sparsifier):
     biases and norm parameters are never penalised.
     """
 
+    shardable = False  # see Sparsifier.shardable
     capabilities = (
         Capability.SPARSE | Capability.MASK_UPDATES | Capability.NM | Capability.OWN_OPTIMIZER
         | Capability.DENSE_GRADIENTS

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import maskops
 from ..core import Capability, Sparsifier, register
+from ..core.sharding import all_reduce_sum, local, local_rows
 from ..core.sparsifier import derived_seed
 from ..optim_state import zero_state_where
 from ..schedules import cosine_decay
@@ -118,8 +118,12 @@ class SET(Sparsifier):
             return
         self.init_rms = {}
         for name, param in self.params.items():
-            kept = param.detach()[self.masks[name]].float()
-            self.init_rms[name] = float(kept.pow(2).mean().sqrt()) if kept.numel() else 0.0
+            kept = local(param.detach())[self.masks[name]].float()
+            # Sharded: the sum of squares and the count over every rank's rows.
+            square_sum, count = all_reduce_sum([float(kept.pow(2).sum()), kept.numel()], self.process_group,
+                                               dtype=torch.float64) if self.sharded else (float(kept.pow(2).sum()),
+                                                                                         kept.numel())  # fmt: skip
+            self.init_rms[name] = (square_sum / count) ** 0.5 if count else 0.0
 
     def extra_state(self) -> dict:
         return {"init_rms": dict(self.init_rms)} if self.init_rms else {}
@@ -153,27 +157,39 @@ class SET(Sparsifier):
         masks = {}
         grown_now: dict[str, Tensor] = {}
         moved = 0
-        for name, param in self.params.items():
-            mask = self.masks[name]
-            active = int(mask.sum())
-            n_swap = min(int(math.floor(fraction * active + 0.5)), active)
-            if n_swap == 0:
-                masks[name] = mask
-                continue
-            drop_scores = torch.where(mask, param.detach().abs().float(), torch.full_like(param, -1.0))
-            kept = maskops.topk_count_mask(drop_scores, active - n_swap)
-            grow_scores = torch.where(kept, torch.full_like(param, -math.inf), grow[name].float())
-            grown = maskops.topk_count_mask(grow_scores, n_swap)
-            new_mask = kept | grown
+        # Counts are per layer over all shards when FSDP-sharded (sum_over_ranks), and select_top ranks a layer
+        # over its shards; unsharded both are the plain count and top-k.
+        names = list(self.params)
+        actives = dict(zip(names, self.sum_over_ranks([int(self.masks[n].sum()) for n in names])))
+        swaps = {n: min(int(math.floor(fraction * actives[n] + 0.5)), actives[n]) for n in names}
+        changing = [n for n in names if swaps[n] > 0]
+        for name in names:
+            if swaps[name] == 0:
+                masks[name] = self.masks[name]
+        weights = {n: local(self.params[n].detach()) for n in changing}
+        drop_scores = {
+            n: torch.where(self.masks[n], w.abs().float(), torch.full_like(w, -1.0, dtype=torch.float))
+            for n, w in weights.items()
+        }
+        kept_masks = self.select_top(drop_scores, {n: actives[n] - swaps[n] for n in changing})
+        grow_scores = {
+            n: torch.where(kept_masks[n], torch.full_like(grow[n], -math.inf, dtype=torch.float), grow[n].float())
+            for n in changing
+        }
+        grown_masks = self.select_top(grow_scores, {n: swaps[n] for n in changing})
+        for name in changing:
+            param, mask, kept = weights[name], self.masks[name], kept_masks[name]
+            new_mask = kept | grown_masks[name]
             new = new_mask & ~mask
             grown_now[name] = new
             if self.grow_init == "random":
-                drawn = torch.randn(param.shape, generator=values) * self.init_rms[name]
-                param[new] = drawn.to(device=param.device, dtype=param.dtype)[new]
+                drawn = torch.randn(self.params[name].shape, generator=values)[local_rows(self.params[name])]
+                param[new] = (drawn * self.init_rms[name]).to(device=param.device, dtype=param.dtype)[new]
             else:
                 param[new] = 0.0  # new connections start at 0 (already 0 as hard zeros; kept explicit)
             moved += int(new.sum())
             masks[name] = new_mask
+        moved = self.sum_over_ranks([moved])[0]
         self.set_masks(masks, reason=f"{self.name} drop/grow {fraction:.4f}")
         if self._optimizer is not None:
             for name, grown in grown_now.items():  # RigL's reference zeroes every slot of a grown weight

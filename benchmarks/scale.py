@@ -1,0 +1,228 @@
+"""Sparse training as models grow: mask memory per parameter and step time relative to dense, at 1M, 10M and 100M
+parameters (an MLP and a stack of transformer encoder blocks), then data-parallel (DDP) against sharded (FSDP2)
+training on 2 processes.
+
+Step time: one training step (batch 32, SGD momentum 0.9) with the sparsifier attached, divided by the same step
+of an identical dense model, in interleaved ABBA pairs; the median of the pairs' ratios. Memory: what
+``Sparsifier.memory_bytes()`` reports per sparsified weight. ``enforce='always'`` re-zeroes after every step (two
+passes per step, as before the re-zeroing was skipped where the optimizer cannot move masked weights).
+
+    python benchmarks/scale.py                      # 1M, 10M, 100M single process, then DDP vs FSDP2 at 10M
+    python benchmarks/scale.py --no-single --distributed-size 1M --rounds 3
+    python benchmarks/scale.py --sizes 1M 10M --rounds 3 --no-distributed --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import sparsetrain
+
+SPARSITY = 0.9
+BATCH = 32
+# (width, layers) per size: an MLP of `layers` Linear(width, width); a stack of `layers` encoder blocks of
+# d_model `width` (4x feed-forward, about 12 width^2 weights each) on sequences of SEQ tokens.
+MLP_SIZES = {"1M": (512, 4), "10M": (1024, 10), "100M": (4096, 6)}
+BLOCK_SIZES = {"1M": (128, 5), "10M": (256, 13), "100M": (768, 14)}
+SEQ = 8
+VARIANTS = {
+    # name: (method, options)
+    "gmp": ("gmp", dict(unit="steps", start=0, end=1, frequency=1)),
+    "acdc": ("acdc", dict(unit="steps", warmup=1, compressed=10_000, decompressed=1, final=1)),
+    "rigl": ("rigl", dict(delta=1000)),
+    "gmp, enforce=always": ("gmp", dict(unit="steps", start=0, end=1, frequency=1, enforce="always")),
+}
+
+
+class Blocks(nn.Module):
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[
+            nn.TransformerEncoderLayer(width, nhead=max(1, width // 64), dim_feedforward=4 * width, dropout=0.0,
+                                       batch_first=True)
+            for _ in range(layers)
+        ])  # fmt: skip
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).mean(1))
+
+
+def build(kind: str, size: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        width, layers = MLP_SIZES[size]
+        body = [m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())]
+        return nn.Sequential(*body, nn.Linear(width, 10)), torch.randn(BATCH, width)
+    width, layers = BLOCK_SIZES[size]
+    return Blocks(width, layers), torch.randn(BATCH, SEQ, width)
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def timed(step: Callable, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n
+
+
+def paired_ratio(dense: Callable, sparse: Callable, rounds: int, steps: int) -> tuple[float, list[float]]:
+    ratios = []
+    for _ in range(rounds):
+        b1, v1, v2, b2 = timed(dense, steps), timed(sparse, steps), timed(sparse, steps), timed(dense, steps)
+        ratios.append((v1 + v2) / (b1 + b2))
+    return statistics.median(ratios), ratios
+
+
+def bench_single(kind: str, size: str, rounds: int) -> dict:
+    base, x = build(kind, size)
+    y = torch.randint(0, 10, (BATCH,))
+    n_params = sum(p.numel() for p in base.parameters())
+    steps = 1 if size == "100M" else 3
+    dense = copy.deepcopy(base)
+    dense_step = make_step(dense, sgd(dense), x, y)
+    timed(dense_step, 2)
+    dense_ms = 1000 * timed(dense_step, steps)
+    rows = {}
+    for name, (method, options) in VARIANTS.items():
+        model = copy.deepcopy(base)
+        optimizer = sgd(model)
+        sparsifier = sparsetrain.create(method, model, sparsity=SPARSITY, total_steps=100_000, **options)
+        sparsifier.attach(optimizer)
+        step = make_step(model, optimizer, x, y)
+        timed(step, 3)  # past the first mask update and the first (full) enforcement
+        median, ratios = paired_ratio(dense_step, step, rounds, steps)
+        memory = sparsifier.memory_bytes()
+        rows[name] = {"ratio": median, "ratios": ratios, "bytes_per_param": memory.bytes_per_parameter,
+                      "workspace_bytes": memory.workspace, "enforcement": dict(sparsifier.enforcement)}  # fmt: skip
+        del model, optimizer, sparsifier, step
+    return {"kind": kind, "size": size, "params": n_params, "dense_step_ms": dense_ms, "variants": rows}
+
+
+# ------------------------------------------------------------------------------------------ 2 processes
+def worker(kind: str, size: str, mode: str, rounds: int, out: str) -> None:
+    """Under torchrun: dense and gmp step times with DDP or FSDP2 (each Linear / block and the root sharded)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+
+    def wrap(model: nn.Module) -> nn.Module:
+        if mode == "ddp":
+            return nn.parallel.DistributedDataParallel(model)
+        units = model.blocks if isinstance(model, Blocks) else [m for m in model if isinstance(m, nn.Linear)]
+        for unit in units:
+            fully_shard(unit)
+        fully_shard(model)
+        return model
+
+    base, x = build(kind, size)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(x.shape, generator=g)
+    y = torch.randint(0, 10, (BATCH,), generator=g)
+    dense_model = wrap(copy.deepcopy(base))
+    dense_step = make_step(dense_model, sgd(dense_model), x, y)
+    model = copy.deepcopy(base)
+    wrapped = wrap(model)
+    optimizer = sgd(model)
+    sparsifier = sparsetrain.create("gmp", model, sparsity=SPARSITY, total_steps=100_000, **VARIANTS["gmp"][1])
+    sparsifier.attach(optimizer)
+    step = make_step(wrapped, optimizer, x, y)
+    timed(dense_step, 2)
+    timed(step, 3)
+    dense_ms = 1000 * timed(dense_step, 2)
+    median, ratios = paired_ratio(dense_step, step, rounds, 2)
+    result = {"mode": mode, "dense_step_ms": dense_ms, "ratio": median, "ratios": ratios,
+              "bytes_per_param_per_rank": sparsifier.memory_bytes().bytes_per_parameter,
+              "sparsity": sparsifier.sparsity().overall}  # fmt: skip
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump(result, handle)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def bench_distributed(kind: str, size: str, rounds: int) -> list[dict]:
+    results = []
+    for mode in ("ddp", "fsdp"):
+        out = f"/tmp/sparsetrain_scale_{os.getpid()}_{mode}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
+                   "--worker", kind, size, mode, str(rounds), out]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"{mode} worker failed:\n{done.stderr[-3000:]}")
+        with open(out) as handle:
+            results.append({"kind": kind, "size": size, **json.load(handle)})
+        os.remove(out)
+    return results
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        kind, size, mode, rounds, out = sys.argv[2:7]
+        worker(kind, size, mode, int(rounds), out)
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "100M"], choices=list(MLP_SIZES))
+    parser.add_argument("--kinds", nargs="+", default=["mlp", "blocks"], choices=["mlp", "blocks"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-distributed", action="store_true")
+    parser.add_argument("--distributed-size", default="10M", choices=list(MLP_SIZES))
+    parser.add_argument("--no-single", action="store_true", help="only the 2-process runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the single-process runs")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"batch {BATCH}, sparsity {SPARSITY}, SGD momentum; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    single = []
+    print(f"{'model':8s}{'params':>8s}{'dense ms':>10s}  " + "".join(f"{v:>26s}" for v in VARIANTS))
+    for kind in [] if args.no_single else args.kinds:
+        for size in args.sizes:
+            row = bench_single(kind, size, args.rounds)
+            single.append(row)
+            cells = "".join(f"{r['ratio']:>14.3f}x {r['bytes_per_param']:5.3f} B/p" for r in row["variants"].values())
+            print(f"{kind:8s}{row['params'] / 1e6:7.1f}M{row['dense_step_ms']:10.1f}  {cells}", flush=True)
+    distributed = []
+    if not args.no_distributed:
+        for kind in args.kinds:
+            for result in bench_distributed(kind, args.distributed_size, args.rounds):
+                distributed.append(result)
+                size = args.distributed_size
+                print(f"2 processes, {kind} {size}, {result['mode']:4s}: dense step {result['dense_step_ms']:.1f} ms, "
+                      f"gmp {result['ratio']:.3f}x dense, {result['bytes_per_param_per_rank']:.3f} B/param per rank, "
+                      f"sparsity {result['sparsity']:.4f}", flush=True)  # fmt: skip
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"single": single, "distributed": distributed, "load": os.getloadavg()[0]}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
