@@ -11,7 +11,8 @@ import torch
 from sparsetrain.models import MODEL_REGISTRY, MODELS, build_model, list_models, model_spec
 
 # The architectures that ship; a new one is picked up by the tests below from its registration alone.
-BUILT_IN = ("mlp", "lenet5", "convbase", "resnet20", "resnet32", "resnet56", "wrn-16-4", "wrn-28-10", "mobilenet-v1")
+BUILT_IN = ("mlp", "mlp-wide", "lenet5", "convbase", "resnet20", "resnet32", "resnet56", "wrn-16-4", "wrn-28-10",
+            "mobilenet-v1")
 
 
 def _count(model: torch.nn.Module) -> int:
