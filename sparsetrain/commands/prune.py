@@ -68,7 +68,7 @@ def add_parsers(subparsers: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help=f"--method obc: training samples whose layer inputs give each layer's Hessian (default: "
+        help=f"--method obc or spdy: training samples whose layer inputs give each layer's Hessian (default: "
         f"{DEFAULT_OBC_SAMPLES})",
     )
     prune.add_argument(
