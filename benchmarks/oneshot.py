@@ -10,14 +10,29 @@ reconstruction error ||W X - W' X||^2 / N of every pruned layer on the inputs it
     python benchmarks/oneshot.py                                  # LeNet-300-100 and LeNet-5, 3 seeds
     python benchmarks/oneshot.py --models mlp --seeds 0 --sparsities 0.5 0.9
 
-Results go to benchmarks/results/oneshot/ (one JSON line per row and a markdown table).
+``--mode database``: the OBC database of each model (every layer at the default grid of 12 sparsities), its build
+time and the peak resident memory of the process that builds it (a fresh process per model, ``ru_maxrss``).
+
+``--mode spdy``: SPDY (Frantar & Alistarh, ICML 2022) on the wide MLP 784-2048-2048-10 (``mlp-wide``) trained
+``--epochs`` on Fashion-MNIST: the profile for ``--target-speedup`` at ``--batch-size``, its predicted and measured
+speed-up (measured ``--repeats`` times with ``to_sparse_kernels`` and paired timing, median), and its accuracy
+against every uniform profile of the same database (all layers at one sparsity), measured the same way; the
+uniform profile whose measured speed-up is closest to SPDY's is the comparison.
+
+    python benchmarks/oneshot.py --mode database --models lenet5 mlp
+    python benchmarks/oneshot.py --mode spdy --epochs 1 --target-speedup 2 --batch-size 1
+
+Results go to benchmarks/results/oneshot/ (one JSON line per row and a markdown table per mode).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
+import multiprocessing
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +40,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsetrain.oneshot import norm_modules, prune_obc, prune_oneshot, recalibrate_batchnorm
+from sparsetrain.inference import time_paired, to_sparse_kernels
+from sparsetrain.oneshot import (
+    build_database,
+    norm_modules,
+    prune_obc,
+    prune_oneshot,
+    prune_spdy,
+    recalibrate_batchnorm,
+)
 from sparsetrain.train.config import resolve
 from sparsetrain.train.data import load_dataset
 from sparsetrain.train.evaluation import evaluate
@@ -107,20 +130,141 @@ def _mask_type(sparsity) -> str:
     return sparsity if isinstance(sparsity, str) else "unstructured"
 
 
+def _build_in_child(model_name: str, epochs: int, out: str, samples: int, seed: int, cache: str, queue) -> None:
+    """Run in a fresh process: the peak resident memory it reports is the database build's own."""
+    torch.set_num_threads(2)
+    splits = load_dataset("fashion-mnist", val_fraction=0.1, seed=0)
+    dense = train_dense(model_name, epochs, Path(out))
+    batches = calibration_batches(splits.train, samples, seed)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    db = build_database(dense, batches, solver="auto", cache=cache)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"seconds": seconds, "peak_rss_mib": peak / 1024, "rss_before_mib": before / 1024,
+               "source": db.source, "solvers": db.solvers, "layers": len(db.names), "levels": len(db.grid)})
+
+
+def database_row(model_name: str, epochs: int, out: Path, samples: int, seed: int) -> dict:
+    """Build (or load) the model's OBC database in a fresh process; its time and peak memory."""
+    cache = out / "runs" / f"{model_name}-{epochs}ep-seed{seed}.obcdb.safetensors"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_build_in_child, args=(model_name, epochs, str(out), samples, seed, str(cache),
+                                                          queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return {"model": model_name, "samples": samples, "seed": seed, **result, "cache": str(cache)}
+
+
+def run_database(args, out: Path) -> None:
+    rows = []
+    for model_name in args.models:
+        row = database_row(model_name, args.epochs, out, args.samples, args.seeds[0])
+        rows.append(row)
+        with open(out / "database.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(f"{model_name}: database of {row['layers']} layers x {row['levels']} levels ({row['source']}) in "
+              f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB (before {row['rss_before_mib']:.0f})",
+              flush=True)
+
+
+def measure_speedup(dense: nn.Module, pruned: nn.Module, batch_size: int, repeats: int, sample) -> float:
+    """Dense time / sparse-kernel time of the whole model at ``batch_size``, median of ``repeats`` paired runs."""
+    converted, _ = to_sparse_kernels(pruned, sample)
+    values = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t_dense, t_sparse = time_paired([functools.partial(dense, sample), functools.partial(converted, sample)],
+                                            repeats=9, min_time=2e-2)
+            values.append(t_dense / t_sparse)
+    return statistics.median(values)
+
+
+def run_spdy(args, out: Path, splits) -> None:
+    model_name = "mlp-wide"
+    seed = args.seeds[0]
+    built = database_row(model_name, args.epochs, out, args.samples, seed)
+    print(f"{model_name}: database in {built['seconds']:.1f} s ({built['source']}), peak RSS "
+          f"{built['peak_rss_mib']:.0f} MiB, solvers {built['solvers']}", flush=True)
+    dense = train_dense(model_name, args.epochs, out).eval()
+    dense_acc = evaluate(dense, splits.test, 1000, torch.device("cpu"))["acc"]
+    batches = calibration_batches(splits.train, args.samples, seed)
+    db = build_database(dense, batches, solver="auto", cache=built["cache"])
+    sample = torch.cat([x for x, _ in batches])[: args.batch_size]
+    model = copy.deepcopy(dense)
+    report: dict = {}
+    start = time.perf_counter()
+    prune_spdy(model, args.target_speedup, batches, batch_size=args.batch_size, database=db,
+               candidates=args.candidates, seed=seed, measure=False, report=report)
+    seconds = time.perf_counter() - start
+    spdy_speed = measure_speedup(dense, model, args.batch_size, args.repeats, sample)
+    spdy_acc = evaluate(model, splits.test, 1000, torch.device("cpu"))["acc"]
+    row = {"mode": "spdy", "model": model_name, "epochs": args.epochs, "dense_acc": dense_acc,
+           "threads": torch.get_num_threads(),
+           "target": args.target_speedup, "batch_size": args.batch_size, "profile": report["levels"],
+           "kernels": report["kernels"], "predicted": report["predicted_speedup"], "measured": spdy_speed,
+           "max_speedup": report["max_speedup"], "test_acc": spdy_acc, "seconds": seconds,
+           "candidates": report["candidates"], "calibration_loss": report["calibration_loss"],
+           "database_seconds": built["seconds"], "database_peak_rss_mib": built["peak_rss_mib"],
+           "solvers": built["solvers"]}  # fmt: skip
+    print(f"SPDY {args.target_speedup:g}x at batch {args.batch_size}: profile {report['levels']}, predicted "
+          f"{row['predicted']:.2f}x, measured {spdy_speed:.2f}x, test {spdy_acc:.2f} (dense {dense_acc:.2f}); "
+          f"search {seconds:.1f} s", flush=True)
+    uniform = []
+    params = dict(model.named_parameters())
+    for level, sparsity in enumerate(db.grid):
+        if sparsity < 0.5:
+            continue
+        for name in db.names:
+            params[name].data.copy_(db.weights[name][level])
+        speed = measure_speedup(dense, model, args.batch_size, args.repeats, sample)
+        acc = evaluate(model, splits.test, 1000, torch.device("cpu"))["acc"]
+        uniform.append({"sparsity": sparsity, "measured": speed, "test_acc": acc})
+        print(f"uniform {sparsity:g}: measured {speed:.2f}x, test {acc:.2f}", flush=True)
+    row["uniform"] = uniform
+    closest = min(uniform, key=lambda u: abs(u["measured"] - spdy_speed))
+    row["uniform_closest"] = closest
+    with open(out / "spdy.jsonl", "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    lines = [f"SPDY on {model_name} ({args.epochs} epoch(s), dense {dense_acc:.2f}%), target "
+             f"{args.target_speedup:g}x at batch {args.batch_size}:", "",
+             "| profile | per-layer sparsity | predicted | measured | test acc |", "|---|---|---|---|---|",
+             f"| SPDY | {' / '.join(f'{s:g}' for s in report['levels'].values())} | {row['predicted']:.2f}x | "
+             f"{spdy_speed:.2f}x | {spdy_acc:.2f} |"]  # fmt: skip
+    for u in uniform:
+        mark = " (closest speed)" if u is closest else ""
+        lines.append(f"| uniform{mark} | {u['sparsity']:g} | - | {u['measured']:.2f}x | {u['test_acc']:.2f} |")
+    (out / "spdy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("compare", "database", "spdy"), default="compare")
     parser.add_argument("--models", nargs="+", default=["mlp", "lenet5"])
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--target-speedup", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="spdy: speed-up measurements per profile (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (timings)")
     parser.add_argument("--sparsities", nargs="+", default=["0.5", "0.7", "0.9", "0.95", "2:4"])
     parser.add_argument("--distributions", nargs="+", default=["uniform", "global"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "database":
+        return run_database(args, out)
     splits = load_dataset("fashion-mnist", val_fraction=0.1, seed=0)  # the trainer's split: calibrate on its train part
+    if args.mode == "spdy":
+        return run_spdy(args, out, splits)
     rows = []
     for model_name in args.models:
         dense = train_dense(model_name, args.epochs, out)
@@ -147,26 +291,33 @@ def main() -> None:
                         print(f"{model_name:6s} {text:>5s} {distribution:8s} seed {seed} {method:9s} "
                               f"test {result['test_acc']:6.2f}  worst layer error {worst:9.4f}  "
                               f"{result['seconds']:6.1f}s", flush=True)  # fmt: skip
-    table = summarize(rows)
+    # The table covers every row in rows.jsonl (earlier runs too); a rerun of the same row replaces it.
+    latest = {}
+    for line in (out / "rows.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        latest[(row["model"], row["sparsity"], row["distribution"], row["seed"], row["method"])] = row
+    table = summarize(list(latest.values()))
     (out / "table.md").write_text(table + "\n")
     print(table)
 
 
 def summarize(rows: list[dict]) -> str:
-    lines = ["| model | sparsity | allocation | magnitude | OBC | OBC / magnitude layer error (max over layers) "
-             "| OBC time (s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | sparsity | allocation | draws | magnitude | OBC | OBC / magnitude layer error (max over layers)"
+             " | OBC time (s) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     keys = sorted({(r["model"], r["sparsity"], r["distribution"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
     for model, sparsity, distribution in keys:
         group = [r for r in rows if (r["model"], r["sparsity"], r["distribution"]) == (model, sparsity, distribution)]
         mag = [r for r in group if r["method"] == "magnitude"]
         obc = [r for r in group if r["method"] == "obc"]
+        mag = sorted(mag, key=lambda r: r["seed"])
+        obc = sorted(obc, key=lambda r: r["seed"])
         ratios = [max(o["layer_errors"][k] / max(m["layer_errors"][k], 1e-12) for k in o["layer_errors"])
                   for o, m in zip(obc, mag)]  # fmt: skip
 
         def stat(values):
             return f"{statistics.mean(values):.2f} +- {statistics.pstdev(values):.2f}"
 
-        lines.append(f"| {model} | {sparsity} | {distribution} | {stat([r['test_acc'] for r in mag])} | "
+        lines.append(f"| {model} | {sparsity} | {distribution} | {len(obc)} | {stat([r['test_acc'] for r in mag])} | "
                      f"{stat([r['test_acc'] for r in obc])} | {max(ratios):.3f} | "
                      f"{statistics.mean(r['seconds'] for r in obc):.1f} |")  # fmt: skip
     return "\n".join(lines)

@@ -527,6 +527,12 @@ def _build_mlp(shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return mlp(math.prod(shape), num_classes)
 
 
+@register_model("mlp-wide", example_input=(1, 28, 28),
+                help="wide MLP: two hidden layers (2048, 2048) on flat inputs, where sparse CPU kernels pay off")
+def _build_mlp_wide(shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return mlp(math.prod(shape), num_classes, hidden=(2048, 2048))
+
+
 @register_model("lenet5", example_input=(1, 28, 28), help="LeNet-5 (ReLU, max-pooling) for (C, H, W) images")
 def _build_lenet5(shape: tuple[int, ...], num_classes: int) -> nn.Module:
     c, h, w = _require_image_shape("lenet5", shape)

@@ -19,8 +19,8 @@ from sparsetrain.models import (
 )
 
 # The architectures that ship; a new one is picked up by the tests below from its registration alone.
-BUILT_IN = ("mlp", "lenet5", "convbase", "resnet20", "resnet32", "resnet56", "wrn-16-4", "wrn-28-10", "mobilenet-v1",
-            "gpt", "vit")  # fmt: skip
+BUILT_IN = ("mlp", "mlp-wide", "lenet5", "convbase", "resnet20", "resnet32", "resnet56", "wrn-16-4", "wrn-28-10",
+            "mobilenet-v1", "gpt", "vit")  # fmt: skip
 
 
 def _count(model: torch.nn.Module) -> int:

@@ -19,7 +19,7 @@ from ..errors import ConfigError, writing
 DEFAULT_SPARSITIES = "0.5,0.7,0.9"
 DEFAULT_CALIBRATION_SAMPLES = 1000
 DEFAULT_OBC_SAMPLES = 1024
-METHODS = ("magnitude", "obc")
+METHODS = ("magnitude", "obc", "spdy")
 ALLOCATIONS = ("database", "magnitude")
 
 
@@ -48,8 +48,12 @@ def add_parsers(subparsers: Any) -> None:
         default="magnitude",
         help="magnitude (default) or obc: OBC / ExactOBS solves each Linear/Conv2d layer with greedy OBS on its "
         "calibration inputs, layer by layer, at the per-layer sparsities that magnitude pruning with the same "
-        "--distribution gives (default: global magnitude's allocation)",
+        "--distribution gives (default: global magnitude's allocation); spdy: per-layer sparsities from the OBC "
+        "database that meet --target-speedup at --batch-size on this CPU (SPDY, Frantar & Alistarh 2022)",
     )
+    from .prune_spdy import add_spdy_arguments
+
+    add_spdy_arguments(prune)
     prune.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
@@ -64,7 +68,7 @@ def add_parsers(subparsers: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help=f"--method obc: training samples whose layer inputs give each layer's Hessian (default: "
+        help=f"--method obc or spdy: training samples whose layer inputs give each layer's Hessian (default: "
         f"{DEFAULT_OBC_SAMPLES})",
     )
     prune.add_argument(
@@ -153,7 +157,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..train.checkpoint import load, require, restore_model, save_atomic
     from ..train.data import iterate_batches, load_run_dataset
     from ..train.evaluation import checkpoint_payload, evaluate, weight_sparsity
+    from .prune_spdy import check_spdy_options, cmd_prune_spdy
 
+    check_spdy_options(args)
+    if args.method == "spdy":
+        return cmd_prune_spdy(args)
     # Usage mistakes first, before any work.
     sparsities = parse_sparsities(args.sparsity, args.mask_type)
     try:
@@ -163,7 +171,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.calibrate < 0:
         raise ConfigError(f"--calibrate must be a number of samples >= 0 (0: no re-calibration), got {args.calibrate}")
     if args.calibration is not None and args.method != "obc":
-        raise ConfigError(f"--calibration is the number of OBC calibration samples; it needs --method obc "
+        raise ConfigError(f"--calibration is the number of OBC calibration samples; it needs --method obc or spdy "
                           f"(got --method {args.method})")
     if args.solver is not None and args.method != "obc":
         raise ConfigError(f"--solver chooses OBC's per-layer solver; it needs --method obc "

@@ -4,11 +4,13 @@ OBC (Frantar & Alistarh, NeurIPS 2022, arXiv 2208.11580, section 5) builds such 
 level per layer under a global budget (``allocation.py``) and stitches the model from the stored weights. As in
 the paper, each layer is solved **independently** on the calibration inputs it receives in the *dense* model (not
 sequentially on pruned predecessors), so one database serves every target sparsity. Stored per (layer, level): the
-pruned weights and ``||W X - W' X||^2 / N`` (``exact_obs``'s error, ``sum over rows delta^T H delta / 2`` with
+pruned weights and ``||W X - W' X||^2 / N`` (the solver's error, ``sum over rows delta^T H delta / 2`` with
 ``H = 2 X X^T / N`` + damping, as ``layer_hessian`` builds it); per layer its Hessian, for the exact top-up.
 
-The on-disk cache is a safetensors file (no code runs on load) keyed by a SHA-256 of the model's weights, the
-calibration inputs, the damping and the grid. A file with another key, other layers, shapes, dtypes, non-finite
+Each layer is solved by ExactOBS unless ``solver`` says otherwise ('auto' gives layers too wide for it to
+SparseGPT, as ``prune_obc`` does: SPDY's wide models need that). The on-disk cache is a safetensors file (no code
+runs on load) keyed by a SHA-256 of the model's weights, the calibration inputs, the damping, the grid and the
+solver of each layer. A file with another key, other layers, shapes, dtypes, non-finite
 values or more non-zeros than a level allows is not used: the database is rebuilt and the file replaced.
 """
 
@@ -32,7 +34,8 @@ from ..maskops import check_sparsity, keep_count
 from .allocation import allocate_levels
 from .calibration import exact_obs_supported, execution_order, layer_hessian
 from .magnitude import prune_oneshot
-from .obc import exact_obs
+from .obc import choose_solver, exact_obs
+from .sparsegpt import sparsegpt
 
 __all__ = ["DEFAULT_GRID", "ObcDatabase", "build_database", "prune_obc_database"]
 
@@ -46,7 +49,7 @@ _FORMAT = "sparsetrain-obcdb-1"
 class ObcDatabase:
     """Per layer (parameter name, in forward order): ``weights[name]`` (levels, *shape), ``errors[name]`` (levels,)
     float64, ``hessians[name]`` (d, d) float64; ``grid`` the sparsity of each level; ``key`` the cache key;
-    ``source`` 'built' or 'cache'."""
+    ``source`` 'built' or 'cache'; ``solvers[name]`` the solver that built the layer ('exact' or 'sparsegpt')."""
 
     grid: tuple[float, ...]
     names: list[str]
@@ -55,6 +58,7 @@ class ObcDatabase:
     hessians: dict[str, Tensor] = field(default_factory=dict)
     key: str = ""
     source: str = "built"
+    solvers: dict[str, str] = field(default_factory=dict)
 
     def zeros(self, name: str) -> list[int]:
         """The zero count of each level of layer ``name``."""
@@ -108,8 +112,8 @@ def _exact_layers(model: nn.Module, names: Iterable[str], sample: Tensor) -> lis
 
 
 def _key(model: nn.Module, inputs: Sequence[Tensor], names: Sequence[str], grid: Sequence[float],
-         damping: float) -> str:
-    digest = hashlib.sha256(json.dumps([_FORMAT, list(grid), float(damping), list(names)]).encode())
+         damping: float, solvers: Sequence[str]) -> str:
+    digest = hashlib.sha256(json.dumps([_FORMAT, list(grid), float(damping), list(names), list(solvers)]).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -136,7 +140,8 @@ def _load_cache(path: str | os.PathLike[str], key: str, grid: tuple[float, ...],
                 raise ValueError("other layers or grid")
             if set(handle.keys()) != {f"{kind}/{n}" for n in names for kind in "weh"}:
                 raise ValueError("unexpected tensors")
-            db = ObcDatabase(grid, names, key=key, source="cache")
+            db = ObcDatabase(grid, names, key=key, source="cache",
+                             solvers=dict(zip(names, json.loads(meta.get("solvers", "null")) or ())))
             for name, module in layers:
                 w, e, h = (handle.get_tensor(f"{kind}/{name}") for kind in "weh")
                 shape, d = tuple(module.weight.shape), module.weight[0].numel()
@@ -164,7 +169,8 @@ def _save_cache(path: str | os.PathLike[str], db: ObcDatabase) -> None:
         tensors[f"w/{name}"] = db.weights[name].contiguous()
         tensors[f"e/{name}"] = db.errors[name].contiguous()
         tensors[f"h/{name}"] = db.hessians[name].contiguous()
-    meta = {"format": _FORMAT, "key": db.key, "names": json.dumps(db.names), "grid": json.dumps(list(db.grid))}
+    meta = {"format": _FORMAT, "key": db.key, "names": json.dumps(db.names), "grid": json.dumps(list(db.grid)),
+            "solvers": json.dumps([db.solvers.get(n, "exact") for n in db.names])}
     try:
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     except OSError as error:  # a cache that cannot be written costs a rebuild next time, nothing else
@@ -182,6 +188,8 @@ def build_database(
     num_samples: int | None = None,
     damping: float = 0.01,
     cache: str | os.PathLike[str] | None = None,
+    solver: str = "exact",
+    progress: bool = False,
 ) -> ObcDatabase:
     """The OBC database of ``model`` (not changed): each prunable Linear/Conv2d weight by ExactOBS at each ``grid``
     sparsity, on its dense-model calibration inputs (Frantar & Alistarh 2022, arXiv 2208.11580).
@@ -194,19 +202,25 @@ def build_database(
         num_samples: use at most this many calibration samples.
         damping: added to H's diagonal, as a fraction of its mean diagonal.
         cache: a safetensors file: used when it holds this very database, else (re)written.
+        solver: 'exact' (default: ExactOBS for every layer), 'sparsegpt', or 'auto' (ExactOBS where
+            ``obc.choose_solver`` allows it, SparseGPT on wider layers).
+        progress: show a progress bar (tqdm, on stderr) over the (layer, level) solves.
 
     Raises:
-        ValueError: a bad grid, pattern or sample count, no calibration data, no Linear/Conv2d weight to prune.
+        ValueError: a bad grid, pattern, solver or sample count, no calibration data, no Linear/Conv2d weight to
+            prune.
     """
     grid = _check_grid(grid)
+    choose_solver((1, 1), solver)
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
     inputs, _ = _collect(calibration_batches, num_samples)
-    return _build(model, inputs, grid, include, exclude, damping, cache)
+    return _build(model, inputs, grid, include, exclude, damping, cache, solver, progress)
 
 
 def _build(model: nn.Module, inputs: list[Tensor], grid: tuple[float, ...], include: Any, exclude: Any,
-           damping: float, cache: str | os.PathLike[str] | None) -> ObcDatabase:
+           damping: float, cache: str | os.PathLike[str] | None, solver: str = "exact",
+           progress: bool = False) -> ObcDatabase:
     names = prune_oneshot(copy.deepcopy(model), 0.5, include=include, exclude=exclude)
     device = next(model.parameters()).device
     modes = {m: m.training for m in model.modules()}
@@ -215,25 +229,39 @@ def _build(model: nn.Module, inputs: list[Tensor], grid: tuple[float, ...], incl
         layers = _exact_layers(model, names, inputs[0].to(device))
         if not layers:
             raise ValueError("the model has no Linear or Conv2d weight to prune with OBC (check include/exclude)")
-        key = _key(model, inputs, [n for n, _ in layers], grid, damping)
+        kinds = [choose_solver(module.weight.shape, solver) for _, module in layers]
+        key = _key(model, inputs, [n for n, _ in layers], grid, damping, kinds)
         if cache is not None:
             db = _load_cache(cache, key, grid, layers)
             if db is not None:
                 log.info("OBC database loaded from %s", cache)
                 return db
         db = ObcDatabase(grid, [n for n, _ in layers], key=key)
-        for name, module in layers:
-            h = layer_hessian(model, module, inputs, damping)
-            numel = module.weight.numel()
-            solved, errs = [], []
-            for s in grid:
-                new, _, error = exact_obs(module.weight, h, keep=keep_count(numel, s))
-                solved.append(new.detach().cpu())
-                errs.append(error)
-            db.weights[name] = torch.stack(solved)
-            db.errors[name] = torch.tensor(errs, dtype=torch.float64)
-            db.hessians[name] = h.cpu()
-            log.info("OBC database: %s at %d sparsities", name, len(grid))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(layers) * len(grid), desc="OBC database", leave=False, dynamic_ncols=True)
+        try:
+            for (name, module), kind in zip(layers, kinds):
+                h = layer_hessian(model, module, inputs, damping)
+                numel = module.weight.numel()
+                solve = exact_obs if kind == "exact" else sparsegpt
+                solved, errs = [], []
+                for s in grid:
+                    new, _, error = solve(module.weight, h, keep=keep_count(numel, s))
+                    solved.append(new.detach().cpu())
+                    errs.append(error)
+                    if bar is not None:
+                        bar.update(1)
+                db.weights[name] = torch.stack(solved)
+                db.errors[name] = torch.tensor(errs, dtype=torch.float64)
+                db.hessians[name] = h.cpu()
+                db.solvers[name] = kind
+                log.info("OBC database: %s at %d sparsities by %s", name, len(grid), kind)
+        finally:
+            if bar is not None:
+                bar.close()
     finally:
         for m, training in modes.items():
             m.train(training)

@@ -1,0 +1,326 @@
+"""SPDY (Frantar & Alistarh, ICML 2022): the time-budget DP, the search over error weights, timings with the
+inference engine, ``prune_spdy`` and ``sparsetrain prune --method spdy``."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import random
+
+import pytest
+import torch
+from helpers.shared import trained_digits_mlp_checkpoint
+from torch import nn
+
+from sparsetrain.inference import SparseLinear
+from sparsetrain.maskops import keep_count
+from sparsetrain.oneshot import (
+    ObcDatabase,
+    SpdyTimings,
+    allocate_under_budget,
+    build_database,
+    measure_timings,
+    prune_spdy,
+    search_profile,
+    spdy,
+)
+
+
+def brute_force(errors, costs, budget):
+    best = None
+    for levels in itertools.product(*(range(len(e)) for e in errors)):
+        if sum(c[lv] for c, lv in zip(costs, levels)) <= budget:
+            err = sum(e[lv] for e, lv in zip(errors, levels))
+            best = err if best is None else min(best, err)
+    return best
+
+
+def test_budget_dp_equals_brute_force_on_small_random_cases():
+    rng = random.Random(0)
+    for _ in range(200):
+        layers, levels = rng.randint(1, 4), rng.randint(1, 5)
+        errors = [[rng.uniform(0, 10) for _ in range(levels)] for _ in range(layers)]
+        costs = [[rng.randint(1, 30) for _ in range(levels)] for _ in range(layers)]
+        least = sum(min(c) for c in costs)
+        budget = rng.randint(least, least + 40)
+        chosen = allocate_under_budget(errors, costs, budget, buckets=budget)  # one unit = one: exact
+        assert sum(c[lv] for c, lv in zip(costs, chosen)) <= budget
+        assert sum(e[lv] for e, lv in zip(errors, chosen)) == pytest.approx(brute_force(errors, costs, budget))
+        real = [[c * rng.uniform(0.9, 1.1) for c in row] for row in costs]  # float costs, coarse units: feasible
+        loose = max(budget, sum(min(row) for row in real) * 1.05)
+        coarse = allocate_under_budget(errors, real, loose, buckets=7)
+        assert sum(c[lv] for c, lv in zip(real, coarse)) <= loose * (1 + 1e-12)
+    with pytest.raises(ValueError, match="cheapest levels cost 3"):
+        allocate_under_budget([[0.0, 1.0], [0.0, 1.0]], [[5, 1], [5, 2]], 2.5)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        allocate_under_budget([[0.0]], [[-1.0]], 2.0)
+
+
+def random_case(rng: random.Random, layers: int, levels: int):
+    # Times fall with the level, errors rise with it: the shape of a real database.
+    errors = [sorted(rng.uniform(0, 5) for _ in range(levels)) for _ in range(layers)]
+    times = [sorted((rng.uniform(0.1, 1.0) for _ in range(levels)), reverse=True) for _ in range(layers)]
+    least, most = sum(min(t) for t in times), sum(max(t) for t in times)
+    return errors, times, rng.uniform(least, most)
+
+
+def test_search_never_returns_a_profile_over_the_budget():
+    rng = random.Random(1)
+    for case in range(20):
+        errors, times, budget = random_case(rng, rng.randint(1, 6), rng.randint(2, 8))
+        noise = {}
+
+        def score(levels, noise=noise):  # a loss the layer errors do not predict well
+            return noise.setdefault(tuple(levels), rng.random())
+
+        history = []
+        levels, weights, value = search_profile(errors, times, budget, score, candidates=40, seed=case,
+                                                history=history)
+        assert len(history) == 40 and len(weights) == len(errors)
+        for entry in history:
+            assert sum(t[lv] for t, lv in zip(times, entry["levels"])) <= budget * (1 + 1e-12)
+        assert sum(t[lv] for t, lv in zip(times, levels)) <= budget * (1 + 1e-12)
+        assert value == min(entry["score"] for entry in history) == score(levels)
+    # The first candidate is the plain DP on the errors (c = 1); the search can only improve on its score.
+    errors, times, budget = random_case(random.Random(2), 4, 6)
+    history = []
+    search_profile(errors, times, budget, lambda lv: float(sum(lv)), candidates=30, history=history)
+    assert history[0]["levels"] == allocate_under_budget(errors, times, budget)
+    with pytest.raises(ValueError, match="candidates"):
+        search_profile(errors, times, budget, lambda lv: 0.0, candidates=0)
+
+
+# ------------------------------------------------------------------------------------------------ a trained MLP
+def digits_batches(n: int = 512):
+    from sparsetrain.train.data import iterate_batches, load_dataset
+
+    splits = load_dataset("digits")
+    return splits, list(iterate_batches(splits.train, 128, shuffle=True, seed=0))[: n // 128]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A 64-48-32-10 MLP trained 6 epochs on the 8x8 digits and its OBC database (a few seconds)."""
+    from sparsetrain.train.data import iterate_batches
+
+    splits, batches = digits_batches()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for epoch in range(6):
+        for x, y in iterate_batches(splits.train, 64, shuffle=True, seed=0, epoch=epoch):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval(), batches, build_database(model, batches)
+
+
+def cost_model_timings(db: ObcDatabase, overhead: float = 1.0) -> SpdyTimings:
+    """Deterministic times: a layer costs its non-zeros (CSR) from 50% sparsity on, its size below."""
+    t = SpdyTimings(1, 1, db.grid, list(db.names), overhead=overhead)
+    for name in db.names:
+        numel = db.weights[name][0].numel()
+        t.times[name] = [float(numel) if s < 0.5 else 0.4 * keep_count(numel, s) + 10.0 for s in db.grid]
+        t.kernels[name] = ["dense" if s < 0.5 else "csr" for s in db.grid]
+    t.dense_total = overhead + sum(db.weights[n][0].numel() for n in db.names)
+    return t
+
+
+@pytest.mark.parametrize("target", [1.5, 2.5])
+def test_prune_spdy_meets_the_time_budget_as_predicted(trained, target):
+    dense, batches, db = trained
+    timings = cost_model_timings(db)
+    model = __import__("copy").deepcopy(dense)
+    report = {}
+    masks = prune_spdy(model, target, batches, database=db, timings=timings, candidates=30, measure=False,
+                       report=report)
+    levels = [db.grid.index(report["levels"][n]) for n in db.names]
+    assert timings.predict(levels) <= timings.dense_total / target * (1 + 1e-9)
+    assert report["predicted_speedup"] == pytest.approx(timings.dense_total / timings.predict(levels))
+    assert report["predicted_speedup"] >= target * (1 - 1e-9)
+    assert report["calibration_loss"]["chosen"] <= report["calibration_loss"]["dense errors"]
+    params = dict(model.named_parameters())
+    for name, level in zip(db.names, levels):  # stitched from the database, masks are its zeros
+        assert torch.equal(params[name].detach(), db.weights[name][level])
+        assert torch.equal(masks[name], params[name] != 0)
+    # The pruned model still classifies: far above chance (10%) on the calibration batches.
+    x, y = batches[0]
+    assert (model(x).argmax(1) == y).float().mean() > 0.5
+
+
+def test_prune_spdy_bad_inputs(trained):
+    dense, batches, db = trained
+    timings = cost_model_timings(db)
+    reachable = spdy.max_speedup(timings)
+    with pytest.raises(ValueError, match=f"at {reachable:.2f}x"):
+        prune_spdy(nn.Sequential(*dense), reachable * 1.1, batches, database=db, timings=timings, measure=False)
+    for bad in (1.0, 0.5, float("nan"), True):
+        with pytest.raises(ValueError, match="target speed-up must be a number > 1"):
+            prune_spdy(dense, bad, batches, database=db, timings=timings)
+    with pytest.raises(ValueError, match="no calibration data"):
+        prune_spdy(dense, 2.0, [], database=db, timings=timings)
+    with pytest.raises(ValueError, match="nothing to sparsify"):
+        prune_spdy(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4)), 2.0, [torch.randn(8, 4)])
+
+
+def test_measured_timings_follow_the_inference_engines_choice():
+    # A 1024x1024 layer at batch 1: CSR wins by 3x or more at 90%+ on a CPU, dense always below 50%.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024)).eval()
+    grid = (0.0, 0.3, 0.6, 0.98)
+    weight = model[0].weight.detach()
+    db = ObcDatabase(grid, ["0.weight"])
+    levels = []
+    for s in grid:
+        keep = keep_count(weight.numel(), s)
+        mask = torch.zeros(weight.numel(), dtype=torch.bool)
+        mask[weight.abs().flatten().topk(keep).indices] = True
+        levels.append(weight * mask.view_as(weight))
+    db.weights["0.weight"] = torch.stack(levels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # MKL's threaded sparse kernels crawl on an oversubscribed machine; one thread does not
+    chosen = []
+    try:
+        for _ in range(3):  # timing on a shared machine is noisy: the 98% level must win CSR in one of 3 tries
+            t = measure_timings(model, db, torch.randn(1, 1024), repeats=3)
+            kernels, times = t.kernels["0.weight"], t.times["0.weight"]
+            assert kernels[:2] == ["dense", "dense"] and times[0] == times[1]  # below min_sparsity: not timed
+            for kernel, time in zip(kernels, times):  # the engine's rule: CSR only where 5% faster than dense
+                assert kernel == "dense" and time == times[0] or kernel == "csr" and time <= 0.95 * times[0]
+            assert t.batch_size == 1 and t.overhead >= 0
+            assert t.dense_total == pytest.approx(t.overhead + times[0])  # the overhead is timed apart
+            assert type(model[0]) is nn.Linear  # the layer swapped out to time the rest is back
+            chosen.append(kernels[3])
+            if kernels[3] == "csr":
+                assert spdy.max_speedup(t) > 1.0
+                break
+    finally:
+        torch.set_num_threads(threads)
+    assert "csr" in chosen
+
+
+# ------------------------------------------------------------------------------------------------ the command
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return trained_digits_mlp_checkpoint(tmp_path_factory.mktemp("spdy") / "run" / "dense_best.pt", epochs=3)
+
+
+# The middle 300-input layer is left dense in these runs: its ExactOBS database would cost seconds.
+FAST = ["--calibration", "256", "--exclude", "3.weight", "--candidates", "10"]
+
+
+def _cost(fn) -> float:
+    """A deterministic clock for the CLI tests: CSR costs 0.3 per non-zero, dense 1 per weight (in ns)."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    modules = list(target.modules()) if isinstance(target, nn.Module) else []
+    total = 100.0
+    for m in modules:
+        if isinstance(m, SparseLinear):
+            total += 0.3 * m.values.numel()
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel()
+    return total * 1e-9
+
+
+@pytest.fixture
+def cost_clock(monkeypatch):
+    monkeypatch.setattr(spdy, "time_call", lambda fn, **kw: _cost(fn))
+    monkeypatch.setattr(spdy, "time_paired", lambda fns, **kw: [_cost(fn) for fn in fns])
+
+
+def test_prune_command_spdy_end_to_end(checkpoint, capsys, cost_clock, tmp_path):
+    from sparsetrain.cli import main
+    from sparsetrain.train import checkpoint as ckpt
+
+    out_dir = checkpoint.parent / "spdy"
+    argv = ["prune", str(checkpoint), "--method", "spdy", "--target-speedup", "1.3", "--batch-size", "1",
+            "--out-dir", str(out_dir), *FAST]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "SPDY profile for 1.3x at batch 1" in out and "layer error" in out and "1.weight" in out
+    assert "predicted" in out and "measured" in out
+    path = out_dir / "pruned_spdy1.3x_b1.pt"
+    data = ckpt.load(path)
+    metrics = data["metrics"]
+    assert metrics["method"] == "spdy" and metrics["predicted_speedup"] >= 1.3 and metrics["measured_speedup"] > 0
+    assert set(metrics["profile"]) == {"1.weight", "5.weight"} and max(metrics["profile"].values()) >= 0.5
+    assert int((data["model"]["3.weight"] == 0).sum()) == 0  # excluded: dense
+    # The timings are cached next to the checkpoint: a second run reads them (and the database) back.
+    assert (checkpoint.parent / "dense_best.pt.spdy-times-b1.json").is_file()
+    assert main([*argv, "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "timings from" in out and "loaded from" in out
+    assert main(["eval", str(path)]) == 0
+    assert main(["export", str(path), "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["bench", str(tmp_path / "m.safetensors"), "--batch-sizes", "1", "--repeats", "1"]) == 0
+    capsys.readouterr()
+
+
+def test_prune_command_spdy_mistakes(checkpoint, capsys):
+    from sparsetrain.cli import main
+
+    base = ["prune", str(checkpoint)]
+    for argv, expected in [
+        (["--method", "spdy"], "needs --target-speedup"),
+        (["--method", "spdy", "--target-speedup", "1"], "--target-speedup must be a number > 1"),
+        (["--method", "spdy", "--target-speedup", "2", "--batch-size", "0"], "--batch-size must be"),
+        (["--method", "spdy", "--target-speedup", "2", "--calibration", "0"], "--calibration must be"),
+        (["--method", "spdy", "--target-speedup", "2", "--sparsity", "0.5"], "--sparsity does not apply"),
+        (["--target-speedup", "2"], "belong(s) to --method spdy"),
+        (["--method", "obc", "--batch-size", "4"], "belong(s) to --method spdy"),
+        (["--method", "spdy", "--target-speedup", "2", "--exclude", "*weight"], "nothing to sparsify"),
+    ]:
+        assert main([*base, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
+
+
+def test_prune_command_spdy_unreachable_target_names_the_maximum(checkpoint, capsys, cost_clock):
+    from sparsetrain.cli import main
+
+    argv = ["prune", str(checkpoint), "--method", "spdy", "--target-speedup", "50", "--out-dir",
+            str(checkpoint.parent / "unreachable"), *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: target speed-up 50x is out of reach at batch size 1") and "ask for at most" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (checkpoint.parent / "unreachable" / "pruned_spdy50x_b1.pt").exists()
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "database"])
+def test_ctrl_c_during_prune_leaves_no_partial_file(checkpoint, capsys, cost_clock, monkeypatch, tmp_path, where):
+    """A KeyboardInterrupt in the middle of a write (the checkpoint, or the database cache): exit 130, and neither
+    the file nor a temporary file beside it remains."""
+    import shutil
+
+    import safetensors.torch
+
+    from sparsetrain.cli import main
+    from sparsetrain.train import checkpoint as ckpt
+
+    source = tmp_path / "dense_best.pt"
+    shutil.copy(checkpoint, source)
+
+    def interrupted(*args, **kwargs):
+        target = args[1]  # torch.save(obj, handle) and save_file(tensors, filename, ...)
+        if hasattr(target, "write"):
+            target.write(b"partial")
+        else:
+            open(target, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    if where == "checkpoint":
+        monkeypatch.setattr(ckpt.torch, "save", interrupted)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = ["prune", str(source), "--method", "spdy", "--target-speedup", "1.3", "--out-dir", str(out_dir), *FAST]
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(out_dir.iterdir()) == []
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not any(name.endswith(".tmp") for name in left), left
+    if where == "database":
+        assert "dense_best.pt.obcdb.safetensors" not in left
