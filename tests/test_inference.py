@@ -200,7 +200,9 @@ def test_ineligible_layers_are_reported_not_converted():
     model = prune_(nn.Sequential(Scaled(16, 16), nn.Linear(16, 16)), 0.9).eval()
     report = to_sparse_kernels(model, torch.randn(2, 16), force=True, **FAST)[1]
     reasons = {c.name: c.reason for c in report.layers}
-    assert "own forward" in reasons["0"] and reasons["1"] == "forced"
+    # Layer 1 is converted by force; its reason says "faster" when the timing happened to agree (load-dependent).
+    assert "own forward" in reasons["0"] and reasons["1"] in ("forced", "faster")
+    assert [c.name for c in report.layers if c.kernel == "csr"] == ["1"]
 
     class WithSpare(nn.Module):
         def __init__(self) -> None:
