@@ -146,6 +146,8 @@ def test_fsdp_interrupted_run_resumes_bit_identically(runs, tmp_path):
         (["--nproc", "2", "--set", "fsdp=true", "--method", "rda"], ["'rda'", "FSDP", "DDP"]),
         (["--nproc", "2", "--set", "fsdp=true", "--method", "cram"], ["'cram'", "FSDP", "DDP"]),
         (["--nproc", "2", "--set", "fsdp=true", "--comm-hook", "qsgd"], ["qsgd", "fsdp=true"]),
+        (["--nproc", "2", "--set", "fsdp=true", "--method", "gmp", "--mask-type", "channel"], ["channel", "DDP"]),
+        (["--nproc", "2", "--set", "fsdp=true", "--set", "check_masks=true"], ["check_masks", "fsdp=true"]),
     ],
 )
 def test_what_fsdp_cannot_do_fails_before_any_process_starts(args, words, tmp_path):
