@@ -469,7 +469,7 @@ def _export_file_as_checkpoint(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- compare
 # Config keys that do not change what is learned (where files go, how it ran), and the seed and sparsity, which a
 # comparison varies: runs that differ only in these are the same task. The method's own settings form the line.
-NOT_TASK = ("seed", "sparsity", "out", "data_dir", "device", "threads", "progress", "plots", "check_masks",
+NOT_TASK = ("seed", "sparsity", "out", "data_dir", "device", "threads", "progress", "plots", "check_masks", "fsdp",
             "eval_batch_size", "method", "method_options", "distribution")  # fmt: skip
 METHOD_SIDE = ("method_options", "distribution")
 
