@@ -193,6 +193,8 @@ def launch_distributed(args: argparse.Namespace, argv: list[str]) -> int:
     import os
     import subprocess
 
+    from .train.fsdp import check_fsdp_world
+
     cpus = os.cpu_count() or 1
     if args.nproc < 1 or args.nproc > cpus:
         raise ConfigError(f"--nproc {args.nproc}: this machine can run 1 to {cpus} processes (it has {cpus} CPUs)")
@@ -201,6 +203,7 @@ def launch_distributed(args: argparse.Namespace, argv: list[str]) -> int:
         if config["batch_size"] % args.nproc:
             raise ConfigError(f"batch_size {config['batch_size']} does not divide among {args.nproc} processes")
         _check_method_fits_hook(config)
+        check_fsdp_world(config, args.nproc)
         # Last: it creates the run's folder, which a usage error must not leave behind.
         if config["out"] is None:
             config["out"] = _choose_out_dir(config, explicit=False)
@@ -289,6 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from .train.config import describe
+    from .train.fsdp import check_fsdp_world
     from .train.outputs import LAST
 
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -301,6 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             config["data_dir"] = args.data_dir
     else:
         config = _train_config(args)
+        check_fsdp_world(config, int(os.environ.get("WORLD_SIZE", "1")))  # before the run's folder is made
         explicit = config["out"] is not None
         # Under torchrun the launcher (and rank 0) prepared the folder; the other ranks only read the path.
         config["out"] = _choose_out_dir(config, explicit, prepare=main_rank)
@@ -464,7 +469,7 @@ def _export_file_as_checkpoint(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- compare
 # Config keys that do not change what is learned (where files go, how it ran), and the seed and sparsity, which a
 # comparison varies: runs that differ only in these are the same task. The method's own settings form the line.
-NOT_TASK = ("seed", "sparsity", "out", "data_dir", "device", "threads", "progress", "plots", "check_masks",
+NOT_TASK = ("seed", "sparsity", "out", "data_dir", "device", "threads", "progress", "plots", "check_masks", "fsdp",
             "eval_batch_size", "method", "method_options", "distribution")  # fmt: skip
 METHOD_SIDE = ("method_options", "distribution")
 

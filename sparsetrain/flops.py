@@ -217,7 +217,9 @@ class FlopCounter:
         """Dense forward FLOPs per sample; independent of the weights' values, so no nonzero count."""
         return sum(site.positions * site.module.weight.numel() for site in self._sites)
 
-    def forward(self, masks: dict[str, torch.Tensor] | None = None) -> FlopReport:
+    def forward(
+        self, masks: dict[str, torch.Tensor] | None = None, nonzeros: dict[str, int] | None = None
+    ) -> FlopReport:
         """Forward FLOPs per sample for the current weights, or for the given masks.
 
         Args:
@@ -225,6 +227,8 @@ class FlopCounter:
                 the model itself is the layer) to a mask of the weight's shape; where a layer has a mask,
                 its nonzero (True) entries are counted instead of the nonzero entries of its weight.
                 Entries for other parameters are ignored.
+            nonzeros: Optional mapping from the same names to the weight's count of nonzeros, used before
+                ``masks`` and the weights (a sharded model's counts, summed over its ranks).
 
         Returns:
             A :class:`FlopReport` with one entry per counted layer.
@@ -236,7 +240,9 @@ class FlopCounter:
                 weight = site.module.weight
                 key = _weight_key(site.name)
                 mask = masks.get(key)
-                if mask is not None:
+                if nonzeros is not None and key in nonzeros:
+                    nonzero = int(nonzeros[key])
+                elif mask is not None:
                     if mask.numel() != weight.numel():
                         raise ValueError(f"mask for {key} has {mask.numel()} entries, weight has {weight.numel()}")
                     nonzero = int(torch.count_nonzero(mask))

@@ -12,6 +12,7 @@ from ..distributed.hooks import HOOK_REGISTRY, QSGD_NORMS
 from ..errors import ConfigError
 from ..models import MODEL_REGISTRY, check_model_name, model_options
 from .data import DATASET_REGISTRY, dataset_options
+from .fsdp import check_fsdp_config
 from .lr_schedules import LR_SCHEDULES
 
 # key -> (default, allowed types, one-line help). None is allowed wherever the default is None.
@@ -53,6 +54,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "progress": (None, (bool,), "progress bar (default: when the terminal is interactive)"),
     "plots": (True, (bool,), "write training.png at the end of the run"),
     "comm_hook": ("none", (str,), "data-parallel gradient communication: " + HOOK_REGISTRY.help_text()),
+    "fsdp": (False, (bool,), "shard the model with FSDP2 (fully_shard) over the --nproc / torchrun processes"),
     "qsgd_levels": (7, (int,), "QSGD levels s (7: 4-bit codes, up to 127: 8-bit codes)"),
     "qsgd_bucket": (512, (int,), "QSGD bucket size d (values sharing one norm)"),
     "qsgd_norm": ("l2", (str,), "QSGD scaling: " + " or ".join(QSGD_NORMS)),
@@ -134,6 +136,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
                 f"got {out['milestones']!r}"
             )
     _check_method_options(out)
+    check_fsdp_config({**defaults(), **out})
     return out
 
 
@@ -338,6 +341,7 @@ class TrainConfig:
     progress: bool | None
     plots: bool
     comm_hook: str
+    fsdp: bool
     qsgd_levels: int
     qsgd_bucket: int
     qsgd_norm: str

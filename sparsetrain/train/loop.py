@@ -24,13 +24,14 @@ from torch import Tensor, nn
 
 import sparsetrain
 
+from ..core.sharding import local as sharding_local
 from ..distributed import check_masks_consistent
 from ..distributed.hooks import check_hook, hook_options, register_hook
 from ..errors import CheckpointError, ConfigError, TrainingDiverged, first_line, writing
 from ..flops import FlopCounter, TrainingFlops
 from ..models import build_model, model_spec
 from ..optim.groups import weight_decay_groups
-from . import checkpoint
+from . import checkpoint, fsdp
 from .config import TrainConfig, as_train_config, default_out_dir, describe
 from .data import Splits, iterate_batches, load_dataset, num_batches
 from .evaluation import (
@@ -156,9 +157,10 @@ class Run:
         phase = self.sparsifier.phase
         train = self.train_epoch()
         self.epoch += 1
+        self._gather()  # FSDP: rank 0's full copy of the weights and the run's state (every rank takes part)
         if self.is_main:
-            val = evaluate(self.model, self.data.val, self.config.eval_batch_size, self.device)
-            test = evaluate(self.model, self.data.test, self.config.eval_batch_size, self.device)
+            val = evaluate(self.view, self.data.val, self.config.eval_batch_size, self.device)
+            test = evaluate(self.view, self.data.test, self.config.eval_batch_size, self.device)
             self.elapsed += time.perf_counter() - start
             self._record_epoch(phase, train, val, test)
         else:
@@ -196,7 +198,7 @@ class Run:
             totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
             dist.all_reduce(totals)
             total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
-            if config.check_masks and sparsifier.synchronize_gradients():
+            if config.check_masks and sparsifier.synchronize_gradients():  # (refused with fsdp)
                 check_masks_consistent(sparsifier.masks)
         loss = total_loss / seen
         return {"loss": loss, "acc": 100.0 * correct / seen, "ppl": perplexity(loss), "lr": lr}
@@ -236,6 +238,8 @@ class Run:
         its last dense weights are a candidate dense twin: chosen on the validation metric (accuracy, or perplexity
         for language modelling), never test. The dense warm-up is not a decompressed phase."""
         weights, self._dense_weights = self._dense_weights, None
+        if self.fsdp and not self.is_main:
+            return  # the gathered dense weights are on rank 0, which alone evaluates and keeps them
         if phase == "dense" and self.sparsifier.count > self._warmup_end():
             self._consider_dense(self.sparsifier.count, weights)
 
@@ -245,7 +249,8 @@ class Run:
         # only see the pruned weights. The sparsifier's phase_end event comes after the update and before the masks
         # change: copy the dense weights there; _phase_ended evaluates them after the step, in the loop.
         if event["event"] == "phase_end" and event["phase"] == "dense":
-            self._dense_weights = cpu_state(self.model)
+            # FSDP: gathered to rank 0 (every rank's hook takes part in the collective).
+            self._dense_weights = fsdp.full_model_state(self.model) if self.fsdp else cpu_state(self.model)
 
     def _warmup_end(self) -> int:
         timeline = self.sparsifier.timeline()
@@ -253,7 +258,7 @@ class Run:
 
     def _consider_dense(self, step: int, weights: dict[str, Tensor]) -> None:
         if self._twin is None:
-            self._twin = copy.deepcopy(self.model)  # evaluated in place of the (now pruned) model; no RNG drawn
+            self._twin = copy.deepcopy(self.view)  # evaluated in place of the (now pruned) model; no RNG drawn
         self._twin.load_state_dict(weights)
         val = evaluate(self._twin, self.data.val, self.config.eval_batch_size, self.device)
         key = METRICS[self.data.metric]["key"]
@@ -323,7 +328,8 @@ class Run:
     def _count_flops(self, samples: int, repeat: bool = False) -> None:
         version = self.sparsifier.masks_key()
         if self._forward_flops_version != version:
-            self._forward_flops = self.flop_counter.forward(self.sparsifier.masks).sparse_total
+            nonzeros = self._sharded_nonzeros() if self.fsdp else None
+            self._forward_flops = self.flop_counter.forward(self.sparsifier.masks, nonzeros).sparse_total
             self._forward_flops_version = version
         # A step that reads the gradients of masked weights (RigL's updates, RDA before its prune) pays for the
         # dense weight gradient: the method says so, the tracker charges 2 f_S + f_D for it.
@@ -349,6 +355,9 @@ class Run:
         if config.init_from:
             # Before the sparsifier is built: methods read the weights they start from (transfer: its zeros).
             checkpoint.init_from(self.model, self.spec, config.init_from)
+        self.view = self.model  # what rank 0 evaluates and saves (FSDP: a full copy, see _gather)
+        if self.fsdp:
+            self._setup_fsdp()
         self.steps_per_epoch = num_batches(
             len(self.data.train), self.batch_per_rank, drop_last=True, world_size=self.world
         )
@@ -405,6 +414,8 @@ class Run:
                 f"{self.world} processes"
             )
         self.batch_per_rank = config.batch_size // self.world
+        fsdp.check_fsdp_world(config.to_dict(), self.world)
+        self.fsdp = config.fsdp
 
     def _setup_data_parallel(self) -> None:
         """DDP around the model and the gradient communication hook, when there is more than one process."""
@@ -415,7 +426,7 @@ class Run:
             check_hook(config.comm_hook, self.sparsifier, self._hook_options())
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:  # FSDP: the sharded model reduce-scatters its gradients itself
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -423,6 +434,46 @@ class Run:
                                             seed=config.seed, **self._hook_options())  # fmt: skip
         elif config.comm_hook != "none":
             log.warning("comm_hook %s has no effect in a single process", config.comm_hook)
+
+    def _setup_fsdp(self) -> None:
+        """Shard the model (before the sparsifier and the optimizer are built on its parameters); rank 0 keeps a
+        plain model of the same architecture to evaluate and save the gathered weights."""
+        rng = torch.get_rng_state()  # the copy's own initialisation must not move rank 0's RNG
+        view = build_model(**self.spec).to(self.device) if self.is_main else None
+        torch.set_rng_state(rng)
+        fsdp.shard_model(self.model)
+        self.view = view  # type: ignore[assignment]
+        self._fsdp_state: dict[str, Any] = {}
+
+    def _gather(self) -> None:
+        """FSDP (a collective, every rank calls it): the full weights into rank 0's plain model; the optimizer's
+        full state and every rank's sparsifier state to rank 0, for last.pt. Nothing otherwise."""
+        if not self.fsdp:
+            return
+        weights = fsdp.full_model_state(self.model)
+        self._fsdp_state = {"optimizer": fsdp.full_optimizer_state(self.model, self.optimizer),
+                            "sparsifier": fsdp.gather_to_main(self.sparsifier.state_dict())}  # fmt: skip
+        if self.is_main:
+            self.view.load_state_dict(weights)
+
+    def _sharded_nonzeros(self) -> dict[str, int]:
+        """FSDP: every weight's nonzeros (its mask's where it has one), summed over the ranks (collective)."""
+        masks = self.sparsifier.masks
+        names = [n for n, p in self.model.named_parameters() if p.dim() >= 2]
+        local = [int(torch.count_nonzero(masks[n] if n in masks else sharding_local(self.model.get_parameter(n))))
+                 for n in names]  # fmt: skip
+        return dict(zip(names, self.sparsifier.sum_over_ranks(local)))
+
+    def _sparsity_report(self) -> Any:
+        """The sparsity report of the model rank 0 holds: the sparsifier's, or under FSDP counted on the gathered
+        weights (the sparsifier's own report is a collective, and only rank 0 asks)."""
+        if not self.fsdp:
+            return self.sparsifier.sparsity()
+        weights = {n: self.view.get_parameter(n) for n in self.sparsifier.params}
+        zeros = {n: int((w == 0).sum()) for n, w in weights.items()}
+        total = sum(w.numel() for w in weights.values())
+        return sparsetrain.SparsityReport(overall=sum(zeros.values()) / total, zeros=sum(zeros.values()), total=total,
+                              layers={n: zeros[n] / weights[n].numel() for n in weights})  # fmt: skip
 
     def _hook_options(self) -> dict[str, Any]:
         return hook_options(self.config.comm_hook, self.config.to_dict())
@@ -434,14 +485,17 @@ class Run:
 
     # ------------------------------------------------------------------ resume
     def state(self) -> dict[str, Any]:
+        # FSDP: the full weights and optimizer state, and one sparsifier state per rank (masks of its rows).
+        sharded = {"fsdp_world": self.world} if self.fsdp else {}
         return checkpoint_payload(
-            self.model,
+            self.view,
             self.spec,
             self.config,
             kind="last",
             epoch=self.epoch,
-            optimizer=self.optimizer.state_dict(),
-            sparsifier=self.sparsifier.state_dict(),
+            optimizer=self._fsdp_state["optimizer"] if self.fsdp else self.optimizer.state_dict(),
+            sparsifier=self._fsdp_state["sparsifier"] if self.fsdp else self.sparsifier.state_dict(),
+            **sharded,
             scaler=self.scaler.state_dict(),
             train_flops=self.train_flops.state_dict(),
             metrics=self.metrics,
@@ -451,9 +505,21 @@ class Run:
         )
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sparsifier.load_state_dict(state["sparsifier"])
+        if self.fsdp:
+            saved = state.get("fsdp_world")
+            if saved != self.world:
+                raise CheckpointError(
+                    f"{str(self.out / LAST)!r} was saved by an FSDP run on {saved or 'no sharded'} processes, this "
+                    f"run has {self.world}: the sparsifier keeps each rank's rows, resume it with --nproc {saved}"
+                )
+            fsdp.load_full_state(self.model, self.optimizer, dict(state["model"]), state["optimizer"])
+            self.sparsifier.load_state_dict(state["sparsifier"][self.rank])
+            if self.is_main:  # a run resumed after its last epoch goes straight to finish(), which reads the copy
+                self.view.load_state_dict(state["model"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.sparsifier.load_state_dict(state["sparsifier"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.train_flops.load_state_dict(state["train_flops"])
@@ -489,7 +555,7 @@ class Run:
             **self._scores(val, "val"),
             "test_loss": test["loss"],
             **self._scores(test, "test"),
-            "sparsity": self.sparsifier.sparsity().overall,
+            "sparsity": self._sparsity_report().overall,
             "train_flops_ratio": self.train_flops.ratio,
             "time": self.elapsed,
         }
@@ -557,10 +623,13 @@ class Run:
     def _save_sparse_model(self) -> dict[str, Any]:
         """The final model, evaluated and saved as sparse_final.pt; returns its record for the summary."""
         config, data = self.config, self.data
-        val = evaluate(self.model, data.val, config.eval_batch_size, self.device)
-        test = evaluate(self.model, data.test, config.eval_batch_size, self.device)
-        report = self.sparsifier.sparsity()
-        forward = self.flop_counter.forward()
+        val = evaluate(self.view, data.val, config.eval_batch_size, self.device)
+        test = evaluate(self.view, data.test, config.eval_batch_size, self.device)
+        report = self._sparsity_report()
+        if self.fsdp:  # counted on rank 0's full copy: the sharded counter's counts are collectives
+            forward = FlopCounter(self.view, self.data.train[:2][0].to(self.device)).forward()
+        else:
+            forward = self.flop_counter.forward()
         info = {
             **self._scores(val, "val"),
             **self._scores(test, "test"),
@@ -569,7 +638,7 @@ class Run:
             "forward_flops": forward.sparse_total,
             "forward_flops_ratio": forward.ratio,
         }
-        self._save(checkpoint_payload(self.model, self.spec, config, kind="sparse_final", metrics=info), SPARSE)
+        self._save(checkpoint_payload(self.view, self.spec, config, kind="sparse_final", metrics=info), SPARSE)
         return info
 
     def _save_dense_model(self, sparse: dict[str, Any], trained_dense: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -638,6 +707,7 @@ class Run:
             "timeline": timeline,
             "events": [e for e in self.sparsifier.history if e["event"] in ("compress", "phase_start")],
             "processes": self.world,
+            "fsdp": self.fsdp,
             "communication": communication,
             "out": str(self.out),
             "files": sorted({*listed_files(self.out), SUMMARY}),  # summary.json is written next, with this list
