@@ -6,6 +6,8 @@
   are solved by ``sparsegpt`` (Frantar & Alistarh, ICML 2023, arXiv 2301.00774; ``sparsegpt.py``).
 - ``build_database`` / ``allocate_levels``: the OBC database of every layer at a grid of sparsities and the
   dynamic program that picks each layer's level from it (``database.py``, ``allocation.py``).
+- ``prune_mfac``: one-shot M-FAC (Frantar, Kurtic & Alistarh, NeurIPS 2021, arXiv 2107.03356), OBS saliency and
+  the exact block-wise OBS correction from the damped empirical Fisher of calibration gradients (``mfac.py``).
 - ``recalibrate_batchnorm``: re-estimates the batch-norm statistics of the pruned model (``batchnorm.py``).
 """
 
@@ -14,8 +16,10 @@ from .batchnorm import norm_modules, recalibrate_batchnorm
 from .calibration import layer_hessian
 from .database import DEFAULT_GRID, ObcDatabase, build_database, prune_obc_database
 from .magnitude import prune_oneshot
+from .mfac import prune_mfac
 from .obc import exact_obs, prune_obc
 from .sparsegpt import sparsegpt
 
 __all__ = ["prune_oneshot", "recalibrate_batchnorm", "norm_modules", "prune_obc", "exact_obs", "sparsegpt",
-           "layer_hessian", "allocate_levels", "build_database", "prune_obc_database", "ObcDatabase", "DEFAULT_GRID"]
+           "prune_mfac", "layer_hessian", "allocate_levels",
+           "build_database", "prune_obc_database", "ObcDatabase", "DEFAULT_GRID"]
