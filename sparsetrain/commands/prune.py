@@ -233,7 +233,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     # Options that do not fit this model fail here, before the data loads.
     pruned_weights = sum(mask.numel() for mask in prune(fresh_model(), sparsities[0]).values())
     if mfac_options:
-        mfac_options = prune_mfac.check_block(mfac_options, pruned_weights)
+        prune_mfac.check_block(mfac_options, pruned_weights)
     splits = load_run_dataset(config, args.data_dir)
     device = torch.device("cpu")
     model = fresh_model()

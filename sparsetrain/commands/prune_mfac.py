@@ -75,17 +75,12 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     return {"num_gradients": m, "num_samples": samples, "block_size": block, "damp": args.damp}
 
 
-def check_block(mfac_options: dict[str, Any], pruned_weights: int) -> dict[str, Any]:
-    """Refuse a block larger than the model's pruned weights; a default block is capped at that number."""
+def check_block(mfac_options: dict[str, Any], pruned_weights: int) -> None:
+    """Refuse a block larger than the model: ``ConfigError`` naming the number of weights it prunes."""
     block = mfac_options.get("block_size")
-    if block is None or block <= pruned_weights:
-        return mfac_options
-    from ..oneshot.mfac import DEFAULT_BLOCK
-
-    if block == DEFAULT_BLOCK and block is not None:
-        return {**mfac_options, "block_size": None}  # a default larger than a small model: one block
-    raise ConfigError(f"--block {block} is larger than the model: it prunes {pruned_weights} weights in all "
-                      f"(choose 1 <= B <= {pruned_weights}, or leave --block out)")
+    if block is not None and block > pruned_weights:
+        raise ConfigError(f"--block {block} is larger than the model: it prunes {pruned_weights} weights in all "
+                          f"(choose 1 <= B <= {pruned_weights}, or leave --block out for one block)")
 
 
 def describe(mfac_options: dict[str, Any]) -> str:

@@ -59,7 +59,7 @@ __all__ = ["prune_mfac", "fisher_gradients", "obs_remove", "DEFAULT_GRADIENTS", 
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRADIENTS = 64
+DEFAULT_GRADIENTS = 256
 DEFAULT_RELATIVE_DAMP = 0.01
 DEFAULT_BLOCK: int | None = None
 
