@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, writing
+from . import prune_mfac
 
 DEFAULT_SPARSITIES = "0.5,0.7,0.9"
 DEFAULT_CALIBRATION_SAMPLES = 1000
 DEFAULT_OBC_SAMPLES = 1024
-METHODS = ("magnitude", "obc", "spdy")
+METHODS = ("magnitude", "obc", "spdy", "mfac")
 ALLOCATIONS = ("database", "magnitude")
 
 
@@ -49,7 +50,9 @@ def add_parsers(subparsers: Any) -> None:
         help="magnitude (default) or obc: OBC / ExactOBS solves each Linear/Conv2d layer with greedy OBS on its "
         "calibration inputs, layer by layer, at the per-layer sparsities that magnitude pruning with the same "
         "--distribution gives (default: global magnitude's allocation); spdy: per-layer sparsities from the OBC "
-        "database that meet --target-speedup at --batch-size on this CPU (SPDY, Frantar & Alistarh 2022)",
+        "database that meet --target-speedup at --batch-size on this CPU (SPDY, Frantar & Alistarh 2022); mfac: "
+        "M-FAC (Frantar, Kurtic & Alistarh 2021), OBS saliency ranked over all layers by --distribution and the "
+        "exact OBS correction, block by block, from the empirical Fisher of --gradients training gradients",
     )
     from .prune_spdy import add_spdy_arguments
 
@@ -69,7 +72,8 @@ def add_parsers(subparsers: Any) -> None:
         default=None,
         metavar="N",
         help=f"--method obc or spdy: training samples whose layer inputs give each layer's Hessian (default: "
-        f"{DEFAULT_OBC_SAMPLES})",
+        f"{DEFAULT_OBC_SAMPLES}); --method mfac: training samples for the --gradients gradients, split evenly "
+        "(default: one sample per gradient)",
     )
     prune.add_argument(
         "--solver",
@@ -78,6 +82,7 @@ def add_parsers(subparsers: Any) -> None:
         help="--method obc: per-layer solver; auto (default): ExactOBS up to 1024 inputs per row, SparseGPT "
         "(one Cholesky factor for all rows, lazy column blocks) for wider layers",
     )
+    prune_mfac.add_arguments(prune)
     prune.add_argument("--mask-type", default="unstructured", help="unstructured (default) or N:M such as 2:4")
     prune.add_argument(
         "--distribution", default="global", help="global (default: one ranking over all layers), uniform or erk"
@@ -160,6 +165,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .prune_spdy import check_spdy_options, cmd_prune_spdy
 
     check_spdy_options(args)
+    mfac_options = prune_mfac.options(args)  # refuses M-FAC's options with any other method, spdy included
     if args.method == "spdy":
         return cmd_prune_spdy(args)
     # Usage mistakes first, before any work.
@@ -170,9 +176,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--distribution: {error}") from None
     if args.calibrate < 0:
         raise ConfigError(f"--calibrate must be a number of samples >= 0 (0: no re-calibration), got {args.calibrate}")
-    if args.calibration is not None and args.method != "obc":
-        raise ConfigError(f"--calibration is the number of OBC calibration samples; it needs --method obc or spdy "
-                          f"(got --method {args.method})")
+    if args.calibration is not None and args.method not in ("obc", "spdy", "mfac"):
+        raise ConfigError(f"--calibration is the number of OBC, SPDY or M-FAC calibration samples; it needs --method "
+                          f"obc, spdy or mfac (got --method {args.method})")
     if args.solver is not None and args.method != "obc":
         raise ConfigError(f"--solver chooses OBC's per-layer solver; it needs --method obc "
                           f"(got --method {args.method})")
@@ -184,7 +190,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           "every layer's count (leave --allocation out)")
     allocation = args.allocation or ("database" if parse_nm(args.mask_type) is None else "magnitude")
     obc_samples = DEFAULT_OBC_SAMPLES if args.calibration is None else args.calibration
-    if obc_samples < 1:
+    if obc_samples < 1 and args.method == "obc":
         raise ConfigError(f"--calibration must be a number of training samples >= 1, got {obc_samples}")
     source = Path(args.checkpoint)
     out_dir = Path(args.out_dir) if args.out_dir else (source if source.is_dir() else source.parent)
@@ -215,6 +221,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             mask_type=args.mask_type, distribution=args.distribution, include=config.get("include"),
             exclude=exclude or None,
         )
+        if method == "mfac":  # training samples only, the same draw for every sparsity
+            batches = iterate_batches(splits.train, config["batch_size"], shuffle=True, seed=0)
+            return prune_mfac.prune(model, sparsity, batches, mfac_options, options, report)
         try:
             if method == "obc":
                 # Training samples only, the same draw for every sparsity.
@@ -229,7 +238,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise ConfigError(f"{error} (on the command line: --exclude PATTERN)") from None
 
     solvers: dict[str, tuple[str, int]] = {}
-    prune(fresh_model(), sparsities[0])  # options that do not fit this model fail here, before the data loads
+    # Options that do not fit this model fail here, before the data loads.
+    pruned_weights = sum(mask.numel() for mask in prune(fresh_model(), sparsities[0]).values())
+    if mfac_options:
+        prune_mfac.check_block(mfac_options, pruned_weights)
     splits = load_run_dataset(config, args.data_dir)
     device = torch.device("cpu")
     model = fresh_model()
@@ -250,6 +262,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"method: OBC / ExactOBS on {obc_samples} training samples, per-layer sparsities from the database "
               f"({'loaded from' if database.source == 'cache' else 'built and cached in'} {cache}) or "
               f"{args.distribution} magnitude's, whichever has the lower calibration loss")
+    elif args.method == "mfac":
+        print(prune_mfac.describe(mfac_options))
     elif args.method == "obc":
         print(f"method: OBC / ExactOBS on {obc_samples} training samples, at {args.distribution} magnitude's "
               "per-layer sparsities")
@@ -285,6 +299,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         }
         if obc:
             metrics.update(allocation=report["allocation"], layer_error=sum(layer_errors.values()))
+        if args.method == "mfac":
+            metrics["mfac"] = {key: report[key] for key in ("gradients", "samples_per_gradient", "block_size",
+                                                            "damp", "steps")}
         # The source run's training state (optimizer, sparsifier, ...) means nothing for the pruned model: left out.
         with writing(target):
             save_atomic(checkpoint_payload(model, spec, config, kind="pruned", metrics=metrics), target)
