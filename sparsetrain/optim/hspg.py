@@ -165,8 +165,10 @@ class HSPG(torch.optim.Optimizer):
         cap = self.max_zero_groups
         if cap is None or (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0):
             return
-        if isinstance(cap, Sequence) and len(cap) == len(self.groups) and all(
-            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < w for c, w in zip(cap, self.widths)
+        if (
+            isinstance(cap, Sequence)
+            and len(cap) == len(self.groups)
+            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < w for c, w in zip(cap, self.widths))
         ):
             return
         raise ValueError(
