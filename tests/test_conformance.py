@@ -530,4 +530,4 @@ def test_channel_masks_refused_without_the_flag(method):
 
 def test_channel_masks_need_an_example_input():
     with pytest.raises(ValueError, match="example_input"):
-        build("acdc", "conv", mask_type="channel")
+        build("acdc", "conv", mask_type="channel", example_input=None)
