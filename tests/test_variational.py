@@ -19,19 +19,16 @@ def mlp() -> nn.Module:
 def test_kl_term_by_hand():
     torch.manual_seed(0)
     model = mlp()
-    s = sparsetrain.create("variational", model, sparsity=0.5, total_steps=10, spike=0.1, prior_keep=0.3,
-                           gate_init=0.8, example_input=torch.zeros(1, 4))  # fmt: skip
+    s = sparsetrain.create("variational", model, sparsity=0.5, total_steps=10, prior_keep=0.3, gate_init=0.8,
+                           example_input=torch.zeros(1, 4))  # fmt: skip
     W, b = model[0].weight.detach(), model[0].bias.detach()
     var_w, var_b = float(W.square().mean()), float(b.square().mean())
-    theta, pi, r = 0.8, 0.3, 0.1
+    theta, pi = 0.8, 0.3
     expected = 0.0
     for g in range(3):
         scaled = float(W[g].square().sum()) / var_w + float(b[g] ** 2) / var_b
-        log_s = 4 * 0.5 * math.log(var_w) + 0.5 * math.log(var_b)
-        slab = scaled / 2 + log_s
-        spike = scaled / (2 * r) + log_s + 5 * 0.5 * math.log(r)
         bern = theta * math.log(theta / pi) + (1 - theta) * math.log((1 - theta) / (1 - pi))
-        expected += theta * slab + (1 - theta) * spike + bern
+        expected += theta * scaled / 2 + bern
     assert float(s.kl().detach()) == pytest.approx(expected, rel=1e-5)
 
 
@@ -39,7 +36,7 @@ def test_gates_remove_groups_during_training_and_the_slim_model_matches():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
     s = sparsetrain.create("variational", model, sparsity=0.5, total_steps=60, unit="steps", finish=50,
-                           num_samples=20, prior_keep=0.05, spike=0.9, gate_init=0.5, threshold=0.4,
+                           num_samples=20, prior_keep=0.05, gate_init=0.5, threshold=0.4,
                            example_input=torch.zeros(1, 8))  # fmt: skip
     optimizer = s.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     s.attach(optimizer)
@@ -75,7 +72,7 @@ def test_a_plain_optimizer_is_refused_and_step_needs_attach():
         s.step(plain)
 
 
-@pytest.mark.parametrize("option", ["spike", "threshold", "gate_init", "num_samples", "temperature"])
+@pytest.mark.parametrize("option", ["threshold", "gate_init", "num_samples", "temperature"])
 def test_bad_options_are_refused_by_name(option):
     with pytest.raises(ValueError, match=option):
         sparsetrain.create("variational", mlp(), sparsity=0.5, total_steps=10, example_input=torch.zeros(1, 4),

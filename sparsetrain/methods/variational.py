@@ -23,17 +23,17 @@ class Variational(GroupPruning):
     Every zero-invariant group g (a unit or filter with its bias and batch-norm scale and shift, residual channels
     tied; :func:`sparsetrain.structured.groups`) gets a gate ``z_g`` multiplying its output channel (after its
     batch norm when it has one) with the variational posterior ``q(z_g) = Bernoulli(theta_g)``,
-    ``theta_g = sigmoid(phi_g)``, learned together with the weights. The prior on the group's weights is a Gaussian
-    scale mixture given the gate, ``w | z=1 ~ N(0, s^2)`` (slab) and ``w | z=0 ~ N(0, r s^2)`` (spike), with
-    ``z ~ Bernoulli(pi)``. Training minimises the negative ELBO per sample: the data loss (the gates drawn from a
-    Concrete relaxation of q, temperature ``temperature``, noise from the sparsifier's (seed, step) generator) plus
-    ``KL / num_samples`` with, per group of n weights, ::
+    ``theta_g = sigmoid(phi_g)``, learned together with the weights. The prior is a Gaussian scale mixture: the
+    effective weights ``z_g w_g`` are 0 (the spike, scale 0) with probability ``1 - pi`` and ``N(0, s^2)`` (the
+    slab) with probability ``pi``. Training minimises the negative ELBO per sample: the data loss (the gates drawn
+    from a Concrete relaxation of q, temperature ``temperature``, noise from the sparsifier's (seed, step)
+    generator) plus ``KL / num_samples`` with, per group, ::
 
-        KL_g = theta (|w|^2 / (2 s^2) + n log s) + (1 - theta) (|w|^2 / (2 r s^2) + n log(sqrt(r) s))
-               + theta log(theta / pi) + (1 - theta) log((1 - theta) / (1 - pi))
+        KL_g = theta |w_g / s|^2 / 2 + theta log(theta / pi) + (1 - theta) log((1 - theta) / (1 - pi))
 
-    A group whose weights are small against the spike's scale pays less under the spike: its theta falls, the
-    spike's pull on its weights grows, and theta goes to 0 (a large group goes to 1), so the gates settle early.
+    (a gate that is off costs nothing for its weights: under the spike they are unidentified). Keeping a group
+    costs its weights' slab penalty and the prior's odds against it; the data term pays for the useful ones, so the
+    posterior of a useless group falls towards 0 and the others rise towards 1.
     A group is removed as soon as ``theta_g < threshold``: its weights are set to exactly zero and masked (with the
     input slices that read it), so the rest of the run trains a smaller network; the active forward FLOPs fall
     epoch by epoch (the ``sparsetrain train`` summary reports the training FLOPs). Never more groups than the
@@ -47,14 +47,14 @@ class Variational(GroupPruning):
     added in the pre-step hook, so the sparsifier must be attached (``sparsifier.step()`` is refused).
 
     Options: ``num_samples`` (N, the training set size: the KL's weight 1 / N; default 60,000), ``prior_keep``
-    (pi, default ``1 - sparsity``), ``spike`` (r, default 1e-2), ``temperature`` (2/3), ``threshold`` (0.01),
+    (pi, default ``1 - sparsity``), ``temperature`` (2/3), ``threshold`` (0.01),
     ``gate_init`` (theta at the start, 0.9), ``gate_lr``, ``finish``, ``target_flops``.
 
     Reference: V. F. I. Guenter, A. Sideris, "Robust Learning of Parsimonious Deep Neural Networks",
     arXiv 2205.04650 (simultaneous learning and pruning with Bernoulli gates under Gaussian scale-mixture priors).
     Differences from the paper: the paper's analytically derived hyper-prior over the prior parameters is not
-    implemented: the slab scale s is fixed per tensor at its initial root-mean-square, the spike at ``r s^2`` and
-    pi at ``1 - sparsity`` (options, not learned); the weights are point estimates (no Gaussian posterior on them);
+    implemented: the slab scale s is fixed per tensor at its initial root-mean-square and pi at ``1 - sparsity``
+    (options, not learned); the weights are point estimates (no Gaussian posterior on them, so no entropy term);
     gradients through the gates use the Concrete relaxation (Maddison et al. 2017) rather than the paper's
     estimator; the prune threshold on theta is an option; the run is capped at, and topped up to, an exact target.
     Later steps are cheaper only in FLOPs (the removed groups compute zeros): the model keeps its shape during
@@ -70,7 +70,6 @@ class Variational(GroupPruning):
         *,
         num_samples: int = 60000,
         prior_keep: float | None = None,
-        spike: float = 1e-2,
         temperature: float = 2.0 / 3.0,
         threshold: float = 0.01,
         gate_init: float = 0.9,
@@ -80,7 +79,6 @@ class Variational(GroupPruning):
         checks = (
             ("num_samples", num_samples, lambda v: isinstance(v, int) and v > 0, "an integer > 0"),
             ("prior_keep", prior_keep, lambda v: v is None or 0 < v < 1, "None or in (0, 1)"),
-            ("spike", spike, lambda v: 0 < v < 1, "in (0, 1)"),
             ("temperature", temperature, lambda v: v > 0, "> 0"),
             ("threshold", threshold, lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
             ("gate_init", gate_init, lambda v: 0 < v < 1, "in (0, 1)"),
@@ -90,7 +88,7 @@ class Variational(GroupPruning):
             number = value is None or (not isinstance(value, bool) and isinstance(value, (int, float)))
             if not number or not ok(value):
                 raise ValueError(f"variational: {name} must be {allowed}, got {value!r}")
-        self.num_samples, self.prior_keep, self.spike = int(num_samples), prior_keep, float(spike)
+        self.num_samples, self.prior_keep = int(num_samples), prior_keep
         self.temperature, self.threshold, self.gate_init, self.gate_lr = temperature, threshold, gate_init, gate_lr
         self._handles: list[Any] = []
         self._noise: tuple[int, list[Tensor]] | None = None
@@ -157,21 +155,14 @@ class Variational(GroupPruning):
     def kl(self) -> Tensor:
         """The KL term of the negative ELBO over the groups still active (not divided by ``num_samples``)."""
         total = self.logits[0].new_zeros(())
-        log_r = math.log(self.spike)
         for k, channel_set in enumerate(self.groups.sets):
             theta = torch.sigmoid(self.logits[k]).clamp(_EPS, 1 - _EPS)
-            scaled = 0.0  # sum over the group's weights of w^2 / s^2
-            log_s = 0.0  # sum over the group's weights of log s
+            scaled = 0.0  # sum over the group's weights of (w / s)^2
             for name, dim, var in self.slab[k]:
-                param = self.params[name]
-                rows = param.movedim(dim, 0).reshape(channel_set.width, -1)
+                rows = self.params[name].movedim(dim, 0).reshape(channel_set.width, -1)
                 scaled = scaled + rows.square().sum(dim=1) / var
-                log_s = log_s + rows.shape[1] * 0.5 * math.log(var)
-            n = sum(self.params[name].numel() // channel_set.width for name, _, _ in self.slab[k])
-            slab = scaled / 2 + log_s
-            spike = scaled / (2 * self.spike) + log_s + n * 0.5 * log_r
             bern = theta * torch.log(theta / self.pi) + (1 - theta) * torch.log((1 - theta) / (1 - self.pi))
-            per_group = theta * slab + (1 - theta) * spike + bern
+            per_group = theta * scaled / 2 + bern
             total = total + (per_group * self._active_groups(channel_set).to(per_group)).sum()
         return total
 
