@@ -4,9 +4,9 @@ Fashion-MNIST LeNet-5, ~50% of forward FLOPs removed by whole channels, for ``ot
 (Bernoulli gates), channel GMP and channel AC/DC (``mask_type=channel``, at the uniform group sparsity whose slim
 model has half the FLOPs), against the dense model. ``oto`` and ``variational`` prune to the target at 75% of the
 run (``--finish``; groups their dynamics zeroed earlier stay zero) and train the pruned network for the rest, as
-GMP (pruning ends at 80%) and AC/DC (final compressed phase) do. Every run is a ``sparsetrain train`` run (SGD, cosine LR,
-batch 128); the slim model is what ``sparsetrain slim`` writes (checked against the masked model). Latency:
-median of repeated forward passes at batch 1 and 64, one thread, eager and TorchScript-frozen
+GMP (pruning ends at 80%) and AC/DC (final compressed phase) do. Every run is a ``sparsetrain train`` run (SGD,
+cosine LR, batch 128); the slim model is what ``sparsetrain slim`` writes (checked against the masked model).
+Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one thread, eager and TorchScript-frozen
 (``torch.jit.freeze(torch.jit.script(model))``).
 
     python benchmarks/structured.py                        # 1 seed, 4 epochs, 20,000 training samples
