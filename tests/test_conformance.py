@@ -38,6 +38,9 @@ SCHEDULES = {
     "pgap": dict(unit="steps", period=5, rounds=2),  # one process: a cyclic GaP with 2 groups, merges at 5, 10
     "rda": dict(unit="steps", finish=20, lam=1e-3),  # the penalty zeroes weights from the start; top-k at 20
     "cram": dict(sparsities=(0.5, 0.9)),
+    "oto": dict(unit="steps", n_p=5, finish=20, lam=1.0),  # half-space steps zero groups from step 5
+    # gates that die before the prune to target: a strong prior towards z = 0 (few samples, pi = 0.05)
+    "variational": dict(unit="steps", finish=20, threshold=0.45, gate_init=0.5, num_samples=10, prior_keep=0.05),
 }
 METHODS = sparsetrain.list_methods()
 
@@ -81,9 +84,9 @@ def build(method, model_name="mlp", opt_name="sgd", sparsity=0.9, lr=0.05, seed=
     factory, shape = MODELS[model_name]
     torch.manual_seed(seed)
     model = factory()
-    sparsifier = sparsetrain.create(
-        method, model, sparsity=sparsity, total_steps=TOTAL, **{**SCHEDULES.get(method, {}), **extra}
-    )
+    # Methods that prune whole groups only (oto) find them on example_input; the others ignore it.
+    options = {"example_input": torch.zeros(1, *shape), **SCHEDULES.get(method, {}), **extra}
+    sparsifier = sparsetrain.create(method, model, sparsity=sparsity, total_steps=TOTAL, **options)
     # rda replaces the optimizer with its own, cram wraps it; the others return it unchanged.
     optimizer = sparsifier.wrap_optimizer(OPTIMIZERS[opt_name](model.parameters(), lr))
     sparsifier.attach(optimizer)
@@ -127,6 +130,9 @@ def expected_zeros(sparsifier, target: float) -> int:
 
 def assert_exact_counts(sparsifier) -> None:
     """Zero counts after a mask update; GaP's one dense group aside, every layer is at its exact count."""
+    if sparsifier.groups is not None:  # methods that prune whole groups only: counted in groups
+        assert pruned_groups(sparsifier) == expected_pruned_groups(sparsifier, sparsifier.target_sparsity)
+        return
     if Capability.GROUP_PHASES in type(sparsifier).capabilities:
         shapes = {n: tuple(p.shape) for n, p in sparsifier.params.items()}
         per_layer = layer_sparsities(sparsifier.distribution, shapes, sparsifier.final_sparsity)
@@ -167,7 +173,9 @@ def test_masked_weights_exactly_zero_and_counts_exact(method, opt_name, model_na
             version = sparsifier.mask_version
             updates += 1
             assert_exact_counts(sparsifier)
-    if Capability.SPARSE in type(sparsifier).capabilities:
+    if Capability.SPARSE in type(sparsifier).capabilities and sparsifier.groups is not None:
+        assert pruned_groups(sparsifier) == expected_pruned_groups(sparsifier, 0.9)
+    elif Capability.SPARSE in type(sparsifier).capabilities:
         assert sparsifier.sparsity().overall >= 0.9 - 1e-3
         assert mask_zeros(sparsifier) == expected_zeros(sparsifier, 0.9)
     else:
@@ -185,7 +193,10 @@ def test_exact_counts_with_all_equal_weights(method, sparsity):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(0.5)
-    sparsifier = sparsetrain.create(method, model, sparsity=sparsity, total_steps=TOTAL, **SCHEDULES.get(method, {}))
+    example = torch.zeros(1, 16)
+    sparsifier = sparsetrain.create(
+        method, model, sparsity=sparsity, total_steps=TOTAL, example_input=example, **SCHEDULES.get(method, {})
+    )
     # lr 0 keeps every weight tied. RDA refuses lr 0; at 1e-12 its steps stay below half an ulp of 0.5.
     lr = 1e-12 if method == "rda" else 0.0
     optimizer = sparsifier.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=lr))
@@ -197,6 +208,8 @@ def test_exact_counts_with_all_equal_weights(method, sparsity):
         assert_exact_counts(sparsifier)
         checked += target > 0
         # (In a dense phase, a grown GaP group or after RigL/SET growth, lr 0 leaves regrown weights at 0.)
+        if sparsifier.groups is not None:
+            continue  # whole groups: counted by assert_exact_counts
         if target > 0 and not (Capability.GROUP_PHASES | Capability.DROP_GROW) & type(sparsifier).capabilities:
             zeros_in_weights = sum(int((p == 0).sum()) for p in sparsifier.params.values())
             assert zeros_in_weights == expected_zeros(sparsifier, target)
@@ -345,7 +358,10 @@ def test_explicit_step_matches_attached_hooks(method, opt_name):
         train_step(model_a, opt_a, step, shape)
     torch.manual_seed(0)
     model_b = mlp()
-    sparsifier_b = sparsetrain.create(method, model_b, sparsity=0.9, total_steps=TOTAL, **SCHEDULES.get(method, {}))
+    example = torch.zeros(1, 16)
+    sparsifier_b = sparsetrain.create(
+        method, model_b, sparsity=0.9, total_steps=TOTAL, example_input=example, **SCHEDULES.get(method, {})
+    )
     opt_b = sparsifier_b.wrap_optimizer(OPTIMIZERS[opt_name](model_b.parameters(), 0.05))
     for step in range(TOTAL):
         train_step(model_b, opt_b, step, shape)
@@ -422,7 +438,8 @@ def test_timeline_agrees_with_phase_at(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_own_optimizer_is_required_exactly_when_declared(method):
     model = mlp()
-    sparsifier = sparsetrain.create(method, model, sparsity=0.9, total_steps=TOTAL, **SCHEDULES.get(method, {}))
+    sparsifier = sparsetrain.create(method, model, sparsity=0.9, total_steps=TOTAL, example_input=torch.zeros(1, 16),
+                                    **SCHEDULES.get(method, {}))  # fmt: skip
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
     if Capability.OWN_OPTIMIZER in type(sparsifier).capabilities:
         assert sparsifier.wrap_optimizer(plain) is not plain
@@ -511,4 +528,4 @@ def test_channel_masks_refused_without_the_flag(method):
 
 def test_channel_masks_need_an_example_input():
     with pytest.raises(ValueError, match="example_input"):
-        build("acdc", "conv", mask_type="channel")
+        build("acdc", "conv", mask_type="channel", example_input=None)

@@ -98,7 +98,9 @@ def test_hook_checks_happen_before_anything_starts():
     # before its prune: Capability.DENSE_GRADIENTS, needs_dense_gradients()) is all-reduced densely.
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     for method in sparsetrain.list_methods():
-        check_hook("masked", sparsetrain.create(method, model, sparsity=0.5, total_steps=100))
+        check_hook(
+            "masked", sparsetrain.create(method, model, sparsity=0.5, total_steps=100, example_input=torch.zeros(1, 8))
+        )
     rigl = sparsetrain.create("rigl", model, sparsity=0.5, total_steps=100, delta=10)
     assert sparsetrain.Capability.DENSE_GRADIENTS in type(rigl).capabilities
     rigl.count = 10

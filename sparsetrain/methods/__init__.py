@@ -1,3 +1,20 @@
 """One file per method; importing this package registers them all."""
 
-from . import acdc, cram, dense, gap, gmp, imp, magnitude, mfac, pgap, rda, rigl, set, static, transfer  # noqa: F401
+from . import (  # noqa: F401
+    acdc,
+    cram,
+    dense,
+    gap,
+    gmp,
+    imp,
+    magnitude,
+    mfac,
+    oto,
+    pgap,
+    rda,
+    rigl,
+    set,
+    static,
+    transfer,
+    variational,
+)

@@ -94,7 +94,9 @@ def create_sparsifier(
             options.setdefault(key, getattr(c, key))
     if c.mask_type != "unstructured":
         options.setdefault("mask_type", c.mask_type)
-    if options.get("mask_type") == "channel" and example_input is not None:
+    # Methods that prune whole groups only (oto, variational) find them on the example input whatever the mask type.
+    group_only = getattr(sparsetrain.get_method(c.method), "needs_example_input", False)
+    if (options.get("mask_type") == "channel" or group_only) and example_input is not None:
         options.setdefault("example_input", example_input)  # channel masks find the model's groups on it
     try:
         return sparsetrain.create(

@@ -1,0 +1,189 @@
+"""Structured pruning: forward FLOPs removed against accuracy, training time, and the slim model's CPU latency.
+
+Fashion-MNIST LeNet-5, ~50% of forward FLOPs removed by whole channels, for ``oto`` (HSPG), ``variational``
+(Bernoulli gates), channel GMP and channel AC/DC (``mask_type=channel``, at the uniform group sparsity whose slim
+model has half the FLOPs), against the dense model. ``oto`` and ``variational`` prune to the target at 75% of the
+run (``--finish``; groups their dynamics zeroed earlier stay zero) and train the pruned network for the rest, as
+GMP (pruning ends at 80%) and AC/DC (final compressed phase) do. Every run is a ``sparsetrain train`` run (SGD,
+cosine LR, batch 128); the slim model is what ``sparsetrain slim`` writes (checked against the masked model).
+Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one thread, eager and TorchScript-frozen
+(``torch.jit.freeze(torch.jit.script(model))``).
+
+    python benchmarks/structured.py                        # 1 seed, 4 epochs, 20,000 training samples
+    python benchmarks/structured.py --epochs 10 --limit-train 0 --seeds 0 1 2
+
+Results go to benchmarks/results/structured/ (one JSON line per run and a markdown table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sparsetrain.methods._groupwise import group_sparsity_for_flops
+from sparsetrain.models import build_model
+from sparsetrain.structured import apply_keep, groups, kept_channels
+from sparsetrain.train.checkpoint import load, restore_model
+from sparsetrain.train.config import resolve
+from sparsetrain.train.loop import Run
+
+RESULTS = Path(__file__).parent / "results" / "structured"
+
+
+def run(settings: dict, out: Path) -> dict:
+    """One ``sparsetrain train`` run into ``out`` (reused when it already finished); returns its summary."""
+    summary = out / "summary.json"
+    if not summary.exists():
+        Run(resolve(None, {**settings, "out": str(out), "plots": False, "progress": False})).run()
+    return json.loads(summary.read_text())
+
+
+def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Wall time of one forward pass in milliseconds: the lowest of 3 medians (the machine is shared)."""
+    medians = []
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x)
+        for _ in range(3):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
+            medians.append(statistics.median(times))
+    return 1000 * min(medians)
+
+
+def frozen(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    try:
+        scripted = torch.jit.script(model)
+    except Exception:  # noqa: BLE001 - fall back to tracing models TorchScript cannot compile
+        scripted = torch.jit.trace(model, x)
+    return torch.jit.freeze(scripted.eval())
+
+
+def latencies(model: torch.nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    model = model.eval()
+    out = {}
+    for batch in (1, 64):
+        x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+        out[f"eager_b{batch}_ms"] = latency_ms(model, x, repeats if batch == 1 else repeats // 4)
+        out[f"frozen_b{batch}_ms"] = latency_ms(frozen(model, x), x, repeats if batch == 1 else repeats // 4)
+    return out
+
+
+def slim_of(run_dir: Path) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+    """The run's masked model, its slim model, and their largest output difference on random inputs."""
+    data = load(str(run_dir / "sparse_final.pt"))
+    model = restore_model(data, run_dir).eval()
+    shape = data["model_spec"]["input_shape"]
+    zigs = groups(model, torch.zeros(1, *shape))
+    small = apply_keep(copy.deepcopy(model), zigs, kept_channels(model, zigs)).eval()
+    x = torch.randn(256, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = float((model(x) - small(x)).abs().max())
+    return model, small, diff
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lenet5")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--limit-train", type=int, default=20000, help="training samples (0: all)")
+    parser.add_argument("--flops", type=float, default=0.5, help="fraction of forward FLOPs to remove")
+    parser.add_argument("--oto-lam", type=float, default=1e-3)
+    parser.add_argument("--finish", type=float, default=0.75, help="oto's and variational's prune to target")
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/structured-benchmark")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    shape = (1, 28, 28)
+    dense_model = build_model(args.model, input_shape=shape, num_classes=10)
+    group_sparsity = group_sparsity_for_flops(dense_model, torch.zeros(1, *shape), args.flops)
+    common = {"model": args.model, "dataset": "fashion-mnist", "threads": args.threads, "epochs": args.epochs}
+    if args.limit_train:
+        common["limit_train"] = args.limit_train
+    samples = args.limit_train or 50000
+    methods = {
+        "dense": {"method": "dense", "sparsity": 0.0},
+        "oto": {"method": "oto", "sparsity": group_sparsity,
+                "method_options": {"target_flops": args.flops, "lam": args.oto_lam, "finish": args.finish}},
+        "variational": {"method": "variational", "sparsity": group_sparsity,
+                        "method_options": {"target_flops": args.flops, "num_samples": samples, "finish": args.finish}},
+        "channel-gmp": {"method": "gmp", "sparsity": group_sparsity, "mask_type": "channel"},
+        "channel-acdc": {"method": "acdc", "sparsity": group_sparsity, "mask_type": "channel"},
+    }  # fmt: skip
+    out, rows = Path(args.out), []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    dense_latency = None
+    for seed in args.seeds:
+        for name, settings in methods.items():
+            run_dir = out / f"{name}-seed{seed}"
+            summary = run({**common, **settings, "seed": seed}, run_dir)
+            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            # train_flops_ratio is cumulative: the ratio of epoch e alone is e r_e - (e - 1) r_(e-1).
+            per_epoch = [m["train_flops_ratio"] * m["epoch"] - (p["train_flops_ratio"] * p["epoch"] if p else 0.0)
+                         for p, m in zip([None, *metrics[:-1]], metrics)]  # fmt: skip
+            epoch_times = [m["time"] - (p["time"] if p else 0.0) for p, m in zip([None, *metrics[:-1]], metrics)]
+            row = {"method": name, "seed": seed, "test_acc": summary["sparse_model"]["test_acc"],
+                   "flops_removed": 1 - summary["sparse_model"]["forward_flops_ratio"],
+                   "train_time_s": summary["wall_time_s"], "epoch_time_s": [round(t, 1) for t in epoch_times],
+                   "epoch_train_flops": [round(r, 3) for r in per_epoch]}  # fmt: skip
+            if name == "dense":
+                model = restore_model(load(str(run_dir / "sparse_final.pt")), run_dir)
+                if dense_latency is None:
+                    dense_latency = latencies(model, shape, args.repeats)
+                row.update(dense_latency)
+            else:
+                _, small, diff = slim_of(run_dir)
+                row["slim_vs_masked_max_diff"] = diff
+                row["slim_channels"] = {n: m.out_channels if hasattr(m, "out_channels") else m.out_features
+                                        for n, m in small.named_modules()
+                                        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}  # fmt: skip
+                row.update(latencies(small, shape, args.repeats))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with open(RESULTS / "rows.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+    assert dense_latency is not None
+    lines = [
+        f"LeNet-5, Fashion-MNIST, {args.epochs} epochs, {samples:,} training samples, seeds {args.seeds}; "
+        f"target {args.flops:.0%} of forward FLOPs removed (group sparsity {group_sparsity:.3f} per channel set)",
+        "",
+        "| method | test acc | FLOPs removed | train time (s) | FLOPs per epoch (train, rel. dense) | "
+        "b1 eager speed-up | b1 frozen | b64 eager | b64 frozen |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in methods:
+        mine = [r for r in rows if r["method"] == name]
+        acc = statistics.mean(r["test_acc"] for r in mine)
+        speed = [statistics.mean(dense_latency[k] / r[k] for r in mine) for k in
+                 ("eager_b1_ms", "frozen_b1_ms", "eager_b64_ms", "frozen_b64_ms")]  # fmt: skip
+        lines.append(
+            f"| {name} | {acc:.2f} | {statistics.mean(r['flops_removed'] for r in mine):.1%} | "
+            f"{statistics.mean(r['train_time_s'] for r in mine):.0f} | "
+            f"{', '.join(f'{v:.2f}' for v in mine[0]['epoch_train_flops'])} | "
+            + " | ".join(f"{s:.2f}x" for s in speed)
+            + " |"
+        )
+    lines.append("")
+    lines.append(
+        "dense latency (ms): " + ", ".join(f"{k.removesuffix('_ms')} {v:.3f}" for k, v in dense_latency.items())
+    )
+    (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""HSPG (Only Train Once, Chen et al. NeurIPS 2021) on hand-worked problems: proximal, subgradient and half-space
+steps by hand, groups spanning two parameters, the group-sparsity cap, and an exact state_dict round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers.shared import roundtrip
+
+from sparsetrain.optim import HSPG
+
+
+def two_param_groups():
+    """4 groups: row g of W (4x2) together with b[g]."""
+    W = torch.nn.Parameter(torch.tensor([[3.0, 0.0], [0.1, 0.2], [1.0, 1.0], [0.0, 0.05]]))
+    b = torch.nn.Parameter(torch.tensor([4.0, 0.1, 1.0, 0.0]))
+    return W, b
+
+
+def test_prox_step_is_the_exact_group_lasso_proximal_operator():
+    W, b = two_param_groups()
+    lr, lam = 0.5, 1.0
+    W.grad = torch.full_like(W, 0.2)
+    b.grad = torch.full_like(b, -0.2)
+    opt = HSPG([W, b], lr=lr, lam=lam, n_p=10, stage1="prox", groups=[[(W, 0, 1), (b, 0, 1)]])
+    z = torch.cat([W.detach() - lr * W.grad, (b.detach() - lr * b.grad)[:, None]], dim=1)
+    opt.step()
+    norms = z.norm(dim=1)
+    expected = z * torch.clamp(1 - lr * lam / norms, min=0)[:, None]
+    # group 0: ||z|| = ||(2.9, -0.1, 4.1)|| ~ 5.02 -> shrunk by 0.5; group 1: ||z|| ~ 0.33 < 0.5 -> exactly 0
+    got = torch.cat([W.detach(), b.detach()[:, None]], dim=1)
+    assert torch.allclose(got, expected, atol=1e-7, rtol=0)
+    assert torch.all(got[1] == 0) and not torch.signbit(got[1]).any()
+    assert got[0].norm() == pytest.approx(float(norms[0]) - lr * lam, abs=1e-6)
+
+
+def test_subgradient_step_by_hand():
+    W, b = two_param_groups()
+    W.grad, b.grad = torch.zeros_like(W), torch.zeros_like(b)
+    opt = HSPG([W, b], lr=0.1, lam=2.0, n_p=10, groups=[[(W, 0, 1), (b, 0, 1)]])
+    x = torch.cat([W.detach(), b.detach()[:, None]], dim=1)
+    opt.step()
+    norms = x.norm(dim=1)
+    expected = x - 0.1 * 2.0 * torch.where(norms[:, None] > 0, x / norms[:, None], 0)
+    assert torch.allclose(torch.cat([W.detach(), b.detach()[:, None]], dim=1), expected, atol=1e-7, rtol=0)
+
+
+def test_half_space_step_projects_exactly_the_groups_whose_trial_point_leaves_the_half_space():
+    x = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
+    opt = HSPG([x], lr=1.0, lam=0.0, epsilon=0.0, n_p=0, groups=[[(x, 0, 1)]])
+    # trial = x - grad: group 0 -> (-0.1, 0.5): t.x = -0.1 < 0 -> zero; group 1 -> (0.1, 5): t.x = 0.1 >= 0 -> kept;
+    # group 2 -> (0.5, 0.5): kept; group 3 is zero and stays zero whatever its gradient.
+    x.grad = torch.tensor([[1.1, -0.5], [0.9, -5.0], [0.5, 0.5], [-3.0, 2.0]])
+    opt.step()
+    assert torch.allclose(x.detach(), torch.tensor([[0.0, 0.0], [0.1, 5.0], [0.5, 0.5], [0.0, 0.0]]), atol=1e-6)
+    assert torch.all(x[0] == 0) and torch.all(x[3] == 0) and torch.all(x[1:3] != 0)
+    # With epsilon = 0.2 group 1 (t.x = 0.1 < 0.2 ||x||^2 = 0.2) goes too.
+    y = torch.nn.Parameter(torch.tensor([[1.0, 0.0]]))
+    y.grad = torch.tensor([[0.9, -5.0]])
+    HSPG([y], lr=1.0, lam=0.0, epsilon=0.2, groups=[[(y, 0, 1)]]).step()
+    assert torch.all(y == 0)
+
+
+def test_hspg_finds_the_zero_groups_of_a_hand_made_problem():
+    """min 0.5 ||x - a||^2 + lam sum_g ||x_g||: groups with ||a_g|| <= lam are 0 at the optimum, the others not.
+
+    A group spans a weight row (dim 0 of W) and a column of V (dim 1), so the set crosses two parameters.
+    """
+    torch.manual_seed(0)
+    a_W = torch.tensor([[2.0, 1.0], [0.05, 0.0], [0.0, -1.5], [0.02, 0.03], [1.0, 1.0], [0.0, 0.01]])
+    a_V = torch.tensor([[1.0, 0.0, 0.5, 0.0, 0.0, 0.04]])
+    W = torch.nn.Parameter(torch.randn(6, 2))
+    V = torch.nn.Parameter(torch.randn(1, 6))
+    lam = 0.3
+    opt = HSPG([W, V], lr=0.1, lam=lam, epsilon=0.0, n_p=50, groups=[[(W, 0, 1), (V, 1, 1)]])
+    for _ in range(200):
+        opt.zero_grad()
+        loss = 0.5 * ((W - a_W).square().sum() + (V - a_V).square().sum())
+        loss.backward()
+        opt.step()
+    rows = torch.cat([W.detach(), V.detach().T], dim=1)
+    zero = (rows == 0).all(dim=1)
+    assert zero.tolist() == [False, True, False, True, False, True]
+    # the survivors sit at the optimum a_g (1 - lam / ||a_g||)
+    a = torch.cat([a_W, a_V.T], dim=1)
+    for g in (0, 2, 4):
+        assert torch.allclose(rows[g], a[g] * (1 - lam / a[g].norm()), atol=1e-4)
+
+
+def test_cap_on_zero_groups_keeps_the_deepest_candidates():
+    x = torch.nn.Parameter(torch.ones(4, 1))
+    x.grad = torch.tensor([[1.5], [3.0], [1.2], [0.5]])  # t.x = -0.5, -2, -0.2, 0.5: three candidates
+    opt = HSPG([x], lr=1.0, lam=0.0, groups=[[(x, 0, 1)]], max_zero_groups=[2])
+    opt.step()
+    assert x.detach().squeeze(1).tolist() == [0.0, 0.0, pytest.approx(-0.2), 0.5]  # the two deepest: 1 and 0
+    y = torch.nn.Parameter(torch.ones(2, 1))
+    z = torch.nn.Parameter(torch.ones(3, 1))
+    y.grad, z.grad = torch.tensor([[2.0], [3.0]]), torch.tensor([[1.5], [1.1], [0.0]])
+    HSPG([y, z], lr=1.0, lam=0.0, groups=[[(y, 0, 1)], [(z, 0, 1)]], max_zero_groups=2).step()
+    # global cap 2: y keeps one group alive (only group 1 of y may go), then z's deepest (group 0)
+    assert y.detach().squeeze(1).tolist() == [-1.0, 0.0]
+    assert z.detach().squeeze(1).tolist() == [0.0, pytest.approx(-0.1), 1.0]
+
+
+def test_state_dict_round_trip_is_exact():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(12)]
+
+    def make(m):
+        groups = [[(m[0].weight, 0, 1), (m[0].bias, 0, 1)]]
+        return HSPG(m.parameters(), lr=0.2, lam=0.05, epsilon=0.1, n_p=4, momentum=0.9, weight_decay=1e-3,
+                    groups=groups)  # fmt: skip
+
+    def run(m, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    opt = make(model)
+    run(model, opt, data[:5])
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    run(model, opt, data[5:])
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    opt2 = make(other)
+    other.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["step"] == 5
+    run(other, opt2, data[5:])
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "option, value", [("lr", -1.0), ("lam", -0.1), ("epsilon", 1.0), ("momentum", 1.0), ("n_p", -1), ("stage1", "x")]
+)
+def test_bad_options_are_refused_by_name(option, value):
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=option):
+        HSPG([p], **{"lr": 0.1, option: value})
+
+
+def test_a_group_member_outside_the_params_is_refused():
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="not among"):
+        HSPG([p], lr=0.1, groups=[[(q, 0, 1)]])
