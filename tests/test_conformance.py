@@ -130,7 +130,7 @@ def expected_zeros(sparsifier, target: float) -> int:
 
 def assert_exact_counts(sparsifier) -> None:
     """Zero counts after a mask update; GaP's one dense group aside, every layer is at its exact count."""
-    if sparsifier.groups is not None:  # methods that prune whole groups only: counted in groups
+    if sparsifier.channel_groups is not None:  # methods that prune whole groups only: counted in groups
         assert pruned_groups(sparsifier) == expected_pruned_groups(sparsifier, sparsifier.target_sparsity)
         return
     if Capability.GROUP_PHASES in type(sparsifier).capabilities:
@@ -173,7 +173,7 @@ def test_masked_weights_exactly_zero_and_counts_exact(method, opt_name, model_na
             version = sparsifier.mask_version
             updates += 1
             assert_exact_counts(sparsifier)
-    if Capability.SPARSE in type(sparsifier).capabilities and sparsifier.groups is not None:
+    if Capability.SPARSE in type(sparsifier).capabilities and sparsifier.channel_groups is not None:
         assert pruned_groups(sparsifier) == expected_pruned_groups(sparsifier, 0.9)
     elif Capability.SPARSE in type(sparsifier).capabilities:
         assert sparsifier.sparsity().overall >= 0.9 - 1e-3
@@ -208,7 +208,7 @@ def test_exact_counts_with_all_equal_weights(method, sparsity):
         assert_exact_counts(sparsifier)
         checked += target > 0
         # (In a dense phase, a grown GaP group or after RigL/SET growth, lr 0 leaves regrown weights at 0.)
-        if sparsifier.groups is not None:
+        if sparsifier.channel_groups is not None:
             continue  # whole groups: counted by assert_exact_counts
         if target > 0 and not (Capability.GROUP_PHASES | Capability.DROP_GROW) & type(sparsifier).capabilities:
             zeros_in_weights = sum(int((p == 0).sum()) for p in sparsifier.params.values())

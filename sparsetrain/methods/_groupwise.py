@@ -84,7 +84,7 @@ class GroupPruning(Sparsifier):
         self.finish_step = self.steps(self.finish, "finish", default_fraction=1.0)
         if not 0 <= self.finish_step <= total:
             raise ValueError(f"{self.name}: finish must lie within the run (0 to {total} steps), got {self.finish!r}")
-        widths = [s.width for s in self.groups.sets]
+        widths = [s.width for s in self.channel_groups.sets]
         s = self.final_sparsity
         if self.distribution == "uniform":
             self.max_dead: list[int] | int = [w - max(1, maskops.keep_count(w, s)) for w in widths]
@@ -114,7 +114,7 @@ class GroupPruning(Sparsifier):
     def zero_groups(self) -> list[Tensor]:
         """Per channel set, the groups whose zero-invariant parameter slices are all exactly zero."""
         out = []
-        for channel_set in self.groups.sets:
+        for channel_set in self.channel_groups.sets:
             rows = channel_set.channel_matrix(self.params, ZERO_INVARIANT_ROLES)
             alive = torch.zeros(channel_set.width, dtype=torch.bool)
             for row in rows:
@@ -124,7 +124,7 @@ class GroupPruning(Sparsifier):
 
     def _cap(self, dead: list[Tensor]) -> list[Tensor]:
         """Never more dead groups than the target allows: already masked groups first, then in index order."""
-        active = [self._active_groups(s) for s in self.groups.sets]
+        active = [self._active_groups(s) for s in self.channel_groups.sets]
         out = []
         if isinstance(self.max_dead, list):
             for d, a, cap in zip(dead, active, self.max_dead):
@@ -148,7 +148,7 @@ class GroupPruning(Sparsifier):
     @torch.no_grad()
     def _observe(self, dead: list[Tensor]) -> None:
         masks = {n: torch.ones_like(m) for n, m in self.masks.items()}
-        for channel_set, gone in zip(self.groups.sets, dead):
+        for channel_set, gone in zip(self.channel_groups.sets, dead):
             pruned = gone.nonzero().squeeze(1)
             if not pruned.numel():
                 continue

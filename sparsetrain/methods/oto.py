@@ -96,7 +96,7 @@ class OTO(GroupPruning):
             }
             for g in optimizer.param_groups
         ]
-        return HSPG(groups, lr=groups[0]["lr"], groups=zig_members(self.model, self.groups), lam=self.lam,
+        return HSPG(groups, lr=groups[0]["lr"], groups=zig_members(self.model, self.channel_groups), lam=self.lam,
                     epsilon=self.epsilon, n_p=self.switch_step, stage1=self.stage1,
                     max_zero_groups=self.max_dead)  # fmt: skip
 

@@ -98,12 +98,12 @@ class Variational(GroupPruning):
         super().setup()
         device = next(iter(self.params.values())).device
         logit = math.log(self.gate_init / (1 - self.gate_init))
-        self.logits = [nn.Parameter(torch.full((s.width,), logit, device=device)) for s in self.groups.sets]
+        self.logits = [nn.Parameter(torch.full((s.width,), logit, device=device)) for s in self.channel_groups.sets]
         pi = 1.0 - self.final_sparsity if self.prior_keep is None else self.prior_keep
         self.pi = min(max(pi, _EPS), 1 - _EPS)
         # The slab's variance per tensor: its initial mean square (tensors that start at zero carry no prior).
         self.slab: list[list[tuple[str, int, float]]] = []
-        for channel_set in self.groups.sets:
+        for channel_set in self.channel_groups.sets:
             members = []
             for m in channel_set.members:
                 if m.role in ZERO_INVARIANT_ROLES and not m.buffer:
@@ -114,7 +114,7 @@ class Variational(GroupPruning):
         # The gates act on the channel after its batch norm (a norm renormalises what comes before it), on the
         # producing layers' outputs where the set has no norm.
         self.gated: list[list[str]] = []
-        for channel_set in self.groups.sets:
+        for channel_set in self.channel_groups.sets:
             roles = NORM if any(m.role == NORM for m in channel_set.members) else PRODUCER
             self.gated.append(sorted({m.module for m in channel_set.members if m.role == roles}))
 
@@ -155,7 +155,7 @@ class Variational(GroupPruning):
     def kl(self) -> Tensor:
         """The KL term of the negative ELBO over the groups still active (not divided by ``num_samples``)."""
         total = self.logits[0].new_zeros(())
-        for k, channel_set in enumerate(self.groups.sets):
+        for k, channel_set in enumerate(self.channel_groups.sets):
             theta = torch.sigmoid(self.logits[k]).clamp(_EPS, 1 - _EPS)
             scaled = 0.0  # sum over the group's weights of (w / s)^2
             for name, dim, var in self.slab[k]:
