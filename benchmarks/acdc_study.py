@@ -48,6 +48,13 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         "ramp=3": ("acdc", {**base, "ramp": 3}),
         "score=normalized": ("acdc", {**base, "score": "normalized"}),
         "score=taylor": ("acdc", {**base, "score": "taylor"}),
+        # The knob found before this study (a longer dense warm-up), and the single knobs that helped, combined.
+        "warm-up 2 units": ("acdc", {**base, "warmup": 2 * base["warmup"]}),
+        "ramp=3 + layer_floor=0.01 + reinit": (
+            "acdc", {**base, "ramp": 3, "layer_floor": 0.01, "dead_units": "reinit"}
+        ),
+        "layer_floor=0.01 + reinit": ("acdc", {**base, "layer_floor": 0.01, "dead_units": "reinit"}),
+        "layer_floor=0.01 + warm-up 2 units": ("acdc", {**base, "layer_floor": 0.01, "warmup": 2 * base["warmup"]}),
     }
 
 
@@ -67,6 +74,11 @@ def mean(values: list[float]) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def spread(values: list[float]) -> str:
+    """Mean, and +- the population std over seeds when there are several."""
+    return f"{statistics.mean(values):.2f}" + (f" +- {statistics.pstdev(values):.2f}" if len(values) > 1 else "")
+
+
 def table(rows: list[dict], names: list[str], sparsities: list[float], header: str) -> str:
     lines = [header]
     dense = mean([r["test_acc"] for r in rows if r["variant"] == "dense"])
@@ -74,20 +86,21 @@ def table(rows: list[dict], names: list[str], sparsities: list[float], header: s
         at = [r for r in rows if r["sparsity"] == s]
         gmp = mean([r["test_acc"] for r in at if r["variant"] == "gmp"])
         n = len({r["seed"] for r in at})
-        lines += [f"\n**{s:g} sparsity** (dense: {dense:.2f}; n = {n} seed{'s' if n > 1 else ''})\n",
+        dense_text = spread([r["test_acc"] for r in rows if r["variant"] == "dense"])
+        lines += [f"\n**{s:g} sparsity** (dense: {dense_text}; n = {n} seed{'s' if n > 1 else ''})\n",
                   "| variant | sparse test acc | sparse - gmp | dense twin | twin - dense | train FLOPs |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for name in names:
             picked = [r for r in at if r["variant"] == name]
             if not picked:
                 continue
-            acc = mean([r["test_acc"] for r in picked])
-            twin = mean([r["dense_test_acc"] for r in picked if r["dense_test_acc"] is not None])
+            accs = [r["test_acc"] for r in picked]
+            twins = [r["dense_test_acc"] for r in picked if r["dense_test_acc"] is not None]
             flops = mean([r["train_flops_ratio"] for r in picked])
-            gap = f"{acc - gmp:+.2f}" if gmp is not None and name != "gmp" else "-"
-            twin_text = f"{twin:.2f}" if twin is not None else "-"
-            twin_gap = f"{twin - dense:+.2f}" if twin is not None and dense is not None else "-"
-            lines.append(f"| {name} | {acc:.2f} | {gap} | {twin_text} | {twin_gap} | {flops:.2f} |")
+            gap = f"{mean(accs) - gmp:+.2f}" if gmp is not None and name != "gmp" else "-"
+            twin_gap = f"{mean(twins) - dense:+.2f}" if twins and dense is not None else "-"
+            twin_text = spread(twins) if twins else "-"
+            lines.append(f"| {name} | {spread(accs)} | {gap} | {twin_text} | {twin_gap} | {flops:.2f} |")
     return "\n".join(lines)
 
 
