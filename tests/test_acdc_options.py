@@ -195,6 +195,7 @@ def test_resume_with_every_option_is_bit_identical(split):
         (dict(ramp=-1), "ramp must be a number of compressed phases"),
         (dict(score="hessian"), "score must be one of magnitude, normalized, taylor"),
         (dict(layer_floor=0.01, distribution="uniform"), "layer_floor applies to the global ranking"),
+        (dict(dead_units="revive", mask_type="channel"), "dead_units, layer_floor and score are for unstructured"),
     ],
 )
 def test_bad_options_are_refused_by_name(options, message):
