@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -13,6 +14,10 @@ from ..core import Capability, ScheduledPruning, register
 from ..schedules import Cyclic, Phase, acdc_phases
 
 logger = logging.getLogger(__name__)
+
+DEAD_UNITS = ("zero", "reinit", "revive")
+ACDC_SCORES = ("magnitude", "normalized", "taylor")
+REINIT_SCALE = 0.1  # dead_units='reinit': a tenth of the default init, small beside the surviving trained weights
 
 
 @register("acdc")
@@ -54,6 +59,25 @@ class ACDC(ScheduledPruning):
     mask difference is corrected for changes in sparsity. (The official code trains with SGD; with Adam-like
     optimizers the kept second moments are ours.)
 
+    Study options (issue-tracked variants; every default is the paper's behaviour):
+
+    - ``dead_units``: what a decompression does to units (rows of a weight: an output unit or filter) whose
+      incoming weights the compression pruned all of. 'zero' (the paper): they re-enter at 0 like every pruned
+      weight, and behind a ReLU such a unit gets no gradient, so it can stay dead through the dense phase.
+      'reinit': those rows get a fresh draw of PyTorch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times
+      0.1 (seeded by (seed, step)). 'revive': those rows get back the values they had just before the compression.
+      Rows with any kept weight are untouched (their pruned weights re-enter at 0).
+    - ``layer_floor``: every layer keeps at least ``ceil(layer_floor * numel)`` weights (its highest-scored ones)
+      in the global ranking; the rest of the budget is ranked globally as before. 0 (the paper) is no floor.
+      Global distribution and unstructured masks only.
+    - ``ramp``: the first ``ramp`` compressed phases ramp linearly from half the target sparsity to it (ramp=3:
+      0.5 s, 0.75 s, s); the final compressed phase is always at s. 0 or 1 (the paper): every one at s.
+    - ``score``: what the compression ranks. 'magnitude' (the paper): |w|. 'normalized': |w| divided by its layer's
+      root-mean-square |w|, so the global ranking compares weights against their own layer's scale. 'taylor':
+      |w * dL/dw| summed over the steps of the last dense phase (first-order Taylor estimate of the loss change,
+      Molchanov et al. 2019), read before each optimizer step (|w| where no dense step was seen, e.g. no warm-up).
+      Unstructured and N:M masks only.
+
     Built on the :class:`~sparsetrain.schedules.Cyclic` schedule of ``acdc_phases`` and the magnitude score; the
     method itself is only what happens at a phase start: the compression's mask difference, the
     decompression's momentum reset.
@@ -72,8 +96,32 @@ class ACDC(ScheduledPruning):
         decompressed: float | None = None,
         final: float | None = None,
         reset_momentum: str | bool = "all",
+        dead_units: str = "zero",
+        layer_floor: float = 0.0,
+        ramp: int = 0,
+        score: str = "magnitude",
         **common: Any,
     ) -> None:
+        if dead_units not in DEAD_UNITS:
+            raise ValueError(f"acdc: dead_units must be one of {', '.join(DEAD_UNITS)}; got {dead_units!r}")
+        if isinstance(layer_floor, bool) or not isinstance(layer_floor, (int, float)) or not 0 <= layer_floor < 1:
+            raise ValueError(f"acdc: layer_floor must be a density in [0, 1), e.g. 0.02; got {layer_floor!r}")
+        if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 0:
+            raise ValueError(f"acdc: ramp must be a number of compressed phases >= 0 (0: no ramp); got {ramp!r}")
+        if score not in ACDC_SCORES:
+            raise ValueError(f"acdc: score must be one of {', '.join(ACDC_SCORES)}; got {score!r}")
+        mask_type = common.get("mask_type", "unstructured")
+        if mask_type == "channel" and (dead_units != "zero" or layer_floor or score != "magnitude"):
+            raise ValueError(
+                "acdc: dead_units, layer_floor and score are for unstructured masks; mask_type='channel' already "
+                "gives pruned groups back their values at a decompression"
+            )
+        distribution = common.get("distribution") or "global"
+        if layer_floor and (mask_type != "unstructured" or distribution != "global"):
+            raise ValueError("acdc: layer_floor applies to the global ranking of unstructured masks only")
+        self.dead_units, self.layer_floor, self.ramp, self.score = dead_units, float(layer_floor), ramp, score
+        self._taylor: dict[str, Tensor] | None = None  # score='taylor': |w * grad| summed over the dense phase
+        self._dead_rows: dict[str, tuple[Tensor, Tensor]] | None = None  # dead_units: row indices, their values
         self.warmup, self.compressed, self.decompressed, self.final = warmup, compressed, decompressed, final
         if reset_momentum is True:  # the former boolean option: True reset momentum, now for every parameter
             reset_momentum = "all"
@@ -86,6 +134,12 @@ class ACDC(ScheduledPruning):
         self._last_sparse_masks: dict[str, Tensor] | None = None
         self._pruned_values: dict[str, Tensor] | None = None  # channel masks: what the pruned groups held
         super().__init__(model, **common)
+        if self.sharded and (dead_units != "zero" or layer_floor or score == "taylor"):
+            raise ValueError("acdc: dead_units, layer_floor and score='taylor' do not support FSDP-sharded parameters")
+
+    def setup(self) -> None:
+        # ``score`` names AC/DC's own selection scores (checked in __init__), not only the Sparsifier's kinds.
+        self.schedule = self.make_schedule()
 
     def make_schedule(self) -> Cyclic:
         total = self.require_total_steps()
@@ -108,7 +162,56 @@ class ACDC(ScheduledPruning):
                 total,
                 lengths,
             )
+        self._sparse_starts = [p.start for p in self.phases if p.kind == "sparse"]
+        sizes = [p.numel() for p in self.params.values()]
+        if sum(math.ceil(self.layer_floor * n) for n in sizes) > maskops.keep_count(sum(sizes), self.final_sparsity):
+            raise ValueError(
+                f"acdc: layer_floor={self.layer_floor:g} keeps more weights than sparsity {self.final_sparsity:g} "
+                "allows; lower the floor"
+            )
         return Cyclic(tuple(self.phases), self.final_sparsity)
+
+    def target_sparsity_at(self, step: int) -> float:
+        """The schedule's sparsity; with ``ramp`` = k, the i-th of the first k compressed phases (from 0) runs at
+        s * (0.5 + 0.5 i / (k - 1)); the final compressed phase is always at s."""
+        sparsity = self.schedule.sparsity_at(step)
+        if self.ramp < 2 or sparsity == 0:
+            return sparsity
+        index = sum(start <= step for start in self._sparse_starts) - 1
+        if index >= self.ramp - 1 or index == len(self._sparse_starts) - 1:
+            return sparsity
+        return sparsity * (0.5 + 0.5 * index / (self.ramp - 1))
+
+    def masks_at(self, step: int) -> dict[str, Tensor]:
+        if self.score == "magnitude" and not self.layer_floor:
+            return super().masks_at(step)
+        if self.score == "normalized":
+            scores = {}
+            for name, magnitude in self.scores("magnitude").items():
+                rms = magnitude.float().square().mean().sqrt()
+                scores[name] = magnitude.float() / rms if rms > 0 else magnitude.float()
+        elif self.score == "taylor" and self._taylor is not None:
+            scores = {n: s.clone() for n, s in self._taylor.items()}
+        else:
+            scores = self.scores("magnitude")
+        sparsity = self.target_sparsity_at(step)
+        if self.layer_floor:
+            # The floor's weights rank above every other one, so the global top-k keeps them and shares out the rest.
+            scores = {n: s.float() for n, s in scores.items()}
+            for s in scores.values():
+                s[maskops.topk_count_mask(s, math.ceil(self.layer_floor * s.numel()))] = math.inf
+        return self.compute_masks(sparsity, scores)
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        super().before_step(optimizer)
+        if self.score != "taylor" or self.phase_at(self.count) != "dense":
+            return
+        with torch.no_grad():
+            if self._taylor is None:
+                self._taylor = {n: torch.zeros_like(p, dtype=torch.float) for n, p in self.params.items()}
+            for name, param in self.params.items():
+                if param.grad is not None:
+                    self._taylor[name].add_((param.detach() * param.grad.detach()).abs().float())
 
     def update_masks(self, step: int) -> None:
         if self.phase_at(step) == "sparse":
@@ -116,6 +219,9 @@ class ACDC(ScheduledPruning):
         else:
             pruned = {n: ~m for n, m in self.masks.items()}
             self.densify("decompress", reset_optimizer_momentum=self.reset_momentum)
+            self._taylor = None  # the next compression ranks by this dense phase's products only
+            if self._dead_rows is not None:
+                self._restore_dead_rows(step)
             if self._pruned_values is not None:
                 with torch.no_grad():
                     for name, values in self._pruned_values.items():
@@ -127,6 +233,13 @@ class ACDC(ScheduledPruning):
         masks = self.masks_at(step)
         if self.channel_groups is not None:
             self._pruned_values = {n: p.detach().clone() for n, p in self.params.items()}
+        if self.dead_units != "zero":
+            # The rows this compression empties, with their values now (dense): what a decompression restores.
+            self._dead_rows = {}
+            for name, mask in masks.items():
+                rows = (~mask.reshape(mask.shape[0], -1).any(dim=1)).nonzero().squeeze(1)
+                if rows.numel():
+                    self._dead_rows[name] = (rows, self.params[name].detach()[rows].clone())
         packed = {n: maskops.pack_mask(m) for n, m in masks.items()}
         difference = None
         if self._last_sparse_masks is not None:
@@ -137,8 +250,25 @@ class ACDC(ScheduledPruning):
         self.set_masks(masks, reason="compress")
         self.emit({"event": "compress", "mask_difference_pct": difference})
 
+    @torch.no_grad()
+    def _restore_dead_rows(self, step: int) -> None:
+        """Give the rows the last compression emptied their old values ('revive') or a small init ('reinit')."""
+        generator = self.generator(step)
+        for name, (rows, values) in self._dead_rows.items():
+            param = self.params[name]
+            if self.dead_units == "revive":
+                param[rows] = values.to(param.device, param.dtype)
+            else:
+                bound = 1.0 / math.sqrt(max(1, param[0].numel()))
+                draw = (torch.rand(values.shape, generator=generator) * 2 - 1) * bound * REINIT_SCALE
+                param[rows] = draw.to(param.device, param.dtype)
+        rows = sum(len(r) for r, _ in self._dead_rows.values())
+        self._dead_rows = None
+        self.emit({"event": "dead_units", "mode": self.dead_units, "rows": rows})
+
     def extra_state(self) -> dict:
-        return {"last_sparse_masks": self._last_sparse_masks, "pruned_values": self._pruned_values}
+        return {"last_sparse_masks": self._last_sparse_masks, "pruned_values": self._pruned_values,
+                "taylor": self._taylor, "dead_rows": self._dead_rows}  # fmt: skip
 
     def load_extra_state(self, state: dict) -> None:
         masks = state.get("last_sparse_masks")
@@ -146,5 +276,7 @@ class ACDC(ScheduledPruning):
         self._last_sparse_masks = None if masks is None else {
             n: maskops.pack_mask(m) if m.dtype == torch.bool else m.clone() for n, m in masks.items()
         }
+        self._taylor = state.get("taylor")
+        self._dead_rows = state.get("dead_rows")
         values = state.get("pruned_values")
         self._pruned_values = None if values is None else {n: v.clone() for n, v in values.items()}

@@ -1,0 +1,203 @@
+"""AC/DC's study options (dead_units, layer_floor, ramp, score): each does what its docstring says, masks stay exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers.shared import roundtrip
+from torch import nn
+
+import sparsetrain
+from sparsetrain import maskops
+
+TOTAL = 30
+# dense 0-4, sparse 4-8, dense 8-12, sparse 12-16, dense 16-24, sparse 24-30
+TIMELINE = dict(unit="steps", warmup=4, compressed=4, decompressed=4, final=6)
+
+
+def build(sparsity: float = 0.9, seed: int = 0, **options):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    sparsifier = sparsetrain.create("acdc", model, sparsity=sparsity, total_steps=TOTAL, **TIMELINE, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sparsifier.attach(optimizer)
+    return model, optimizer, sparsifier
+
+
+def step(model, optimizer, i: int, before_step=None) -> None:
+    g = torch.Generator().manual_seed(1000 + i)
+    x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    if before_step is not None:
+        before_step()
+    optimizer.step()
+
+
+def dead_rows(mask: torch.Tensor) -> torch.Tensor:
+    return ~mask.reshape(mask.shape[0], -1).any(dim=1)
+
+
+def run_to_decompression(**options):
+    """Train to step 8 (the first decompression); return the sparsifier, the weights just before the compression
+    at step 4 (after that step's update) and the masks of the compressed phase."""
+    model, optimizer, sparsifier = build(sparsity=0.98, **options)
+    before = {}
+    sparsifier.subscribe(
+        lambda e: before.update({n: p.detach().clone() for n, p in sparsifier.params.items()})
+        if e["event"] == "phase_end" and e.get("phase", "dense") == "dense" and not before else None
+    )
+    for i in range(4):
+        step(model, optimizer, i)
+    masks = {n: m.clone() for n, m in sparsifier.masks.items()}
+    for i in range(4, 8):
+        step(model, optimizer, i)
+    assert sparsifier.phase == "dense"
+    return sparsifier, before, masks
+
+
+def test_dead_units_zero_is_the_paper_rows_stay_zero():
+    sparsifier, _, masks = run_to_decompression()
+    assert any(bool(dead_rows(m).any()) for m in masks.values()), "the test needs units the compression emptied"
+    for name, mask in masks.items():
+        assert torch.all(sparsifier.params[name].detach()[dead_rows(mask)] == 0)
+
+
+def test_dead_units_revive_restores_the_last_dense_values_of_emptied_rows_only():
+    sparsifier, before, masks = run_to_decompression(dead_units="revive")
+    revived = 0
+    for name, mask in masks.items():
+        weight = sparsifier.params[name].detach()
+        rows = dead_rows(mask)
+        assert torch.equal(weight[rows], before[name][rows])
+        revived += int(rows.sum())
+        # Rows that kept a weight: their pruned weights re-enter at 0, as in the paper.
+        assert torch.all(weight[~rows][~mask[~rows]] == 0)
+    assert revived > 0
+    assert [e["rows"] for e in sparsifier.history if e["event"] == "dead_units"] == [revived]
+
+
+def test_dead_units_reinit_gives_emptied_rows_a_small_fresh_init():
+    sparsifier, before, masks = run_to_decompression(dead_units="reinit")
+    for name, mask in masks.items():
+        weight = sparsifier.params[name].detach()
+        rows = dead_rows(mask)
+        if not rows.any():
+            continue
+        bound = 0.1 / math.sqrt(weight.shape[1])
+        assert torch.all(weight[rows].abs() <= bound) and torch.count_nonzero(weight[rows]) == weight[rows].numel()
+        assert not torch.equal(weight[rows], before[name][rows])
+        assert torch.all(weight[~rows][~mask[~rows]] == 0)
+
+
+def test_layer_floor_is_respected_exactly_and_the_total_stays_exact():
+    model, optimizer, sparsifier = build(sparsity=0.9, layer_floor=0.05)
+    for i in range(3):
+        step(model, optimizer, i)
+    with torch.no_grad():  # a layer of tiny weights: a plain global ranking keeps none of it
+        model[2].weight.mul_(1e-4)
+    scores = {n: p.detach().abs() for n, p in sparsifier.params.items()}
+    assert int(maskops.global_topk_masks(scores, 0.9)["2.weight"].sum()) == 0
+    masks = sparsifier.masks_at(4)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == maskops.keep_count(total, 0.9)
+    for name, mask in masks.items():
+        floor = math.ceil(0.05 * mask.numel())
+        assert int(mask.sum()) >= floor
+        assert torch.all(mask[maskops.topk_count_mask(scores[name], floor)]), "the floor keeps the layer's largest"
+    assert int(masks["2.weight"].sum()) == math.ceil(0.05 * 32 * 32)
+    step(model, optimizer, 3)  # the compression at step 4 installs such masks, with exact zeros
+    assert sum(int(m.sum()) for m in sparsifier.masks.values()) == maskops.keep_count(total, 0.9)
+    for name, mask in sparsifier.masks.items():
+        assert int(mask.sum()) >= math.ceil(0.05 * mask.numel())
+        assert torch.all(sparsifier.params[name].detach()[~mask] == 0)
+
+
+def test_layer_floor_larger_than_the_budget_is_refused():
+    with pytest.raises(ValueError, match="layer_floor=0.5 keeps more weights than sparsity 0.9"):
+        build(sparsity=0.9, layer_floor=0.5)
+
+
+@pytest.mark.parametrize("ramp, expected", [(0, [0.9, 0.9, 0.9]), (3, [0.45, 0.675, 0.9]), (5, [0.45, 0.5625, 0.9])])
+def test_ramp_sparsity_per_compressed_phase(ramp, expected):
+    model, optimizer, sparsifier = build(sparsity=0.9, ramp=ramp)
+    total = sum(m.numel() for m in sparsifier.masks.values())
+    counts = []
+    for i in range(TOTAL):
+        step(model, optimizer, i)
+        if sparsifier.count in (4, 12, 24):  # compressed starts
+            counts.append(sum(int((~m).sum()) for m in sparsifier.masks.values()))
+            for p, m in zip(sparsifier.params.values(), sparsifier.masks.values()):
+                assert torch.all(p.detach()[~m] == 0)
+    assert counts == [total - maskops.keep_count(total, s) for s in expected]
+    assert [sparsifier.target_sparsity_at(t) for t in (4, 12, 24)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("score, invariant", [("normalized", True), ("magnitude", False)])
+def test_score_normalized_ignores_a_layers_scale(score, invariant):
+    model, optimizer, sparsifier = build(score=score)
+    for i in range(3):
+        step(model, optimizer, i)
+    before = sparsifier.masks_at(4)
+    with torch.no_grad():
+        model[2].weight.mul_(100.0)
+    after = sparsifier.masks_at(4)
+    assert all(torch.equal(before[n], after[n]) for n in before) == invariant
+
+
+def test_score_taylor_ranks_by_weight_times_gradient_summed_over_the_dense_phase():
+    model, optimizer, sparsifier = build(score="taylor")
+    summed = {n: torch.zeros_like(p) for n, p in sparsifier.params.items()}
+    weights = {}
+
+    def accumulate():
+        for n, p in sparsifier.params.items():
+            summed[n] += (p.detach() * p.grad).abs()
+
+    sparsifier.subscribe(
+        lambda e: weights.update({n: p.detach().abs() for n, p in sparsifier.params.items()})
+        if e["event"] == "phase_end" else None
+    )
+    for i in range(4):
+        step(model, optimizer, i, before_step=accumulate)
+    expected = maskops.global_topk_masks(summed, 0.9)
+    assert all(torch.equal(sparsifier.masks[n], expected[n]) for n in expected)
+    magnitude = maskops.global_topk_masks(weights, 0.9)  # the weights the compression saw
+    assert not all(torch.equal(sparsifier.masks[n], magnitude[n]) for n in expected)
+
+
+@pytest.mark.parametrize("split", [6, 10])  # inside a compressed phase, inside a decompressed one
+def test_resume_with_every_option_is_bit_identical(split):
+    options = dict(dead_units="revive", score="taylor", ramp=2, layer_floor=0.01)
+    model, optimizer, sparsifier = build(**options)
+    for i in range(TOTAL):
+        if i == split:
+            saved = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "sparsifier": sparsifier.state_dict()})  # fmt: skip
+        step(model, optimizer, i)
+    model2, optimizer2, sparsifier2 = build(seed=123, **options)
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["optimizer"])
+    sparsifier2.load_state_dict(saved["sparsifier"])
+    for i in range(split, TOTAL):
+        step(model2, optimizer2, i)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(dead_units="alive"), "dead_units must be one of zero, reinit, revive"),
+        (dict(layer_floor=1.5), "layer_floor must be a density in"),
+        (dict(ramp=-1), "ramp must be a number of compressed phases"),
+        (dict(score="hessian"), "score must be one of magnitude, normalized, taylor"),
+        (dict(layer_floor=0.01, distribution="uniform"), "layer_floor applies to the global ranking"),
+        (dict(dead_units="revive", mask_type="channel"), "dead_units, layer_floor and score are for unstructured"),
+    ],
+)
+def test_bad_options_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        build(**options)
