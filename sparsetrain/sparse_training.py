@@ -281,6 +281,8 @@ class SparseKernels:
         self._current: dict[str, tuple] = {}  # name -> the key of the decision in force
         self._batch_size: int | None = None
         self.mask_changes = 0
+        # Training forwards per layer on each kernel (evaluation and dense-gradient steps count as dense).
+        self.forwards: dict[str, dict[str, int]] = {}
         by_param = {id(p): n for n, p in sparsifier.params.items()}
         for module_name, module in sparsifier.model.named_modules():
             if not isinstance(module, nn.Linear):
@@ -294,6 +296,7 @@ class SparseKernels:
             if name in self.layers:
                 continue  # a module registered twice is converted once
             self.layers[name] = module
+            self.forwards[name] = {"csr": 0, "dense": 0}
             module.forward = _Forward(self, module, name)  # instance attribute: the class's forward stays
         sparsifier.subscribe(self._on_event)
 
@@ -344,14 +347,17 @@ class SparseKernels:
 
     def _forward(self, name: str, module: nn.Linear, x: Tensor) -> Tensor:
         dense = nn.Linear.forward
+        if not torch.is_grad_enabled():
+            return dense(module, x)  # evaluation: not counted
+        counts = self.forwards[name]
         if (
-            not torch.is_grad_enabled()
-            or torch.is_autocast_enabled("cpu")
+            torch.is_autocast_enabled("cpu")
             or x.dtype != module.weight.dtype
             or x.device.type != "cpu"
             or x.dim() < 1
             or self.sparsifier.needs_dense_gradients()
         ):
+            counts["dense"] += 1
             return dense(module, x)
         self._refresh()
         layer = self._layer(name, module)
@@ -359,7 +365,9 @@ class SparseKernels:
         self._batch_size = batch
         decision = self._decide(name, module, layer, x, batch)
         if decision.kernel != "csr":
+            counts["dense"] += 1
             return dense(module, x)
+        counts["csr"] += 1
         return _apply(x, module, layer)
 
     # ------------------------------------------------------------------ the choice
@@ -438,4 +446,25 @@ class SparseKernels:
         for name, why in self.skipped.items():
             report.notes.append(f"{name}: dense ({why})")
         report.notes.append("times: one forward + backward of the layer at the run's batch size")
+        used = [f"{name} {c['csr']}/{c['csr'] + c['dense']}" for name, c in self.forwards.items() if c["csr"]]
+        if used:
+            report.notes.append("training forwards on CSR: " + ", ".join(used))
         return report
+
+    def summary(self) -> dict[str, Any]:
+        """The report as plain data (for a run's summary.json): per layer the choice in force and the counts."""
+        report = self.report()
+        layers = {
+            c.name: {
+                "kernel": c.kernel,
+                "reason": c.reason,
+                "sparsity": round(c.sparsity, 6),
+                "dense_us": None if c.dense_time is None else round(c.dense_time * 1e6, 1),
+                "csr_us": None if c.sparse_time is None else round(c.sparse_time * 1e6, 1),
+                "forwards_csr": self.forwards[c.name]["csr"],
+                "forwards_dense": self.forwards[c.name]["dense"],
+            }
+            for c in report.layers
+        }
+        return {"batch_size": report.batch_size, "threads": report.threads, "layers": layers,
+                "skipped": dict(self.skipped), "report": str(report)}  # fmt: skip

@@ -184,3 +184,53 @@ def test_refuses_bad_options():
         SparseKernels(sparsifier, margin=1.5)
     with pytest.raises(ValueError, match="min_sparsity"):
         SparseKernels(sparsifier, min_sparsity=2)
+
+
+# ---------------------------------------------------------------------------------------------------- the trainer
+def _run(tmp_path, kernels: str):
+    from sparsetrain.train import loop
+    from sparsetrain.train.config import resolve
+
+    settings = dict(
+        dataset="digits",
+        model="mlp",
+        method="acdc",
+        sparsity=0.9,
+        epochs=3,
+        batch_size=32,
+        lr=0.1,
+        threads=1,
+        progress=False,
+        plots=False,
+        sparse_kernels=kernels,
+        out=str(tmp_path / kernels),
+        method_options={"unit": "steps", "warmup": 10, "compressed": 20, "decompressed": 10, "final": 40},
+    )
+    run = loop.Run(resolve(None, settings))  # fmt: skip
+    return run, run.run()
+
+
+def test_trainer_option_runs_the_sparse_phases_on_csr_and_matches_off(tmp_path, monkeypatch):
+    # The digits MLP is too small for CSR to win the timing: force the kernels to exercise the path in the trainer.
+    monkeypatch.setattr(sparsetrain, "SparseKernels", lambda s: SparseKernels(s, force=True, time_layers=False))
+    on_run, on = _run(tmp_path, "auto")
+    off_run, off = _run(tmp_path, "off")
+    assert off["sparse_kernels"] is None
+    layers = on["sparse_kernels"]["layers"]
+    assert layers and all(c["forwards_csr"] == 3 * 40 for c in layers.values())  # 3 epochs of 40 steps, forced
+    assert "per-layer kernels at batch 32" in on["sparse_kernels"]["report"]
+    # The whole AC/DC run (dense, sparse, dense, sparse phases) ends where the dense kernels' run does.
+    assert off["sparse_model"]["test_acc"] > 80
+    assert on["sparse_model"]["sparsity"] == off["sparse_model"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert on["sparse_model"]["test_acc"] == pytest.approx(off["sparse_model"]["test_acc"], abs=0.5)
+    for p, q in zip(on_run.model.parameters(), off_run.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_option_is_validated():
+    from sparsetrain.errors import ConfigError
+    from sparsetrain.train.config import resolve
+
+    assert resolve(None, {})["sparse_kernels"] == "off"
+    with pytest.raises(ConfigError, match="option 'sparse_kernels' must be one of auto, off; got 'on'"):
+        resolve(None, {"sparse_kernels": "on"})
