@@ -234,3 +234,44 @@ def test_trainer_option_is_validated():
     assert resolve(None, {})["sparse_kernels"] == "off"
     with pytest.raises(ConfigError, match="option 'sparse_kernels' must be one of auto, off; got 'on'"):
         resolve(None, {"sparse_kernels": "on"})
+
+
+# ---------------------------------------------------------------------------------------------------- every method
+# The conformance suite's models, optimizers, schedules and steps (its methods, chosen by Capability flags).
+from test_conformance import MASKING, MODELS, TOTAL, assert_exact_counts, assert_masked_weights_zero  # noqa: E402
+from test_conformance import build as build_method  # noqa: E402
+from test_conformance import train_step as method_step  # noqa: E402
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("method", MASKING)
+def test_every_step_on_sparse_kernels_equals_the_dense_step(method, model_name):
+    """Every method that keeps masks (fixed between its updates): each step with the kernels forced on equals the
+    dense kernels' step to float tolerance, masks included, through all its updates and phases."""
+    dense_model, dense_opt, dense_sp, shape = build_method(method, model_name)
+    model, optimizer, sparsifier, _ = build_method(method, model_name)
+    kernels = SparseKernels(sparsifier, force=True, time_layers=False)
+    assert kernels.layers  # the MLP's three Linear layers, the conv net's head
+    for step in range(TOTAL):
+        method_step(dense_model, dense_opt, step, shape)
+        method_step(model, optimizer, step, shape)
+        for name, mask in sparsifier.masks.items():
+            assert torch.equal(mask, dense_sp.masks[name]), f"step {step}: masks of {name} differ"
+        for p, q in zip(model.parameters(), dense_model.parameters()):
+            close(p, q)
+    assert sum(c["csr"] for c in kernels.forwards.values()) > 0
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("method", ["acdc", "gmp", "rigl", "static"])
+def test_masked_weights_exactly_zero_with_sparse_kernels(method, opt_name):
+    model, optimizer, sparsifier, shape = build_method(method, "mlp", opt_name)
+    SparseKernels(sparsifier, force=True, time_layers=False)
+    version = sparsifier.mask_version
+    for step in range(TOTAL):
+        method_step(model, optimizer, step, shape)
+        assert_masked_weights_zero(sparsifier)
+        if sparsifier.mask_version != version:
+            version = sparsifier.mask_version
+            assert_exact_counts(sparsifier)
+    assert sparsifier.sparsity().overall >= 0.9 - 1e-3
