@@ -168,14 +168,31 @@ def test_evaluation_and_no_grad_run_dense():
     assert kernels.choices() == dict.fromkeys(kernels.layers, "dense")  # nothing decided: no training forward
 
 
-def test_timed_choice_is_reported_with_times():
+def test_timed_choice_is_reported_with_times_and_follows_the_rule():
     model, optimizer, sparsifier = setup(sparsity=0.95)
     kernels = SparseKernels(sparsifier, repeats=1)
     step(model, optimizer, 0)
     report = kernels.report()
     assert all(layer.dense_time and layer.sparse_time for layer in report.layers)
     for layer in report.layers:  # the stated rule, on whatever the timing gave
-        assert (layer.kernel == "csr") == (layer.sparse_time <= 0.95 * layer.dense_time)
+        assert (layer.kernel, layer.reason) == kernels.rule(layer.dense_time, layer.sparse_time)
+
+
+@pytest.mark.parametrize(
+    "dense_ms, sparse_ms, expected",
+    [
+        (10.0, 5.0, ("csr", "faster")),
+        (10.0, 9.5, ("csr", "faster")),  # exactly 5% faster, 0.5 ms saved
+        (10.0, 9.6, ("dense", "faster by less than 5%")),
+        (10.0, 10.0, ("dense", "slower")),
+        (10.0, 30.0, ("dense", "slower")),
+        (0.15, 0.06, ("dense", "saves less than 0.1 ms")),  # 2.5x faster, 0.09 ms saved
+        (0.2, 0.1, ("csr", "faster")),
+    ],
+)
+def test_rule_needs_the_margin_and_the_minimum_gain(dense_ms, sparse_ms, expected):
+    _, _, sparsifier = setup()
+    assert SparseKernels(sparsifier).rule(dense_ms / 1e3, sparse_ms / 1e3) == expected
 
 
 def test_refuses_bad_options():
@@ -184,6 +201,8 @@ def test_refuses_bad_options():
         SparseKernels(sparsifier, margin=1.5)
     with pytest.raises(ValueError, match="min_sparsity"):
         SparseKernels(sparsifier, min_sparsity=2)
+    with pytest.raises(ValueError, match="min_gain"):
+        SparseKernels(sparsifier, min_gain=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- the trainer
