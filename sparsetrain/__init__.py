@@ -23,6 +23,7 @@ from .core import (
     register,
 )
 from .schedules import Phase
+from .sparse_training import SparseKernels
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "ScheduledPruning",
     "MemoryReport",
     "Sparsifier",
+    "SparseKernels",
     "SparsityReport",
     "create",
     "get_method",

@@ -389,6 +389,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"training FLOPs relative to dense: {summary['train_flops_ratio']:.3f}",
         f"sparse model forward FLOPs relative to dense: {sparse['forward_flops_ratio']:.3f}",
         f"wall time: {int(minutes)}m{seconds:04.1f}s",
+        *([kernels["report"]] if (kernels := summary.get("sparse_kernels")) else []),
         *(
             [
                 f"processes: {summary['processes']}, comm hook {comm['hook']}: {comm['bits_per_coordinate']:.2f} "

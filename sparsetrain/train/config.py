@@ -50,6 +50,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "device": ("auto", (str,), "auto, cpu or cuda"),
     "seed": (0, (int,), "seed for the weights, the data split and order, and the method"),
     "threads": (None, (int,), "torch CPU threads (default: torch's choice)"),
+    "sparse_kernels": ("off", (str,), "auto: masked Linear layers train on CSR kernels where timed faster (CPU); off"),
     "out": (None, (str,), "output directory (default: runs/<method>-<model>-<dataset>-s<sparsity>-seed<seed>)"),
     "progress": (None, (bool,), "progress bar (default: when the terminal is interactive)"),
     "plots": (True, (bool,), "write training.png at the end of the run"),
@@ -67,6 +68,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "comm_hook": tuple(HOOK_REGISTRY),
     "qsgd_norm": QSGD_NORMS,
+    "sparse_kernels": ("auto", "off"),
 }
 
 
@@ -337,6 +339,7 @@ class TrainConfig:
     device: str
     seed: int
     threads: int | None
+    sparse_kernels: str
     out: str | None
     progress: bool | None
     plots: bool

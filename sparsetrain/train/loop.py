@@ -380,6 +380,7 @@ class Run:
             )
         self.sparsifier.attach(self.optimizer)
         self.sparsifier.subscribe(self._keep_dense_weights)
+        self.kernels = self._sparse_kernels()
         self._setup_data_parallel()
         sample = self.data.train[:2][0].to(self.device)
         self.flop_counter = FlopCounter(self.model, sample)
@@ -393,6 +394,19 @@ class Run:
         self._dense_weights: dict[str, Tensor] | None = None  # the weights a dense phase ended with
         self._twin: nn.Module | None = None  # holds them while they are evaluated
         self.elapsed = 0.0
+
+    def _sparse_kernels(self) -> sparsetrain.SparseKernels | None:
+        """With ``sparse_kernels: auto`` on CPU, masked Linear layers train on CSR kernels where timed faster."""
+        if self.config.sparse_kernels == "off":
+            return None
+        if self.device.type != "cpu":
+            log.info("sparse_kernels=auto: the CSR training kernels are CPU only; training dense on %s", self.device)
+            return None
+        try:
+            return sparsetrain.SparseKernels(self.sparsifier)
+        except ValueError as error:
+            log.warning("sparse_kernels=auto: %s; training dense", error)
+            return None
 
     def _setup_devices(self) -> None:
         """The device, and the process group when launched by torchrun (or ``sparsetrain train --nproc N``)."""
@@ -711,6 +725,7 @@ class Run:
             "processes": self.world,
             "fsdp": self.fsdp,
             "communication": communication,
+            "sparse_kernels": None if self.kernels is None else self.kernels.summary(),
             "out": str(self.out),
             "files": sorted({*listed_files(self.out), SUMMARY}),  # summary.json is written next, with this list
         }

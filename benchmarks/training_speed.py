@@ -1,0 +1,189 @@
+"""Training epochs inside a sparse phase on CSR kernels (``sparse_kernels: auto``) against the dense kernels.
+
+Wide MLP (784-2048-2048-10, ``mlp-wide``) on Fashion-MNIST, batch 128, SGD with Nesterov momentum and weight
+decay, masks fixed at 90/95/98% (``static``: what every step of a sparse phase does). Three variants train side by
+side in one process, on the same batches, from the same weights:
+
+- ``dense``: no sparsifier at all (a dense epoch);
+- ``off``: the sparsifier attached, dense kernels (what a sparse phase costs without the kernels);
+- ``auto``: the sparsifier attached and :class:`sparsetrain.SparseKernels` (the per-layer timing it does on its
+  first forward is part of its epoch).
+
+The epoch is cut into blocks of ``--block`` steps; each block is run by every variant in turn (the order rotates
+from block to block), so drift in the machine's speed (other jobs on a shared machine) hits all of them alike. Per
+variant: epoch time = sum of its blocks; speed-up = median over blocks of the paired ratio of block times (the
+robust figure under load) and ratio of the sums. Peak memory: each variant trains ``--memory-steps`` steps in a
+fresh subprocess on random batches of the same shape and reports its peak resident set (VmHWM: Python, torch,
+model, optimizer state, activations; no dataset).
+
+A second table runs smaller zoo models (LeNet-300-100, LeNet-5) the same way, ``off`` against ``auto`` only: where
+CSR never wins (small layers, convolutions), ``auto`` should cost nothing beyond its timing.
+
+    python benchmarks/training_speed.py                      # 1 thread, one epoch per sparsity (~10 min on 2 cores)
+    python benchmarks/training_speed.py --steps 100          # a shorter run
+    python benchmarks/training_speed.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+import sparsetrain
+from sparsetrain.models import build_model
+from sparsetrain.train.data import iterate_batches, load_dataset
+
+VARIANTS = ("dense", "off", "auto")
+
+
+def make_variant(base: nn.Module, variant: str, sparsity: float, total: int) -> tuple[nn.Module, Callable]:
+    """A model copy and its step function for ``variant`` (masks fixed at ``sparsity`` from step 0)."""
+    model = copy.deepcopy(base)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if variant != "dense":
+        sparsifier = sparsetrain.create("static", model, sparsity=sparsity, total_steps=total)
+        sparsifier.attach(optimizer)
+        if variant == "auto":
+            model.kernels = sparsetrain.SparseKernels(sparsifier)  # kept alive with the model
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return model, step
+
+
+def batches(data, batch: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        yield from iterate_batches(data.train, batch, shuffle=True, seed=0, epoch=epoch, drop_last=True)
+        epoch += 1
+
+
+def paired(model_name: str, variants: tuple[str, ...], sparsity: float, data, batch: int, steps: int, block: int):
+    torch.manual_seed(0)
+    base = build_model(model_name, input_shape=data.input_shape, num_classes=data.num_classes)
+    made = {v: make_variant(base, v, sparsity, steps) for v in variants}
+    stream = batches(data, batch, steps)
+    plan = [next(stream) for _ in range(steps)]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for index, start in enumerate(range(0, steps, block)):
+        chunk = plan[start : start + block]
+        order = variants[index % len(variants) :] + variants[: index % len(variants)]
+        for variant in order:
+            step = made[variant][1]
+            began = time.perf_counter()
+            for xb, yb in chunk:
+                step(xb, yb)
+            times[variant].append(time.perf_counter() - began)
+    result = {"model": model_name, "sparsity": sparsity, "steps": steps, "block": block,
+              "epoch_s": {v: sum(t) for v, t in times.items()}}  # fmt: skip
+    reference = "dense" if "dense" in variants else "off"
+    result["speedup_median"] = {
+        v: statistics.median(r / t for r, t in zip(times[reference], times[v])) for v in variants if v != reference
+    }
+    result["speedup_sums"] = {v: result["epoch_s"][reference] / result["epoch_s"][v] for v in variants}
+    if "auto" in made:
+        kernels = made["auto"][0].kernels
+        result["report"] = str(kernels.report())
+        if "off" in variants and reference != "off":
+            result["auto_vs_off_median"] = statistics.median(o / a for o, a in zip(times["off"], times["auto"]))
+    return result
+
+
+def peak_memory(model_name: str, variant: str, sparsity: float, steps: int, threads: int) -> float:
+    """Peak resident set (MiB) of a fresh process that trains ``steps`` steps of ``variant``."""
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and exec, so a child would report this process's
+    # peak (the dataset) whatever it used itself; VmHWM belongs to the child's own address space.
+    code = (
+        "import torch; "
+        f"torch.set_num_threads({threads}); "
+        "import benchmarks.training_speed as b; "
+        f"b.memory_child({model_name!r}, {variant!r}, {sparsity}, {steps}); "
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def memory_child(model_name: str, variant: str, sparsity: float, steps: int) -> None:
+    # Random batches of Fashion-MNIST's shape: memory does not depend on the values, and the dataset (~200 MB in
+    # memory) would dwarf the difference between the paths.
+    torch.manual_seed(0)
+    base = build_model(model_name, input_shape=(1, 28, 28), num_classes=10)
+    _, step = make_variant(base, variant, sparsity, steps)
+    del base
+    for _ in range(steps):
+        step(torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="steps per variant (default: one epoch)")
+    parser.add_argument("--block", type=int, default=20, help="steps per timed block")
+    parser.add_argument("--sparsities", default="0.9,0.95,0.98")
+    parser.add_argument("--memory-steps", type=int, default=20)
+    parser.add_argument("--small-steps", type=int, default=200, help="steps of the small-model table (0: skip it)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset("fashion-mnist", download=False)
+    batch = 128
+    steps = args.steps or len(data.train) // batch
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; load average {' '.join(f'{x:.1f}' for x in _load())}")  # fmt: skip
+    print(f"mlp-wide (784-2048-2048-10) on Fashion-MNIST, batch {batch}, {steps} steps per variant "
+          f"({steps / (len(data.train) // batch):.2f} epoch), blocks of {args.block} interleaved")  # fmt: skip
+    results = []
+    header = (f"{'sparsity':>8} {'dense s':>8} {'off s':>8} {'auto s':>8}  {'auto/dense median':>17} "
+              f"{'(sums)':>6}  {'auto/off median':>15}  {'peak MiB dense/off/auto':>24}")  # fmt: skip
+    print(header)
+    for sparsity in (float(s) for s in args.sparsities.split(",")):
+        r = paired("mlp-wide", VARIANTS, sparsity, data, batch, steps, args.block)
+        r["peak_mib"] = {v: peak_memory("mlp-wide", v, sparsity, args.memory_steps, args.threads) for v in VARIANTS}
+        results.append(r)
+        e, m = r["epoch_s"], r["peak_mib"]
+        print(f"{sparsity:8.2f} {e['dense']:8.1f} {e['off']:8.1f} {e['auto']:8.1f}  "
+              f"{r['speedup_median']['auto']:16.2f}x {r['speedup_sums']['auto']:5.2f}x  "
+              f"{r['auto_vs_off_median']:14.2f}x  "
+              f"{m['dense']:8.0f}/{m['off']:.0f}/{m['auto']:.0f}", flush=True)  # fmt: skip
+    for r in results:
+        print(f"\nsparsity {r['sparsity']}: {r['report']}")
+    if args.small_steps:
+        print(f"\nsmaller zoo models at 90%, {args.small_steps} steps, off against auto (blocks of {args.block}):")
+        for name in ("mlp", "lenet5"):
+            r = paired(name, ("off", "auto"), 0.9, data, batch, args.small_steps, args.block)
+            results.append(r)
+            e, up = r["epoch_s"], r["speedup_median"]["auto"]
+            print(f"  {name:8s} off {e['off']:6.2f} s  auto {e['auto']:6.2f} s  auto/off median {up:.3f}x "
+                  f"(sums {r['speedup_sums']['auto']:.3f}x)")  # fmt: skip
+            print("    " + r["report"].replace("\n", "\n    "))
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in _load())}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+def _load() -> tuple[float, ...]:
+    try:
+        import os
+
+        return os.getloadavg()
+    except OSError:
+        return ()
+
+
+if __name__ == "__main__":
+    main()
