@@ -143,7 +143,10 @@ def test_no_method_names_in_the_trainer_or_cli():
     """The trainer and the CLI ask the sparsifier (capabilities, queries), never compare a method's name."""
     names = "|".join(map(re.escape, sparsetrain.list_methods()))
     compare = re.compile(rf"""(==|!=)\s*["']({names})["']|["']({names})["']\s*(==|!=)|in\s*\(\s*["']({names})["']""")
-    files = [*(PACKAGE / "train").glob("*.py"), PACKAGE / "cli.py", *(PACKAGE / "commands").glob("*.py")]
+    # `sparsetrain prune --method` names one-shot pruners (magnitude, obc, spdy, mfac): a namespace of its own,
+    # which shares two names with the training methods.
+    commands = [p for p in (PACKAGE / "commands").glob("*.py") if not p.name.startswith("prune")]
+    files = [*(PACKAGE / "train").glob("*.py"), PACKAGE / "cli.py", *commands]
     found = [
         f"{path.name}:{number}: {line.strip()}"
         for path in files
