@@ -245,8 +245,11 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def _capture_inputs(model: nn.Module, args: tuple) -> dict[nn.Module, Tensor]:
-    """Run the sample once; record the input each Linear really receives through its forward.
+def _capture_inputs(
+    model: nn.Module, args: tuple, modules: Sequence[nn.Module] | None = None
+) -> dict[nn.Module, Tensor]:
+    """Run the sample once; record the first input each Linear (or each of ``modules``) really receives through its
+    forward.
 
     Layers whose weight is used without calling their forward (``nn.MultiheadAttention.out_proj`` passes its
     weight to a functional kernel) record nothing and are left alone.
@@ -257,7 +260,9 @@ def _capture_inputs(model: nn.Module, args: tuple) -> dict[nn.Module, Tensor]:
         if module not in seen and inputs and isinstance(inputs[0], Tensor):
             seen[module] = inputs[0].detach().clone()  # a later in-place op must not change it
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    if modules is None:
+        modules = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
     try:
         with torch.inference_mode():
             model(*args)

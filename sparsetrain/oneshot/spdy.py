@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .._atomic import write_text_atomic
-from ..inference import SparseLinear, _ineligible, time_call, time_paired, to_sparse_kernels
+from ..inference import SparseLinear, _capture_inputs, _ineligible, time_call, time_paired, to_sparse_kernels
 from .allocation import allocate_under_budget
 from .database import DEFAULT_GRID, ObcDatabase, _build, _calibration_loss, _check_grid, _collect
 
@@ -86,24 +86,6 @@ class SpdyTimings:
 def max_speedup(timings: SpdyTimings) -> float:
     """The predicted speed-up of the fastest profile (every layer at its fastest level): the most a target can be."""
     return timings.dense_total / timings.predict(timings.fastest())
-
-
-def _capture(model: nn.Module, modules: Sequence[nn.Module], sample: Tensor) -> dict[nn.Module, Tensor]:
-    """The input each of ``modules`` receives first when ``model(sample)`` runs."""
-    seen: dict[nn.Module, Tensor] = {}
-
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if module not in seen and args and isinstance(args[0], Tensor):
-            seen[module] = args[0].detach().clone()
-
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
-    try:
-        with torch.inference_mode():
-            model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
 
 
 class _Canned(nn.Module):
@@ -219,7 +201,7 @@ def measure_timings(
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        inputs = _capture(model, list(modules.values()), sample)
+        inputs = _capture_inputs(model, (sample,), list(modules.values()))
         with torch.inference_mode():
             layer_dense = 0.0
             for name, module in modules.items():
