@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 
 __all__ = ["check_fsdp_config", "check_fsdp_world", "shard_model", "full_model_state", "full_optimizer_state",
-           "load_full_state", "gather_to_main", "global_masks"]  # fmt: skip
+           "load_full_state", "gather_to_main"]  # fmt: skip
 
 
 def check_fsdp_config(config: dict[str, Any]) -> None:
@@ -127,15 +127,3 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     objects: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, objects, dst=0)
     return objects
-
-
-def global_masks(masks: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """This rank's masks as DTensors laid out like their parameters: counting their nonzeros (the FLOP counter
-    does) is then a collective that gives the whole layer's count. Every rank must use them together."""
-    from torch.distributed.tensor import DTensor
-
-    return {
-        n: DTensor.from_local(m, params[n].device_mesh, params[n].placements, shape=params[n].shape,
-                              stride=params[n].stride())  # fmt: skip
-        for n, m in masks.items()
-    }
