@@ -1,11 +1,12 @@
 """Sparse training as models grow: mask memory per parameter and step time relative to dense, at 1M, 10M and 100M
-parameters (an MLP and a stack of transformer encoder blocks), then data-parallel (DDP) against sharded (FSDP2)
-training on 2 processes.
+parameters (400M on request; an MLP and a stack of transformer encoder blocks), then data-parallel (DDP) against
+sharded (FSDP2) training on 2 processes.
 
 Step time: one training step (batch 32, SGD momentum 0.9) with the sparsifier attached, divided by the same step
 of an identical dense model, in interleaved ABBA pairs; the median of the pairs' ratios. Memory: what
 ``Sparsifier.memory_bytes()`` reports per sparsified weight. ``enforce='always'`` re-zeroes after every step (two
-passes per step, as before the re-zeroing was skipped where the optimizer cannot move masked weights).
+passes per step, as before the re-zeroing was skipped where the optimizer cannot move masked weights);
+``mask_storage='packed'`` holds the masks a bit per weight and unpacks them block by block in the enforcement.
 
     python benchmarks/scale.py                      # 1M, 10M, 100M single process, then DDP vs FSDP2 at 10M
     python benchmarks/scale.py --no-single --distributed-size 1M --rounds 3
@@ -34,8 +35,8 @@ SPARSITY = 0.9
 BATCH = 32
 # (width, layers) per size: an MLP of `layers` Linear(width, width); a stack of `layers` encoder blocks of
 # d_model `width` (4x feed-forward, about 12 width^2 weights each) on sequences of SEQ tokens.
-MLP_SIZES = {"1M": (512, 4), "10M": (1024, 10), "100M": (4096, 6)}
-BLOCK_SIZES = {"1M": (128, 5), "10M": (256, 13), "100M": (768, 14)}
+MLP_SIZES = {"1M": (512, 4), "10M": (1024, 10), "100M": (4096, 6), "400M": (8192, 6)}
+BLOCK_SIZES = {"1M": (128, 5), "10M": (256, 13), "100M": (768, 14), "400M": (1536, 14)}
 SEQ = 8
 VARIANTS = {
     # name: (method, options)
@@ -43,6 +44,7 @@ VARIANTS = {
     "acdc": ("acdc", dict(unit="steps", warmup=1, compressed=10_000, decompressed=1, final=1)),
     "rigl": ("rigl", dict(delta=1000)),
     "gmp, enforce=always": ("gmp", dict(unit="steps", start=0, end=1, frequency=1, enforce="always")),
+    "gmp, packed": ("gmp", dict(unit="steps", start=0, end=1, frequency=1, mask_storage="packed")),
 }
 
 
@@ -98,17 +100,18 @@ def paired_ratio(dense: Callable, sparse: Callable, rounds: int, steps: int) -> 
     return statistics.median(ratios), ratios
 
 
-def bench_single(kind: str, size: str, rounds: int) -> dict:
+def bench_single(kind: str, size: str, rounds: int, variants: list[str]) -> dict:
     base, x = build(kind, size)
     y = torch.randint(0, 10, (BATCH,))
     n_params = sum(p.numel() for p in base.parameters())
-    steps = 1 if size == "100M" else 3
+    steps = 1 if size in ("100M", "400M") else 3
     dense = copy.deepcopy(base)
     dense_step = make_step(dense, sgd(dense), x, y)
     timed(dense_step, 2)
     dense_ms = 1000 * timed(dense_step, steps)
     rows = {}
-    for name, (method, options) in VARIANTS.items():
+    for name in variants:
+        method, options = VARIANTS[name]
         model = copy.deepcopy(base)
         optimizer = sgd(model)
         sparsifier = sparsetrain.create(method, model, sparsity=SPARSITY, total_steps=100_000, **options)
@@ -196,16 +199,18 @@ def main() -> None:
     parser.add_argument("--distributed-size", default="10M", choices=list(MLP_SIZES))
     parser.add_argument("--no-single", action="store_true", help="only the 2-process runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the single-process runs")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
+                        help=f"single-process variants (default: all of {', '.join(map(repr, VARIANTS))})")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"batch {BATCH}, sparsity {SPARSITY}, SGD momentum; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     single = []
-    print(f"{'model':8s}{'params':>8s}{'dense ms':>10s}  " + "".join(f"{v:>26s}" for v in VARIANTS))
+    print(f"{'model':8s}{'params':>8s}{'dense ms':>10s}  " + "".join(f"{v:>26s}" for v in args.variants))
     for kind in [] if args.no_single else args.kinds:
         for size in args.sizes:
-            row = bench_single(kind, size, args.rounds)
+            row = bench_single(kind, size, args.rounds, args.variants)
             single.append(row)
             cells = "".join(f"{r['ratio']:>14.3f}x {r['bytes_per_param']:5.3f} B/p" for r in row["variants"].values())
             print(f"{kind:8s}{row['params'] / 1e6:7.1f}M{row['dense_step_ms']:10.1f}  {cells}", flush=True)

@@ -529,3 +529,21 @@ def test_channel_masks_refused_without_the_flag(method):
 def test_channel_masks_need_an_example_input():
     with pytest.raises(ValueError, match="example_input"):
         build("acdc", "conv", mask_type="channel", example_input=None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_packed_mask_storage_trains_bit_identically(method):
+    """``mask_storage='packed'`` (a bit per weight) changes where masks live, never a result: every method's run
+    equals its boolean-mask run bit for bit, masks and history included."""
+    runs = []
+    for storage in ("bool", "packed"):
+        model, optimizer, sparsifier, shape = build(method, "conv", "adam", mask_storage=storage)
+        for step in range(TOTAL):
+            train_step(model, optimizer, step, shape)
+            assert_masked_weights_zero(sparsifier)
+        runs.append((model, sparsifier))
+    (model, sparsifier), (packed_model, packed) = runs
+    for (name, a), b in zip(model.state_dict().items(), packed_model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs with packed masks"
+    assert all(torch.equal(sparsifier.masks[n], packed.masks[n]) for n in sparsifier.masks)
+    assert packed.history == sparsifier.history

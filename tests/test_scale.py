@@ -17,6 +17,7 @@ from torch import nn
 import sparsetrain
 from sparsetrain import maskops
 from sparsetrain.core import sparsifier as engine
+from sparsetrain.core.packed_masks import PackedMask
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -273,3 +274,59 @@ def test_fsdp2_shards_train_to_one_exact_global_mask_and_resume_bit_identically(
 def test_fsdp2_methods_that_cannot_shard_say_so(fsdp_report):
     for method, message in fsdp_report["refused"].items():
         assert f"method {method!r} does not support FSDP-sharded parameters" in message
+
+
+# ------------------------------------------------------------------------------------ mask_storage='packed'
+@pytest.mark.parametrize("block", [7, 8, 1 << 20])
+def test_zeroing_from_packed_masks_equals_boolean_masks(monkeypatch, block):
+    """The enforcement reading packed bits block by block gives the boolean masks' result bit for bit (block
+    sizes that are and are not a multiple of 8, tensors not a multiple of 8 long)."""
+    monkeypatch.setattr(engine, "_BLOCK", block)
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3,), (7,), (2, 4), (13,), (5, 5), (1,), (9, 3)]
+    tensors = [torch.randn(s, generator=g) for s in shapes]
+    for t in tensors:
+        t.view(-1)[0] = float("nan")
+    masks = [torch.rand(s, generator=g) < 0.5 for s in shapes]
+    packed = [PackedMask(maskops.pack_mask(m), m.shape) for m in masks]
+    expected = [t.clone() for t in tensors]
+    engine._zero_where_masked(expected, masks, {})
+    engine._zero_where_masked(tensors, packed, {})
+    for t, e in zip(tensors, expected):
+        assert torch.equal(t.view(torch.int32), e.view(torch.int32))
+
+
+@pytest.mark.parametrize("method, options", [("gmp", dict(unit="steps", start=0, end=8, frequency=2)),
+                                             ("rigl", dict(delta=3)), ("acdc", ACDC), ("gap", dict(unit="steps",
+                                              groups=2, rounds=2, period=3))])  # fmt: skip
+def test_packed_storage_trains_bit_identically_at_an_eighth_of_a_byte(method, options):
+    """Same run with boolean and packed masks: identical weights, masks and state_dict; 1/8 byte per weight
+    (AC/DC: 1/4 with its previous masks), and a state_dict either storage loads."""
+    runs = []
+    for storage in ("bool", "packed"):
+        torch.manual_seed(0)
+        model = mlp()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        sparsifier = sparsetrain.create(method, model, sparsity=0.9, total_steps=12, mask_storage=storage, **options)
+        sparsifier.attach(optimizer)
+        train(model, optimizer, 12)
+        runs.append((model, sparsifier))
+    (dense_model, plain), (packed_model, packed) = runs
+    for (name, a), b in zip(dense_model.state_dict().items(), packed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(plain.masks[n], packed.masks[n]) for n in plain.masks)
+    assert all(packed.masks[n].dtype == torch.bool for n in plain.masks)
+    assert packed.sparsity().overall == plain.sparsity().overall >= 0.89
+    n = sum(p.numel() for p in packed.params.values())
+    assert packed.memory_bytes().masks == sum((p.numel() + 7) // 8 for p in packed.params.values()) < n / 7
+    # Checkpoints hold boolean masks whatever the storage: each loads into the other.
+    state = packed.state_dict()
+    assert all(m.dtype == torch.bool for m in state["masks"].values())
+    plain.load_state_dict(state)
+    packed.load_state_dict(runs[0][1].state_dict())
+    assert all(torch.equal(plain.masks[n], packed.masks[n]) for n in plain.masks)
+
+
+def test_packed_masks_reject_an_unknown_storage():
+    with pytest.raises(ValueError, match="mask_storage must be one of bool, packed; got 'bits'"):
+        sparsetrain.create("magnitude", mlp(), sparsity=0.5, mask_storage="bits")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +32,7 @@ from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers, reset_momentu
 from ..schedules import UNITS, Phase, resolve_total_steps, timeline_of, to_steps
 from ..structured.groups import CONSUMER, NORM, PRODUCER
 from .capabilities import Capability
+from .packed_masks import PackedMask, PackedMasks, check_mask_storage
 from .selection import select_parameters
 from .sharding import all_reduce_sum, check_sharding, local, local_rows, sharded_topk_masks
 
@@ -108,8 +109,30 @@ _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 _BLOCK = 1 << 20
 
 
+_BIT_SHIFTS: dict[torch.device, Tensor] = {}
+
+
+def _unpack_block_into(block: Tensor, mask: PackedMask, start: int, workspace: dict[torch.dtype, Tensor]) -> None:
+    """Write positions ``start:start + len(block)`` of a packed mask into ``block`` as 0/1, through a reused uint8
+    scratch block (shift and mask in place: nothing allocated per step)."""
+    n, skip = block.numel(), start % 8
+    bits = mask.bits[start // 8 : (start + n + 7) // 8]
+    shifts = _BIT_SHIFTS.get(bits.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[bits.device] = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    scratch = workspace.get(torch.uint8)
+    if scratch is None or scratch.device != bits.device or scratch.numel() < 8 * bits.numel():
+        scratch = workspace[torch.uint8] = torch.empty(_BLOCK + 16, dtype=torch.uint8, device=bits.device)
+    unpacked = scratch[: 8 * bits.numel()].view(-1, 8)
+    torch.bitwise_right_shift(bits.unsqueeze(1), shifts, out=unpacked)
+    unpacked.bitwise_and_(1)
+    block.copy_(unpacked.view(-1)[skip : skip + n])
+
+
 @torch.no_grad()
-def _zero_where_masked(tensors: list[Tensor], masks: list[Tensor], workspace: dict[torch.dtype, Tensor]) -> None:
+def _zero_where_masked(
+    tensors: list[Tensor], masks: Sequence[Tensor | PackedMask], workspace: dict[torch.dtype, Tensor]
+) -> None:
     """Set ``tensors`` to exactly +0.0 where their boolean ``masks`` are False; kept values stay bit for bit.
 
     Multiplying the values by a 0/1 mask would keep NaN and inf (NaN * 0 is NaN) and turn negative weights into
@@ -120,7 +143,8 @@ def _zero_where_masked(tensors: list[Tensor], masks: list[Tensor], workspace: di
     weights, 2 threads): 13 ms, against 11 ms for integer mask copies kept between steps (4 bytes per weight) and
     56-110 ms for ``masked_fill_``, ``torch.where(out=)`` or a multiply by the bool mask itself (mixed dtypes take
     a slow elementwise path). Tensors of a width with no integer type (complex128) or not contiguous take
-    ``masked_fill_``.
+    ``masked_fill_``. A :class:`PackedMask` (``mask_storage='packed'``) is unpacked block by block into a uint8
+    workspace on the way, so no whole unpacked mask ever exists.
     """
     pending: dict[torch.dtype, tuple[list[Tensor], list[Tensor], int]] = {}
 
@@ -131,9 +155,10 @@ def _zero_where_masked(tensors: list[Tensor], masks: list[Tensor], workspace: di
     for tensor, mask in zip(tensors, masks):
         dtype = _SAME_WIDTH_INT.get(tensor.element_size())
         if dtype is None or not tensor.is_contiguous() or tensor.numel() != mask.numel():
-            tensor.masked_fill_(~mask, 0)
+            tensor.masked_fill_(~(mask.unpack() if isinstance(mask, PackedMask) else mask), 0)
             continue
-        bits, flat = tensor.view(-1).view(dtype), mask.reshape(-1)
+        bits = tensor.view(-1).view(dtype)
+        flat = None if isinstance(mask, PackedMask) else mask.reshape(-1)
         space = workspace.get(dtype)
         if space is None or space.device != tensor.device:
             space = workspace[dtype] = torch.empty(_BLOCK, dtype=dtype, device=tensor.device)
@@ -144,7 +169,10 @@ def _zero_where_masked(tensors: list[Tensor], masks: list[Tensor], workspace: di
                 flush(dtype)
                 views, blocks, used = [], [], 0
             block = space[used : used + end - start]
-            block.copy_(flat[start:end])
+            if flat is None:
+                _unpack_block_into(block, mask, start, workspace)
+            else:
+                block.copy_(flat[start:end])
             views.append(bits[start:end])
             blocks.append(block)
             pending[dtype] = (views, blocks, used + end - start)
@@ -246,6 +274,10 @@ class Sparsifier:
             'always' re-zeroes after every step; 'check' skips as 'auto' and asserts the zeros after every step (a
             RuntimeError names the first nonzero). Write weights outside the optimizer only through
             ``model.load_state_dict`` (or call ``sparsifier.apply_masks()`` after writing them).
+        mask_storage: 'bool' (default: 1 byte per sparsified weight) or 'packed' (1 bit per weight, 1/8 byte: the
+            per-step enforcement reads the bits block by block; reading ``sparsifier.masks[name]`` unpacks a new
+            boolean tensor). Results are bit-identical either way; 'packed' costs some time in each step's
+            enforcement (``benchmarks/scale.py`` measures it).
     """
 
     name: ClassVar[str] = ""
@@ -278,9 +310,11 @@ class Sparsifier:
         steps_per_epoch: int | None = None,
         unit: str = "fraction",
         enforce: str = "auto",
+        mask_storage: str = "bool",
         example_input: Tensor | None = None,
     ) -> None:
         self.model = model
+        self.mask_storage = check_mask_storage(mask_storage)
         self.channel_groups: Any = None  # the structured.Groups of channel masks
         if mask_type == CHANNEL:
             self.params = self._channel_setup(model, example_input, include, exclude, distribution)
@@ -331,10 +365,10 @@ class Sparsifier:
             raise ValueError(f"rescale_init must be true or false, got {self.rescale_init!r}")
         self.init_rescaled = False
         self.count = 0
-        self.masks: dict[str, Tensor] = {n: torch.ones_like(local(p), dtype=torch.bool) for n, p in self.params.items()}
+        self.masks = {n: torch.ones_like(local(p), dtype=torch.bool) for n, p in self.params.items()}
         self.history: list[Event] = []
         self.mask_version = 0
-        self._enforced_masks: dict[str, Tensor] = {}
+        self._enforced_masks: dict[str, Tensor | PackedMask] = {}
         self._workspace: dict[torch.dtype, Tensor] = {}  # _zero_where_masked's integer blocks, one per width
         # The post-step re-zeroing may be skipped only while masked weights are +0.0 and their first moments 0:
         # known after a step that enforced everything, lost when anything is loaded from outside (model, optimizer
@@ -354,6 +388,15 @@ class Sparsifier:
         self._phase: str | None = None
         self.setup()
         self._boundary()
+
+    @property
+    def masks(self) -> MutableMapping[str, Tensor]:
+        """The boolean mask of each sparsified parameter, by qualified name (True: kept)."""
+        return self._masks
+
+    @masks.setter
+    def masks(self, masks: Mapping[str, Tensor]) -> None:
+        self._masks = PackedMasks(masks) if self.mask_storage == "packed" else masks
 
     def _channel_setup(
         self,
@@ -571,8 +614,9 @@ class Sparsifier:
         Everything the sparsifier object keeps between steps is counted, whatever the method: the model's own
         weights and the optimizer's state are not (they exist without sparsification). With SGD, a magnitude,
         GMP or RigL run holds 1 byte per sparsified weight (the boolean masks); AC/DC 1.125 (its previous
-        compressed phase's masks packed to a bit each). Adam-like optimizers add the second moments AC/DC and
-        GaP keep for the weights they prune (4 bytes per pruned float32 weight and buffer).
+        compressed phase's masks packed to a bit each); with ``mask_storage='packed'`` 0.125 and 0.25. Adam-like
+        optimizers add the second moments AC/DC and GaP keep for the weights they prune (4 bytes per pruned
+        float32 weight and buffer).
         """
         # The weights themselves are never counted, even where a method keeps a reference to them. Sharded: this
         # rank's bytes over this rank's weights.
@@ -587,9 +631,10 @@ class Sparsifier:
                     total += storage.nbytes()
             return total
 
-        masks = size(list(self.masks.values()))
+        stored = self.masks.storages() if isinstance(self.masks, PackedMasks) else list(self.masks.values())
+        masks = size(stored)
         workspace = size(list(self._workspace.values()))
-        ignored = {"model", "params", "masks", "_workspace", "_optimizer", "_hooks", "_listeners", "history"}
+        ignored = {"model", "params", "_masks", "_workspace", "_optimizer", "_hooks", "_listeners", "history"}
         state = size([t for key, value in vars(self).items() if key not in ignored for t in _tensors_in(value)])
         return MemoryReport(masks=masks, method_state=state, workspace=workspace,
                             parameters=sum(local(p).numel() for p in self.params.values()))  # fmt: skip
@@ -934,8 +979,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def _assert_masked_zero(self) -> None:
-        for name, mask in self._enforced_masks.items():
-            values = local(self.params[name].detach())[~mask]
+        for name in self._enforced_masks:
+            values = local(self.params[name].detach())[~self.masks[name]]
             bad = (values != 0) | torch.signbit(values)
             if bool(bad.any()):
                 raise RuntimeError(
@@ -968,7 +1013,11 @@ class Sparsifier:
     def _refresh_enforced_masks(self) -> None:
         # Only masks with zeros need work each step. The boolean masks themselves, no copies: _zero_where_masked
         # converts them block by block into its small workspace.
-        self._enforced_masks = {n: m for n, m in self.masks.items() if not bool(m.all())}
+        masks = self.masks
+        if isinstance(masks, PackedMasks):
+            self._enforced_masks = {n: masks.packed(n) for n, m in masks.items() if not bool(m.all())}
+        else:
+            self._enforced_masks = {n: m for n, m in masks.items() if not bool(m.all())}
 
     @torch.no_grad()
     def _keep_second_moments(self, optimizer: torch.optim.Optimizer, masks: dict[str, Tensor]) -> None:
