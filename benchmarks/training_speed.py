@@ -22,6 +22,13 @@ CSR never wins (small layers, convolutions), ``auto`` should cost nothing beyond
     python benchmarks/training_speed.py                      # 1 thread, one epoch per sparsity (~10 min on 2 cores)
     python benchmarks/training_speed.py --steps 100          # a shorter run
     python benchmarks/training_speed.py --threads 2
+    python benchmarks/training_speed.py --runs --seeds 0 1 2      # whole runs, off against auto (see below)
+
+``--runs``: whole training runs with the CLI (``sparsetrain train``, evaluation and checkpoints included) at equal
+epochs: dense, AC/DC at 90%, GMP and static at 95%, each sparse run once with ``sparse_kernels=off`` and once with
+``auto``. Two runs at a time, one thread each, the ``off`` and ``auto`` runs of a configuration started together
+so that they share the machine alike. Per run: wall time (``summary.json``), test accuracy of the sparse model, and
+the peak resident set of its process (``os.wait4``'s ru_maxrss of that child).
 """
 
 from __future__ import annotations
@@ -137,7 +144,14 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=20)
     parser.add_argument("--small-steps", type=int, default=200, help="steps of the small-model table (0: skip it)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--runs", action="store_true", help="whole CLI runs, off against auto (module docstring)")
+    parser.add_argument("--epochs", type=int, default=3, help="--runs: epochs per run")
+    parser.add_argument("--limit-train", type=int, default=20000, help="--runs: training images (0: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="--runs: seeds")
+    parser.add_argument("--runs-out", default="runs/training-speed", help="--runs: run folders and runs.json")
     args = parser.parse_args()
+    if args.runs:
+        return whole_runs(args)
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist", download=False)
     batch = 128
@@ -174,6 +188,90 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
+
+
+RUN_CONFIGS = (("dense", 0.0), ("acdc", 0.9), ("gmp", 0.95), ("static", 0.95))
+
+
+def run_job(method: str, sparsity: float, kernels: str, seed: int, args, out: str):
+    """Start one ``sparsetrain train`` run in a fresh folder ``out`` (an old one is removed); returns the process."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "sparsetrain", "train", "--method", method, "--model", "mlp-wide",
+               "--epochs", str(args.epochs), "--seed", str(seed), "--threads", "1", "--out", out,
+               "--set", f"sparse_kernels={kernels}"]  # fmt: skip
+    if method != "dense":
+        command += ["--sparsity", str(sparsity)]
+    if args.limit_train:
+        command += ["--limit-train", str(args.limit_train)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish_job(process, out: str) -> dict:
+    import os
+
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"run {out} failed:\n{process.stderr.read()[-3000:]}")
+    with open(f"{out}/summary.json") as handle:
+        summary = json.load(handle)
+    return {"wall_s": summary["wall_time_s"], "acc": summary["sparse_model"]["test_acc"],
+            "dense_twin_acc": (summary.get("dense_model") or {}).get("test_acc"), "peak_mib": usage.ru_maxrss / 1024,
+            "flops": summary["train_flops_ratio"], "kernels": summary.get("sparse_kernels")}  # fmt: skip
+
+
+def whole_runs(args) -> None:
+    import os
+
+    base = args.runs_out
+    jobs = []  # pairs started together
+    for seed in args.seeds:
+        for method, sparsity in RUN_CONFIGS:
+            modes = ("off",) if method == "dense" else ("off", "auto")
+            jobs.append([(method, sparsity, mode, seed) for mode in modes])
+    # The dense runs have no partner of their own: pair them with each other (and a lone one with a spare dense
+    # run, not counted) so that every counted run shares the machine with another one.
+    dense = [job[0] for job in jobs if len(job) == 1]
+    jobs = [job for job in jobs if len(job) == 2]
+    while dense:
+        pair = dense[:2]
+        dense = dense[2:]
+        jobs.insert(0, pair if len(pair) == 2 else [pair[0], ("dense", 0.0, "spare", pair[0][3])])
+    print(f"whole runs: mlp-wide, {args.epochs} epochs, limit_train {args.limit_train}, seeds {args.seeds}; "
+          f"load average {' '.join(f'{x:.1f}' for x in _load())}", flush=True)  # fmt: skip
+    results = []
+    for pair in jobs:
+        started = []
+        for method, sparsity, mode, seed in pair:
+            out = f"{base}/{method}-{mode}-seed{seed}"
+            kernels = "off" if mode == "spare" else mode
+            started.append(((method, sparsity, mode, seed, out), run_job(method, sparsity, kernels, seed, args, out)))
+        for (method, sparsity, mode, seed, out), process in started:
+            row = finish_job(process, out)
+            if mode == "spare":
+                continue
+            row.update(method=method, sparsity=sparsity, mode=mode, seed=seed)
+            results.append(row)
+            print(f"  {method:6s} {sparsity:.2f} {mode:4s} seed {seed}: {row['wall_s']:7.1f} s  acc {row['acc']:.2f}  "
+                  f"peak {row['peak_mib']:.0f} MiB", flush=True)  # fmt: skip
+    dense_wall = {r["seed"]: r["wall_s"] for r in results if r["method"] == "dense"}
+    print(f"\n{'method':8s}{'sparsity':>9s}{'mode':>6s}{'wall / dense (mean)':>22s}{'acc mean +- std':>18s}"
+          f"{'peak MiB':>10s}")  # fmt: skip
+    for method, sparsity in RUN_CONFIGS:
+        for mode in ("off",) if method == "dense" else ("off", "auto"):
+            rows = [r for r in results if r["method"] == method and r["mode"] == mode]
+            ratio = statistics.mean(r["wall_s"] / dense_wall[r["seed"]] for r in rows)
+            accs = [r["acc"] for r in rows]
+            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            peak = max(r["peak_mib"] for r in rows)
+            print(f"{method:8s}{sparsity:9.2f}{mode:>6s}{ratio:21.3f}x{statistics.mean(accs):11.2f} +- {spread:4.2f}"
+                  f"{peak:10.0f}")  # fmt: skip
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in _load())}")
+    os.makedirs(base, exist_ok=True)
+    with open(f"{base}/runs.json", "w") as handle:
+        json.dump(results, handle, indent=2)
 
 
 def _load() -> tuple[float, ...]:

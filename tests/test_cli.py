@@ -257,3 +257,13 @@ def test_overrides_read_yaml_12_numbers():
     assert parse_override("mask_type=2:4") == ("mask_type", "2:4")
     assert parse_override("lr=0.1") == ("lr", 0.1)
     assert parse_override("epochs=3") == ("epochs", 3)
+
+
+def test_overrides_read_yaml_12_booleans():
+    """Only true/false are booleans: 'off' is the option value it reads as (YAML 1.1 would give False)."""
+    from sparsetrain.train.config import parse_override, yaml_load
+
+    assert parse_override("sparse_kernels=off") == ("sparse_kernels", "off")
+    assert parse_override("method_options.freeze=no") == ("method_options.freeze", "no")
+    assert parse_override("fsdp=true") == ("fsdp", True)
+    assert yaml_load("a: False\nb: on\nc: yes") == {"a": False, "b": "on", "c": "yes"}

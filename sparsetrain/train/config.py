@@ -178,6 +178,7 @@ def _check_method_options(out: dict[str, Any]) -> None:
 
 # YAML 1.2 numbers. PyYAML follows YAML 1.1, where a float needs a dot (``1e-6`` would be a string) and
 # ``2:4`` is a base-60 integer (124): both bite recipes (``lam: 1e-6``, ``mask_type: 2:4``).
+_BOOL = r"^(?:true|True|TRUE|false|False|FALSE)$"
 _INT = r"^[-+]?(?:0|[1-9][0-9_]*)$|^0x[0-9a-fA-F_]+$|^0o[0-7_]+$"
 _FLOAT = (
     r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
@@ -186,7 +187,9 @@ _FLOAT = (
 
 
 def yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2 numbers: ``1e-5`` is a float, ``2:4`` a string."""
+    """``yaml.safe_load`` with YAML 1.2 numbers and booleans: ``1e-5`` is a float, ``2:4`` a string, and only
+    true/false are booleans (YAML 1.1 also reads yes/no/on/off as booleans, which would turn the option value
+    ``sparse_kernels: off`` into ``False``)."""
     import re
 
     import yaml
@@ -194,13 +197,14 @@ def yaml_load(text: str) -> Any:
     class Loader(yaml.SafeLoader):
         pass
 
-    numeric = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+    redefined = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"}
     Loader.yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag not in numeric]
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in redefined]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(_INT), list("-+0123456789"))
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT), list("-+0123456789."))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(_BOOL), list("tTfF"))
     return yaml.load(text, Loader=Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
