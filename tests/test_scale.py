@@ -237,7 +237,8 @@ def test_step_by_hand_never_skips():
 
 # ------------------------------------------------------------------------------------ FSDP2 on 2 gloo CPU processes
 FSDP_WORKER = Path(__file__).parent / "helpers" / "fsdp_worker.py"
-FSDP_RUNS = ["acdc", "acdc_nm", "gmp_uniform", "magnitude", "static", "rigl", "set", "gap", "imp"]
+FSDP_RUNS = ["acdc", "acdc_nm", "gmp_uniform", "magnitude", "static", "rigl", "set", "gap", "imp", "acdc_packed",
+             "rigl_packed"]
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +258,7 @@ def test_fsdp2_shards_train_to_one_exact_global_mask_and_resume_bit_identically(
     are 0; every mask computed on the shards equals the single-process mask of the gathered scores (one global
     top-k, per-layer top-k, or N:M); the gathered weights end at exactly the asked count of zeros; a run saved
     and resumed on fresh objects ends bit-identical; masks cost 1 byte per weight (AC/DC 1/8 more; with Adam it
-    also keeps the second moments of pruned weights)."""
+    also keeps the second moments of pruned weights; packed: 1/8 byte)."""
     entry = fsdp_report[run]
     assert entry["checks"] == []
     assert entry["mask_updates"] >= 1
@@ -267,7 +268,7 @@ def test_fsdp2_shards_train_to_one_exact_global_mask_and_resume_bit_identically(
         assert entry["zeros"] == entry["total"] - maskops.keep_count(entry["total"], 0.9)
     assert entry["report_sparsity"] == pytest.approx(entry["zeros"] / entry["total"])
     assert entry["resume_bit_identical"] is True
-    expected = {"acdc": 1.125, "acdc_nm": 5.125}.get(run, 1.0)
+    expected = {"acdc": 1.125, "acdc_nm": 5.125, "acdc_packed": 0.25, "rigl_packed": 0.125}.get(run, 1.0)
     assert entry["memory_bytes_per_parameter"] == pytest.approx(expected, abs=0.002)
 
 

@@ -35,6 +35,10 @@ RUNS = {
     "set": ("set", dict(delta=3, t_end=0.75, grow_init="random"), "sgd"),
     "gap": ("gap", dict(unit="steps", groups=3, rounds=2, period=3), "sgd"),
     "imp": ("imp", dict(unit="steps", rounds=2, pretrain=6), "sgd"),
+    # masks a bit per weight on each rank's rows
+    "acdc_packed": ("acdc", dict(unit="steps", warmup=3, compressed=4, decompressed=4, final=6, mask_storage="packed"),
+                    "sgd"),
+    "rigl_packed": ("rigl", dict(delta=3, t_end=0.75, mask_storage="packed"), "adamw"),
 }
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
