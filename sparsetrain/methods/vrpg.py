@@ -76,8 +76,9 @@ class VRPG(Sparsifier):
     m1, m2 from the generator of (seed, step) and evaluates the batch twice through the closure, at w * m1 and at
     w * m2. The weights take the average of the two passes' gradients, each multiplied by its mask (the sparse
     chain rule: a weight left out of a pass gets nothing from it, and the pass needs only the sparse weight). The
-    scores take a projected step s <- P(s - ``score_lr`` * g) with the estimate g of :func:`vrpg_gradient`
-    ((L1 - L2) / 2 * (m1 - m2) / (s (1 - s)): the two losses, no backward pass), where P is the projection onto
+    scores take a projected step s <- P(s - ``score_lr`` * d) with the estimate g of :func:`vrpg_gradient`
+    ((L1 - L2) / 2 * (m1 - m2) / (s (1 - s)): the two losses, no backward pass; d is g scaled by Adam's moments,
+    or g itself with ``score_optimizer='sgd'``), where P is the projection onto
     {0 <= s <= 1, sum(s) <= k} by a scalar shift found by bisection (:func:`budget_shift`).
 
     Between steps the model holds w * top-k(s): ``masks`` are the exact global top-k of the scores, so evaluation,
@@ -87,26 +88,33 @@ class VRPG(Sparsifier):
     mask is fixed to the top-k of s, the kept latent weights are dropped and training continues with one pass per
     step on that mask (the released code's fine-tuning stage), so the run ends at exactly the target sparsity.
 
-    Options: ``score_lr`` (step size of the scores, default 0.1), ``score_init`` (initial keep probability before
-    the first projection; None: 1 - sparsity, which the budget admits as it is), ``end``. ``distribution`` is
-    'global' only (the paper's one budget).
+    Options: ``score_lr`` (step size of the scores, default 0.1), ``score_optimizer`` ('adam', default: the
+    estimate scaled by Adam's moments, betas 0.9 and 0.999, the optimizer of the released code's configuration;
+    'sgd': the plain projected step above), ``score_init`` (initial keep probability before the first projection; None:
+    1 - sparsity, which the budget admits as it is), ``end``, ``rescale_init`` (default on: the initial weights
+    are multiplied by 1 / sqrt(1 - sparsity), so a pass that keeps about that fraction starts at the dense init's
+    signal scale). ``distribution`` is 'global' only (the paper's one budget).
 
     What is sparse: each pass runs on w * m (an expected k of n weights), its weight gradient is used only at m,
     and the score update reads two loss values; on dense kernels (the default path) the products are still dense
     matrix products with zeros in them. The sampled masks change at every step, so the per-layer CSR kernels of
-    :mod:`sparsetrain.sparse_training` can only serve the fixed-mask stage after ``end``.
+    :mod:`sparsetrain.sparse_training` can only serve the fixed-mask stage after ``end``. Until then
+    ``needs_dense_gradients()`` is true (the step trains weights outside ``masks``): gradient clipping,
+    communication hooks and the CSR kernels leave the gradient whole, and the trainer charges the dense weight
+    gradient in its training FLOPs.
 
     Needs ``optimizer.step(closure)`` (the closure zeroes the gradients, computes the loss, calls backward and
     returns it; it runs twice per step). Batch-norm statistics see both passes. Memory: the scores (4 bytes per
-    sparsified weight), the latent weights outside the top-k and their optimizer buffers (dense tensors) until
-    ``end``.
+    sparsified weight; 12 with Adam's moments), the latent weights outside the top-k and their optimizer buffers
+    (dense tensors) until ``end``.
 
     Reference: X. Zhou, W. Zhang, Z. Chen, S. Diao, T. Zhang, "Efficient Neural Network Training via Forward and
     Backward Propagation Sparsification", NeurIPS 2021, arXiv 2111.05685. Differences from the paper: masks are
-    per weight (unstructured), where the released code learns one score per output channel; the score step is
-    plain projected SGD (the released code steps them with an optimizer of the run); the weight gradient averages
-    the two passes as the released code does; evaluation during training uses the top-k of s (the released code
-    samples a mask); ``score_lr``, ``score_init`` and ``end`` are our defaults, not checked against the paper's.
+    per weight (unstructured), where the released code learns one score per output channel; the weight gradient
+    averages the two passes as the released code does; evaluation during training uses the top-k of s (the
+    released code samples a mask); the initial rescaling is ours. ``score_lr`` 0.1 was chosen on the validation
+    split of 5-epoch LeNet-300-100 runs at 90% (0.01, 0.05, 0.1, 0.2 gave 72.4, 84.5, 85.0, 85.3: 0.2 within
+    noise); ``score_init`` and ``end`` are our defaults, not checked against the paper's.
     """
 
     capabilities = (
@@ -123,7 +131,7 @@ class VRPG(Sparsifier):
         self,
         model: nn.Module,
         *,
-        score_lr: float = 0.01,
+        score_lr: float = 0.1,
         score_optimizer: str = "adam",
         score_init: float | None = None,
         end: float | None = None,
