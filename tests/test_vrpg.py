@@ -147,7 +147,7 @@ def test_one_step_is_the_sparse_chain_rule_and_the_projected_score_step():
         grads.append({n: p.grad * mask[n] if n in mask else p.grad for n, p in named.items()})
     biases = {n: p.detach().clone() for n, p in model.named_parameters() if n not in latent}
     returned = step(model, optimizer, 0)
-    assert float(returned) == pytest.approx(losses[0], abs=1e-6)
+    assert float(returned.detach()) == pytest.approx(losses[0], abs=1e-6)
     after = sparsifier.latent_weights()
     for name, w in latent.items():
         expected = w - 0.1 * (grads[0][name] + grads[1][name]) / 2
