@@ -31,6 +31,8 @@ def budget_shift(scores: Sequence[Tensor], budget: float, tol: float = 1e-9) -> 
     """
     if not math.isfinite(budget) or budget < 0:
         raise ValueError(f"budget must be a finite number >= 0, got {budget!r}")
+    if not any(s.numel() for s in scores):
+        return 0.0
 
     def total(v: float) -> float:
         return sum(float((s.double() - v).clamp_(0, 1).sum()) for s in scores)
