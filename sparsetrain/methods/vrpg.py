@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import maskops
@@ -106,7 +107,9 @@ class VRPG(Sparsifier):
     gradient in its training FLOPs.
 
     Needs ``optimizer.step(closure)`` (the closure zeroes the gradients, computes the loss, calls backward and
-    returns it; it runs twice per step). Batch-norm statistics see both passes. Memory: the scores (4 bytes per
+    returns it; it runs twice per step). Batch-norm statistics see both passes. Data-parallel ranks draw the same
+    masks and average the two losses over the ranks (one all-reduce of two numbers per step), so they keep the same
+    scores. Memory: the scores (4 bytes per
     sparsified weight; 12 with Adam's moments), the latent weights outside the top-k and their optimizer buffers
     (dense tensors) until ``end``.
 
@@ -409,7 +412,14 @@ class VRPGOptimizer(torch.optim.Optimizer):
                     p.copy_(latent[name])
         for p in params:
             p.grad = grads.get(id(p))
-        sp.update_scores(float(losses[0].detach()), float(losses[1].detach()), *masks)
+        pair = torch.stack([losses[0].detach().double().cpu(), losses[1].detach().double().cpu()])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Data-parallel ranks draw the same masks but see their own batches: the score step takes the losses
+            # of the global batch (their mean), so every rank keeps the same scores and masks.
+            pair = pair.to(latent[next(iter(latent))].device)
+            dist.all_reduce(pair)
+            pair = pair.cpu() / dist.get_world_size()
+        sp.update_scores(float(pair[0]), float(pair[1]), *masks)
         self.base_optimizer.step()
         sp.stash_latent(self.base_optimizer)
         return losses[0]
