@@ -119,6 +119,17 @@ def test_masks_are_identical_on_both_ranks_at_every_step(tmp_path):
         assert entry["sparsity"] == pytest.approx(0.9, abs=0.01), method
 
 
+def test_vrpg_scores_masks_and_weights_agree_on_both_ranks(tmp_path):
+    """Each rank computes its own batch's two losses: the score step must use their mean over the ranks."""
+    out = tmp_path / "vrpg.json"
+    result = torchrun(str(WORKER), "vrpg", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["mismatches"] == []
+    assert report["updates"] >= 3
+    assert report["sparsity"] == pytest.approx(0.9, abs=0.01)
+
+
 def test_identity_hook_is_bitwise_default_ddp_and_masked_hook_sends_less(tmp_path):
     out = tmp_path / "hooks.json"
     result = torchrun(str(WORKER), "hooks", str(out))

@@ -62,6 +62,33 @@ def check_masks(method: str) -> dict:
     return {"mismatches": mismatches, "updates": sparsifier.mask_version, "sparsity": sparsifier.sparsity().overall}
 
 
+def vrpg_masks() -> dict:
+    """vrpg under DDP: both ranks sample the same masks, but each sees its own batch; the scores must still agree."""
+    model = model_and_data()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sparsifier = sparsetrain.create("vrpg", model, sparsity=0.9, total_steps=20, seed=7)
+    optimizer = sparsifier.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    sparsifier.attach(optimizer)
+    rank, mismatches = dist.get_rank(), []
+    for step in range(20):
+        x, y = batch(step, rank)
+
+        def closure(x=x, y=y):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        local = torch.cat([torch.cat([s.flatten() for s in sparsifier.s.values()]),
+                           torch.cat([p.detach().flatten() for p in model.parameters()])])  # fmt: skip
+        both = [torch.zeros_like(local) for _ in range(2)]
+        dist.all_gather(both, local)
+        if not torch.equal(both[0], both[1]):
+            mismatches.append(step)
+    return {"mismatches": mismatches, "updates": sparsifier.mask_version, "sparsity": sparsifier.sparsity().overall}
+
+
 def parallel_gap() -> dict:
     """Replicas train apart (no_sync) during rounds, masks differ by rank; after the merge everything agrees."""
     model = model_and_data()
@@ -147,6 +174,8 @@ def main() -> None:
     result: dict = {}
     if mode == "masks":
         result = {method: check_masks(method) for method in SCHEDULES}
+    elif mode == "vrpg":
+        result = vrpg_masks()
     elif mode == "pgap":
         result = parallel_gap()
     elif mode == "pgap_merges":
