@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import sparsetrain
+from sparsetrain.errors import TrainingDiverged
 from sparsetrain.mfac import MFACInverse
 from sparsetrain.optim import MFAC
 
@@ -221,3 +222,17 @@ def test_masks_hold_with_a_sparsifier_attached_to_mfac(method):
             pruned_at_some_step |= bool((~mask).any())
     assert pruned_at_some_step
     assert sparsifier.sparsity().overall > 0.5
+
+
+def test_mfac_indefinite_window_raises_before_the_weights_turn_nan():
+    """damp tiny against |g|^2 in float32 with near-identical gradients: a clear error, weights still finite."""
+    torch.manual_seed(0)
+    net = nn.Linear(200, 10)
+    optimizer = MFAC(net.parameters(), lr=1e-9, damp=1e-10, ngrads=16)
+    x, y = torch.randn(64, 200), torch.randint(0, 10, (64,))
+    with pytest.raises(TrainingDiverged, match=r"not positive definite in torch.float32 \(damp=1e-10.*raise damp"):
+        for i in range(40):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x * (1 + 1e-4 * i)), y).backward()
+            optimizer.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())

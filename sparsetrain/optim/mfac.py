@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import TrainingDiverged
+
 __all__ = ["MFAC"]
 
 
@@ -76,6 +78,10 @@ class MFAC(torch.optim.Optimizer):
         weight_decay: l2 coefficient added to the gradient before it enters the window, >= 0.
         damp: the dampening lambda > 0.
         ngrads: window size m >= 1.
+
+    Raises:
+        TrainingDiverged: from :meth:`step`, when rounding makes the damped Fisher of the window indefinite
+            (``damp`` tiny against the squared gradient norms in float32); the step is then not applied.
     """
 
     def __init__(
@@ -154,7 +160,16 @@ class MFAC(torch.optim.Optimizer):
         # factorisation of the m x m system is one library call, where the paper's coefficient recursion is m
         # small sequential steps (it was half of the step's time at m = 128 on a CPU).
         system = gram + (m * damp) * torch.eye(m, dtype=gram.dtype, device=gram.device)
-        a = torch.cholesky_solve((q / damp).unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
+        factor, info = torch.linalg.cholesky_ex(system)
+        if info.item():
+            # Rounding made the damped Gram matrix indefinite (near-identical gradients with damp tiny against
+            # |g|^2 in float32); the paper's recursion would return inf/NaN steps here instead.
+            raise TrainingDiverged(
+                f"MFAC: the damped Fisher of the last {m} gradients is not positive definite in {gram.dtype} "
+                f"(damp={damp:g}, largest Gram entry {gram.abs().max().item():.3g}); raise damp or use float64 "
+                "parameters. This step was not applied."
+            )
+        a = torch.cholesky_solve((q / damp).unsqueeze(1), factor).squeeze(1)
         for p, group, g in entries:
             state = self.state[p]
             update = (g.reshape(-1) / damp - a @ state["window"]).view_as(p)
