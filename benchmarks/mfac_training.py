@@ -6,19 +6,24 @@ grid's SGD settings and GMP schedule: pruning from 10% to 70% of training), ``gm
 test accuracy, wall time and training FLOPs relative to dense.
 
 Part ``optimizer``: the same task trained dense by SGD (the grid's settings), Adam (lr 1e-3) and
-``sparsetrain.optim.MFAC`` (m = 32, momentum 0.9, ``--mfac-lr`` 0.005, ``--mfac-damp`` 0.1), all with the cosine
-schedule, in one plain loop; test accuracy and time per optimizer step (the step only, and the whole training
-step) against SGD.
+``sparsetrain.optim.MFAC`` (momentum 0.9, ``--mfac-ngrads`` 128, ``--mfac-lr`` 0.002, ``--mfac-damp`` 0.01: chosen on
+the validation split, see BENCHMARKS.md), all with the cosine schedule, in one plain loop, for each of ``--seeds``
+(the seed draws the initial weights and the batch order); test accuracy (mean +- std over the seeds) and time per
+optimizer step (the step only, and the whole training step) against SGD.
 
-    python benchmarks/mfac_training.py gradual --epochs 5 --seeds 0
-    python benchmarks/mfac_training.py optimizer --epochs 3
+    python benchmarks/mfac_training.py gradual --epochs 5 --seeds 0 1 2 --threads 1
+    python benchmarks/mfac_training.py optimizer --epochs 3 --seeds 0 1 2 --threads 1
 
-Results: benchmarks/results/mfac_training/{gradual,optimizer}.jsonl and .md.
+``--task`` picks another task of the grid (e.g. ``fmnist-lenet5``: LeNet-5, 15k training samples), same settings.
+
+Results: benchmarks/results/mfac_training/{gradual,optimizer}.jsonl and .md (``-<task>`` appended to the names
+for tasks other than fmnist-mlp).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -37,7 +42,11 @@ from sparsetrain.train.loop import Run
 from sparsetrain.train.models import build_model, model_spec
 
 RESULTS = Path(__file__).parent / "results" / "mfac_training"
-TASK = "fmnist-mlp"
+
+
+def stem(args: argparse.Namespace, part: str) -> str:
+    """Results file name: the part, with the task appended for tasks other than fmnist-mlp (the first one run)."""
+    return part if args.task == "fmnist-mlp" else f"{part}-{args.task}"
 
 
 def gradual(args: argparse.Namespace, out: Path) -> str:
@@ -45,24 +54,26 @@ def gradual(args: argparse.Namespace, out: Path) -> str:
     for seed in args.seeds:
         for sparsity in args.sparsities:
             for method in ("gmp", "mfac"):
-                run_dir = out / "runs" / f"{method}-s{sparsity:g}-seed{seed}"
+                run_dir = out / "runs" / f"{args.task}-{method}-s{sparsity:g}-seed{seed}"
                 shutil.rmtree(run_dir, ignore_errors=True)
-                config = resolve(None, {**COMMON, **TASKS[TASK], "epochs": args.epochs, "method": method,
+                config = resolve(None, {**COMMON, **TASKS[args.task], "epochs": args.epochs, "method": method,
                                         "sparsity": sparsity, "seed": seed, "progress": False,
-                                        "method_options": {"start": 0.1, "end": 0.7}, "out": str(run_dir)})  # fmt: skip
+                                        "method_options": {"start": 0.1, "end": 0.7}, "out": str(run_dir),
+                                        "threads": args.threads})  # fmt: skip
                 start = time.perf_counter()
                 summary = Run(config).run()
-                row = {"method": method, "sparsity": sparsity, "seed": seed, "epochs": args.epochs,
+                row = {"task": args.task, "method": method, "sparsity": sparsity, "seed": seed, "epochs": args.epochs,
                        "test_acc": summary["sparse_model"]["test_acc"], "seconds": time.perf_counter() - start,
                        "train_flops_ratio": summary["train_flops_ratio"]}  # fmt: skip
                 rows.append(row)
-                with open(out / "gradual.jsonl", "a") as handle:
+                with open(out / f"{stem(args, 'gradual')}.jsonl", "a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(f"{method:5s} {sparsity:<5g} seed {seed} test {row['test_acc']:.2f} {row['seconds']:.1f}s "
                       f"flops {row['train_flops_ratio']:.3f}", flush=True)  # fmt: skip
     lines = ["| sparsity | gmp acc | mfac acc | mfac / gmp wall time | train FLOPs gmp | train FLOPs mfac |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for sparsity in args.sparsities:
+
         def pick(method, key, sparsity=sparsity):
             return [r[key] for r in rows if (r["method"], r["sparsity"]) == (method, sparsity)]
 
@@ -75,25 +86,25 @@ def gradual(args: argparse.Namespace, out: Path) -> str:
 
 
 def optimizer_part(args: argparse.Namespace, out: Path) -> str:
-    task = TASKS[TASK]
-    splits = load_dataset(task["dataset"], val_fraction=0.1, seed=0, limit_train=task["limit_train"])
+    task = TASKS[args.task]
+    splits = load_dataset(task["dataset"], val_fraction=0.1, seed=0, limit_train=task.get("limit_train"))
     makers = {
         "sgd": lambda p: torch.optim.SGD(p, lr=COMMON["lr"], momentum=COMMON["momentum"], nesterov=True,
                                          weight_decay=COMMON["weight_decay"]),
         "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
         "mfac": lambda p: MFAC(p, lr=args.mfac_lr, momentum=0.9, weight_decay=COMMON["weight_decay"],
-                               damp=args.mfac_damp, ngrads=32),
+                               damp=args.mfac_damp, ngrads=args.mfac_ngrads),
     }  # fmt: skip
     rows = []
-    for name, make in makers.items():
-        torch.manual_seed(0)
+    for seed, (name, make) in itertools.product(args.seeds, makers.items()):
+        torch.manual_seed(seed)
         model = build_model(**model_spec(task["model"], tuple(splits.train.tensors[0].shape[1:]), 10))
         optimizer = make(model.parameters())
         steps_per_epoch = -(-len(splits.train) // task["batch_size"])
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * steps_per_epoch)
         step_seconds, total_seconds, steps = 0.0, 0.0, 0
         for epoch in range(args.epochs):
-            for x, y in iterate_batches(splits.train, task["batch_size"], shuffle=True, seed=0, epoch=epoch):
+            for x, y in iterate_batches(splits.train, task["batch_size"], shuffle=True, seed=seed, epoch=epoch):
                 begin = time.perf_counter()
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
@@ -105,38 +116,50 @@ def optimizer_part(args: argparse.Namespace, out: Path) -> str:
                 total_seconds += end - begin
                 steps += 1
         acc = evaluate(model, splits.test, 1000, torch.device("cpu"))["acc"]
-        row = {"optimizer": name, "epochs": args.epochs, "mfac_lr": args.mfac_lr, "mfac_damp": args.mfac_damp,
+        row = {"task": args.task, "optimizer": name, "seed": seed, "epochs": args.epochs, "mfac_lr": args.mfac_lr,
+               "mfac_damp": args.mfac_damp, "mfac_ngrads": args.mfac_ngrads,
                "test_acc": acc, "step_ms": 1000 * step_seconds / steps,
                "train_step_ms": 1000 * total_seconds / steps}  # fmt: skip
         rows.append(row)
-        with open(out / "optimizer.jsonl", "a") as handle:
+        with open(out / f"{stem(args, 'optimizer')}.jsonl", "a") as handle:
             handle.write(json.dumps(row) + "\n")
-        print(f"{name:5s} test {acc:.2f} optimizer step {row['step_ms']:.2f} ms, training step "
+        print(f"{name:5s} seed {seed} test {acc:.2f} optimizer step {row['step_ms']:.2f} ms, training step "
               f"{row['train_step_ms']:.2f} ms", flush=True)  # fmt: skip
-    sgd = rows[0]
-    lines = ["| optimizer | test acc | optimizer step (ms) | training step (ms) | training step / SGD's |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['optimizer']} | {r['test_acc']:.2f} | {r['step_ms']:.2f} | {r['train_step_ms']:.2f} | "
-                     f"{r['train_step_ms'] / sgd['train_step_ms']:.2f} |")  # fmt: skip
+
+    def pick(name, key):
+        return [r[key] for r in rows if r["optimizer"] == name]
+
+    sgd_ms = statistics.mean(pick("sgd", "train_step_ms"))
+    lines = ["| optimizer | test acc (mean +- std) | per seed | optimizer step (ms) | training step (ms) | "
+             "training step / SGD's |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in makers:
+        accs = pick(name, "test_acc")
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {name} | {statistics.mean(accs):.2f} +- {spread:.2f} | "
+                     f"{' / '.join(f'{a:.2f}' for a in accs)} | {statistics.mean(pick(name, 'step_ms')):.2f} | "
+                     f"{statistics.mean(pick(name, 'train_step_ms')):.2f} | "
+                     f"{statistics.mean(pick(name, 'train_step_ms')) / sgd_ms:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("gradual", "optimizer"))
+    parser.add_argument("--task", choices=sorted(TASKS), default="fmnist-mlp", help="a task of the accuracy grid")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95, 0.98])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--mfac-lr", type=float, default=0.005)
-    parser.add_argument("--mfac-damp", type=float, default=0.1)
+    parser.add_argument("--mfac-lr", type=float, default=0.002)
+    parser.add_argument("--mfac-damp", type=float, default=0.01)
+    parser.add_argument("--mfac-ngrads", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the accuracy grid's runs use 2)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = gradual(args, out) if args.part == "gradual" else optimizer_part(args, out)
-    (out / f"{args.part}.md").write_text(table + "\n")
+    (out / f"{stem(args, args.part)}.md").write_text(table + "\n")
     print(table)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import sparsetrain
+from sparsetrain.errors import TrainingDiverged
 from sparsetrain.mfac import MFACInverse
 from sparsetrain.optim import MFAC
 
@@ -106,7 +107,7 @@ def test_mfac_beats_sgd_on_an_ill_conditioned_quadratic():
     lr, damp = 0.01, 0.01
     mfac = _excess_loss(lambda p: MFAC(p, lr=lr, damp=damp, ngrads=64), xs, ys, optimum)
     sgd = _excess_loss(lambda p: torch.optim.SGD(p, lr=lr), xs, ys, optimum)
-    # SGD at lr / damp: the step M-FAC takes while its window is empty; it is not what makes M-FAC faster.
+    # SGD at lr / damp: the largest gain M-FAC gives any direction; a larger step is not what makes M-FAC faster.
     sgd_scaled = _excess_loss(lambda p: torch.optim.SGD(p, lr=lr / damp), xs, ys, optimum)
     assert mfac < 0.1 * sgd, (mfac, sgd)
     assert mfac < 0.5 * sgd_scaled, (mfac, sgd_scaled)
@@ -221,3 +222,17 @@ def test_masks_hold_with_a_sparsifier_attached_to_mfac(method):
             pruned_at_some_step |= bool((~mask).any())
     assert pruned_at_some_step
     assert sparsifier.sparsity().overall > 0.5
+
+
+def test_mfac_indefinite_window_raises_before_the_weights_turn_nan():
+    """damp tiny against |g|^2 in float32 with near-identical gradients: a clear error, weights still finite."""
+    torch.manual_seed(0)
+    net = nn.Linear(200, 10)
+    optimizer = MFAC(net.parameters(), lr=1e-9, damp=1e-10, ngrads=16)
+    x, y = torch.randn(64, 200), torch.randint(0, 10, (64,))
+    with pytest.raises(TrainingDiverged, match=r"not positive definite in torch.float32 \(damp=1e-10.*raise damp"):
+        for i in range(40):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x * (1 + 1e-4 * i)), y).backward()
+            optimizer.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
