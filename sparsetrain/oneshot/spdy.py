@@ -376,8 +376,8 @@ def calibrate_to_measured(
 
     The loop is kept apart from timing so that it can be checked with any ``measure``. Step 1 asks ``solve`` for
     ``target`` itself. Each later step asks for a corrected speed-up ``a``: a secant step in log space through the
-    last two (asked, measured) points aimed at the window's geometric middle (the first correction assumes
-    measured / asked stays constant), kept strictly inside the bracket of what is known (above every ``a``, and
+    last two (predicted, measured) points aimed at the window's geometric middle (the first correction assumes
+    measured / predicted stays constant), kept strictly inside the bracket of what is known (above every ``a``, and
     every predicted speed-up, of a profile measured below ``target``; below every ``a`` whose profile measured
     above the window), else, and after a search that found a profile already measured, the bracket's geometric
     middle. A profile already measured is not measured again.
@@ -441,8 +441,10 @@ def calibrate_to_measured(
             break
         if repeat and len(entries) >= 2 and entries[-2]["repeat"]:
             break  # two searches in a row found nothing new between the ends: the profiles jump over the window
-        proposal = asked * middle / measured  # measured / asked taken as constant
-        points = [(e["asked"], e["measured"]) for e in entries[-2:]]
+        # The search may return a profile predicted well above what was asked (the DP's levels are a staircase):
+        # the model of the machine is measured against predicted, so the correction is on the prediction.
+        proposal = predicted * middle / measured  # measured / predicted taken as constant
+        points = [(e["predicted"], e["measured"]) for e in entries[-2:]]
         if not repeat and len(points) == 2 and points[0][0] != points[1][0] and points[0][1] != points[1][1]:
             (a0, m0), (a1, m1) = points
             slope = (math.log(m1) - math.log(m0)) / (math.log(a1) - math.log(a0))
@@ -450,7 +452,8 @@ def calibrate_to_measured(
                 proposal = math.exp(math.log(a1) + (math.log(middle) - math.log(m1)) / slope)
         proposal = min(proposal, most)
         fastest_untried = proposal == high == most and all(e["asked"] != most for e in entries)
-        if not (low < proposal < high or fastest_untried):
+        near = 1.0 + tolerance / 20  # a proposal this close to an end of the bracket would only repeat that end
+        if not (low * near < proposal < high / near or fastest_untried):
             proposal = math.sqrt(low * high) if math.isfinite(high) else 2.0 * low
         if proposal == asked:
             break
