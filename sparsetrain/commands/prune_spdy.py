@@ -150,6 +150,18 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
         if i == 0:
             print("  " + "-" * (sum(widths) + 2 * (len(widths) - 1)))
     measured = report["measured_speedup"]
+    calibration = report["calibration"]
+    if calibration is not None:
+        print(f"calibration on the measured speed-up (window {calibration['window'][0]:g}-"
+              f"{calibration['window'][1]:.3g}x; * = kept): {calibration['outcome']}")
+        table = [("step", "asked", "budget", "profile", "predicted", "measured", "loss")]
+        for i, step in enumerate(calibration["steps"]):
+            table.append((f"{step['step']}{'*' if i == calibration['chosen'] else ''}", f"{step['asked']:.3g}x",
+                          f"x{step['budget_scale']:.3f}", "/".join(f"{v:g}" for v in step["levels"].values()),
+                          f"{step['predicted']:.2f}x", f"{step['measured']:.2f}x", f"{step['loss']:.4g}"))
+        cols = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        for row in table:
+            print("  " + "  ".join(c.rjust(w) for c, w in zip(row, cols)))
     print(f"speed-up: target {args.target_speedup:g}x, predicted {report['predicted_speedup']:.2f}x, measured "
           f"{measured:.2f}x (most reachable {report['max_speedup']:.2f}x; timings are of this machine now)")
     after = f", after batch-norm re-calibration {recalibrated['acc']:.2f}%" if recalibrated else ""
@@ -162,6 +174,7 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
         "batch_size": batch_size,
         "predicted_speedup": report["predicted_speedup"],
         "measured_speedup": measured,
+        "calibration": calibration,
         "profile": report["levels"],
         "test_acc_pruned": pruned["acc"],
         "test_acc": (recalibrated or pruned)["acc"],

@@ -21,9 +21,9 @@ from .magnitude import prune_oneshot
 from .mfac import prune_mfac
 from .obc import exact_obs, prune_obc
 from .sparsegpt import sparsegpt
-from .spdy import SpdyTimings, measure_timings, prune_spdy, search_profile
+from .spdy import SpdyTimings, calibrate_to_measured, measure_speedup, measure_timings, prune_spdy, search_profile
 
 __all__ = ["prune_oneshot", "recalibrate_batchnorm", "norm_modules", "prune_obc", "exact_obs", "sparsegpt",
            "layer_hessian", "allocate_levels", "build_database", "prune_obc_database", "ObcDatabase", "DEFAULT_GRID",
            "allocate_under_budget", "prune_spdy", "search_profile", "measure_timings", "SpdyTimings",
-           "prune_mfac"]
+           "measure_speedup", "calibrate_to_measured", "prune_mfac"]

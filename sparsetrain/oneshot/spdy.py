@@ -18,6 +18,12 @@ Frantar & Alistarh, ICML 2022, "SPDY: Accurate Pruning with Speedup Guarantees" 
    ``c`` uniform in [0, 1]^L, then a local search that resamples a shrinking random subset of the incumbent's
    coordinates and keeps a candidate only when its loss is lower. Every candidate comes from the DP, so every
    profile considered, the returned one included, meets the time budget as predicted.
+4. **Calibration on the measured speed-up.** Per-layer times, each layer timed alone with its weights in cache,
+   do not add up to the whole model's time (on a wide MLP a profile predicted at 2.2x measured 3.1x). So the
+   chosen profile's whole-model speed-up is measured with the inference engine (``to_sparse_kernels``, paired
+   timing, median of 3); when it falls outside ``[target, target * (1 + tolerance)]``, the speed-up asked of the
+   DP (hence its time budget) is corrected by a secant step in log space inside a bisection bracket and the
+   search re-run, a few times at most (:func:`calibrate_to_measured`).
 
 Differences from the paper: the candidate layers come from the OBC database (each layer solved independently by
 ExactOBS / SparseGPT on its dense-model inputs) and are scored as stitched, without the paper's per-candidate
@@ -35,6 +41,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,7 +54,8 @@ from ..inference import SparseLinear, _capture_inputs, _ineligible, time_call, t
 from .allocation import allocate_under_budget
 from .database import DEFAULT_GRID, ObcDatabase, _build, _calibration_loss, _check_grid, _collect
 
-__all__ = ["SpdyTimings", "measure_timings", "search_profile", "prune_spdy", "max_speedup"]
+__all__ = ["SpdyTimings", "measure_timings", "search_profile", "prune_spdy", "max_speedup", "measure_speedup",
+           "calibrate_to_measured"]
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +340,140 @@ def search_profile(
     return best
 
 
+@torch.no_grad()
+def measure_speedup(dense: nn.Module, pruned: nn.Module, sample: Tensor, *, repeats: int = 3,
+                    min_time: float = 2e-2) -> float:
+    """The measured whole-model speed-up of ``pruned`` over ``dense`` on ``sample`` with the inference engine.
+
+    ``pruned`` is converted with ``to_sparse_kernels`` at the sample's batch size (CSR where it is measured
+    faster), then ``dense(sample)`` and the converted model are timed paired and interleaved
+    (``time_paired``, 3 interleaved repeats of loops lasting ``min_time``); the result is the median over
+    ``repeats`` of the ratio dense time / sparse time. Neither model is changed. Put both in eval mode first, as
+    for inference.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    converted, _ = to_sparse_kernels(pruned, sample)
+    ratios = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t_dense, t_sparse = time_paired([functools.partial(dense, sample), functools.partial(converted, sample)],
+                                            repeats=3, min_time=min_time)
+            ratios.append(t_dense / t_sparse)
+    return statistics.median(ratios)
+
+
+def calibrate_to_measured(
+    solve: Callable[[float], tuple[list[int], float, float]],
+    measure: Callable[[list[int]], float],
+    target: float,
+    *,
+    tolerance: float = 0.1,
+    steps: int = 5,
+    most: float = math.inf,
+) -> tuple[int, list[dict[str, Any]], str]:
+    """Correct the speed-up asked of SPDY's search until the chosen profile's *measured* speed-up is on target.
+
+    The loop is kept apart from timing so that it can be checked with any ``measure``. Step 1 asks ``solve`` for
+    ``target`` itself. Each later step asks for a corrected speed-up ``a``: a secant step in log space through the
+    last two (predicted, measured) points aimed at the window's geometric middle (the first correction assumes
+    measured / predicted stays constant), kept strictly inside the bracket of what is known (above every ``a``, and
+    every predicted speed-up, of a profile measured below ``target``; below every ``a`` whose profile measured
+    above the window), else, and after a search that found a profile already measured, the bracket's geometric
+    middle. A profile already measured is not measured again.
+
+    It stops when a profile lands in the window ``[target, target * (1 + tolerance)]``, after ``steps`` searches,
+    when the bracket is narrower than a tenth of the window, or after two searches in a row found only profiles
+    already measured (then the neighbouring profiles jump over the window).
+
+    Args:
+        solve: ``solve(a) -> (levels, loss, predicted)``: the search for a predicted speed-up of ``a``, ``1 <= a
+            <= most``: its profile (level per layer), its calibration loss and its predicted speed-up.
+        measure: ``measure(levels) -> measured speed-up`` of that profile.
+        target: the speed-up to meet, > 1.
+        tolerance: the window's relative width above ``target`` (> 0).
+        steps: the most searches, >= 1.
+        most: the largest speed-up ``solve`` accepts (the fastest profile's predicted speed-up).
+
+    Returns:
+        ``(chosen, entries, outcome)``: ``entries`` holds one dict per step (``step``, ``asked``, ``levels``,
+        ``loss``, ``predicted``, ``measured``, ``in_window``, ``repeat``); ``chosen`` indexes the profile kept:
+        the least loss among those in the window; if none is, the least loss among those measured at or above
+        ``target`` (a profile measured below the target is never kept while one above it exists); if none meets
+        it, the fastest measured. ``outcome`` says which, in words.
+    """
+    if not (math.isfinite(target) and target > 1):
+        raise ValueError(f"the target speed-up must be a number > 1, got {target!r}")
+    if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance)
+                                           and tolerance > 0):
+        raise ValueError(f"tolerance must be a number > 0 (e.g. 0.1 for a window of 10% above the target), got "
+                         f"{tolerance!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer (e.g. 5), got {steps!r}")
+    upper = target * (1.0 + tolerance)
+    middle = math.sqrt(target * upper)
+    low, high = 1.0, most  # the asked speed-up that lands in the window lies in (low, high]
+    measured_of: dict[tuple[int, ...], float] = {}
+    entries: list[dict[str, Any]] = []
+    asked = min(target, most)
+    for step in range(1, steps + 1):
+        levels, loss, predicted = solve(asked)
+        key = tuple(levels)
+        repeat = key in measured_of
+        if not repeat:
+            measured_of[key] = float(measure(list(levels)))
+        measured = measured_of[key]
+        inside = target <= measured <= upper
+        entries.append({"step": step, "asked": asked, "levels": list(levels), "loss": float(loss),
+                        "predicted": float(predicted), "measured": measured, "in_window": inside,
+                        "repeat": repeat})
+        if inside:
+            break
+        if measured < target:
+            # Any budget that still fits this profile gives it again (the DP found it best under a larger one):
+            # asking for up to its own predicted speed-up is wasted.
+            low = max(low, asked, min(predicted, most))
+        else:
+            high = min(high, asked)
+        if high <= low * (1.0 + tolerance / 10):
+            # Budgets this close give profiles whose speed differs far less than the window is wide: the two ends
+            # are neighbouring profiles that jump over it.
+            break
+        if repeat and len(entries) >= 2 and entries[-2]["repeat"]:
+            break  # two searches in a row found nothing new between the ends: the profiles jump over the window
+        # The search may return a profile predicted well above what was asked (the DP's levels are a staircase):
+        # the model of the machine is measured against predicted, so the correction is on the prediction.
+        proposal = predicted * middle / measured  # measured / predicted taken as constant
+        points = [(e["predicted"], e["measured"]) for e in entries[-2:]]
+        if not repeat and len(points) == 2 and points[0][0] != points[1][0] and points[0][1] != points[1][1]:
+            (a0, m0), (a1, m1) = points
+            slope = (math.log(m1) - math.log(m0)) / (math.log(a1) - math.log(a0))
+            if math.isfinite(slope) and slope > 0:  # noise can make it run backwards: then the ratio step
+                proposal = math.exp(math.log(a1) + (math.log(middle) - math.log(m1)) / slope)
+        proposal = min(proposal, most)
+        fastest_untried = proposal == high == most and all(e["asked"] != most for e in entries)
+        near = 1.0 + tolerance / 20  # a proposal this close to an end of the bracket would only repeat that end
+        if not (low * near < proposal < high / near or fastest_untried):
+            proposal = math.sqrt(low * high) if math.isfinite(high) else 2.0 * low
+        if proposal == asked:
+            break
+        asked = proposal
+    inside = [i for i, e in enumerate(entries) if e["in_window"]]
+    meeting = [i for i, e in enumerate(entries) if e["measured"] >= target]
+    if inside:
+        chosen = min(inside, key=lambda i: (entries[i]["loss"], entries[i]["measured"]))
+        outcome = f"measured {entries[chosen]['measured']:.2f}x, in the window [{target:g}, {upper:.3g}]x"
+    elif meeting:
+        chosen = min(meeting, key=lambda i: (entries[i]["loss"], entries[i]["measured"]))
+        outcome = (f"window [{target:g}, {upper:.3g}]x not reached in {len(entries)} step(s): kept the profile of "
+                   f"least loss among those measured above the target ({entries[chosen]['measured']:.2f}x)")
+    else:
+        chosen = max(range(len(entries)), key=lambda i: (entries[i]["measured"], -entries[i]["loss"]))
+        outcome = (f"window [{target:g}, {upper:.3g}]x not reached in {len(entries)} step(s): no profile measured "
+                   f"at the target; kept the fastest measured ({entries[chosen]['measured']:.2f}x)")
+    return chosen, entries, outcome
+
+
 def _check_target(target_speedup: float) -> float:
     if isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float)) or not (
             math.isfinite(target_speedup) and target_speedup > 1):
@@ -358,6 +500,9 @@ def prune_spdy(
     seed: int = 0,
     buckets: int = 1000,
     measure: bool = True,
+    calibrate: bool = True,
+    tolerance: float = 0.1,
+    calibration_steps: int = 5,
     progress: bool = False,
     report: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
@@ -368,7 +513,11 @@ def prune_spdy(
     ExactOBS), times each layer at each level with the CPU inference engine at ``batch_size``, and searches the
     per-layer error weights whose DP profile has the least calibration loss among those predicted to run at
     least ``target_speedup`` times faster than the dense model. The model is stitched from the database at the
-    chosen profile. The speed-up is then measured on the pruned model converted with ``to_sparse_kernels``.
+    chosen profile. The speed-up is then measured on the whole pruned model converted with ``to_sparse_kernels``
+    (:func:`measure_speedup`: paired timing against the dense model, median of 3) and, with ``calibrate``, the
+    search is re-run with a corrected time budget until that measured speed-up lies in ``[target_speedup,
+    target_speedup * (1 + tolerance)]`` (:func:`calibrate_to_measured`): per-layer times, each layer timed alone,
+    do not add up to the whole model's time, so the predicted speed-up alone can miss the target either way.
 
     Args:
         model: the trained dense model.
@@ -386,11 +535,20 @@ def prune_spdy(
         seed: the search's seed.
         buckets: the DP's time resolution.
         measure: also measure the pruned model's speed-up (``report['measured_speedup']``).
+        calibrate: with ``measure``, correct the time budget on the measured speed-up: at most
+            ``calibration_steps`` searches, each with its own budget; the profile kept is the least-loss one
+            measured in the window, else the least-loss one measured at or above the target (never one measured
+            below it while one above exists), else the fastest measured (logged as a warning).
+        tolerance: the window's relative width above the target (0.1: a 2x target accepts 2.0-2.2x measured).
+        calibration_steps: the most searches of the calibration (the first is the uncalibrated one), >= 1.
         progress: progress bars (database build, search) on stderr.
         report: if given, filled with ``levels`` (name -> sparsity), ``layer_errors``, ``times`` (name -> seconds
             at the chosen level), ``kernels``, ``predicted_speedup``, ``measured_speedup`` (None if not
             measured), ``max_speedup``, ``calibration_loss`` (``{'dense errors': c = 1 profile, 'chosen': ...}``),
-            ``candidates``, ``database`` and ``timings`` ('built'/'cache', 'measured'/'cache').
+            ``candidates``, ``database`` and ``timings`` ('built'/'cache', 'measured'/'cache'), and
+            ``calibration`` (None without it): ``window``, ``reached``, ``outcome`` (in words), ``chosen`` (index)
+            and ``steps``, one dict per search (``asked`` speed-up, ``budget_scale`` = its layer-time budget over
+            the uncalibrated one, ``levels`` name -> sparsity, ``predicted``, ``measured``, ``loss``).
 
     Returns:
         The masks of the pruned layers (parameter name -> bool, True = kept).
@@ -407,6 +565,12 @@ def prune_spdy(
         raise ValueError(f"candidates must be a positive integer (e.g. 100), got {candidates!r}")
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
+            math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be a number > 0 (e.g. 0.1 for a window of 10% above the target), got "
+                         f"{tolerance!r}")
+    if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 1:
+        raise ValueError(f"calibration_steps must be a positive integer (e.g. 5), got {calibration_steps!r}")
     grid = _check_grid(grid)
     inputs, targets = _collect(calibration_batches, num_samples)
     modes = {m: m.training for m in model.modules()}
@@ -430,7 +594,8 @@ def prune_spdy(
                              f"profile (every layer at its fastest level up to sparsity {grid[-1]:g}) is predicted "
                              f"at {reachable:.2f}x on this machine; ask for at most "
                              f"{math.floor(reachable * 100) / 100:g}")
-        budget = times.dense_total / target - times.overhead
+        nominal = times.dense_total / target - times.overhead
+        least = sum(min(times.times[n]) for n in db.names)
         reference = [model(x.to(device)) for x in inputs]
         work = copy.deepcopy(model)
         params = dict(work.named_parameters())
@@ -444,21 +609,52 @@ def prune_spdy(
             return _calibration_loss(work, inputs, targets, reference)
 
         errors = [db.errors[n].tolist() for n in db.names]
-        history: list[dict[str, Any]] = []
-        levels, _, loss = search_profile(errors, [times.times[n] for n in db.names], budget, score,
-                                         candidates=candidates, seed=seed, buckets=buckets, progress=progress,
-                                         history=history)
-        dense_model = copy.deepcopy(model) if measure else None
+        layer_times = [times.times[n] for n in db.names]
+        histories: dict[float, list[dict[str, Any]]] = {}
+
+        def budget_for(asked: float) -> float:
+            # At the fastest profile the budget is its own time (rounding must not make it unreachable).
+            return max(times.dense_total / asked - times.overhead, least)
+
+        def solve(asked: float) -> tuple[list[int], float, float]:
+            history = histories.setdefault(asked, [])
+            levels, _, loss = search_profile(errors, layer_times, budget_for(asked), score, candidates=candidates,
+                                             seed=seed, buckets=buckets, progress=progress, history=history)
+            return levels, loss, times.dense_total / times.predict(levels)
+
+        def measure_profile(levels: list[int]) -> float:
+            stitch(levels, params)
+            return measure_speedup(model, work, sample)  # ``model`` is still the dense one
+
+        calibration: dict[str, Any] | None = None
+        if measure and calibrate:
+            chosen, steps, outcome = calibrate_to_measured(solve, measure_profile, target, tolerance=tolerance,
+                                                           steps=calibration_steps, most=reachable)
+            for entry in steps:
+                log.info("SPDY calibration step %d: asked %.3gx (budget x%.3f), profile %s, predicted %.2fx, "
+                         "measured %.2fx, loss %.4g%s", entry["step"], entry["asked"],
+                         budget_for(entry["asked"]) / nominal, [db.grid[lv] for lv in entry["levels"]],
+                         entry["predicted"], entry["measured"], entry["loss"], " (profile seen before)"
+                         if entry["repeat"] else "")
+            reached = steps[chosen]["in_window"]
+            (log.info if reached else log.warning)("SPDY calibration: %s", outcome)
+            levels, loss, measured = steps[chosen]["levels"], steps[chosen]["loss"], steps[chosen]["measured"]
+            history = histories[steps[chosen]["asked"]]
+            calibration = {
+                "window": [target, target * (1.0 + tolerance)], "reached": reached, "outcome": outcome,
+                "chosen": chosen,
+                "steps": [{"step": e["step"], "asked": e["asked"], "budget_scale": budget_for(e["asked"]) / nominal,
+                           "levels": {n: db.grid[lv] for n, lv in zip(db.names, e["levels"])},
+                           "predicted": e["predicted"], "measured": e["measured"], "loss": e["loss"],
+                           "in_window": e["in_window"]} for e in steps],
+            }  # fmt: skip
+        else:
+            levels, loss, _ = solve(target)
+            history = histories[target]
+            measured = measure_profile(levels) if measure else None
         stitch(levels, dict(model.named_parameters()))
         masks = {n: dict(model.named_parameters())[n] != 0 for n in db.names}
         predicted = times.dense_total / times.predict(levels)
-        measured = None
-        if dense_model is not None:
-            converted, _ = to_sparse_kernels(model, sample)
-            with torch.inference_mode():
-                t_dense, t_sparse = time_paired([functools.partial(dense_model, sample),
-                                                 functools.partial(converted, sample)], repeats=9, min_time=2e-2)
-            measured = t_dense / t_sparse
         log.info("SPDY: target %.2fx, predicted %.2fx, measured %s, calibration loss %.4g after %d candidates",
                  target, predicted, "-" if measured is None else f"{measured:.2f}x", loss, candidates)
     finally:
@@ -473,6 +669,6 @@ def prune_spdy(
             solvers=dict(db.solvers),
             predicted_speedup=predicted, measured_speedup=measured, max_speedup=reachable, target_speedup=target,
             batch_size=batch_size, calibration_loss={"dense errors": history[0]["score"], "chosen": loss},
-            candidates=len(history), database=db.source, timings=times.source,
+            candidates=len(history), database=db.source, timings=times.source, calibration=calibration,
         )
     return masks
