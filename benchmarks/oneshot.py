@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from sparsetrain.oneshot import (
+    DEFAULT_GRID,
     build_database,
     measure_speedup,
     norm_modules,
@@ -142,7 +143,7 @@ def _mask_type(sparsity) -> str:
     return sparsity if isinstance(sparsity, str) else "unstructured"
 
 
-def _build_in_child(model_name: str, epochs: int, out: str, samples: int, seed: int, cache: str, queue) -> None:
+def _build_in_child(model_name: str, epochs: int, out: str, samples: int, seed: int, cache: str, grid, queue) -> None:
     """Run in a fresh process: the peak resident memory it reports is the database build's own."""
     torch.set_num_threads(2)
     splits = load_dataset("fashion-mnist", val_fraction=0.1, seed=0)
@@ -150,21 +151,22 @@ def _build_in_child(model_name: str, epochs: int, out: str, samples: int, seed: 
     batches = calibration_batches(splits.train, samples, seed)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    db = build_database(dense, batches, solver="auto", cache=cache)
+    db = build_database(dense, batches, solver="auto", cache=cache, grid=grid)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put({"seconds": seconds, "peak_rss_mib": peak / 1024, "rss_before_mib": before / 1024,
                "source": db.source, "solvers": db.solvers, "layers": len(db.names), "levels": len(db.grid)})
 
 
-def database_row(model_name: str, epochs: int, out: Path, samples: int, seed: int) -> dict:
+def database_row(model_name: str, epochs: int, out: Path, samples: int, seed: int, grid=DEFAULT_GRID) -> dict:
     """Build (or load) the model's OBC database in a fresh process; its time and peak memory."""
-    cache = out / "runs" / f"{model_name}-{epochs}ep-seed{seed}.obcdb.safetensors"
+    levels = "" if tuple(grid) == DEFAULT_GRID else f"-grid{len(grid)}"
+    cache = out / "runs" / f"{model_name}-{epochs}ep-seed{seed}{levels}.obcdb.safetensors"
     cache.parent.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_build_in_child, args=(model_name, epochs, str(out), samples, seed, str(cache),
-                                                          queue))
+    child = context.Process(target=_build_in_child,
+                            args=(model_name, epochs, str(out), samples, seed, str(cache), tuple(grid), queue))
     child.start()
     result = queue.get()
     child.join()
@@ -186,13 +188,14 @@ def run_database(args, out: Path) -> None:
 def run_spdy(args, out: Path, splits) -> None:
     model_name = "mlp-wide"
     seed = args.seeds[0]
-    built = database_row(model_name, args.epochs, out, args.samples, seed)
+    grid = tuple(args.grid) if args.grid else DEFAULT_GRID
+    built = database_row(model_name, args.epochs, out, args.samples, seed, grid)
     print(f"{model_name}: database in {built['seconds']:.1f} s ({built['source']}), peak RSS "
           f"{built['peak_rss_mib']:.0f} MiB, solvers {built['solvers']}", flush=True)
     dense = train_dense(model_name, args.epochs, out).eval()
     dense_acc = evaluate(dense, splits.test, 1000, torch.device("cpu"))["acc"]
     batches = calibration_batches(splits.train, args.samples, seed)
-    db = build_database(dense, batches, solver="auto", cache=built["cache"])
+    db = build_database(dense, batches, solver="auto", cache=built["cache"], grid=grid)
     sample = torch.cat([x for x, _ in batches])[: args.batch_size]
     model = copy.deepcopy(dense)
     report: dict = {}
@@ -273,6 +276,8 @@ def main() -> None:
     parser.add_argument("--distributions", nargs="+", default=["uniform", "global"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--grid", nargs="+", type=float, help="spdy: the database's sparsity levels (default: "
+                        "the library's 12, 0-0.98)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
