@@ -111,7 +111,8 @@ def test_the_gates_take_the_natural_gradient_step_of_the_elbo():
     s = sparsetrain.create("variational", model, sparsity=0.5, total_steps=10, prior_keep=0.3, gate_init=0.8,
                            gate_lr=0.1, kl_warmup=0, num_samples=50000,
                            example_input=torch.zeros(1, 4))  # fmt: skip
-    optimizer = s.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9))
+    # lr 1e-30: the weights stay put (the gates step at gate_lr whenever the run trains at all)
+    optimizer = s.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=1e-30, momentum=0.9))
     s.attach(optimizer)
     W, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     cost = W.square().sum(1) / W.square().mean() / 2 + b.square() / b.square().mean() / 2
