@@ -161,3 +161,15 @@ def test_a_set_at_its_target_loses_its_gates_and_its_logits_stop():
     model.train()
     hidden = model[0](x)
     assert torch.equal(hidden, nn.functional.linear(x, model[0].weight, model[0].bias))
+
+
+def test_the_prune_to_target_ranks_by_theta_times_the_group_rms():
+    torch.manual_seed(0)
+    model = mlp()
+    s = sparsetrain.create("variational", model, sparsity=0.5, total_steps=10, example_input=torch.zeros(1, 4))
+    with torch.no_grad():
+        s.logits[0].copy_(torch.tensor([3.0, 0.0, -3.0]))
+    W, b, W2 = model[0].weight.detach(), model[0].bias.detach(), model[2].weight.detach()
+    rms = ((W.square().sum(1) + b.square() + W2.square().sum(0)) / (4 + 1 + 2)).sqrt()
+    expected = torch.sigmoid(torch.tensor([3.0, 0.0, -3.0])) * rms
+    assert torch.allclose(s.group_scores(s.magnitude_scores())[0], expected, atol=1e-6)
