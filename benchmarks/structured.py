@@ -165,7 +165,7 @@ def main() -> None:
                 row["slim_vs_masked_max_diff"] = diff
                 row["slim_channels"] = {n: m.out_channels if hasattr(m, "out_channels") else m.out_features
                                         for n, m in small.named_modules()
-                                        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}  # fmt: skip
+                                        if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear)}  # fmt: skip
                 row.update(latencies(small, shape, args.repeats))
             rows.append(row)
             print(json.dumps(row), flush=True)
