@@ -11,8 +11,14 @@ Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one t
 
     python benchmarks/structured.py                        # 1 seed, 4 epochs, 20,000 training samples
     python benchmarks/structured.py --epochs 10 --limit-train 0 --seeds 0 1 2
+    python benchmarks/structured.py --model resnet20 --limit-train 10000 --epochs 3
+    python benchmarks/structured.py --model convbase       # MNIST-1D (the dataset follows the model)
+    python benchmarks/structured.py --model resnet20 --limit-train 10000 --epochs 3 --latency-only
 
-Results go to benchmarks/results/structured/ (one JSON line per run and a markdown table).
+The dataset is Fashion-MNIST, or MNIST-1D for ``convbase`` (``--dataset`` overrides). ``--latency-only`` trains
+nothing: it measures the latencies again on the finished run folders of ``--out`` (e.g. on a quiet machine).
+
+Results go to benchmarks/results/structured/ (per model: one JSON line per run and a markdown table).
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ from sparsetrain.models import build_model
 from sparsetrain.structured import apply_keep, groups, kept_channels
 from sparsetrain.train.checkpoint import load, restore_model
 from sparsetrain.train.config import resolve
+from sparsetrain.train.data import load_run_dataset
 from sparsetrain.train.loop import Run
 
 RESULTS = Path(__file__).parent / "results" / "structured"
 
 
-def run(settings: dict, out: Path) -> dict:
+def run(settings: dict, out: Path, train: bool = True) -> dict:
     """One ``sparsetrain train`` run into ``out`` (reused when it already finished); returns its summary."""
     summary = out / "summary.json"
+    if not summary.exists() and not train:
+        raise SystemExit(f"error: --latency-only needs the finished run {out} (no summary.json there)")
     if not summary.exists():
         Run(resolve(None, {**settings, "out": str(out), "plots": False, "progress": False})).run()
     return json.loads(summary.read_text())
@@ -94,6 +103,7 @@ def slim_of(run_dir: Path) -> tuple[torch.nn.Module, torch.nn.Module, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet5")
+    parser.add_argument("--dataset", default=None, help="default: mnist1d for convbase, else fashion-mnist")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--limit-train", type=int, default=20000, help="training samples (0: all)")
@@ -102,17 +112,24 @@ def main() -> None:
     parser.add_argument("--finish", type=float, default=0.75, help="oto's and variational's prune to target")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="runs/structured-benchmark")
+    parser.add_argument("--out", default=None, help="run folders (default: runs/structured-benchmark-MODEL)")
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="train nothing: measure the slim models of the finished runs in --out again",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    shape = (1, 28, 28)
-    dense_model = build_model(args.model, input_shape=shape, num_classes=10)
-    group_sparsity = group_sparsity_for_flops(dense_model, torch.zeros(1, *shape), args.flops)
-    common = {"model": args.model, "dataset": "fashion-mnist", "threads": args.threads, "epochs": args.epochs}
+    dataset = args.dataset or ("mnist1d" if args.model == "convbase" else "fashion-mnist")
+    common = {"model": args.model, "dataset": dataset, "threads": args.threads, "epochs": args.epochs}
     if args.limit_train:
         common["limit_train"] = args.limit_train
-    samples = args.limit_train or 50000
+    splits = load_run_dataset(resolve(None, common))
+    shape = tuple(splits.input_shape)
+    samples = min(args.limit_train or len(splits.train), len(splits.train))
+    dense_model = build_model(args.model, input_shape=shape, num_classes=splits.num_classes)
+    group_sparsity = group_sparsity_for_flops(dense_model, torch.zeros(1, *shape), args.flops)
     methods = {
         "dense": {"method": "dense", "sparsity": 0.0},
         "oto": {"method": "oto", "sparsity": group_sparsity,
@@ -122,13 +139,13 @@ def main() -> None:
         "channel-gmp": {"method": "gmp", "sparsity": group_sparsity, "mask_type": "channel"},
         "channel-acdc": {"method": "acdc", "sparsity": group_sparsity, "mask_type": "channel"},
     }  # fmt: skip
-    out, rows = Path(args.out), []
+    out, rows = Path(args.out or f"runs/structured-benchmark-{args.model}"), []
     RESULTS.mkdir(parents=True, exist_ok=True)
     dense_latency = None
     for seed in args.seeds:
         for name, settings in methods.items():
             run_dir = out / f"{name}-seed{seed}"
-            summary = run({**common, **settings, "seed": seed}, run_dir)
+            summary = run({**common, **settings, "seed": seed}, run_dir, train=not args.latency_only)
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             # train_flops_ratio is cumulative: the ratio of epoch e alone is e r_e - (e - 1) r_(e-1).
             per_epoch = [m["train_flops_ratio"] * m["epoch"] - (p["train_flops_ratio"] * p["epoch"] if p else 0.0)
@@ -148,17 +165,17 @@ def main() -> None:
                 row["slim_vs_masked_max_diff"] = diff
                 row["slim_channels"] = {n: m.out_channels if hasattr(m, "out_channels") else m.out_features
                                         for n, m in small.named_modules()
-                                        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}  # fmt: skip
+                                        if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear)}  # fmt: skip
                 row.update(latencies(small, shape, args.repeats))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with open(RESULTS / "rows.jsonl", "w") as handle:
+    with open(RESULTS / f"rows-{args.model}.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
 
     assert dense_latency is not None
     lines = [
-        f"LeNet-5, Fashion-MNIST, {args.epochs} epochs, {samples:,} training samples, seeds {args.seeds}; "
+        f"{args.model}, {dataset}, {args.epochs} epochs, {samples:,} training samples, seeds {args.seeds}; "
         f"target {args.flops:.0%} of forward FLOPs removed (group sparsity {group_sparsity:.3f} per channel set)",
         "",
         "| method | test acc | FLOPs removed | train time (s) | FLOPs per epoch (train, rel. dense) | "
@@ -167,11 +184,12 @@ def main() -> None:
     ]
     for name in methods:
         mine = [r for r in rows if r["method"] == name]
-        acc = statistics.mean(r["test_acc"] for r in mine)
+        accs = [r["test_acc"] for r in mine]
+        acc = f"{statistics.mean(accs):.2f}" + (f" +- {statistics.stdev(accs):.2f}" if len(accs) > 1 else "")
         speed = [statistics.mean(dense_latency[k] / r[k] for r in mine) for k in
                  ("eager_b1_ms", "frozen_b1_ms", "eager_b64_ms", "frozen_b64_ms")]  # fmt: skip
         lines.append(
-            f"| {name} | {acc:.2f} | {statistics.mean(r['flops_removed'] for r in mine):.1%} | "
+            f"| {name} | {acc} | {statistics.mean(r['flops_removed'] for r in mine):.1%} | "
             f"{statistics.mean(r['train_time_s'] for r in mine):.0f} | "
             f"{', '.join(f'{v:.2f}' for v in mine[0]['epoch_train_flops'])} | "
             + " | ".join(f"{s:.2f}x" for s in speed)
@@ -181,7 +199,7 @@ def main() -> None:
     lines.append(
         "dense latency (ms): " + ", ".join(f"{k.removesuffix('_ms')} {v:.3f}" for k, v in dense_latency.items())
     )
-    (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"table-{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

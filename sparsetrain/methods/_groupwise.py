@@ -122,23 +122,36 @@ class GroupPruning(Sparsifier):
             out.append(~alive)
         return out
 
+    def dead_priority(self) -> list[Tensor] | None:
+        """Per channel set, a score per group: when more groups died than the target allows, the lowest go first."""
+        return None
+
+    def _ordered(self, candidates: Tensor, k: int, priority: list[Tensor] | None) -> Tensor:
+        """Indices of the ``candidates`` of set ``k``: by :meth:`dead_priority` (lowest first), else by index."""
+        index = candidates.nonzero().squeeze(1)
+        if priority is not None and index.numel() > 1:
+            index = index[torch.argsort(priority[k][index], stable=True)]
+        return index
+
     def _cap(self, dead: list[Tensor]) -> list[Tensor]:
-        """Never more dead groups than the target allows: already masked groups first, then in index order."""
+        """Never more dead groups than the target allows: already masked groups first, then by ``dead_priority``."""
         active = [self._active_groups(s) for s in self.channel_groups.sets]
+        priority = self.dead_priority()
         out = []
         if isinstance(self.max_dead, list):
-            for d, a, cap in zip(dead, active, self.max_dead):
-                new = (d & a).nonzero().squeeze(1)[: max(0, cap - int((~a).sum()))]
+            for k, (d, a, cap) in enumerate(zip(dead, active, self.max_dead)):
+                new = self._ordered(d & a, k, priority)[: max(0, cap - int((~a).sum()))]
                 mark = ~a
                 mark[new] = True
                 out.append(mark)
             return out
         room = self.max_dead - sum(int((~a).sum()) for a in active)
-        for d, a in zip(dead, active):
+        for k, (d, a) in enumerate(zip(dead, active)):
             new = d & a
-            if int(a.sum()) - int(new.sum()) < 1:  # every set keeps a group
-                new[new.nonzero()[0]] = False
-            take = new.nonzero().squeeze(1)[: max(0, room)]
+            order = self._ordered(new, k, priority)
+            if int(a.sum()) - int(new.sum()) < 1:  # every set keeps a group: the last in the order
+                order = order[:-1]
+            take = order[: max(0, room)]
             room -= take.numel()
             mark = ~a
             mark[take] = True

@@ -14,6 +14,11 @@ from ..structured.groups import NORM, PRODUCER, ZERO_INVARIANT_ROLES
 from ._groupwise import GroupPruning
 
 _EPS = 1e-6
+# The gates' natural-gradient step size at the run's initial learning rate (it follows the run's schedule).
+DEFAULT_GATE_LR = 0.002
+# Floor of theta (1 - theta), the Bernoulli's Fisher information, in the natural gradient (a gate at 0 or 1 has
+# none; the floor bounds the step there).
+_FISHER_FLOOR = 1e-4
 
 
 @register("variational")
@@ -33,22 +38,34 @@ class Variational(GroupPruning):
 
     (a gate that is off costs nothing for its weights: under the spike they are unidentified). Keeping a group
     costs its weights' slab penalty and the prior's odds against it; the data term pays for the useful ones, so the
-    posterior of a useless group falls towards 0 and the others rise towards 1.
+    posterior of a useless group falls towards 0 and the others rise towards 1. The KL's weight rises linearly
+    from 0 to 1 over ``kl_warmup`` (default: half of the run; :meth:`kl_weight`), so the data term ranks the
+    groups before the prior closes gates.
+
+    The gate logits take the ELBO's natural-gradient step (the Bernoulli's gradient in theta, i.e. the per-sample
+    gradient times ``N / (theta (1 - theta))``), at step size ``gate_lr`` scaled by the run's learning-rate
+    schedule, without momentum: each logit moves towards its fixed point ``logit(pi) - keep cost - N dLoss/dtheta``
+    at rate ``gate_lr`` whatever N, so gates settle to 0 or 1 within a short run.
     A group is removed as soon as ``theta_g < threshold``: its weights are set to exactly zero and masked (with the
     input slices that read it), so the rest of the run trains a smaller network; the active forward FLOPs fall
     epoch by epoch (the ``sparsetrain train`` summary reports the training FLOPs). Never more groups than the
-    target (``sparsity`` of groups, uniform per channel set by default, or ``target_flops``) are removed; at
-    ``finish`` (default: the end of the run) the groups still missing are pruned by lowest theta, and the gates are
-    removed: kept groups pass with z = 1 (in eval mode the gates are already deterministic, 1 where theta >= 0.5),
-    so ``sparsetrain slim`` builds the deterministic final network.
+    target (``sparsity`` of groups, uniform per channel set by default, or ``target_flops``) are removed (when
+    more gates close at once, the lowest theta go first); a set that reaches its target is *settled*: its other
+    groups are kept, their gates removed (z = 1) and their logits frozen (:meth:`settled`). At ``finish``
+    (default: the end of the run) the groups still missing are pruned by lowest ``theta * RMS`` of the group (the
+    posterior mean size of its effective weights), and the gates are removed: kept groups pass with z = 1 (in
+    eval mode the gates are already deterministic, 1 where theta >= 0.5), so ``sparsetrain slim`` builds the
+    deterministic final network.
 
     The gate logits are extra parameters: :meth:`wrap_optimizer` builds the run's optimizer class again over its
-    param groups plus one for the logits (``gate_lr``, default the run's lr; no weight decay). The KL gradient is
-    added in the pre-step hook, so the sparsifier must be attached (``sparsifier.step()`` is refused).
+    param groups plus one for the logits (no weight decay, no momentum). The KL gradient is added in the pre-step
+    hook, so the sparsifier must be attached (``sparsifier.step()`` is refused).
 
     Options: ``num_samples`` (N, the training set size: the KL's weight 1 / N; default 60,000), ``prior_keep``
-    (pi, default ``1 - sparsity``), ``temperature`` (2/3), ``threshold`` (0.01),
-    ``gate_init`` (theta at the start, 0.9), ``gate_lr``, ``finish``, ``target_flops``.
+    (pi, default ``1 - sparsity``), ``temperature`` (2/3), ``threshold`` (0.01), ``gate_init`` (theta at the
+    start, 0.9), ``gate_lr`` (0.002), ``kl_warmup`` (in ``unit``; default half of the run), ``finish``,
+    ``target_flops``. The defaults of ``gate_lr`` and ``kl_warmup`` were chosen on Fashion-MNIST LeNet-5 (4
+    epochs, 50% of FLOPs removed).
 
     Reference: V. F. I. Guenter, A. Sideris, "Robust Learning of Parsimonious Deep Neural Networks",
     arXiv 2205.04650 (simultaneous learning and pruning with Bernoulli gates under Gaussian scale-mixture priors).
@@ -56,7 +73,8 @@ class Variational(GroupPruning):
     implemented: the slab scale s is fixed per tensor at its initial root-mean-square and pi at ``1 - sparsity``
     (options, not learned); the weights are point estimates (no Gaussian posterior on them, so no entropy term);
     gradients through the gates use the Concrete relaxation (Maddison et al. 2017) rather than the paper's
-    estimator; the prune threshold on theta is an option; the run is capped at, and topped up to, an exact target.
+    estimator; the natural-gradient gate step, the KL warm-up, the settling of a set at its target and the prune
+    threshold on theta are ours; the run is capped at, and topped up to, an exact target.
     Later steps are cheaper only in FLOPs (the removed groups compute zeros): the model keeps its shape during
     training, so that optimizer state, checkpoints and resume stay as for every method.
     """
@@ -73,7 +91,8 @@ class Variational(GroupPruning):
         temperature: float = 2.0 / 3.0,
         threshold: float = 0.01,
         gate_init: float = 0.9,
-        gate_lr: float | None = None,
+        gate_lr: float = DEFAULT_GATE_LR,
+        kl_warmup: float | None = None,
         **common: Any,
     ) -> None:
         checks = (
@@ -82,7 +101,7 @@ class Variational(GroupPruning):
             ("temperature", temperature, lambda v: v > 0, "> 0"),
             ("threshold", threshold, lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
             ("gate_init", gate_init, lambda v: 0 < v < 1, "in (0, 1)"),
-            ("gate_lr", gate_lr, lambda v: v is None or v >= 0, "None or >= 0"),
+            ("gate_lr", gate_lr, lambda v: v is not None and v >= 0, ">= 0"),
         )
         for name, value, ok, allowed in checks:
             number = value is None or (not isinstance(value, bool) and isinstance(value, (int, float)))
@@ -90,12 +109,22 @@ class Variational(GroupPruning):
                 raise ValueError(f"variational: {name} must be {allowed}, got {value!r}")
         self.num_samples, self.prior_keep = int(num_samples), prior_keep
         self.temperature, self.threshold, self.gate_init, self.gate_lr = temperature, threshold, gate_init, gate_lr
+        self.kl_warmup = kl_warmup
         self._handles: list[Any] = []
+        self._settled: list[bool] = []
+        self._base_lr: float | None = None  # the run's lr when the gates joined the optimizer
         self._noise: tuple[int, list[Tensor]] | None = None
         super().__init__(model, **common)
 
     def setup(self) -> None:
         super().setup()
+        self.warmup_step = self.steps(self.kl_warmup, "kl_warmup", default_fraction=0.5)
+        if not 0 <= self.warmup_step <= self.require_total_steps():
+            raise ValueError(
+                f"variational: kl_warmup must lie within the run (0 to {self.total_steps} steps), "
+                f"got {self.kl_warmup!r}"
+            )
+        self._settled = [False] * len(self.channel_groups.sets)
         device = next(iter(self.params.values())).device
         logit = math.log(self.gate_init / (1 - self.gate_init))
         self.logits = [nn.Parameter(torch.full((s.width,), logit, device=device)) for s in self.channel_groups.sets]
@@ -124,6 +153,8 @@ class Variational(GroupPruning):
         return [torch.sigmoid(p.detach()) for p in self.logits]
 
     def _gates(self, k: int, training: bool) -> Tensor:
+        if self._settled[k]:  # the set reached its target: its other groups are kept, z = 1
+            return torch.ones_like(self.logits[k].detach())
         if not training:
             return (self.logits[k].detach() >= 0).to(self.logits[k].dtype)  # theta >= 0.5: deterministic network
         if self._noise is None or self._noise[0] != self.count:
@@ -153,9 +184,14 @@ class Variational(GroupPruning):
             self._handles = []
 
     def kl(self) -> Tensor:
-        """The KL term of the negative ELBO over the groups still active (not divided by ``num_samples``)."""
+        """The KL term of the negative ELBO over the groups still gated (not divided by ``num_samples``).
+
+        Sets that reached their target (:meth:`settled`) no longer carry gates, so no KL.
+        """
         total = self.logits[0].new_zeros(())
         for k, channel_set in enumerate(self.channel_groups.sets):
+            if self._settled[k]:
+                continue
             theta = torch.sigmoid(self.logits[k]).clamp(_EPS, 1 - _EPS)
             scaled = 0.0  # sum over the group's weights of (w / s)^2
             for name, dim, var in self.slab[k]:
@@ -169,8 +205,66 @@ class Variational(GroupPruning):
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.pruned_at(self.count):
             with torch.enable_grad():
-                (self.kl() / self.num_samples).backward()
+                kl = self.kl()
+                if kl.requires_grad:  # not when every set has settled (no gates left)
+                    (self.kl_weight(self.count) * kl / self.num_samples).backward()
+            self._natural_gate_gradient(optimizer)
         super().before_step(optimizer)  # masked weights' gradients (the KL's included) are exactly 0
+
+    @torch.no_grad()
+    def _natural_gate_gradient(self, optimizer: torch.optim.Optimizer) -> None:
+        """The logits' gradient as the ELBO's natural gradient, and the gates' step size on the run's schedule.
+
+        Why: the loss is per sample and the KL divided by N, so the logits' plain gradient is the ELBO's divided
+        by N and, through sigmoid', by theta (1 - theta): at the weights' learning rate the gates do not move in
+        a run of a few epochs (theta stayed at its initial value in a 4-epoch Fashion-MNIST run). The natural
+        gradient of a Bernoulli in its logit is the gradient in theta, ``N / (theta (1 - theta))`` times the
+        per-sample one: the step ``logit -= gate_lr * dELBO/dtheta`` moves each logit towards its fixed point
+        ``logit(pi) - keep cost - N dLoss/dtheta`` at rate ``gate_lr``, whatever N, so gates settle to 0 or 1.
+        """
+        for k, p in enumerate(self.logits):
+            if p.grad is not None and self._settled[k]:
+                p.grad.zero_()  # its gates are gone: the logits stay where they settled
+            elif p.grad is not None:
+                theta = torch.sigmoid(p)
+                p.grad.mul_(self.num_samples / (theta * (1 - theta)).clamp(min=_FISHER_FLOOR))
+        # The trainer writes one learning rate into every param group each step: the gates' group follows the
+        # run's schedule at its own scale (gate_lr at the run's initial lr).
+        held = {id(p) for p in self.logits}
+        gate_groups = [g for g in optimizer.param_groups if any(id(p) in held for p in g["params"])]
+        others = [g for g in optimizer.param_groups if not any(id(p) in held for p in g["params"])]
+        if not gate_groups:
+            return
+        factor = 1.0
+        if others:
+            lr = float(others[0]["lr"])
+            # A run at lr 0 trains nothing, gates included.
+            factor = lr / self._base_lr if self._base_lr else float(lr > 0)
+        for group in gate_groups:
+            group["lr"] = self.gate_lr * factor
+
+    def kl_weight(self, step: int) -> float:
+        """The KL's weight at ``step``: linear from 0 to 1 over the first ``kl_warmup`` of the run, then 1.
+
+        Why: at initialisation the network has learnt nothing, so no group is worth its keep cost yet and, at full
+        weight, the KL closes every gate within a few steps (seen on LeNet-5: all of fc1 in 5 steps). The warm-up
+        (KL annealing, Sønderby et al. 2016) lets the data term rank the groups first; gates then close one by one
+        as the weight rises, the least useful first.
+        """
+        if self.warmup_step <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_step)
+
+    def settled(self) -> list[bool]:
+        """Per channel set, whether it reached its target of removed groups (its gates are then gone, z = 1)."""
+        return list(self._settled)
+
+    def _update_settled(self) -> None:
+        dead = [int((~self._active_groups(s)).sum()) for s in self.channel_groups.sets]
+        if isinstance(self.max_dead, list):
+            self._settled = [d >= cap for d, cap in zip(dead, self.max_dead)]
+        else:
+            self._settled = [sum(dead) >= self.max_dead] * len(dead)
 
     def phase_at(self, step: int) -> str:
         return "sparse" if self.pruned_at(step) else "gated"
@@ -179,11 +273,20 @@ class Variational(GroupPruning):
         return [(t < self.threshold).cpu() for t in self.theta()]
 
     def group_scores(self, scores: dict[str, Tensor]) -> list[Tensor]:
-        """Groups rank by their posterior inclusion probability theta (the prune to target keeps the highest)."""
+        """Groups rank by the posterior mean of their effective weights' size: theta times the group's RMS.
+
+        Why not theta alone: where the gates have settled theta decides (0 or 1), but gates still undecided at the
+        prune (a short run) carry little information, and ranking them by theta alone kept worse channels than
+        magnitude does (79.9% against 85.9% for channel GMP on Fashion-MNIST LeNet-5).
+        """
+        return [t.float().cpu() * m.float().cpu() for t, m in zip(self.theta(), super().group_scores(scores))]
+
+    def dead_priority(self) -> list[Tensor]:
         return [t.float().cpu() for t in self.theta()]
 
     def on_step(self, step: int) -> None:
         super().on_step(step)
+        self._update_settled()
         self._sync_hooks()
 
     # ------------------------------------------------------------------ the optimizer
@@ -192,8 +295,11 @@ class Variational(GroupPruning):
         if self._holds_gates(optimizer):
             return optimizer
         groups = [dict(g) for g in optimizer.param_groups]
-        lr = groups[0]["lr"] if self.gate_lr is None else self.gate_lr
-        groups.append({"params": list(self.logits), "lr": lr, "weight_decay": 0.0})
+        self._base_lr = float(groups[0]["lr"])
+        gates: dict[str, Any] = {"params": list(self.logits), "lr": self.gate_lr, "weight_decay": 0.0}
+        if "momentum" in optimizer.defaults:  # plain natural-gradient steps (SGD): gate_lr is the step size
+            gates.update(momentum=0.0, nesterov=False)
+        groups.append(gates)
         # Only the options its constructor takes (AdamW keeps a 'decoupled_weight_decay' default it does not accept).
         accepted = inspect.signature(type(optimizer).__init__).parameters
         defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
@@ -240,4 +346,5 @@ class Variational(GroupPruning):
         if "slab" in state:
             self.slab = [[(str(n), int(d), float(v)) for n, d, v in s] for s in state["slab"]]
         self._noise = None
+        self._update_settled()
         self._sync_hooks()
