@@ -11,6 +11,12 @@ FLOPs relative to dense training, and the gaps the targets are about (sparse - g
 
 Default budget: LeNet-300-100 (``mlp``) on Fashion-MNIST, 10 epochs on 15000 training samples, one seed, 90% and
 98%. Results: benchmarks/results/acdc_study/table.md and runs.jsonl (runs already there are reused; --fresh reruns).
+
+``--task main`` studies the main job instead (``sparsetrain train``: the default recipe, LeNet-5 on all of
+Fashion-MNIST, 30 epochs, phases as fractions of the run) against its dense recipe (``lenet5_dense.yaml``); its rows
+(``main_variants``) change the recipe's ``method_options`` one at a time:
+
+    python benchmarks/acdc_study.py --task main --threads 1 --seeds 0 1 2    # -> results/acdc_study_main/
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import statistics
 import sys
@@ -29,10 +36,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from accuracy import COMMON, method_options  # noqa: E402
 
-from sparsetrain.train.config import resolve  # noqa: E402
+from sparsetrain.cli import DEFAULT_RECIPE  # noqa: E402
+from sparsetrain.train.config import load_recipe, resolve  # noqa: E402
 from sparsetrain.train.loop import Run  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "acdc_study"
+MAIN_RESULTS = Path(__file__).parent / "results" / "acdc_study_main"
+DENSE_RECIPE = DEFAULT_RECIPE.parent / "lenet5_dense.yaml"
 
 
 def variants(epochs: int) -> dict[str, tuple[str, dict]]:
@@ -58,15 +68,40 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
     }
 
 
-def run_one(name: str, method: str, options: dict, spec: dict, sparsity: float, seed: int, out: Path) -> dict:
-    run_dir = out / "runs" / f"{name.replace('=', '-')}-s{sparsity:g}-seed{seed}"
+def main_variants() -> dict[str, tuple[str, dict]]:
+    """The main job's rows: row name -> (method, ``method_options`` overrides of the default recipe). The study
+    was run on the former recipe (final phase 20% of the run), so every row but the last states ``final`` itself."""
+    former = {"final": 0.2}  # W 0-3, C 3-6, D 6-9, C 9-12, D 12-15, C 15-18, D 18-24, final C 24-30
+    return {
+        "dense": ("dense", {}),
+        "final=0.2 (former recipe)": ("acdc", former),
+        "ramp=3": ("acdc", {**former, "ramp": 3}),
+        "dead_units=reinit": ("acdc", {**former, "dead_units": "reinit"}),
+        "reset_momentum=false": ("acdc", {**former, "reset_momentum": False}),
+        "warmup=0.2": ("acdc", {**former, "warmup": 0.2}),  # 6-epoch warm-up, 3 compressions; 15 dense epochs
+        # A 3-epoch final phase leaves room for a fifth compression (21-24) and a last decompressed phase 24-27: the
+        # twin can be taken 3 epochs later, the sparse model is fine-tuned 3 epochs instead of 6; 15 dense epochs.
+        "final=0.1 (recipe)": ("acdc", {"final": 0.1}),
+    }
+
+
+def run_one(name: str, method: str, options: dict, spec: dict, sparsity: float, seed: int, out: Path,
+            recipe: dict | None = None) -> dict:  # fmt: skip
+    """One run; ``recipe`` (the main job's) replaces the accuracy benchmark's settings, ``options`` merge into its
+    ``method_options``."""
+    run_dir = out / "runs" / f"{re.sub('[^A-Za-z0-9._-]', '', name.replace('=', '-'))}-s{sparsity:g}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = resolve(None, {**COMMON, **spec, "method": method, "sparsity": sparsity, "seed": seed,
-                            "method_options": options, "out": str(run_dir)})  # fmt: skip
+    if recipe is None:
+        config = resolve(None, {**COMMON, **spec, "method": method, "sparsity": sparsity, "seed": seed,
+                                "method_options": options, "out": str(run_dir)})  # fmt: skip
+    else:
+        overrides = {f"method_options.{k}": v for k, v in options.items()}
+        config = resolve(recipe, {**spec, **overrides, "seed": seed, "out": str(run_dir)})
     summary = Run(config).run()
     dense = summary["dense_model"]
+    twin = dense if dense and method == "acdc" else None
     return {"variant": name, "sparsity": sparsity, "seed": seed, "test_acc": summary["sparse_model"]["test_acc"],
-            "dense_test_acc": dense["test_acc"] if dense and method == "acdc" else None,
+            "dense_test_acc": twin["test_acc"] if twin else None, "dense_epoch": twin["epoch"] if twin else None,
             "train_flops_ratio": summary["train_flops_ratio"]}  # fmt: skip
 
 
@@ -79,52 +114,69 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f}" + (f" +- {statistics.pstdev(values):.2f}" if len(values) > 1 else "")
 
 
-def table(rows: list[dict], names: list[str], sparsities: list[float], header: str) -> str:
+def table(rows: list[dict], names: list[str], sparsities: list[float], header: str, main_task: bool = False) -> str:
+    """The markdown table; the main job's (no gmp row) compares the sparse model with dense training instead and
+    says at which epochs the dense twins were taken."""
     lines = [header]
     dense = mean([r["test_acc"] for r in rows if r["variant"] == "dense"])
     for s in sparsities:
         at = [r for r in rows if r["sparsity"] == s]
         gmp = mean([r["test_acc"] for r in at if r["variant"] == "gmp"])
+        reference, reference_name = (dense, "dense") if main_task else (gmp, "gmp")
         n = len({r["seed"] for r in at})
         dense_text = spread([r["test_acc"] for r in rows if r["variant"] == "dense"])
+        extra = " twin epochs |" if main_task else ""
         lines += [f"\n**{s:g} sparsity** (dense: {dense_text}; n = {n} seed{'s' if n > 1 else ''})\n",
-                  "| variant | sparse test acc | sparse - gmp | dense twin | twin - dense | train FLOPs |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+                  f"| variant | sparse test acc | sparse - {reference_name} | dense twin | twin - dense | train FLOPs |"
+                  + extra, "|---|---|---|---|---|---|" + ("---|" if main_task else "")]  # fmt: skip
         for name in names:
             picked = [r for r in at if r["variant"] == name]
-            if not picked:
+            if not picked or (main_task and name == "dense"):
                 continue
             accs = [r["test_acc"] for r in picked]
             twins = [r["dense_test_acc"] for r in picked if r["dense_test_acc"] is not None]
             flops = mean([r["train_flops_ratio"] for r in picked])
-            gap = f"{mean(accs) - gmp:+.2f}" if gmp is not None and name != "gmp" else "-"
+            gap = f"{mean(accs) - reference:+.2f}" if reference is not None and name != reference_name else "-"
             twin_gap = f"{mean(twins) - dense:+.2f}" if twins and dense is not None else "-"
             twin_text = spread(twins) if twins else "-"
-            lines.append(f"| {name} | {spread(accs)} | {gap} | {twin_text} | {twin_gap} | {flops:.2f} |")
+            line = f"| {name} | {spread(accs)} | {gap} | {twin_text} | {twin_gap} | {flops:.2f} |"
+            if main_task:
+                epochs = [r.get("dense_epoch") for r in picked]
+                line += " " + (", ".join(f"{e:g}" for e in epochs) if None not in epochs else "-") + " |"
+            lines.append(line)
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.98])
+    parser.add_argument("--task", choices=["mlp", "main"], default="mlp",
+                        help="mlp: the accuracy benchmark's LeNet-300-100 budget; main: the main job's recipe")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None, help="default: 0.9 0.98 (main: 0.9)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--limit-train", type=int, default=15000)
     parser.add_argument("--variants", nargs="+", default=None, help="row names to run (default: all)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=None, help="default: results/acdc_study (main: results/acdc_study_main)")
     parser.add_argument("--fresh", action="store_true", help="rerun the runs already recorded in runs.jsonl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    spec = dict(dataset="fashion-mnist", model="mlp", epochs=args.epochs, limit_train=args.limit_train,
-                batch_size=128, threads=args.threads)  # fmt: skip
-    table_variants = variants(args.epochs)
+    main_task = args.task == "main"
+    args.sparsities = args.sparsities or ([0.9] if main_task else [0.9, 0.98])
+    recipes = {"acdc": load_recipe(DEFAULT_RECIPE), "dense": load_recipe(DENSE_RECIPE)} if main_task else None
+    if main_task:
+        spec = dict(threads=args.threads, plots=False)
+        table_variants = main_variants()
+    else:
+        spec = dict(dataset="fashion-mnist", model="mlp", epochs=args.epochs, limit_train=args.limit_train,
+                    batch_size=128, threads=args.threads)  # fmt: skip
+        table_variants = variants(args.epochs)
     names = args.variants or list(table_variants)
     unknown = sorted(set(names) - set(table_variants))
     if unknown:
         parser.error(f"unknown variants {', '.join(unknown)}; known: {', '.join(table_variants)}")
-    out = Path(args.out)
+    out = Path(args.out or (MAIN_RESULTS if main_task else RESULTS))
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "runs.jsonl"
     if args.fresh and log_path.exists():
@@ -142,15 +194,21 @@ def main() -> None:
             for sparsity in [0.0] if method == "dense" else args.sparsities:
                 key = (name, sparsity, seed)
                 if key not in done:
-                    done[key] = run_one(name, method, options, spec, sparsity, seed, out)
+                    recipe = None if recipes is None else recipes[method]
+                    if recipe is not None:
+                        recipe = {**recipe, "sparsity": sparsity}
+                    done[key] = run_one(name, method, options, spec, sparsity, seed, out, recipe)
                     with open(log_path, "a") as handle:
                         handle.write(json.dumps(done[key]) + "\n")
                     print(f"{time.perf_counter() - start:6.0f}s {name} s={sparsity:g} seed {seed}: "
                           f"{done[key]['test_acc']:.2f} twin {done[key]['dense_test_acc']}", flush=True)  # fmt: skip
                 rows.append(done[key])
-    header = (f"LeNet-300-100 (`mlp`) on Fashion-MNIST, {args.epochs} epochs on {args.limit_train} training samples, "
-              f"seeds {', '.join(map(str, args.seeds))}")  # fmt: skip
-    text = table(rows, names, args.sparsities, header)
+    if main_task:
+        header = f"The main job (LeNet-5 on Fashion-MNIST, 30 epochs), seeds {', '.join(map(str, args.seeds))}"
+    else:
+        header = (f"LeNet-300-100 (`mlp`) on Fashion-MNIST, {args.epochs} epochs on {args.limit_train} training "
+                  f"samples, seeds {', '.join(map(str, args.seeds))}")  # fmt: skip
+    text = table(rows, names, args.sparsities, header, main_task)
     (out / "table.md").write_text(text + "\n")
     print(text)
 
