@@ -100,11 +100,11 @@ def paired_ratio(dense: Callable, sparse: Callable, rounds: int, steps: int) -> 
     return statistics.median(ratios), ratios
 
 
-def bench_single(kind: str, size: str, rounds: int, variants: list[str]) -> dict:
+def bench_single(kind: str, size: str, rounds: int, variants: list[str], steps: int | None = None) -> dict:
     base, x = build(kind, size)
     y = torch.randint(0, 10, (BATCH,))
     n_params = sum(p.numel() for p in base.parameters())
-    steps = 1 if size in ("100M", "400M") else 3
+    steps = steps or (1 if size in ("100M", "400M") else 3)
     dense = copy.deepcopy(base)
     dense_step = make_step(dense, sgd(dense), x, y)
     timed(dense_step, 2)
@@ -199,6 +199,8 @@ def main() -> None:
     parser.add_argument("--distributed-size", default="10M", choices=list(MLP_SIZES))
     parser.add_argument("--no-single", action="store_true", help="only the 2-process runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the single-process runs")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed half-round (default: 3, or 1 at "
+                        "100M and 400M)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                         help=f"single-process variants (default: all of {', '.join(map(repr, VARIANTS))})")
     parser.add_argument("--json", help="write the results here")
@@ -210,7 +212,7 @@ def main() -> None:
     print(f"{'model':8s}{'params':>8s}{'dense ms':>10s}  " + "".join(f"{v:>26s}" for v in args.variants))
     for kind in [] if args.no_single else args.kinds:
         for size in args.sizes:
-            row = bench_single(kind, size, args.rounds, args.variants)
+            row = bench_single(kind, size, args.rounds, args.variants, args.steps)
             single.append(row)
             cells = "".join(f"{r['ratio']:>14.3f}x {r['bytes_per_param']:5.3f} B/p" for r in row["variants"].values())
             print(f"{kind:8s}{row['params'] / 1e6:7.1f}M{row['dense_step_ms']:10.1f}  {cells}", flush=True)

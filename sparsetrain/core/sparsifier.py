@@ -109,24 +109,40 @@ _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 _BLOCK = 1 << 20
 
 
-_BIT_SHIFTS: dict[torch.device, Tensor] = {}
+# Per (dtype, device): row b holds the 8 bits of byte value b as 0/1 (bit i in column i, pack_mask's order).
+_BYTE_BITS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _byte_bits(dtype: torch.dtype, device: torch.device) -> Tensor:
+    table = _BYTE_BITS.get((dtype, device))
+    if table is None:
+        byte = torch.arange(256, dtype=torch.int32)
+        bits = (byte.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1
+        table = _BYTE_BITS[(dtype, device)] = bits.to(dtype=dtype, device=device).contiguous()
+    return table
 
 
 def _unpack_block_into(block: Tensor, mask: PackedMask, start: int, workspace: dict[torch.dtype, Tensor]) -> None:
-    """Write positions ``start:start + len(block)`` of a packed mask into ``block`` as 0/1, through a reused uint8
-    scratch block (shift and mask in place: nothing allocated per step)."""
+    """Write positions ``start:start + len(block)`` of a packed mask into ``block`` as 0/1.
+
+    One gather from a 256 x 8 table of each byte's bits, written straight into ``block`` (1.6x faster than
+    shifting and masking the bytes and copying the result: 22 ms against 33 ms for 100M weights, 2 threads; the
+    boolean masks' conversion takes 13 ms). The byte indices go through a reused uint8 scratch viewed as int32.
+    """
     n, skip = block.numel(), start % 8
     bits = mask.bits[start // 8 : (start + n + 7) // 8]
-    shifts = _BIT_SHIFTS.get(bits.device)
-    if shifts is None:
-        shifts = _BIT_SHIFTS[bits.device] = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    m = bits.numel()
     scratch = workspace.get(torch.uint8)
-    if scratch is None or scratch.device != bits.device or scratch.numel() < 8 * bits.numel():
-        scratch = workspace[torch.uint8] = torch.empty(_BLOCK + 16, dtype=torch.uint8, device=bits.device)
-    unpacked = scratch[: 8 * bits.numel()].view(-1, 8)
-    torch.bitwise_right_shift(bits.unsqueeze(1), shifts, out=unpacked)
-    unpacked.bitwise_and_(1)
-    block.copy_(unpacked.view(-1)[skip : skip + n])
+    if scratch is None or scratch.device != bits.device or scratch.numel() < 4 * m:
+        scratch = workspace[torch.uint8] = torch.empty(4 * max(m, _BLOCK // 8 + 2), dtype=torch.uint8,
+                                                       device=bits.device)  # fmt: skip
+    index = scratch[: 4 * m].view(torch.int32)
+    index.copy_(bits)
+    table = _byte_bits(block.dtype, block.device)
+    if skip == 0 and n == 8 * m:
+        torch.index_select(table, 0, index, out=block.view(m, 8))
+    else:  # a block that starts or ends inside a byte (the last block of a tensor)
+        block.copy_(torch.index_select(table, 0, index).view(-1)[skip : skip + n])
 
 
 @torch.no_grad()
