@@ -207,8 +207,10 @@ def run_spdy(args, out: Path, splits) -> None:
     print(f"calibration (window {calibration['window'][0]:g}-{calibration['window'][1]:.3g}x): "
           f"{calibration['outcome']}", flush=True)
     for i, step in enumerate(calibration["steps"]):
-        print(f"  step {step['step']}{' (kept)' if i == calibration['chosen'] else ''}: asked {step['asked']:.3g}x, "
-              f"budget x{step['budget_scale']:.3f}, profile {' / '.join(f'{v:g}' for v in step['levels'].values())}, "
+        how = ("between two measured profiles" if step["refined"] else
+               f"asked {step['asked']:.3g}x, budget x{step['budget_scale']:.3f}")
+        profile = " / ".join(f"{v:g}" for v in step["levels"].values())
+        print(f"  step {step['step']}{' (kept)' if i == calibration['chosen'] else ''}: {how}, profile {profile}, "
               f"predicted {step['predicted']:.2f}x, measured {step['measured']:.2f}x, loss {step['loss']:.4g}",
               flush=True)  # fmt: skip
     spdy_speed = measure_speedup(dense, model, sample, repeats=args.repeats)
@@ -248,8 +250,9 @@ def run_spdy(args, out: Path, splits) -> None:
              "| step | asked | budget scale | per-layer sparsity | predicted | measured | calibration loss |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for i, step in enumerate(calibration["steps"]):
-        lines.append(f"| {step['step']}{' (kept)' if i == calibration['chosen'] else ''} | {step['asked']:.3g}x | "
-                     f"{step['budget_scale']:.3f} | {' / '.join(f'{v:g}' for v in step['levels'].values())} | "
+        asked, scale = ("between", "-") if step["refined"] else (f"{step['asked']:.3g}x", f"{step['budget_scale']:.3f}")
+        lines.append(f"| {step['step']}{' (kept)' if i == calibration['chosen'] else ''} | {asked} | "
+                     f"{scale} | {' / '.join(f'{v:g}' for v in step['levels'].values())} | "
                      f"{step['predicted']:.2f}x | {step['measured']:.2f}x | {step['loss']:.4g} |")  # fmt: skip
     lines += ["", "| profile | per-layer sparsity | predicted | measured (calibration / again) | test acc |",
               "|---|---|---|---|---|",

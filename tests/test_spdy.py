@@ -396,6 +396,41 @@ def test_calibration_keeps_a_profile_above_the_target_when_the_window_is_out_of_
         spdy.calibrate_to_measured(solve, measure, 2.0, steps=0)
 
 
+def test_calibration_bisects_between_profiles_the_search_never_chooses():
+    """As measured on the wide MLP: two grid levels timed alike (predicted 1.5x both), so the search always picks
+    the one with less error and its neighbours jump over the window (1.98x below, 2.31x above). Bisecting level by
+    level between the two measured ends finds the level in between (2.13x), which the search alone never returns."""
+    predicted = [1.0, 1.5, 1.5, 1.63, 2.64]
+    measured = [1.0, 1.98, 2.13, 2.31, 4.51]
+    solve, _, _ = ladder(predicted, lambda p: 1.0)
+    seen = []
+
+    def measure(levels):
+        seen.append(tuple(levels))
+        return measured[levels[0]]
+
+    def evaluate(levels):
+        return float(levels[0]), predicted[levels[0]]
+
+    chosen, steps, outcome = spdy.calibrate_to_measured(solve, measure, 2.0, steps=5, most=predicted[-1])
+    assert not any(s["in_window"] for s in steps) and "not reached" in outcome  # without bisection: missed
+    assert [2] not in [s["levels"] for s in steps]
+    seen.clear()
+    chosen, steps, outcome = spdy.calibrate_to_measured(solve, measure, 2.0, steps=5, most=predicted[-1],
+                                                        evaluate=evaluate)
+    assert steps[chosen]["levels"] == [2] and steps[chosen]["refined"] and steps[chosen]["in_window"]
+    assert steps[chosen]["measured"] == 2.13 and "in the window" in outcome
+    assert len(seen) == len(set(seen))  # every profile measured once
+    # Neighbouring ends (nothing between them): the bisection measures nothing new and stops.
+    predicted, measured = [1.0, 1.5, 1.63, 2.64], [1.0, 1.98, 2.31, 4.51]
+    solve, _, _ = ladder(predicted, lambda p: 1.0)
+    chosen, steps, outcome = spdy.calibrate_to_measured(solve, measure, 2.0, steps=5, most=predicted[-1],
+                                                        evaluate=evaluate)
+    assert not any(s["refined"] for s in steps) and "not reached" in outcome
+    with pytest.raises(ValueError, match="refine_steps must be an integer >= 0"):
+        spdy.calibrate_to_measured(solve, measure, 2.0, refine_steps=-1)
+
+
 def wide_model_and_database():
     """64-1024-1024-10 with random weights and a magnitude database: the 1024x1024 layer is where CSR wins."""
     torch.manual_seed(0)
@@ -435,9 +470,11 @@ def test_prune_spdy_calibrates_on_the_whole_models_measured_speedup():
         torch.set_num_threads(threads)
     calibration = report["calibration"]
     steps, chosen = calibration["steps"], calibration["chosen"]
-    assert 1 <= len(steps) <= 2 and calibration["window"] == pytest.approx([target, target * 1.1])
+    searches = [s for s in steps if not s["refined"]]
+    assert 1 <= len(searches) <= 2 and len(steps) - len(searches) <= 3  # refined: bisected between two profiles
+    assert calibration["window"] == pytest.approx([target, target * 1.1])
     assert steps[0]["asked"] == target and steps[0]["budget_scale"] == pytest.approx(1.0)
-    for step in steps:  # every search meets its own budget as predicted
+    for step in searches:  # every search meets its own budget as predicted
         assert step["predicted"] >= step["asked"] * (1 - 1e-9) or step["asked"] == pytest.approx(report["max_speedup"])
         assert set(step["levels"]) == set(db.names) and step["measured"] > 0
     # The kept profile is the one the rule names, the model holds it and its measurement is the one reported.

@@ -156,8 +156,11 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
               f"{calibration['window'][1]:.3g}x; * = kept): {calibration['outcome']}")
         table = [("step", "asked", "budget", "profile", "predicted", "measured", "loss")]
         for i, step in enumerate(calibration["steps"]):
-            table.append((f"{step['step']}{'*' if i == calibration['chosen'] else ''}", f"{step['asked']:.3g}x",
-                          f"x{step['budget_scale']:.3f}", "/".join(f"{v:g}" for v in step["levels"].values()),
+            refined = step.get("refined", False)  # bisected between two measured profiles: no search, no budget
+            table.append((f"{step['step']}{'*' if i == calibration['chosen'] else ''}",
+                          "between" if refined else f"{step['asked']:.3g}x",
+                          "-" if refined else f"x{step['budget_scale']:.3f}",
+                          "/".join(f"{v:g}" for v in step["levels"].values()),
                           f"{step['predicted']:.2f}x", f"{step['measured']:.2f}x", f"{step['loss']:.4g}"))
         cols = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         for row in table:

@@ -371,6 +371,8 @@ def calibrate_to_measured(
     tolerance: float = 0.1,
     steps: int = 5,
     most: float = math.inf,
+    evaluate: Callable[[list[int]], tuple[float, float]] | None = None,
+    refine_steps: int = 3,
 ) -> tuple[int, list[dict[str, Any]], str]:
     """Correct the speed-up asked of SPDY's search until the chosen profile's *measured* speed-up is on target.
 
@@ -386,6 +388,12 @@ def calibrate_to_measured(
     when the bracket is narrower than a tenth of the window, or after two searches in a row found only profiles
     already measured (then the neighbouring profiles jump over the window).
 
+    Then, with ``evaluate`` and no profile in the window, it bisects *between profiles*: the fastest profile
+    measured below the target and the slowest measured above the window differ in some layers' levels; the profile
+    halfway between them, level by level (a grid level the search never chose when two levels were timed alike),
+    is scored and measured, and replaces the end it falls beyond, at most ``refine_steps`` times or until the two
+    ends are neighbouring levels.
+
     Args:
         solve: ``solve(a) -> (levels, loss, predicted)``: the search for a predicted speed-up of ``a``, ``1 <= a
             <= most``: its profile (level per layer), its calibration loss and its predicted speed-up.
@@ -394,10 +402,14 @@ def calibrate_to_measured(
         tolerance: the window's relative width above ``target`` (> 0).
         steps: the most searches, >= 1.
         most: the largest speed-up ``solve`` accepts (the fastest profile's predicted speed-up).
+        evaluate: ``evaluate(levels) -> (loss, predicted)`` of any profile, for the bisection between profiles
+            (none without it).
+        refine_steps: the most profiles that bisection measures, >= 0.
 
     Returns:
         ``(chosen, entries, outcome)``: ``entries`` holds one dict per step (``step``, ``asked``, ``levels``,
-        ``loss``, ``predicted``, ``measured``, ``in_window``, ``repeat``); ``chosen`` indexes the profile kept:
+        ``loss``, ``predicted``, ``measured``, ``in_window``, ``repeat``, ``refined``: from the bisection between
+        profiles, whose ``asked`` is that of the end above the window); ``chosen`` indexes the profile kept:
         the least loss among those in the window; if none is, the least loss among those measured at or above
         ``target`` (a profile measured below the target is never kept while one above it exists); if none meets
         it, the fastest measured. ``outcome`` says which, in words.
@@ -410,6 +422,8 @@ def calibrate_to_measured(
                          f"{tolerance!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer (e.g. 5), got {steps!r}")
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ValueError(f"refine_steps must be an integer >= 0 (e.g. 3), got {refine_steps!r}")
     upper = target * (1.0 + tolerance)
     middle = math.sqrt(target * upper)
     low, high = 1.0, most  # the asked speed-up that lands in the window lies in (low, high]
@@ -458,6 +472,25 @@ def calibrate_to_measured(
         if proposal == asked:
             break
         asked = proposal
+    for entry in entries:
+        entry["refined"] = False
+    for _ in range(refine_steps if evaluate is not None else 0):
+        if any(e["in_window"] for e in entries):
+            break
+        below = [e for e in entries if e["measured"] < target]
+        above = [e for e in entries if e["measured"] > upper]
+        if not below or not above:
+            break
+        slow = max(below, key=lambda e: e["measured"])
+        fast = min(above, key=lambda e: e["measured"])
+        halfway = [(a + b) // 2 if a <= b else (a + b + 1) // 2 for a, b in zip(slow["levels"], fast["levels"])]
+        if tuple(halfway) in measured_of:
+            break  # the two ends are neighbouring levels: nothing lies between them
+        loss, predicted = evaluate(list(halfway))
+        measured = measured_of[tuple(halfway)] = float(measure(list(halfway)))
+        entries.append({"step": len(entries) + 1, "asked": fast["asked"], "levels": halfway, "loss": float(loss),
+                        "predicted": float(predicted), "measured": measured,
+                        "in_window": target <= measured <= upper, "repeat": False, "refined": True})
     inside = [i for i, e in enumerate(entries) if e["in_window"]]
     meeting = [i for i, e in enumerate(entries) if e["measured"] >= target]
     if inside:
@@ -628,14 +661,17 @@ def prune_spdy(
 
         calibration: dict[str, Any] | None = None
         if measure and calibrate:
+            def evaluate(levels: list[int]) -> tuple[float, float]:
+                return score(levels), times.dense_total / times.predict(levels)
+
             chosen, steps, outcome = calibrate_to_measured(solve, measure_profile, target, tolerance=tolerance,
-                                                           steps=calibration_steps, most=reachable)
+                                                           steps=calibration_steps, most=reachable, evaluate=evaluate)
             for entry in steps:
                 log.info("SPDY calibration step %d: asked %.3gx (budget x%.3f), profile %s, predicted %.2fx, "
                          "measured %.2fx, loss %.4g%s", entry["step"], entry["asked"],
                          budget_for(entry["asked"]) / nominal, [db.grid[lv] for lv in entry["levels"]],
                          entry["predicted"], entry["measured"], entry["loss"], " (profile seen before)"
-                         if entry["repeat"] else "")
+                         if entry["repeat"] else " (between two measured profiles)" if entry["refined"] else "")
             reached = steps[chosen]["in_window"]
             (log.info if reached else log.warning)("SPDY calibration: %s", outcome)
             levels, loss, measured = steps[chosen]["levels"], steps[chosen]["loss"], steps[chosen]["measured"]
@@ -646,7 +682,7 @@ def prune_spdy(
                 "steps": [{"step": e["step"], "asked": e["asked"], "budget_scale": budget_for(e["asked"]) / nominal,
                            "levels": {n: db.grid[lv] for n, lv in zip(db.names, e["levels"])},
                            "predicted": e["predicted"], "measured": e["measured"], "loss": e["loss"],
-                           "in_window": e["in_window"]} for e in steps],
+                           "in_window": e["in_window"], "refined": e["refined"]} for e in steps],
             }  # fmt: skip
         else:
             levels, loss, _ = solve(target)
