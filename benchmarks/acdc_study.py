@@ -127,7 +127,7 @@ def table(rows: list[dict], names: list[str], sparsities: list[float], header: s
         gmp = mean([r["test_acc"] for r in at if r["variant"] == "gmp"])
         reference, reference_name = (dense, "dense") if main_task else (gmp, "gmp")
         n = len({r["seed"] for r in at})
-        dense_text = spread([r["test_acc"] for r in rows if r["variant"] == "dense"])
+        dense_text = spread([r["test_acc"] for r in rows if r["variant"] == "dense"]) if dense is not None else "-"
         extra = " twin epochs |" if main_task else ""
         lines += [f"\n**{s:g} sparsity** (dense: {dense_text}; n = {n} seed{'s' if n > 1 else ''})\n",
                   f"| variant | sparse test acc | sparse - {reference_name} | dense twin | twin - dense | train FLOPs |"
