@@ -316,3 +316,25 @@ def test_needs_its_own_optimizer_and_a_closure():
         optimizer.step()
     with pytest.raises(RuntimeError, match="attach"):
         sparsetrain.create("vrpg", mlp(), sparsity=0.9, total_steps=20).step(optimizer)
+
+
+@pytest.mark.parametrize("case", ["spread", "polarised", "tied at the threshold", "few positive", "all tied"])
+def test_top_k_is_the_global_top_k_of_maskops_exactly(case):
+    """vrpg's faster selection gives exactly ``maskops.global_topk_masks``'s masks (the count, the ties)."""
+    from sparsetrain.maskops import global_topk_masks
+
+    model, _, sparsifier = make()
+    g = torch.Generator().manual_seed(5)
+    for name, s in sparsifier.s.items():
+        n = s.numel()
+        values = {
+            "spread": torch.rand(n, generator=g),
+            "polarised": (torch.rand(n, generator=g) < 0.4) * torch.rand(n, generator=g).mul(1.5).clamp(0.2, 1),
+            "tied at the threshold": (torch.rand(n, generator=g) < 0.5) * 0.5,
+            "few positive": (torch.rand(n, generator=g) < 0.1) * torch.rand(n, generator=g),
+            "all tied": torch.full((n,), 0.25),
+        }[case]
+        sparsifier.s[name] = values.view(s.shape).float()
+    got, want = sparsifier.top_k(), global_topk_masks(sparsifier.s, 0.75)
+    assert all(torch.equal(got[n], want[n]) and got[n].shape == sparsifier.s[n].shape for n in want)
+    assert sum(int(m.sum()) for m in got.values()) == keep_count(sum(s.numel() for s in sparsifier.s.values()), 0.75)

@@ -265,8 +265,35 @@ class VRPG(Sparsifier):
 
     # ------------------------------------------------------------------ masks
     def top_k(self) -> dict[str, Tensor]:
-        """The exact global top-k of the scores (k = the budget; ties shared as ``maskops.global_topk_masks``)."""
-        return maskops.global_topk_masks(self.s, self.final_sparsity)
+        """The exact global top-k of the scores (k = the budget; ties shared as ``maskops.global_topk_masks``).
+
+        The same masks as ``maskops.global_topk_masks``, found faster in the usual case. Once the scores polarise,
+        most are exactly 0 and the k-th largest is positive: it is the k-th largest of the positive scores alone
+        (about k of them), a selection over a tenth of the scores. Every score above it is kept and the scores
+        equal to it fill the places left, shared among the tensors and spread over each one's tied positions
+        exactly as the general routine shares them. With fewer than k positive scores the general routine decides.
+        """
+        names = list(self.s)
+        flats = [self.s[n].reshape(-1) for n in names]
+        flat = torch.cat(flats)
+        keep = maskops.keep_count(flat.numel(), self.final_sparsity)
+        positive = flat[flat > 0] if 0 < keep < flat.numel() else flat[:0]
+        if positive.numel() < keep or keep == 0:
+            return maskops.global_topk_masks(self.s, self.final_sparsity)
+        threshold = float(torch.kthvalue(positive, positive.numel() - keep + 1).values)
+        kept = [f >= threshold for f in flats]
+        if sum(int(m.sum()) for m in kept) != keep:  # scores tied with the k-th: share the places left
+            ties = [f == threshold for f in flats]
+            kept = [m ^ t for m, t in zip(kept, ties)]  # strictly above
+            counts = [int(t.sum()) for t in ties]
+            left = keep - sum(int(m.sum()) for m in kept)
+            for mask, tie, count, share in zip(kept, ties, counts, maskops._proportional_shares(left, counts)):
+                if share == count:
+                    mask |= tie
+                elif share:
+                    positions = tie.nonzero().squeeze(1)
+                    mask[positions[torch.arange(share, device=positions.device) * count // share]] = True
+        return {n: m.view(self.s[n].shape) for n, m in zip(names, kept)}
 
     def sample(self, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The two independent masks m ~ Bernoulli(s) of step ``step``, from the generator of (seed, step)."""
