@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import maskops
 from ..core import Capability, Sparsifier, register
 from ..core.sparsifier import _zero_where_masked
-from ..optim_state import per_element_buffers
+from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers
 
 __all__ = ["VRPG", "VRPGOptimizer", "budget_shift", "project_scores", "vrpg_gradient"]
 
@@ -319,7 +319,15 @@ class VRPG(Sparsifier):
         self._refresh_enforced_masks()
         self._apply_masks()
         if self._optimizer is not None:
-            self._zero_state_where_masked(self._optimizer)
+            # What the core's _zero_state_where_masked does (first moments +0.0 outside the masks, second moments
+            # kept), by the integer-bit multiply instead of masked_fill_.
+            buffers, keeps = [], []
+            for name in self._enforced_masks:
+                for key, buffer in per_element_buffers(self._optimizer, self.params[name]).items():
+                    if key not in SECOND_MOMENT_KEYS:
+                        buffers.append(buffer)
+                        keeps.append(self.masks[name])
+            _zero_where_masked(buffers, keeps, self._workspace)
         if changed:
             self.mask_version += 1
         if self.count == 0:
@@ -381,10 +389,9 @@ class VRPG(Sparsifier):
                 m, v = self.score_moments.setdefault(name, (torch.zeros_like(s), torch.zeros_like(s)))
                 m.mul_(0.9).add_(g, alpha=0.1)
                 v.mul_(0.999).addcmul_(g, g, value=0.001)
-                m_hat = m / (1 - 0.9**self.score_steps)
-                v_hat = v / (1 - 0.999**self.score_steps)
-                g = m_hat / (v_hat.sqrt() + 1e-8)
-            stepped.append(s - self.score_lr * g)
+                # m_hat / (sqrt(v_hat) + 1e-8), the same operations in place on the temporaries
+                g = (m / (1 - 0.9**self.score_steps)).div_((v / (1 - 0.999**self.score_steps)).sqrt_().add_(1e-8))
+            stepped.append(s - g.mul_(self.score_lr))
         # The previous step's shift starts the search: a hint for the cost only (the answer is the same from
         # anywhere), so it is not part of the saved state and a resumed run stays bit-identical.
         shift = budget_shift(stepped, self.budget, start=self._shift)
