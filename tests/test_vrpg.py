@@ -58,6 +58,59 @@ def test_projection_shares_one_shift_over_several_tensors():
     assert all(torch.equal(a, b) for a, b in zip(parts, [parts[0], parts[1]]))  # inputs untouched
 
 
+def cold_bisection(scores, budget, tol=1e-9):
+    """The plain bisection on [0, max(s)] in float64 (the paper's method): the answer budget_shift must give."""
+
+    def total(v):
+        return sum(float((s.double() - v).clamp_(0, 1).sum()) for s in scores)
+
+    if total(0.0) <= budget:
+        return 0.0
+    lo, hi = 0.0, max(float(s.max()) for s in scores)
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) > budget else (lo, mid)
+    return hi
+
+
+def polarised(g, n):
+    """Scores like a trained vrpg's: most exactly 0, some exactly 1, a few in between, some stepped past the box."""
+    s = torch.rand(n, generator=g)
+    kind = torch.rand(n, generator=g)
+    s = torch.where(kind < 0.8, torch.zeros(()), torch.where(kind < 0.9, torch.ones(()), s))
+    return s + (torch.rand(n, generator=g) - 0.5) * 0.2 * (torch.rand(n, generator=g) < 0.3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_warm_started_shift_is_the_cold_bisection_bit_for_bit_and_stays_feasible(seed):
+    """Over a drifting sequence of score sets, the shift started from the previous one (or from a poor hint, or
+    none) is exactly the cold bisection's, and the projected scores never exceed the budget."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [polarised(g, 3000).view(60, 50), polarised(g, 700), torch.full((40,), 0.37)]  # a block of ties
+    budget = 0.1 * sum(p.numel() for p in parts)
+    previous = None
+    for _ in range(12):
+        parts = [p + (torch.rand(p.shape, generator=g) - 0.45) * 0.05 for p in parts]
+        cold = cold_bisection(parts, budget)
+        assert cold > 0
+        for start in (None, previous, cold, 0.5 * cold, 3.0, -1.0):
+            assert budget_shift(parts, budget, start=start) == cold
+        projected = project_scores(parts, budget, start=previous)
+        # Feasible up to the float32 rounding of s - v (the shift itself fits in float64).
+        assert sum(float(x.double().sum()) for x in projected) <= budget * (1 + 1e-6)
+        assert sum(float((p.double() - cold).clamp(0, 1).sum()) for p in parts) <= budget
+        assert all(torch.equal(x, (p - cold).clamp(0, 1)) for x, p in zip(projected, parts))
+        previous = cold
+        parts = projected
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.0, 5.0, 20.0, 39.0])
+def test_shift_with_all_scores_tied_is_the_cold_bisection(budget):
+    s = [torch.full((8, 5), 0.6), torch.full((3,), 1.4)]
+    assert budget_shift(s, budget) == cold_bisection(s, budget)
+    assert budget_shift(s, budget, start=0.3) == cold_bisection(s, budget)
+
+
 def test_projection_refuses_a_negative_budget():
     with pytest.raises(ValueError, match="budget must be a finite number >= 0, got -1"):
         budget_shift([torch.rand(3)], -1)
@@ -263,3 +316,25 @@ def test_needs_its_own_optimizer_and_a_closure():
         optimizer.step()
     with pytest.raises(RuntimeError, match="attach"):
         sparsetrain.create("vrpg", mlp(), sparsity=0.9, total_steps=20).step(optimizer)
+
+
+@pytest.mark.parametrize("case", ["spread", "polarised", "tied at the threshold", "few positive", "all tied"])
+def test_top_k_is_the_global_top_k_of_maskops_exactly(case):
+    """vrpg's faster selection gives exactly ``maskops.global_topk_masks``'s masks (the count, the ties)."""
+    from sparsetrain.maskops import global_topk_masks
+
+    model, _, sparsifier = make()
+    g = torch.Generator().manual_seed(5)
+    for name, s in sparsifier.s.items():
+        n = s.numel()
+        values = {
+            "spread": torch.rand(n, generator=g),
+            "polarised": (torch.rand(n, generator=g) < 0.4) * torch.rand(n, generator=g).mul(1.5).clamp(0.2, 1),
+            "tied at the threshold": (torch.rand(n, generator=g) < 0.5) * 0.5,
+            "few positive": (torch.rand(n, generator=g) < 0.1) * torch.rand(n, generator=g),
+            "all tied": torch.full((n,), 0.25),
+        }[case]
+        sparsifier.s[name] = values.view(s.shape).float()
+    got, want = sparsifier.top_k(), global_topk_masks(sparsifier.s, 0.75)
+    assert all(torch.equal(got[n], want[n]) and got[n].shape == sparsifier.s[n].shape for n in want)
+    assert sum(int(m.sum()) for m in got.values()) == keep_count(sum(s.numel() for s in sparsifier.s.values()), 0.75)

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from .. import maskops
 from ..core import Capability, Sparsifier, register
-from ..optim_state import per_element_buffers
+from ..core.sparsifier import _zero_where_masked
+from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers
 
 __all__ = ["VRPG", "VRPGOptimizer", "budget_shift", "project_scores", "vrpg_gradient"]
 
@@ -21,7 +22,7 @@ __all__ = ["VRPG", "VRPGOptimizer", "budget_shift", "project_scores", "vrpg_grad
 _TINY = 1e-30
 
 
-def budget_shift(scores: Sequence[Tensor], budget: float, tol: float = 1e-9) -> float:
+def budget_shift(scores: Sequence[Tensor], budget: float, tol: float = 1e-9, start: float | None = None) -> float:
     """The shift v >= 0 of the projection onto {0 <= s <= 1, sum(s) <= budget}: s -> clamp(s - v, 0, 1).
 
     The Euclidean projection of s onto that set is clamp(s - v, 0, 1) with v = 0 when the clamped scores already
@@ -29,30 +30,90 @@ def budget_shift(scores: Sequence[Tensor], budget: float, tol: float = 1e-9) -> 
     box handled by the clamp). The sum decreases in v, so v is found by bisection on [0, max(s)] (the paper's
     method), in float64, to ``tol``; the returned v is the upper end of the last bracket, so the projected scores
     never exceed the budget. Pure: ``scores`` (any number of tensors, one budget over all) are not modified.
+
+    The answer is that bisection's, bit for bit, but most of its ~30 passes over all scores are skipped: a
+    safeguarded Newton iteration on the piecewise-linear sum (over the scores above 0 only: the others never
+    count) finds the root first, from ``start`` when given (the previous step's shift: it moves little), and two
+    evaluations just around it decide every bisection midpoint outside them. The computed float64 sum is monotone
+    in v (rounding is), so a midpoint below a point whose sum exceeds the budget exceeds it too, and one above a
+    point that fits fits too; only a midpoint between the two is evaluated. ``start`` changes the cost, never the
+    answer.
     """
     if not math.isfinite(budget) or budget < 0:
         raise ValueError(f"budget must be a finite number >= 0, got {budget!r}")
     if not any(s.numel() for s in scores):
         return 0.0
+    wide = [s.detach().double() for s in scores]  # converted once; each sum below is the same reduction as before
 
     def total(v: float) -> float:
-        return sum(float((s.double() - v).clamp_(0, 1).sum()) for s in scores)
+        return sum(float((d - v).clamp_(0, 1).sum()) for d in wide)
 
     if total(0.0) <= budget:
         return 0.0
-    lo, hi = 0.0, max(float(s.max()) for s in scores if s.numel())
+    hi = max(float(s.max()) for s in scores if s.numel())
+    known_over, known_fits = 0.0, hi  # the sum exceeds the budget at known_over and fits it at known_fits
+
+    def over(v: float) -> bool:
+        nonlocal known_over, known_fits
+        if v <= known_over:
+            return True
+        if v >= known_fits:
+            return False
+        if total(v) > budget:
+            known_over = v
+            return True
+        known_fits = v
+        return False
+
+    root = _newton_root(scores, budget, hi, start)
+    if root is not None:
+        delta = max(tol * 1e-3, abs(root) * 1e-12)
+        over(root - delta)
+        over(root + delta)
+    lo = 0.0
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        if total(mid) > budget:
+        if over(mid):
             lo = mid
         else:
             hi = mid
     return hi
 
 
-def project_scores(scores: Sequence[Tensor], budget: float, tol: float = 1e-9) -> list[Tensor]:
-    """The projection of ``scores`` onto {0 <= s <= 1, sum(s) <= budget} (new tensors; see :func:`budget_shift`)."""
-    v = budget_shift(scores, budget, tol)
+def _newton_root(scores: Sequence[Tensor], budget: float, hi: float, start: float | None) -> float | None:
+    """An estimate of the v in (0, hi) with sum(clamp(s - v, 0, 1)) = budget, or None (a hint only: see above).
+
+    Newton's method on the piecewise-linear sum (slope: minus the count of scores with 0 < s - v < 1), kept inside
+    a bracket, bisecting when a step would leave it; scores <= 0 never count for v >= 0 and are dropped first.
+    """
+    flat = torch.cat([s.detach().reshape(-1) for s in scores])
+    active = flat[flat > 0].double()
+    lo, v = 0.0, 0.0 if start is None or not 0 < start < hi else float(start)
+    for _ in range(64):
+        x = active - v
+        value = float(x.clamp(0, 1).sum()) - budget
+        slope = int(((x > 0) & (x < 1)).sum())
+        if value == 0:
+            return v
+        if value > 0:
+            lo = v
+        else:
+            hi = v
+        step = v + value / slope if slope else (lo + hi) / 2
+        if not lo < step < hi:
+            step = (lo + hi) / 2
+        if abs(step - v) <= 1e-15 * max(1.0, abs(v)) or hi - lo <= 1e-15:
+            return step
+        v = step
+    return None
+
+
+def project_scores(
+    scores: Sequence[Tensor], budget: float, tol: float = 1e-9, start: float | None = None
+) -> list[Tensor]:
+    """The projection of ``scores`` onto {0 <= s <= 1, sum(s) <= budget} (new tensors; see :func:`budget_shift`,
+    ``start`` a hint for the shift that changes only the cost)."""
+    v = budget_shift(scores, budget, tol, start)
     return [(s - v).clamp(0, 1) for s in scores]
 
 
@@ -165,6 +226,7 @@ class VRPG(Sparsifier):
         self.score_moments: dict[str, tuple[Tensor, Tensor]] = {}
         self.rescale_init = rescale_init
         self._pass_mask: dict[str, Tensor] | None = None
+        self._shift: float | None = None  # the last positive projection shift (a search hint)
         super().__init__(model, **common)
 
     # ------------------------------------------------------------------ schedule
@@ -204,8 +266,35 @@ class VRPG(Sparsifier):
 
     # ------------------------------------------------------------------ masks
     def top_k(self) -> dict[str, Tensor]:
-        """The exact global top-k of the scores (k = the budget; ties shared as ``maskops.global_topk_masks``)."""
-        return maskops.global_topk_masks(self.s, self.final_sparsity)
+        """The exact global top-k of the scores (k = the budget; ties shared as ``maskops.global_topk_masks``).
+
+        The same masks as ``maskops.global_topk_masks``, found faster in the usual case. Once the scores polarise,
+        most are exactly 0 and the k-th largest is positive: it is the k-th largest of the positive scores alone
+        (about k of them), a selection over a tenth of the scores. Every score above it is kept and the scores
+        equal to it fill the places left, shared among the tensors and spread over each one's tied positions
+        exactly as the general routine shares them. With fewer than k positive scores the general routine decides.
+        """
+        names = list(self.s)
+        flats = [self.s[n].reshape(-1) for n in names]
+        flat = torch.cat(flats)
+        keep = maskops.keep_count(flat.numel(), self.final_sparsity)
+        positive = flat[flat > 0] if 0 < keep < flat.numel() else flat[:0]
+        if positive.numel() < keep or keep == 0:
+            return maskops.global_topk_masks(self.s, self.final_sparsity)
+        threshold = float(torch.kthvalue(positive, positive.numel() - keep + 1).values)
+        kept = [f >= threshold for f in flats]
+        if sum(int(m.sum()) for m in kept) != keep:  # scores tied with the k-th: share the places left
+            ties = [f == threshold for f in flats]
+            kept = [m ^ t for m, t in zip(kept, ties)]  # strictly above
+            counts = [int(t.sum()) for t in ties]
+            left = keep - sum(int(m.sum()) for m in kept)
+            for mask, tie, count, share in zip(kept, ties, counts, maskops._proportional_shares(left, counts)):
+                if share == count:
+                    mask |= tie
+                elif share:
+                    positions = tie.nonzero().squeeze(1)
+                    mask[positions[torch.arange(share, device=positions.device) * count // share]] = True
+        return {n: m.view(self.s[n].shape) for n, m in zip(names, kept)}
 
     def sample(self, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The two independent masks m ~ Bernoulli(s) of step ``step``, from the generator of (seed, step)."""
@@ -230,7 +319,15 @@ class VRPG(Sparsifier):
         self._refresh_enforced_masks()
         self._apply_masks()
         if self._optimizer is not None:
-            self._zero_state_where_masked(self._optimizer)
+            # What the core's _zero_state_where_masked does (first moments +0.0 outside the masks, second moments
+            # kept), by the integer-bit multiply instead of masked_fill_.
+            buffers, keeps = [], []
+            for name in self._enforced_masks:
+                for key, buffer in per_element_buffers(self._optimizer, self.params[name]).items():
+                    if key not in SECOND_MOMENT_KEYS:
+                        buffers.append(buffer)
+                        keeps.append(self.masks[name])
+            _zero_where_masked(buffers, keeps, self._workspace)
         if changed:
             self.mask_version += 1
         if self.count == 0:
@@ -265,11 +362,16 @@ class VRPG(Sparsifier):
         """Keep the weights outside the new top-k and their buffers, then zero them in the model (end of a step)."""
         masks = self.top_k()
         self.hidden_state = {}
+        kept, outsides = [], []
         for name, p in self.params.items():
             outside = ~masks[name]
-            self.hidden[name] = torch.where(outside, p, torch.zeros_like(p))
+            self.hidden[name] = p.detach().clone()
             buffers = {} if optimizer is None else per_element_buffers(optimizer, p)
-            self.hidden_state[name] = {k: torch.where(outside, b, torch.zeros_like(b)) for k, b in buffers.items()}
+            self.hidden_state[name] = {k: b.clone() for k, b in buffers.items()}
+            kept += [self.hidden[name], *self.hidden_state[name].values()]
+            outsides += [outside] * (1 + len(buffers))
+        # torch.where(outside, value, 0) bit for bit (+0.0 inside), by the integer-bit multiply: 4-5x cheaper.
+        _zero_where_masked(kept, outsides, self._workspace)
         self._install(masks, reason="vrpg top-k of s")
 
     @torch.no_grad()
@@ -287,11 +389,15 @@ class VRPG(Sparsifier):
                 m, v = self.score_moments.setdefault(name, (torch.zeros_like(s), torch.zeros_like(s)))
                 m.mul_(0.9).add_(g, alpha=0.1)
                 v.mul_(0.999).addcmul_(g, g, value=0.001)
-                m_hat = m / (1 - 0.9**self.score_steps)
-                v_hat = v / (1 - 0.999**self.score_steps)
-                g = m_hat / (v_hat.sqrt() + 1e-8)
-            stepped.append(s - self.score_lr * g)
-        self.s = dict(zip(self.s, project_scores(stepped, self.budget)))
+                # m_hat / (sqrt(v_hat) + 1e-8), the same operations in place on the temporaries
+                g = (m / (1 - 0.9**self.score_steps)).div_((v / (1 - 0.999**self.score_steps)).sqrt_().add_(1e-8))
+            stepped.append(s - g.mul_(self.score_lr))
+        # The previous step's shift starts the search: a hint for the cost only (the answer is the same from
+        # anywhere), so it is not part of the saved state and a resumed run stays bit-identical.
+        shift = budget_shift(stepped, self.budget, start=self._shift)
+        if shift > 0:
+            self._shift = shift
+        self.s = dict(zip(self.s, [(t - shift).clamp(0, 1) for t in stepped]))
 
     # ------------------------------------------------------------------ the step
     def needs_dense_gradients(self) -> bool:
@@ -303,10 +409,10 @@ class VRPG(Sparsifier):
         if self._pass_mask is None:
             super().before_step(optimizer)
             return
-        # The sparse chain rule: the gradient of L(w * m) with respect to w is m times that of the product.
-        for name, p in self.params.items():
-            if p.grad is not None:
-                p.grad.masked_fill_(~self._pass_mask[name], 0.0)
+        # The sparse chain rule: the gradient of L(w * m) with respect to w is m times that of the product
+        # (+0.0 outside m, as masked_fill would give, by the integer-bit multiply).
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        _zero_where_masked([self.params[n].grad for n in names], [self._pass_mask[n] for n in names], self._workspace)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> VRPGOptimizer:
         return optimizer if isinstance(optimizer, VRPGOptimizer) else VRPGOptimizer(optimizer, self)
@@ -394,8 +500,11 @@ class VRPGOptimizer(torch.optim.Optimizer):
         try:
             for mask in masks:
                 with torch.no_grad():
+                    # w * m as torch.where(m, w, 0) gives it (+0.0 outside m), by the integer-bit multiply.
                     for name, p in sp.params.items():
-                        p.copy_(torch.where(mask[name], latent[name], torch.zeros_like(latent[name])))
+                        p.copy_(latent[name])
+                    _zero_where_masked([p.data for p in sp.params.values()], [mask[n] for n in sp.params],
+                                       sp._workspace)  # fmt: skip
                 for p in params:
                     p.grad = None
                 sp._pass_mask = mask
