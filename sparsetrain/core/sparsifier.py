@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import maskops
 from ..distributions import check_distribution, layer_sparsities
-from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers, reset_momentum, zero_state_where
+from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers, reset_momentum
 from ..schedules import UNITS, Phase, resolve_total_steps, timeline_of, to_steps
 from ..structured.groups import CONSUMER, NORM, PRODUCER
 from .capabilities import Capability
@@ -1056,9 +1056,18 @@ class Sparsifier:
             if bool(new.all()) or not kept:
                 self._second_moments.pop(name, None)  # everything is back: nothing left to hold
 
+    @torch.no_grad()
     def _zero_state_where_masked(self, optimizer: torch.optim.Optimizer) -> None:
-        for name in self._enforced_masks:
-            zero_state_where(optimizer, self.params[name], ~self.masks[name])
+        """Set the per-element optimizer buffers of masked weights to +0.0, second moments kept (as
+        ``optim_state.zero_state_where``), by the bit multiply of the enforcement: one fused pass, masks unpacked
+        block by block when packed."""
+        buffers, masks = [], []
+        for name, mask in self._enforced_masks.items():
+            for key, buffer in per_element_buffers(optimizer, self.params[name]).items():
+                if key not in SECOND_MOMENT_KEYS:
+                    buffers.append(local(buffer))  # an FSDP2 buffer is a DTensor: the mask covers this rank's rows
+                    masks.append(mask)
+        _zero_where_masked(buffers, masks, self._workspace)
 
     def __repr__(self) -> str:
         return (

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import maskops
 from ..core import Capability, Sparsifier, register
 from ..core.sparsifier import _zero_where_masked
-from ..optim_state import SECOND_MOMENT_KEYS, per_element_buffers
+from ..optim_state import per_element_buffers
 
 __all__ = ["VRPG", "VRPGOptimizer", "budget_shift", "project_scores", "vrpg_gradient"]
 
@@ -319,15 +319,7 @@ class VRPG(Sparsifier):
         self._refresh_enforced_masks()
         self._apply_masks()
         if self._optimizer is not None:
-            # What the core's _zero_state_where_masked does (first moments +0.0 outside the masks, second moments
-            # kept), by the integer-bit multiply instead of masked_fill_.
-            buffers, keeps = [], []
-            for name in self._enforced_masks:
-                for key, buffer in per_element_buffers(self._optimizer, self.params[name]).items():
-                    if key not in SECOND_MOMENT_KEYS:
-                        buffers.append(buffer)
-                        keeps.append(self.masks[name])
-            _zero_where_masked(buffers, keeps, self._workspace)
+            self._zero_state_where_masked(self._optimizer)
         if changed:
             self.mask_version += 1
         if self.count == 0:
