@@ -11,6 +11,7 @@ passes per step, as before the re-zeroing was skipped where the optimizer cannot
     python benchmarks/scale.py                      # 1M, 10M, 100M single process, then DDP vs FSDP2 at 10M
     python benchmarks/scale.py --no-single --distributed-size 1M --rounds 3
     python benchmarks/scale.py --sizes 1M 10M --rounds 3 --no-distributed --threads 2
+    python benchmarks/scale.py --kernel --threads 2     # the enforcement pass alone: bool against packed masks
 """
 
 from __future__ import annotations
@@ -186,6 +187,24 @@ def bench_distributed(kind: str, size: str, rounds: int) -> list[dict]:
     return results
 
 
+def bench_kernel(n: int = 100_000_000, repeats: int = 5) -> dict:
+    """The enforcement pass alone (``_zero_where_masked``) over ``n`` float32 values at 90%: bool or packed masks."""
+    from sparsetrain.core.packed_masks import PackedMask
+    from sparsetrain.core.sparsifier import _zero_where_masked
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) >= SPARSITY
+    forms = {"bool": mask, "packed": PackedMask(sparsetrain.maskops.pack_mask(mask), mask.shape)}
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    workspace: dict = {}
+    for _ in range(repeats):  # interleaved
+        for name, form in forms.items():
+            _zero_where_masked([values], [form], workspace)
+            times[name].append(timed(lambda form=form: _zero_where_masked([values], [form], workspace), 3))
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, size, mode, rounds, out = sys.argv[2:7]
@@ -203,8 +222,15 @@ def main() -> None:
                         "100M and 400M)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                         help=f"single-process variants (default: all of {', '.join(map(repr, VARIANTS))})")
+    parser.add_argument("--kernel", action="store_true", help="only the enforcement pass over 100M values")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.kernel:
+        torch.set_num_threads(args.threads)
+        ms = bench_kernel()
+        print(f"enforcement pass over 100M float32 values, {torch.get_num_threads()} threads: "
+              + ", ".join(f"{k} masks {v:.1f} ms" for k, v in ms.items()))
+        return
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"batch {BATCH}, sparsity {SPARSITY}, SGD momentum; load average {os.getloadavg()[0]:.1f}")  # fmt: skip

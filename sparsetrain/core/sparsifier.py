@@ -125,9 +125,9 @@ def _byte_bits(dtype: torch.dtype, device: torch.device) -> Tensor:
 def _unpack_block_into(block: Tensor, mask: PackedMask, start: int, workspace: dict[torch.dtype, Tensor]) -> None:
     """Write positions ``start:start + len(block)`` of a packed mask into ``block`` as 0/1.
 
-    One gather from a 256 x 8 table of each byte's bits, written straight into ``block`` (1.6x faster than
-    shifting and masking the bytes and copying the result: 22 ms against 33 ms for 100M weights, 2 threads; the
-    boolean masks' conversion takes 13 ms). The byte indices go through a reused uint8 scratch viewed as int32.
+    One gather from a 256 x 8 table of each byte's bits, written straight into ``block``, faster than shifting
+    and masking the bytes and copying the result (``benchmarks/scale.py --kernel`` times the whole pass). The byte
+    indices go through a reused uint8 scratch viewed as int32.
     """
     n, skip = block.numel(), start % 8
     bits = mask.bits[start // 8 : (start + n + 7) // 8]
