@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -209,8 +210,6 @@ def run_job(method: str, sparsity: float, kernels: str, seed: int, args, out: st
 
 
 def finish_job(process, out: str) -> dict:
-    import os
-
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
@@ -223,8 +222,6 @@ def finish_job(process, out: str) -> dict:
 
 
 def whole_runs(args) -> None:
-    import os
-
     base = args.runs_out
     jobs = []  # pairs started together
     for seed in args.seeds:
@@ -276,8 +273,6 @@ def whole_runs(args) -> None:
 
 def _load() -> tuple[float, ...]:
     try:
-        import os
-
         return os.getloadavg()
     except OSError:
         return ()
