@@ -68,10 +68,13 @@ def mlp() -> nn.Module:
                          nn.Linear(64, 4))  # fmt: skip
 
 
-def setup(method: str = "static", sparsity: float = 0.9, **options):
+def setup(method: str = "static", sparsity: float = 0.9, make_optimizer=None, **options):
     model = mlp()
     sparsifier = sparsetrain.create(method, model, sparsity=sparsity, total_steps=40, **options)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if make_optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        optimizer = make_optimizer(model.parameters())
     sparsifier.attach(optimizer)
     return model, optimizer, sparsifier
 
@@ -117,6 +120,68 @@ def test_csr_values_follow_every_optimizer_step():
             close(p, q)
     x = torch.randn(4, 32)
     close(model(x), reference(x))
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, fused=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, foreach=True),
+    ],
+    ids=["sgd-fused", "adamw-fused", "sgd-foreach"],
+)
+def test_csr_values_follow_steps_of_fused_optimizers(make_optimizer):
+    # torch's fused kernels write the weights without moving their version counter: the CSR copy must still be
+    # gathered again after every step (it once served the values from before the step, and training diverged).
+    model, optimizer, sparsifier = setup(make_optimizer=make_optimizer)
+    reference, ref_optimizer, _ = setup(make_optimizer=make_optimizer)
+    kernels = SparseKernels(sparsifier, force=True, time_layers=False)
+    for seed in range(4):
+        step(model, optimizer, seed)
+        step(reference, ref_optimizer, seed)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            close(p, q)
+    assert kernels.forwards["3.weight"]["csr"] == 4
+
+
+def test_evaluation_forwards_run_on_csr_and_match_dense():
+    model, optimizer, sparsifier = setup()
+    reference, ref_optimizer, _ = setup()
+    kernels = SparseKernels(sparsifier, force=True, time_layers=False)
+    step(model, optimizer, 0)
+    step(reference, ref_optimizer, 0)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        got, want = model(x), reference(x)
+    close(got, want)
+    assert kernels.eval_forwards["3.weight"] == {"csr": 1, "dense": 0}
+    assert kernels.forwards["3.weight"] == {"csr": 1, "dense": 0}  # evaluation is not counted as training
+    # A 3-d input (a sequence model's tokens) keeps its leading dimensions.
+    with torch.no_grad():
+        close(model[1](torch.ones(2, 3, 32)), reference[1](torch.ones(2, 3, 32)))
+    # The evaluation follows the weights after a step and a mask change like training does.
+    step(model, optimizer, 1)
+    step(reference, ref_optimizer, 1)
+    with torch.no_grad():
+        close(model(x), reference(x))
+    assert "evaluation forwards on CSR" in str(kernels.report())
+    layers = kernels.summary()["layers"]
+    assert layers["1.weight"]["eval_forwards_csr"] == 3 and layers["3.weight"]["eval_forwards_csr"] == 2
+
+
+def test_evaluation_choice_is_timed_separately_from_training():
+    # Below min_sparsity nothing is timed; above it, evaluation and training get decisions of their own.
+    model, optimizer, sparsifier = setup(sparsity=0.9)
+    kernels = SparseKernels(sparsifier, repeats=1)
+    step(model, optimizer, 0)
+    with torch.no_grad():
+        model(torch.randn(7, 32))
+    keys = {key[0]: [] for key in kernels._decisions}
+    for key in kernels._decisions:
+        keys[key[0]].append(key[1:])
+    assert keys["3.weight"] and sorted(k[-1] for k in keys["3.weight"]) == [False, True]
+    assert {k[0] for k in keys["3.weight"]} == {16, 7}  # training at its batch size, evaluation at its own
 
 
 def test_dense_gradient_steps_run_dense():
