@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 # Density buckets: decisions are reused while a layer's density stays within a factor of this.
 _DENSITY_STEP = 1.2
+# Rows of an evaluation batch timed to choose its kernel (see SparseKernels._time_forward).
+_EVAL_TIMING_ROWS = 256
 
 
 class _Structure:
@@ -493,8 +495,12 @@ class SparseKernels:
         return dense_time, sparse_time
 
     def _time_forward(self, module: nn.Linear, layer: _Layer, x: Tensor) -> tuple[float, float]:
-        """Median seconds of one evaluation forward of the layer (no gradient), dense and CSR, on ``x``'s shape."""
-        inputs = x.detach().reshape(-1, module.in_features).clone()
+        """Median seconds of one evaluation forward of the layer (no gradient), dense and CSR, on ``x``'s shape.
+
+        At most ``_EVAL_TIMING_ROWS`` rows are timed: a forward's cost grows linearly with the batch from there,
+        and an evaluation batch (1000 in the trainer) timed whole would cost more than the choice saves in a
+        short run."""
+        inputs = x.detach().reshape(-1, module.in_features)[:_EVAL_TIMING_ROWS].clone()
         weight = module.weight.detach()
         bias = None if module.bias is None else module.bias.detach()
         # The weights do not change during an evaluation: the CSR values are gathered once, as in the real pass.
