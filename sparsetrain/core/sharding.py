@@ -28,7 +28,11 @@ except ImportError:  # pragma: no cover - torch without distributed
     Shard = None  # type: ignore[assignment,misc]
 
 __all__ = ["local", "is_sharded", "check_sharding", "local_rows", "assemble_rows", "sharded_topk_masks",
-           "all_reduce_sum"]  # fmt: skip
+           "all_reduce_sum", "UnsplittableState"]  # fmt: skip
+
+
+class UnsplittableState(ValueError):
+    """A method's state that is kept per rank and cannot be split by rows: load it on as many ranks as saved it."""
 
 
 def is_sharded(tensor: Tensor | None) -> bool:

@@ -34,7 +34,15 @@ from ..structured.groups import CONSUMER, NORM, PRODUCER
 from .capabilities import Capability
 from .packed_masks import PackedMask, PackedMasks, check_mask_storage
 from .selection import select_parameters
-from .sharding import all_reduce_sum, assemble_rows, check_sharding, local, local_rows, sharded_topk_masks
+from .sharding import (
+    UnsplittableState,
+    all_reduce_sum,
+    assemble_rows,
+    check_sharding,
+    local,
+    local_rows,
+    sharded_topk_masks,
+)
 
 # The mask type of whole zero-invariant groups (sparsetrain.structured), as opposed to 'unstructured' and 'N:M'.
 CHANNEL = "channel"
@@ -735,8 +743,8 @@ class Sparsifier:
         A rank whose rows one state holds loads it as it is; otherwise each rank assembles the masks, kept second
         moments and the method's per-row state of its own rows from the pieces that hold them (only those rows
         are copied), on one process as on many. Refused in one line: pieces saved at different steps, pieces that
-        leave some of this rank's rows uncovered, and method state that cannot be split by rows (the method says
-        so in :meth:`reshard_extra_state`).
+        leave some of this rank's rows uncovered (``ValueError``), and method state that cannot be split by rows
+        (:class:`~sparsetrain.core.sharding.UnsplittableState`, a ``ValueError``; see :meth:`reshard_extra_state`).
         """
         if not isinstance(states, (list, tuple)) or not states:
             raise ValueError(
@@ -820,7 +828,7 @@ class Sparsifier:
         if not per_rank and all(e == first for e in extras):
             return dict(first)
         differing = per_rank or sorted({str(k) for e in extras for k in e if e.get(k) != first.get(k)})
-        raise ValueError(
+        raise UnsplittableState(
             f"method {self.name!r} keeps per-rank state ({', '.join(differing)}) that cannot be split over another "
             f"number of ranks: load it on as many ranks as saved it ({len(extras)})"
         )
@@ -829,11 +837,9 @@ class Sparsifier:
         """Load a state whose masks :meth:`_check_state` accepted and whose shapes are this sparsifier's."""
         masks = state["masks"]
         for name, mask in masks.items():
-            if mask.shape != self.masks[name].shape:
-                # Sharded, each rank saved the masks of its rows: another number of ranks splits rows otherwise.
-                where = " (this rank's rows; resume a sharded run on as many ranks as saved it)" if self.sharded else ""
+            if mask.shape != local(self.params[name]).shape:
                 raise ValueError(
-                    f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(self.masks[name].shape)}{where}"
+                    f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(self.masks[name].shape)}"
                 )
         self.masks = {
             n: m.to(device=local(self.params[n]).device, dtype=torch.bool).clone(memory_format=torch.contiguous_format)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 import sparsetrain
 
+from ..core.sharding import UnsplittableState
 from ..core.sharding import local as sharding_local
 from ..distributed import check_masks_consistent
 from ..distributed.hooks import check_hook, hook_options, register_hook
@@ -544,7 +545,7 @@ class Run:
             fsdp.load_full_state(self.model, self.optimizer, dict(state["model"]), state["optimizer"])
             try:
                 self.sparsifier.load_state_dicts(pieces)
-            except ValueError as error:
+            except UnsplittableState as error:
                 if saved == self.world:
                     raise
                 raise CheckpointError(
