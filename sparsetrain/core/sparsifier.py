@@ -823,6 +823,8 @@ class Sparsifier:
         scales agreed over all ranks) and refuses the rest; a method keeping per-row tensors overrides this and
         assembles them with :meth:`local_rows_of` (AC/DC's previous masks).
         """
+        if not all(isinstance(extra, dict) for extra in extras):
+            raise ValueError(f"sparsifier state: the method state of {self.name!r} is not a dict in every piece")
         first = extras[0]
         per_rank = sorted({str(k) for e in extras for k, v in e.items() if _tensors_in(v)})
         if not per_rank and all(e == first for e in extras):

@@ -292,9 +292,9 @@ class ACDC(ScheduledPruning):
                 mask = masks[name]
                 if mask.dtype != torch.bool:  # packed (the form saved since the masks are packed)
                     mask = maskops.unpack_mask(mask, (stop - start, *param.shape[1:]))
-                elif mask.shape[0] != stop - start:
+                elif tuple(mask.shape) != (stop - start, *param.shape[1:]):
                     raise ValueError(
-                        f"acdc state: previous masks of {name!r} have {mask.shape[0]} rows, not {stop - start}"
+                        f"acdc state: previous masks of {name!r} rows {start}-{stop} have shape {tuple(mask.shape)}"
                     )
                 pieces.append((start, mask))
             last[name] = maskops.pack_mask(self.local_rows_of(name, pieces))
