@@ -98,44 +98,90 @@ def test_fsdp_acdc_equals_ddp_bit_for_bit_and_its_pair_is_usable(runs, tmp_path)
     assert (tmp_path / "m.safetensors").is_file()
 
 
+def copy_run(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for item in source.iterdir():
+        if item.is_file():
+            (target / item.name).write_bytes(item.read_bytes())
+    return target
+
+
+def gathered_masks(pieces: list[dict]) -> dict[str, torch.Tensor]:
+    """Every rank's masks of its rows, put together (last.pt lists the ranks' states in rank order, which is row
+    order under FSDP2's dim-0 sharding)."""
+    return {n: torch.cat([p["masks"][n] for p in pieces]) for n in pieces[0]["masks"]}
+
+
 @needs_fashion
-def test_fsdp_interrupted_run_resumes_bit_identically(runs, tmp_path):
-    """A 2-rank FSDP run stopped after its first epoch (SIGTERM to torchrun, which kills its workers) and resumed
-    ends with the uninterrupted run's weights, bit for bit (last.pt holds the full weights and optimizer state and
-    each rank's sparsifier state); on another number of ranks the resume is refused in one line."""
+def test_fsdp_interrupted_run_resumes_bit_identically_and_on_one_process(runs, tmp_path):
+    """A 2-rank FSDP run stopped after its second epoch (SIGTERM to torchrun, which kills its workers) and resumed
+    on 2 ranks ends with the uninterrupted run's weights, bit for bit (last.pt holds the full weights and optimizer
+    state and each rank's sparsifier state with the rows it holds). A copy resumed on one process (no --nproc)
+    continues unsharded: each rank's rows assemble into whole masks, equal to the saved ones gathered (the final
+    compressed phase keeps them to the end), the dense twin chosen at epoch 2 by the 2-rank run survives bit for
+    bit, and the run ends at exactly the asked sparsity with +0.0 masked weights. A last.pt lacking a rank's
+    rows, or holding state that cannot be split, is refused in one line."""
     reference = runs["acdc"]  # the same command, run to its end
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                "sparsetrain", "train", *SHORT, "--epochs", "3", "--out", str(killed), "--set", "fsdp=true",
                "--set", f"method_options={SCHEDULES['acdc']}"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "last.pt").exists():  # renamed into place when complete
+    metrics, deadline = killed / "metrics.jsonl", time.time() + 180
+    while time.time() < deadline:  # rank 0 appends the epoch's row, then renames last.pt into place
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            if torch.load(killed / "last.pt", weights_only=True)["epoch"] == 2:
+                break
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
     assert not (killed / "summary.json").exists(), "the run finished before it could be stopped"
     state = torch.load(killed / "last.pt", weights_only=True)
-    assert state["fsdp_world"] == 2 and len(state["sparsifier"]) == 2
-    # Another world size: refused before any step (last.pt edited to say 3 ranks saved it).
-    other = tmp_path / "other"
-    other.mkdir()
-    for item in killed.iterdir():
-        if item.is_file():
-            (other / item.name).write_bytes(item.read_bytes())
-    torch.save({**state, "fsdp_world": 3}, other / "last.pt")
-    result = cli("train", "--nproc", "2", "--resume", str(other))
-    assert result.returncode == 1
-    assert "saved by an FSDP run on 3 processes" in result.stderr and "--nproc 3" in result.stderr
+    assert state["epoch"] == 2 and state["fsdp_world"] == 2 and len(state["sparsifier"]) == 2
+    assert state["best_dense"] is not None  # the twin of the dense phase that ended with epoch 2
+    saved_masks = gathered_masks(state["sparsifier"])
+    total = sum(m.numel() for m in saved_masks.values())
+    assert sum(int((~m).sum()) for m in saved_masks.values()) == total - keep_count(total, 0.9)
+    one = copy_run(killed, tmp_path / "one")
+
+    # What cannot be resumed on one process, refused before any step in one line: a rank's rows missing (rank 0's
+    # state twice), and method state that is kept per rank (a tensor that no method splits by rows).
+    broken = copy_run(killed, tmp_path / "broken")
+    torch.save({**state, "sparsifier": [state["sparsifier"][0]] * 2}, broken / "last.pt")
+    result = cli("train", "--resume", str(broken))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "hold rows 0-150 of its 300; this rank needs rows 0-300" in result.stderr, result.stderr
+    pieces = [{**p, "extra": {**p["extra"], "scale": torch.ones(1)}} for p in state["sparsifier"]]
+    torch.save({**state, "sparsifier": pieces}, broken / "last.pt")
+    result = cli("train", "--resume", str(broken))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "saved by an FSDP run on 2 processes, this run has 1: method 'acdc' keeps per-rank state (scale)" in (
+        result.stderr) and result.stderr.strip().endswith("resume it with --nproc 2"), result.stderr
+
     result = cli("train", "--nproc", "2", "--resume", str(killed))
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = weights(reference / "sparse_final.pt"), weights(killed / "sparse_final.pt")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert weights(reference / "dense_best.pt").keys() == weights(killed / "dense_best.pt").keys()
-    assert all(torch.equal(x, y) for x, y in zip(weights(reference / "dense_best.pt").values(),
-                                                 weights(killed / "dense_best.pt").values()))  # fmt: skip
+    for name in ("sparse_final.pt", "dense_best.pt"):
+        a, b = weights(reference / name), weights(killed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == 3
+
+    result = cli("train", "--resume", str(one))  # one process: unsharded
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((one / "summary.json").read_text())
+    assert summary["processes"] == 1 and summary["fsdp"] is False
+    assert len((one / "metrics.jsonl").read_text().splitlines()) == 3
+    a, b = weights(reference / "dense_best.pt"), weights(one / "dense_best.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = torch.load(one / "last.pt", weights_only=True)  # still the FSDP form: one state holding every row
+    assert last["fsdp_world"] == 1 and len(last["sparsifier"]) == 1
+    masks = last["sparsifier"][0]["masks"]
+    assert masks.keys() == saved_masks.keys() and all(torch.equal(masks[n], saved_masks[n]) for n in masks)
+    final = weights(one / "sparse_final.pt")
+    for name, mask in masks.items():
+        assert torch.equal(final[name][~mask], torch.zeros(int((~mask).sum())))
+        assert not torch.signbit(final[name][~mask]).any()
+    zeros = sum(int((final[n] == 0).sum()) for n in masks)
+    assert zeros == total - keep_count(total, 0.9)
 
 
 @pytest.mark.parametrize(

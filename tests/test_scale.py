@@ -272,6 +272,101 @@ def test_fsdp2_shards_train_to_one_exact_global_mask_and_resume_bit_identically(
     assert entry["memory_bytes_per_parameter"] == pytest.approx(expected, abs=0.002)
 
 
+@pytest.mark.parametrize("run", ["acdc", "acdc_packed", "acdc_nm", "gmp_uniform"])
+def test_fsdp2_state_reshards_from_2_ranks_to_1_process_and_back(fsdp_report, run):
+    """Saved on 2 ranks (each its rows), loaded by one unsharded process (Sparsifier.load_state_dicts), trained
+    there, saved and loaded again on 2 ranks (each cutting its rows from the full state): at each load the weights
+    equal the saved ones exactly and the masks, AC/DC's packed previous masks and kept second moments (Adam, 2:4)
+    equal the saved ones gathered; masks are updated on both sides of each move; masked weights are +0.0 after
+    every step and the run ends at exactly the asked count of zeros."""
+    entry = fsdp_report["reshard"][run]
+    assert entry["checks"] == []
+    assert entry["loaded_1"] == entry["loaded_2"] == {"weights": True, "masks": True, "previous_masks": True,
+                                                      "second_moments": True, "count": True}  # fmt: skip
+    assert entry["previous_masks_saved"] == ([True, True] if run.startswith("acdc") else [False, False])
+    if run == "acdc_nm":
+        assert entry["second_moments_saved"][0] == 3  # Adam's exp_avg_sq of the pruned weights, every layer
+        assert entry["zeros"] == entry["total"] // 2
+    else:
+        assert entry["zeros"] == entry["total"] - maskops.keep_count(entry["total"], 0.9)
+    assert min(entry["mask_updates"]) >= 1
+
+
+def split_by_rows(state: dict, cuts: dict[str, int]) -> list[dict]:
+    """An unsharded state cut into the two pieces two ranks would save: rows [0, cut) and [cut, end) of each
+    parameter, with their masks, kept second moments and AC/DC's packed previous masks."""
+    pieces = []
+    for part in (0, 1):
+        piece = {**state, "masks": {}, "rows": {}, "second_moments": {}, "extra": dict(state["extra"])}
+        previous = state["extra"].get("last_sparse_masks")
+        if previous is not None:
+            piece["extra"]["last_sparse_masks"] = {}
+        for name, mask in state["masks"].items():
+            cut, end = cuts[name], mask.shape[0]
+            rows = slice(0, cut) if part == 0 else slice(cut, end)
+            piece["masks"][name] = mask[rows]
+            piece["rows"][name] = [rows.start, rows.stop, end]
+            for key, value in state["second_moments"].get(name, {}).items():
+                piece["second_moments"].setdefault(name, {})[key] = value[rows]
+            if previous is not None:
+                unpacked = maskops.unpack_mask(previous[name], mask.shape)[rows]
+                piece["extra"]["last_sparse_masks"][name] = maskops.pack_mask(unpacked)
+        pieces.append(piece)
+    return pieces
+
+
+@pytest.mark.parametrize("storage", ["bool", "packed"])
+def test_state_saved_in_row_pieces_loads_in_any_order_and_refuses_what_does_not_fit(storage):
+    """What a sharded run's resume on another number of ranks does, in one process: pieces of rows (cut at
+    uneven places, given in any order) assemble into the saved masks, AC/DC's previous masks and Adam's kept
+    second moments; pieces that leave rows uncovered, come from different steps or carry a malformed row span are
+    refused in one line."""
+    options = dict(ACDC, mask_storage=storage)
+    model = mlp()
+    sparsifier = sparsetrain.create("acdc", model, sparsity=0.75, total_steps=8, **options)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    sparsifier.attach(optimizer)
+    train(model, optimizer, 7)  # in the second compressed phase: previous masks and kept second moments exist
+    state = roundtrip(sparsifier.state_dict())
+    assert state["second_moments"] and state["extra"]["last_sparse_masks"] is not None
+    cuts = {"0.weight": 5, "2.weight": 16, "4.weight": 3}
+    pieces = split_by_rows(state, cuts)
+    fresh = sparsetrain.create("acdc", mlp(1), sparsity=0.75, total_steps=8, **options)
+    fresh.load_state_dicts([pieces[1], pieces[0]])
+    assert fresh.count == 7
+    for name in state["masks"]:
+        assert torch.equal(fresh.masks[name], state["masks"][name])
+        assert torch.equal(fresh._last_sparse_masks[name], state["extra"]["last_sparse_masks"][name])
+        for key, value in state["second_moments"].get(name, {}).items():
+            assert torch.equal(fresh._second_moments[name][key], value)
+    with pytest.raises(ValueError, match=r"saved pieces of '0.weight' hold rows 0-5 of its 32; this rank needs "
+                                         r"rows 0-32: load the states of every rank"):  # fmt: skip
+        fresh.load_state_dicts([pieces[0]])
+    with pytest.raises(ValueError, match=r"saved at different steps \(6, 7\)"):
+        fresh.load_state_dicts([pieces[0], {**pieces[1], "count": 6}])
+    bad = {**pieces[1], "rows": {**pieces[1]["rows"], "2.weight": [16, 32, 33]}}
+    with pytest.raises(ValueError, match=r"mask '2.weight' of rows 16-32 has shape \(16, 32\), parameter has \(32, "):
+        fresh.load_state_dicts([pieces[0], bad])
+    assert fresh.count == 7 and torch.equal(fresh.masks["0.weight"], state["masks"]["0.weight"])  # left as loaded
+
+
+def test_method_state_that_cannot_be_split_by_rows_is_refused_naming_the_method():
+    """IMP keeps its rewind weights per rank: loaded from pieces of rows, it says so in one line with the fix."""
+    model = mlp()
+    options = dict(sparsity=0.75, total_steps=12, unit="steps", rounds=2, pretrain=4, rewind=1)
+    sparsifier = sparsetrain.create("imp", model, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier.attach(optimizer)
+    train(model, optimizer, 5)
+    state = roundtrip(sparsifier.state_dict())
+    assert state["extra"]["rewind_state"] is not None
+    pieces = split_by_rows(state, {"0.weight": 8, "2.weight": 16, "4.weight": 2})
+    fresh = sparsetrain.create("imp", mlp(1), **options)
+    with pytest.raises(ValueError, match=r"method 'imp' keeps per-rank state \(rewind_state\) that cannot be split "
+                                         r"over another number of ranks: load it on as many ranks as saved it \(2\)"):
+        fresh.load_state_dicts(pieces)
+
+
 def test_fsdp2_methods_that_cannot_shard_say_so(fsdp_report):
     for method, message in fsdp_report["refused"].items():
         assert f"method {method!r} does not support FSDP-sharded parameters" in message

@@ -27,7 +27,12 @@ except ImportError:  # pragma: no cover - torch without distributed
     DTensor = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["local", "is_sharded", "check_sharding", "local_rows", "sharded_topk_masks", "all_reduce_sum"]
+__all__ = ["local", "is_sharded", "check_sharding", "local_rows", "assemble_rows", "sharded_topk_masks",
+           "all_reduce_sum", "UnsplittableState"]  # fmt: skip
+
+
+class UnsplittableState(ValueError):
+    """A method's state that is kept per rank and cannot be split by rows: load it on as many ranks as saved it."""
 
 
 def is_sharded(tensor: Tensor | None) -> bool:
@@ -81,6 +86,45 @@ def local_rows(param: Tensor) -> slice:
             f"{start}-{end} (torch.chunk's split over {world} ranks)"
         )
     return slice(start, end)
+
+
+def _spans(intervals: Sequence[tuple[int, int]]) -> str:
+    """Row intervals merged and written as ``0-14, 20-28`` (``none`` when empty)."""
+    merged: list[list[int]] = []
+    for start, stop in sorted(i for i in intervals if i[1] > i[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return ", ".join(f"{a}-{b}" for a, b in merged) or "none"
+
+
+def assemble_rows(pieces: Sequence[tuple[int, Tensor]], rows: slice, total: int, what: str) -> Tensor:
+    """Rows ``rows`` of a ``total``-row tensor saved in pieces of consecutive rows, each ``(first row, tensor)``.
+
+    How a rank takes its rows of a tensor that another split of the rows saved (a sharded run resumed on another
+    number of ranks): only the overlapping rows of each piece are copied, never the whole tensor. Pieces may
+    overlap (the same rows saved twice are taken from one of them). ``what`` names the tensor in the error raised
+    when the pieces leave some of ``rows`` uncovered.
+    """
+    parts, at = [], rows.start
+    for start, tensor in sorted(pieces, key=lambda piece: piece[0]):
+        stop = start + tensor.shape[0]
+        if at >= rows.stop or start > at:
+            break
+        if stop > at:
+            parts.append(tensor[at - start : min(stop, rows.stop) - start])
+            at = min(stop, rows.stop)
+    if at < rows.stop:
+        covered = _spans([(start, start + tensor.shape[0]) for start, tensor in pieces])
+        raise ValueError(
+            f"the saved pieces of {what} hold rows {covered} of its {total}; this rank needs rows "
+            f"{rows.start}-{rows.stop}: load the states of every rank that saved it"
+        )
+    if not parts:  # a rank holding no rows of this tensor (more ranks than rows)
+        first = pieces[0][1]
+        return first.new_empty((0, *first.shape[1:]))
+    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:

@@ -34,7 +34,15 @@ from ..structured.groups import CONSUMER, NORM, PRODUCER
 from .capabilities import Capability
 from .packed_masks import PackedMask, PackedMasks, check_mask_storage
 from .selection import select_parameters
-from .sharding import all_reduce_sum, check_sharding, local, local_rows, sharded_topk_masks
+from .sharding import (
+    UnsplittableState,
+    all_reduce_sum,
+    assemble_rows,
+    check_sharding,
+    local,
+    local_rows,
+    sharded_topk_masks,
+)
 
 # The mask type of whole zero-invariant groups (sparsetrain.structured), as opposed to 'unstructured' and 'N:M'.
 CHANNEL = "channel"
@@ -662,7 +670,12 @@ class Sparsifier:
         return zeros / total
 
     def state_dict(self) -> dict:
-        return {
+        """Everything a resume needs: time, masks, history, kept second moments and the method's own state.
+
+        Sharded (FSDP2), the masks and per-weight buffers are this rank's rows, and ``rows`` says which rows of
+        each parameter they are (first, end, total): :meth:`load_state_dicts` assembles any other split from them.
+        """
+        state = {
             "method": self.name,
             "count": self.count,
             "masks": {n: m.clone() for n, m in self.masks.items()},
@@ -673,8 +686,13 @@ class Sparsifier:
             "second_moments": {n: {k: t.clone() for k, t in kept.items()} for n, kept in self._second_moments.items()},
             "extra": self.extra_state(),
         }
+        if self.sharded:
+            spans = {n: local_rows(p) for n, p in self.params.items()}
+            state["rows"] = {n: [r.start, r.stop, int(self.params[n].shape[0])] for n, r in spans.items()}
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_state(self, state: Any) -> None:
+        """Refuse, with what was given, a state that is not this method's ``state_dict()`` for these parameters."""
         if not isinstance(state, dict):
             raise ValueError(
                 f"sparsifier state must be the dict from Sparsifier.state_dict(), got {type(state).__name__}"
@@ -694,11 +712,136 @@ class Sparsifier:
                 f"saved {sorted(masks)}, model {sorted(self.masks)}"
             )
         for name, mask in masks.items():
-            if mask.shape != self.masks[name].shape:
-                # Sharded, each rank saved the masks of its rows: another number of ranks splits rows otherwise.
-                where = " (this rank's rows; resume a sharded run on as many ranks as saved it)" if self.sharded else ""
+            if not isinstance(mask, Tensor):
+                raise ValueError(f"mask {name!r} in the sparsifier state is a {type(mask).__name__}, not a tensor")
+
+    def _holds_own_rows(self, state: dict) -> bool:
+        """Whether ``state`` holds exactly the rows this sparsifier keeps (saved by this split of the rows). A
+        state without ``rows`` (unsharded, or saved before states said their rows) is judged by its shapes."""
+        rows = state.get("rows")
+        for name, param in self.params.items():
+            if state["masks"][name].shape != local(param).shape:
+                return False
+            if rows is not None:
+                span = local_rows(param)
+                if not isinstance(rows, dict) or list(rows.get(name, ())) != [span.start, span.stop, param.shape[0]]:
+                    return False
+        return True
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a :meth:`state_dict`. Sharded, a state saved by another split of the rows (another number of ranks,
+        or an unsharded run) is cut to this rank's rows where it holds them (see :meth:`load_state_dicts`)."""
+        self._check_state(state)
+        if not self._holds_own_rows(state) and (self.sharded or state.get("rows") is not None):
+            state = self._resharded([state])
+        self._load_checked(state)
+
+    def load_state_dicts(self, states: Sequence[dict]) -> None:
+        """Load the states every rank of a sharded (FSDP2) run saved, whatever the number of ranks now.
+
+        ``states``: each saving rank's :meth:`state_dict` (any order; an unsharded run's one state also fits).
+        A rank whose rows one state holds loads it as it is; otherwise each rank assembles the masks, kept second
+        moments and the method's per-row state of its own rows from the pieces that hold them (only those rows
+        are copied), on one process as on many. Refused in one line: pieces saved at different steps, pieces that
+        leave some of this rank's rows uncovered (``ValueError``), and method state that cannot be split by rows
+        (:class:`~sparsetrain.core.sharding.UnsplittableState`, a ``ValueError``; see :meth:`reshard_extra_state`).
+        """
+        if not isinstance(states, (list, tuple)) or not states:
+            raise ValueError(
+                "load_state_dicts takes the list of every rank's Sparsifier.state_dict(), got "
+                f"{type(states).__name__ if states else 'nothing'}"
+            )
+        for state in states:
+            self._check_state(state)
+        own = [state for state in states if self._holds_own_rows(state)]
+        self._load_checked(own[0] if own else self._resharded(states))
+
+    def _saved_rows(self, state: dict) -> dict[str, tuple[int, int]]:
+        """The rows of every parameter that ``state`` holds, checked against the parameters' full shapes."""
+        saved = state.get("rows")
+        spans = {}
+        for name, mask in state["masks"].items():
+            full = tuple(self.params[name].shape)
+            entry = None if saved is None else (saved.get(name) if isinstance(saved, dict) else None)
+            if saved is None and mask.dim() >= 1:  # an unsharded run's state: every row
+                start, stop, total = 0, mask.shape[0], mask.shape[0]
+            elif (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(type(v) is int for v in entry)
+                  and mask.dim() >= 1):  # fmt: skip
+                start, stop, total = entry
+            else:
+                raise ValueError(f"sparsifier state: the rows of mask {name!r} are {entry!r}, not [first, end, total]")
+            if (total, *mask.shape[1:]) != full or mask.shape[0] != stop - start or not 0 <= start <= stop <= total:
                 raise ValueError(
-                    f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(self.masks[name].shape)}{where}"
+                    f"mask {name!r} of rows {start}-{stop} has shape {tuple(mask.shape)}, parameter has {full}"
+                )
+            spans[name] = (start, stop)
+        return spans
+
+    def local_rows_of(self, name: str, pieces: Sequence[tuple[int, Tensor]]) -> Tensor:
+        """This rank's rows of parameter ``name``'s per-row state, from pieces ``(first row, tensor)`` that saved
+        ranks held (:func:`~sparsetrain.core.sharding.assemble_rows`); the whole tensor when not sharded."""
+        param = self.params[name]
+        return assemble_rows(pieces, local_rows(param), int(param.shape[0]), repr(name))
+
+    def _resharded(self, states: Sequence[dict]) -> dict:
+        """One state holding this rank's rows, assembled from the pieces ``states`` hold."""
+        counts = sorted({int(state["count"]) for state in states})
+        if len(counts) > 1:
+            raise ValueError(
+                f"the sparsifier states to load were saved at different steps ({', '.join(map(str, counts))}); "
+                "load the states every rank saved at one step"
+            )
+        rows = [self._saved_rows(state) for state in states]
+        masks = {n: self.local_rows_of(n, [(r[n][0], s["masks"][n].to(torch.bool)) for s, r in zip(states, rows)])
+                 for n in self.params}  # fmt: skip
+        kept: dict[str, dict[str, Tensor]] = {}
+        for name in self.params:
+            saved = [s.get("second_moments", {}).get(name, {}) for s in states]
+            for key in sorted({k for held in saved for k in held}):
+                present = [held[key] for held in saved if key in held]
+                dtype = present[0].dtype
+                pieces = []
+                for held, r, state in zip(saved, rows, states):
+                    shape = state["masks"][name].shape
+                    # A rank that holds no record of this buffer pruned none of its rows' weights: zeros fit.
+                    value = held.get(key, torch.zeros(shape, dtype=dtype))
+                    if value.shape != shape:
+                        raise ValueError(
+                            f"sparsifier state: kept {key} of {name!r} has shape {tuple(value.shape)}, its mask "
+                            f"{tuple(shape)}"
+                        )
+                    pieces.append((r[name][0], value))
+                kept.setdefault(name, {})[key] = self.local_rows_of(name, pieces)
+        extra = self.reshard_extra_state([s.get("extra", {}) for s in states], rows)
+        return {**states[0], "masks": masks, "second_moments": kept, "extra": extra}
+
+    def reshard_extra_state(self, extras: Sequence[dict], rows: Sequence[Mapping[str, tuple[int, int]]]) -> dict:
+        """This rank's :meth:`extra_state` from the pieces saved by another split of the rows.
+
+        ``extras[i]`` is the extra state piece ``i`` saved, ``rows[i][name]`` the rows ``(first, end)`` of each
+        parameter it held. The default keeps state without tensors that every piece holds alike (counters,
+        scales agreed over all ranks) and refuses the rest; a method keeping per-row tensors overrides this and
+        assembles them with :meth:`local_rows_of` (AC/DC's previous masks).
+        """
+        if not all(isinstance(extra, dict) for extra in extras):
+            raise ValueError(f"sparsifier state: the method state of {self.name!r} is not a dict in every piece")
+        first = extras[0]
+        per_rank = sorted({str(k) for e in extras for k, v in e.items() if _tensors_in(v)})
+        if not per_rank and all(e == first for e in extras):
+            return dict(first)
+        differing = per_rank or sorted({str(k) for e in extras for k in e if e.get(k) != first.get(k)})
+        raise UnsplittableState(
+            f"method {self.name!r} keeps per-rank state ({', '.join(differing)}) that cannot be split over another "
+            f"number of ranks: load it on as many ranks as saved it ({len(extras)})"
+        )
+
+    def _load_checked(self, state: dict) -> None:
+        """Load a state whose masks :meth:`_check_state` accepted and whose shapes are this sparsifier's."""
+        masks = state["masks"]
+        for name, mask in masks.items():
+            if mask.shape != local(self.params[name]).shape:
+                raise ValueError(
+                    f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(self.masks[name].shape)}"
                 )
         self.masks = {
             n: m.to(device=local(self.params[n]).device, dtype=torch.bool).clone(memory_format=torch.contiguous_format)

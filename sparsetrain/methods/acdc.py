@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -269,6 +270,35 @@ class ACDC(ScheduledPruning):
     def extra_state(self) -> dict:
         return {"last_sparse_masks": self._last_sparse_masks, "pruned_values": self._pruned_values,
                 "taylor": self._taylor, "dead_rows": self._dead_rows}  # fmt: skip
+
+    def reshard_extra_state(self, extras: Sequence[dict], rows: Sequence[Mapping[str, tuple[int, int]]]) -> dict:
+        """The previous compressed phase's masks of this rank's rows, from every saved rank's packed pieces (each
+        unpacked with its rows' shape, cut, packed again); the rest as the default (nothing else is kept sharded)."""
+        saved = [extra.get("last_sparse_masks") for extra in extras]
+        rest = super().reshard_extra_state([{k: v for k, v in e.items() if k != "last_sparse_masks"} for e in extras],
+                                           rows)  # fmt: skip
+        if all(masks is None for masks in saved):
+            return {**rest, "last_sparse_masks": None}
+        if any(not isinstance(masks, dict) or set(masks) != set(self.params) for masks in saved):
+            raise ValueError(
+                "acdc state: the previous compressed phase's masks are missing from some saved pieces or name other "
+                f"parameters; expected masks of {sorted(self.params)} in every piece"
+            )
+        last = {}
+        for name, param in self.params.items():
+            pieces = []
+            for masks, held in zip(saved, rows):
+                start, stop = held[name]
+                mask = masks[name]
+                if mask.dtype != torch.bool:  # packed (the form saved since the masks are packed)
+                    mask = maskops.unpack_mask(mask, (stop - start, *param.shape[1:]))
+                elif tuple(mask.shape) != (stop - start, *param.shape[1:]):
+                    raise ValueError(
+                        f"acdc state: previous masks of {name!r} rows {start}-{stop} have shape {tuple(mask.shape)}"
+                    )
+                pieces.append((start, mask))
+            last[name] = maskops.pack_mask(self.local_rows_of(name, pieces))
+        return {**rest, "last_sparse_masks": last}
 
     def load_extra_state(self, state: dict) -> None:
         masks = state.get("last_sparse_masks")

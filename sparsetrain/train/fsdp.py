@@ -10,7 +10,9 @@ Checkpoints are ordinary single files: the model's and the optimizer's full stat
 rank 0's CPU) and each rank's own sparsifier state, written atomically by rank 0 like any other run's. So
 ``last.pt``, ``sparse_final.pt`` and ``dense_best.pt`` keep their format, ``eval``/``export``/``bench`` read them,
 and a resume loads full tensors that every rank cuts to its own rows again. The sparsifier's state is per shard
-(masks of this rank's rows), so a run resumes on as many processes as saved it.
+(masks of this rank's rows, with the rows they are): a resume on another number of processes assembles each
+rank's rows from the saved pieces (``Sparsifier.load_state_dicts``), and on one process continues unsharded,
+still writing checkpoints of this form.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def check_fsdp_config(config: dict[str, Any]) -> None:
 
 
 def check_fsdp_world(config: dict[str, Any], world: int) -> None:
-    """fsdp=true shards over processes: one process is a usage error, not a silent unsharded run."""
+    """fsdp=true shards over processes: one process is a usage error, not a silent unsharded run (the trainer
+    skips this check when it resumes an FSDP run on one process, which then continues unsharded)."""
     if config.get("fsdp") and world < 2:
         raise ConfigError(
             f"fsdp=true shards the model over processes, but this run has {world}; launch it with --nproc N "

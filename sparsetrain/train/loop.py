@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 import sparsetrain
 
+from ..core.sharding import UnsplittableState
 from ..core.sharding import local as sharding_local
 from ..distributed import check_masks_consistent
 from ..distributed.hooks import check_hook, hook_options, register_hook
@@ -443,8 +444,13 @@ class Run:
                 f"{self.world} processes"
             )
         self.batch_per_rank = config.batch_size // self.world
-        fsdp.check_fsdp_world(config.to_dict(), self.world)
-        self.fsdp = config.fsdp
+        if not self.resume or self.world > 1:  # an FSDP run may continue on one process, unsharded (see restore)
+            fsdp.check_fsdp_world(config.to_dict(), self.world)
+        # fsdp: the model is sharded over this run's processes. fsdp_checkpoints: last.pt has the FSDP form (full
+        # state dicts by parameter name, one sparsifier state per saving rank), kept when the run goes on unsharded.
+        self.fsdp = config.fsdp and self.world > 1
+        self.fsdp_checkpoints = config.fsdp
+        self._fsdp_state: dict[str, Any] = {}
 
     def _setup_data_parallel(self) -> None:
         """DDP around the model and the gradient communication hook, when there is more than one process."""
@@ -472,12 +478,16 @@ class Run:
         torch.set_rng_state(rng)
         fsdp.shard_model(self.model)
         self.view = view  # type: ignore[assignment]
-        self._fsdp_state: dict[str, Any] = {}
 
     def _gather(self) -> None:
         """FSDP (a collective, every rank calls it): the full weights into rank 0's plain model; the optimizer's
-        full state and every rank's sparsifier state to rank 0, for last.pt. Nothing otherwise."""
+        full state and every rank's sparsifier state to rank 0, for last.pt. An FSDP run continued on one process
+        keeps that form (its one sparsifier state holds every row). Nothing otherwise."""
+        if not self.fsdp_checkpoints:
+            return
         if not self.fsdp:
+            self._fsdp_state = {"optimizer": fsdp.full_optimizer_state(self.model, self.optimizer),
+                                "sparsifier": [self.sparsifier.state_dict()]}  # fmt: skip
             return
         weights = fsdp.full_model_state(self.model)
         self._fsdp_state = {"optimizer": fsdp.full_optimizer_state(self.model, self.optimizer),
@@ -515,15 +525,15 @@ class Run:
     # ------------------------------------------------------------------ resume
     def state(self) -> dict[str, Any]:
         # FSDP: the full weights and optimizer state, and one sparsifier state per rank (masks of its rows).
-        sharded = {"fsdp_world": self.world} if self.fsdp else {}
+        sharded = {"fsdp_world": self.world} if self.fsdp_checkpoints else {}
         return checkpoint_payload(
             self.view,
             self.spec,
             self.config,
             kind="last",
             epoch=self.epoch,
-            optimizer=self._fsdp_state["optimizer"] if self.fsdp else self.optimizer.state_dict(),
-            sparsifier=self._fsdp_state["sparsifier"] if self.fsdp else self.sparsifier.state_dict(),
+            optimizer=self._fsdp_state["optimizer"] if self.fsdp_checkpoints else self.optimizer.state_dict(),
+            sparsifier=self._fsdp_state["sparsifier"] if self.fsdp_checkpoints else self.sparsifier.state_dict(),
             **sharded,
             scaler=self.scaler.state_dict(),
             train_flops=self.train_flops.state_dict(),
@@ -534,16 +544,28 @@ class Run:
         )
 
     def restore(self, state: dict[str, Any]) -> None:
-        if self.fsdp:
-            saved = state.get("fsdp_world")
-            if saved != self.world:
+        if self.fsdp_checkpoints:
+            # Full model and optimizer state: every rank keeps its rows of them, however many ranks saved them.
+            # The sparsifier's states are per saving rank: each rank assembles its rows from them (any number of
+            # ranks, one process included) or the sparsifier says in one line why it cannot.
+            saved, pieces = state.get("fsdp_world"), state.get("sparsifier")
+            if not isinstance(pieces, list) or len(pieces) != saved:
+                held = len(pieces) if isinstance(pieces, list) else "no list of"
                 raise CheckpointError(
-                    f"{str(self.out / LAST)!r} was saved by an FSDP run on {saved or 'no sharded'} processes, this "
-                    f"run has {self.world}: the sparsifier keeps each rank's rows, resume it with --nproc {saved}"
+                    f"{str(self.out / LAST)!r} holds {held} per-rank sparsifier states for the {saved} processes "
+                    "of an FSDP run (fsdp=true) that it says saved it; it was not written by that run"
                 )
             fsdp.load_full_state(self.model, self.optimizer, dict(state["model"]), state["optimizer"])
-            self.sparsifier.load_state_dict(state["sparsifier"][self.rank])
-            if self.is_main:  # a run resumed after its last epoch goes straight to finish(), which reads the copy
+            try:
+                self.sparsifier.load_state_dicts(pieces)
+            except UnsplittableState as error:
+                if saved == self.world:
+                    raise
+                raise CheckpointError(
+                    f"{str(self.out / LAST)!r} was saved by an FSDP run on {saved} processes, this run has "
+                    f"{self.world}: {first_line(error)}; resume it with --nproc {saved}"
+                ) from None
+            if self.fsdp and self.is_main:  # a run resumed after its last epoch goes straight to finish()
                 self.view.load_state_dict(state["model"])
         else:
             self.model.load_state_dict(state["model"])
