@@ -20,7 +20,8 @@ Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one t
 The dataset is Fashion-MNIST, or MNIST-1D for ``convbase`` (``--dataset`` overrides). ``--latency-only`` trains
 nothing: it measures the latencies again on the finished run folders of ``--out`` (e.g. on a quiet machine).
 
-Results go to benchmarks/results/structured/ (per model: one JSON line per run and a markdown table).
+Results go to benchmarks/results/structured/ (per model: one JSON line per run and a markdown table; with
+``--methods``, files named after the model and the methods).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=20000, help="training samples (0: all)")
     parser.add_argument("--flops", type=float, default=0.5, help="fraction of forward FLOPs to remove")
     parser.add_argument("--oto-lam", type=float, default=1e-3)
-    parser.add_argument("--oto-n-p", type=float, default=None, help="oto's n_p in epochs (default: half the run)")
+    parser.add_argument("--oto-n-p", type=float, default=None, help="oto's n_p (fraction of the run)")
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -187,7 +188,9 @@ def main() -> None:
                 row.update(latencies(small, shape, args.repeats))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with open(RESULTS / f"rows-{args.model}.jsonl", "w") as handle:
+    # A subset of the methods writes its own files, leaving the full comparison's in place.
+    tag = args.model + ("" if args.methods is None else "-" + "+".join(chosen))
+    with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
 
@@ -217,7 +220,7 @@ def main() -> None:
     lines.append(
         "dense latency (ms): " + ", ".join(f"{k.removesuffix('_ms')} {v:.3f}" for k, v in dense_latency.items())
     )
-    (RESULTS / f"table-{args.model}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"table-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -212,9 +212,9 @@ def test_dhspg_zeroes_exactly_the_redundant_groups_by_the_end_of_the_stage():
     assert opt.group_sparsity() == 0.5
 
 
-def test_dhspg_redundant_groups_shrink_linearly_along_themselves():
-    # No gradient at all: the penalty alone takes a redundant group's norm to (1 - 1/r) of itself each step, i.e.
-    # from ||x|| at n_p linearly to 0 at n_end; important groups do not move.
+def test_dhspg_redundant_groups_fade_cubically_along_themselves():
+    # No gradient at all: the penalty alone takes a redundant group's norm to ((r - 1) / r)^3 of itself each step
+    # (r steps left), i.e. from ||x|| at n_p as (1 - progress)^3 to 0 at n_end; important groups do not move.
     x = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.3, 0.4], [6.0, 8.0]]))
     opt = HSPG([x], lr=0.1, lam=0.0, n_p=2, n_end=7, groups=[[(x, 0, 1)]], max_zero_groups=[1], variant="dhspg")
     seen = []
@@ -223,7 +223,7 @@ def test_dhspg_redundant_groups_shrink_linearly_along_themselves():
         opt.step()
         seen.append(x.detach().norm(dim=1).tolist())
     assert opt.redundant[0].tolist() == [False, True, False]  # the smallest group
-    expected = [0.5, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0]
+    expected = [0.5, 0.5, 0.5 * 0.8**3, 0.5 * 0.6**3, 0.5 * 0.4**3, 0.5 * 0.2**3, 0.0, 0.0, 0.0]
     assert [s[1] for s in seen] == pytest.approx(expected, abs=1e-6)
     assert all(s[0] == pytest.approx(5.0) and s[2] == pytest.approx(10.0) for s in seen)
 

@@ -21,6 +21,8 @@ __all__ = ["HSPG", "STAGE1_STEPS", "VARIANTS", "zig_members"]
 STAGE1_STEPS = ("subgradient", "prox")
 # "hspg": the NeurIPS 2021 optimizer; "dhspg": OTOv2's DHSPG (a target partition and an adaptive penalty).
 VARIANTS = ("hspg", "dhspg")
+# dhspg: a redundant group's component along itself fades as (1 - progress through the stage) ** FADE_POWER.
+FADE_POWER = 3
 
 # One member of a zero-invariant group set: channel c of the set is ``param.narrow(dim, c*block, block)``.
 Member = tuple[Tensor, int, int]
@@ -113,13 +115,15 @@ class HSPG(torch.optim.Optimizer):
     vector normalised to unit length over all groups. Important groups take the momentum-SGD step and are never
     projected. A redundant group's trial point is ``t_g = x_g - lr * d_g - lr * lam_g * x_g / ||x_g||`` (the
     penalty outside the momentum, as the reference code), with ``lam_g`` chosen at every step so that the trial
-    point's component along ``x_g`` is ``(1 - 1/r) ||x_g||``, ``r = n_end - step`` the steps left in the stage,
-    and at least ``lam``; it is then projected to zero by the half-space test above, and at the stage's last step
-    (``r = 1``) any redundant group still nonzero is set to zero. Differences from the paper: the paper raises
-    ``lam_g`` until the step points into the origin (a bound from the angle between ``d_g`` and ``x_g``); this
-    rule also fixes *when* the group reaches the origin, so the target is met by the end of the stage and the
-    steps after it train the remaining network; the partition is exact per set where the reference code adds a
-    tolerance to a global count.
+    point's component along ``x_g`` is ``((r - 1) / r)^3 ||x_g||``, ``r = n_end - step`` the steps left in the
+    stage, and at least ``lam``: along itself the group fades as ``(1 - progress)^3`` (the cubic of gradual
+    magnitude pruning, Zhu & Gupta 2017), whatever its gradient. It is projected to zero by the half-space test
+    above, and at the stage's last step (``r = 1``) any redundant group still nonzero is set to zero (its trial
+    point is then within ``lr * ||d_g||`` of the origin). Differences from the paper: the paper raises ``lam_g``
+    until the step points into the origin (a bound from the angle between ``d_g`` and ``x_g``); this rule also
+    fixes *when* the group reaches the origin, so the target is met by the end of the stage and the steps after
+    it train the remaining network; the partition is exact per set where the reference code adds a tolerance to
+    a global count.
 
     Defaults: ``lam = 1e-3`` (the reference implementation's default for SGD), ``epsilon = 0`` (the most
     conservative half-space: a group is projected only when its trial point crosses the hyperplane through the
@@ -325,10 +329,13 @@ class HSPG(torch.optim.Optimizer):
                 safe = torch.where(zero, torch.ones_like(norm), norm)
                 step_lr = lr[0]
                 if step_lr > 0:
-                    # lam_g: the trial point's component along x_g is (1 - 1/left) ||x_g||, i.e.
-                    # ||x|| - lr <d, x> / ||x|| - lr lam_g = ||x|| (1 - 1 / left); never below lam.
+                    # lam_g: the trial point's component along x_g, ||x|| - lr <d, x> / ||x|| - lr lam_g, is
+                    # ((left - 1) / left) ** 3 ||x||: over the stage the group fades as (1 - progress) ** 3, the
+                    # cubic of gradual magnitude pruning (fast while the network is plastic, gently near zero).
+                    # Never below lam.
                     inner = sum((g * r).sum(dim=1) for g, r in zip(dirs, rows))
-                    lam_g = (norm / (step_lr * left) - inner / safe).clamp(min=lead["lam"])
+                    fade = 1 - ((left - 1) / left) ** FADE_POWER
+                    lam_g = (norm * fade / step_lr - inner / safe).clamp(min=lead["lam"])
                     shrink = torch.where(penalised, step_lr * lam_g / safe, torch.zeros_like(norm))
                     trial = [t - shrink[:, None] * r for t, r in zip(trial, rows)]
                 dot = sum((t * r).sum(dim=1) for t, r in zip(trial, rows))
