@@ -377,8 +377,7 @@ class HSPG(torch.optim.Optimizer):
         else:
             for k, (s, count) in enumerate(zip(per_set, cap)):  # type: ignore[arg-type]
                 redundant[k][torch.argsort(-s, stable=True)[:count]] = True
-        device = self.groups[0][0][0].device if self.groups else torch.device("cpu")
-        self.redundant = [r.to(device) for r in redundant]
+        self.redundant = [r.to(members[0][0].device) for r, members in zip(redundant, self.groups)]
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state, plus (``dhspg``) the partition into redundant and important groups."""
