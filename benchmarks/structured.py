@@ -1,6 +1,7 @@
 """Structured pruning: forward FLOPs removed against accuracy, training time, and the slim model's CPU latency.
 
-Fashion-MNIST LeNet-5, ~50% of forward FLOPs removed by whole channels, for ``oto`` (HSPG), ``variational``
+Fashion-MNIST LeNet-5, ~50% of forward FLOPs removed by whole channels, for ``oto`` (``oto-hspg``: HSPG, the
+NeurIPS 2021 optimizer; ``oto-dhspg``: OTOv2's DHSPG, sparsifying from ``n_p`` to ``--finish``), ``variational``
 (Bernoulli gates), channel GMP and channel AC/DC (``mask_type=channel``, at the uniform group sparsity whose slim
 model has half the FLOPs), against the dense model. ``oto`` and ``variational`` prune to the target at 75% of the
 run (``--finish``; groups their dynamics zeroed earlier stay zero) and train the pruned network for the rest, as
@@ -14,11 +15,13 @@ Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one t
     python benchmarks/structured.py --model resnet20 --limit-train 10000 --epochs 3
     python benchmarks/structured.py --model convbase       # MNIST-1D (the dataset follows the model)
     python benchmarks/structured.py --model resnet20 --limit-train 10000 --epochs 3 --latency-only
+    python benchmarks/structured.py --seeds 0 1 2 --methods oto-dhspg channel-gmp   # a subset (dense always runs)
 
 The dataset is Fashion-MNIST, or MNIST-1D for ``convbase`` (``--dataset`` overrides). ``--latency-only`` trains
 nothing: it measures the latencies again on the finished run folders of ``--out`` (e.g. on a quiet machine).
 
-Results go to benchmarks/results/structured/ (per model: one JSON line per run and a markdown table).
+Results go to benchmarks/results/structured/ (per model: one JSON line per run and a markdown table; with
+``--methods``, files named after the model and the methods).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from sparsetrain.train.data import load_run_dataset
 from sparsetrain.train.loop import Run
 
 RESULTS = Path(__file__).parent / "results" / "structured"
+# Besides dense (always run: the reference for accuracy and latency).
+METHODS = ("oto-hspg", "oto-dhspg", "variational", "channel-gmp", "channel-acdc")
 
 
 def run(settings: dict, out: Path, train: bool = True) -> dict:
@@ -109,6 +114,14 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=20000, help="training samples (0: all)")
     parser.add_argument("--flops", type=float, default=0.5, help="fraction of forward FLOPs to remove")
     parser.add_argument("--oto-lam", type=float, default=1e-3)
+    parser.add_argument("--oto-n-p", type=float, default=None, help="oto's n_p (fraction of the run)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=list(METHODS),
+        help=f"methods to run besides dense (default: all of {', '.join(METHODS)})",
+    )
     parser.add_argument("--finish", type=float, default=0.75, help="oto's and variational's prune to target")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
@@ -120,6 +133,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    chosen = args.methods or list(METHODS)
 
     dataset = args.dataset or ("mnist1d" if args.model == "convbase" else "fashion-mnist")
     common = {"model": args.model, "dataset": dataset, "threads": args.threads, "epochs": args.epochs}
@@ -130,15 +144,20 @@ def main() -> None:
     samples = min(args.limit_train or len(splits.train), len(splits.train))
     dense_model = build_model(args.model, input_shape=shape, num_classes=splits.num_classes)
     group_sparsity = group_sparsity_for_flops(dense_model, torch.zeros(1, *shape), args.flops)
+    oto = {"target_flops": args.flops, "lam": args.oto_lam, "finish": args.finish}
+    if args.oto_n_p is not None:
+        oto["n_p"] = args.oto_n_p
     methods = {
         "dense": {"method": "dense", "sparsity": 0.0},
-        "oto": {"method": "oto", "sparsity": group_sparsity,
-                "method_options": {"target_flops": args.flops, "lam": args.oto_lam, "finish": args.finish}},
+        "oto-hspg": {"method": "oto", "sparsity": group_sparsity, "method_options": {**oto, "variant": "hspg"}},
+        "oto-dhspg": {"method": "oto", "sparsity": group_sparsity, "method_options": {**oto, "variant": "dhspg"}},
         "variational": {"method": "variational", "sparsity": group_sparsity,
                         "method_options": {"target_flops": args.flops, "num_samples": samples, "finish": args.finish}},
         "channel-gmp": {"method": "gmp", "sparsity": group_sparsity, "mask_type": "channel"},
         "channel-acdc": {"method": "acdc", "sparsity": group_sparsity, "mask_type": "channel"},
     }  # fmt: skip
+    assert list(methods) == ["dense", *METHODS]
+    methods = {name: settings for name, settings in methods.items() if name == "dense" or name in chosen}
     out, rows = Path(args.out or f"runs/structured-benchmark-{args.model}"), []
     RESULTS.mkdir(parents=True, exist_ok=True)
     dense_latency = None
@@ -169,7 +188,9 @@ def main() -> None:
                 row.update(latencies(small, shape, args.repeats))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with open(RESULTS / f"rows-{args.model}.jsonl", "w") as handle:
+    # A subset of the methods writes its own files, leaving the full comparison's in place.
+    tag = args.model + ("" if args.methods is None else "-" + "+".join(chosen))
+    with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
 
@@ -199,7 +220,7 @@ def main() -> None:
     lines.append(
         "dense latency (ms): " + ", ".join(f"{k.removesuffix('_ms')} {v:.3f}" for k, v in dense_latency.items())
     )
-    (RESULTS / f"table-{args.model}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"table-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -150,3 +150,126 @@ def test_a_group_member_outside_the_params_is_refused():
     p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match="not among"):
         HSPG([p], lr=0.1, groups=[[(q, 0, 1)]])
+
+
+# ---------------------------------------------------------------------------------------------- DHSPG (OTOv2)
+A_W = torch.tensor([[2.0, 1.0], [0.3, 0.0], [0.0, -1.5], [0.2, 0.2], [1.0, 1.0], [0.0, 0.3]])
+A_V = torch.tensor([[1.0, 0.0, 0.5, 0.0, 0.0, 0.1]])
+
+
+def dhspg_problem(lam=0.01, momentum=0.0, n_p=5, n_end=20, cap=(3,)):
+    """0.5 ||x - a||^2 over 6 groups (a row of W with a column of V); groups 1, 3, 5 have small targets a_g
+    (norms 0.3), which the gradient defends against the penalty: only an adaptive lambda takes them to zero."""
+    # The small groups start above their targets (the gradient points along them), the large ones below.
+    start = torch.tensor([0.8, 1.5, 0.8, 1.5, 0.8, 1.5])
+    W = torch.nn.Parameter(A_W * start[:, None])
+    V = torch.nn.Parameter(A_V * start)
+    opt = HSPG([W, V], lr=0.1, lam=lam, momentum=momentum, n_p=n_p, groups=[[(W, 0, 1), (V, 1, 1)]],
+               max_zero_groups=list(cap), variant="dhspg", n_end=n_end)  # fmt: skip
+    return W, V, opt
+
+
+def quadratic_step(W, V, opt):
+    opt.zero_grad()
+    (0.5 * ((W - A_W).square().sum() + (V - A_V).square().sum())).backward()
+    opt.step()
+
+
+def group_rows(W, V):
+    return torch.cat([W.detach(), V.detach().T], dim=1)
+
+
+def test_dhspg_zeroes_exactly_the_redundant_groups_by_the_end_of_the_stage():
+    W, V, opt = dhspg_problem()
+    # A plain momentum-SGD copy: the loss is separable by group, so important groups must follow it exactly.
+    W_sgd, V_sgd = (torch.nn.Parameter(t.detach().clone()) for t in (W, V))
+    sgd = torch.optim.SGD([W_sgd, V_sgd], lr=0.1)
+    norms = []
+    for step in range(30):
+        quadratic_step(W, V, opt)
+        quadratic_step(W_sgd, V_sgd, sgd)
+        rows = group_rows(W, V)
+        norms.append(rows.norm(dim=1))
+        if step < 5:  # warm-up: no partition, no penalty, every group is the SGD copy's
+            assert opt.redundant is None
+            assert torch.allclose(rows, group_rows(W_sgd, V_sgd), atol=1e-6, rtol=0)
+        else:
+            assert opt.redundant[0].tolist() == [False, True, False, True, False, True]  # the 3 small targets
+        if step < 18:  # the gradient holds them off zero until the adaptive penalty takes them there
+            assert torch.all(rows.norm(dim=1) > 0)
+    important, redundant = [0, 2, 4], [1, 3, 5]
+    rows = group_rows(W, V)
+    # the target count exactly: the redundant groups are exactly zero (+0.0), the important ones are not
+    assert torch.all(rows[redundant] == 0) and not torch.signbit(rows[redundant]).any()
+    assert torch.all(rows[important].norm(dim=1) > 0.5)
+    # the redundant groups were zero by the stage's last step (step index 19), and stayed zero
+    assert all(torch.all(n[redundant] == 0) for n in norms[19:])
+    # ...gradually: each step from the partition on shrinks them (the gradient alone would keep them at 0.3)
+    shrinking = torch.stack(norms[4:20])[:, redundant]
+    assert torch.all(shrinking[1:] < shrinking[:-1])
+    # important groups never felt the penalty
+    assert torch.allclose(rows[important], group_rows(W_sgd, V_sgd)[important], atol=1e-6, rtol=0)
+    assert opt.group_sparsity() == 0.5
+
+
+def test_dhspg_redundant_groups_fade_cubically_along_themselves():
+    # No gradient at all: the penalty alone takes a redundant group's norm to ((r - 1) / r)^3 of itself each step
+    # (r steps left), i.e. from ||x|| at n_p as (1 - progress)^3 to 0 at n_end; important groups do not move.
+    x = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.3, 0.4], [6.0, 8.0]]))
+    opt = HSPG([x], lr=0.1, lam=0.0, n_p=2, n_end=7, groups=[[(x, 0, 1)]], max_zero_groups=[1], variant="dhspg")
+    seen = []
+    for _ in range(9):
+        x.grad = torch.zeros_like(x)
+        opt.step()
+        seen.append(x.detach().norm(dim=1).tolist())
+    assert opt.redundant[0].tolist() == [False, True, False]  # the smallest group
+    expected = [0.5, 0.5, 0.5 * 0.8**3, 0.5 * 0.6**3, 0.5 * 0.4**3, 0.5 * 0.2**3, 0.0, 0.0, 0.0]
+    assert [s[1] for s in seen] == pytest.approx(expected, abs=1e-6)
+    assert all(s[0] == pytest.approx(5.0) and s[2] == pytest.approx(10.0) for s in seen)
+
+
+def test_dhspg_global_target_counts_over_all_sets_and_keeps_one_group_per_set():
+    y = torch.nn.Parameter(torch.tensor([[0.1], [0.2]]))
+    z = torch.nn.Parameter(torch.tensor([[0.3], [5.0], [4.0]]))
+    opt = HSPG([y, z], lr=0.1, lam=0.0, n_p=0, n_end=3, groups=[[(y, 0, 1)], [(z, 0, 1)]], max_zero_groups=2,
+               variant="dhspg")  # fmt: skip
+    for _ in range(3):
+        y.grad, z.grad = torch.zeros_like(y), torch.zeros_like(z)
+        opt.step()
+    # the two smallest groups are y's, but y keeps one: y[0] and z[0] go
+    assert [r.tolist() for r in opt.redundant] == [[True, False], [True, False, False]]
+    assert y.detach().squeeze(1).tolist() == [0.0, pytest.approx(0.2)]
+    assert z.detach().squeeze(1).tolist() == [0.0, 5.0, 4.0]
+
+
+def test_dhspg_state_dict_keeps_the_partition():
+    W, V, opt = dhspg_problem()
+    for _ in range(8):
+        quadratic_step(W, V, opt)
+    saved = roundtrip({"W": W.detach().clone(), "V": V.detach().clone(), "opt": opt.state_dict()})
+    for _ in range(15):
+        quadratic_step(W, V, opt)
+    W2, V2, opt2 = dhspg_problem(n_p=5)
+    with torch.no_grad():
+        W2.copy_(saved["W"])
+        V2.copy_(saved["V"])
+    opt2.load_state_dict(saved["opt"])
+    assert [r.tolist() for r in opt2.redundant] == [r.tolist() for r in opt.redundant]
+    for _ in range(15):
+        quadratic_step(W2, V2, opt2)
+    assert torch.equal(W, W2) and torch.equal(V, V2)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(variant="otov3"), "variant"),
+        (dict(variant="dhspg", n_end=10), "max_zero_groups"),
+        (dict(variant="dhspg", max_zero_groups=[1], n_p=5, n_end=5), "n_end"),
+        (dict(variant="dhspg", max_zero_groups=[1]), "n_end"),
+    ],
+)
+def test_dhspg_bad_options_are_refused(options, match):
+    p = torch.nn.Parameter(torch.ones(2, 1))
+    with pytest.raises(ValueError, match=match):
+        HSPG([p], lr=0.1, groups=[[(p, 0, 1)]], **options)

@@ -85,6 +85,7 @@ def test_target_flops_sets_the_group_sparsity():
         (dict(stage1="adam"), "stage1"),
         (dict(n_p=2.0), "n_p"),
         (dict(target_flops=1.0), "target_flops"),
+        (dict(variant="otov3"), "variant"),
     ],
 )
 def test_bad_options_are_refused(options, match):
@@ -98,3 +99,95 @@ def test_a_plain_optimizer_is_refused():
     s = sparsetrain.create("oto", model, sparsity=0.5, total_steps=10, example_input=torch.zeros(1, 1, 6, 6))
     with pytest.raises(ValueError, match="wrap_optimizer"):
         s.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def dhspg_run(seed=0, **extra):
+    torch.manual_seed(seed)
+    model = Net()
+    s = sparsetrain.create("oto", model, sparsity=0.5, total_steps=30, unit="steps", n_p=5, finish=20,
+                           variant="dhspg", example_input=torch.zeros(1, 1, 6, 6), **extra)  # fmt: skip
+    optimizer = s.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
+    s.attach(optimizer)
+    return model, s, optimizer
+
+
+def zero_channels(model: Net) -> int:
+    """Channels of the tied conv1/conv2 set whose zero-invariant parameters are all exactly zero."""
+    rows = [model.conv1.weight.flatten(1), model.conv1.bias[:, None], model.bn1.weight[:, None],
+            model.bn1.bias[:, None], model.conv2.weight.flatten(1), model.conv2.bias[:, None],
+            model.bn2.weight[:, None], model.bn2.bias[:, None]]  # fmt: skip
+    return int((torch.cat(rows, dim=1) == 0).all(dim=1).sum())
+
+
+def test_dhspg_zeroes_exactly_the_target_by_finish_and_slims_exactly():
+    model, s, optimizer = dhspg_run()
+    assert s.phase == "warm-up"
+    for step in range(30):
+        train(model, s, optimizer, step + 1, start=step)
+        if step < 5:
+            assert optimizer.redundant is None and zero_channels(model) == 0
+        elif step < 19:  # the redundant groups shrink towards zero during the stage (n_p to finish)
+            assert s.phase == "half-space" and optimizer.redundant[0].sum() == 4 and zero_channels(model) < 4
+        else:  # zero by the stage's last step, and never more than the target afterwards
+            assert zero_channels(model) == 4, step
+    redundant = optimizer.redundant[0]
+    assert torch.all(model.conv1.weight[redundant] == 0) and torch.all(model.conv1.weight[~redundant] != 0)
+    assert s.group_sparsity() == 0.5 and [h["reason"] for h in s.history if h["event"] == "mask_update"] == [
+        "oto: prune to target"
+    ]
+    model.eval()
+    small = slim(model, torch.zeros(1, 1, 6, 6))
+    assert small.conv1.out_channels == small.conv2.out_channels == 4
+    x = torch.randn(32, 1, 6, 6)
+    with torch.no_grad():
+        assert (small(x) - model(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("split", [3, 10, 20])  # before the partition, inside the stage, after finish
+def test_dhspg_resume_is_bit_identical(split):
+    from helpers.shared import roundtrip
+
+    model, s, optimizer = dhspg_run()
+    train(model, s, optimizer, split)
+    saved = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "sparsifier": s.state_dict()})
+    train(model, s, optimizer, 30, start=split)
+
+    model2, s2, optimizer2 = dhspg_run(seed=123)  # other initial weights: everything must come from the checkpoint
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["optimizer"])
+    s2.load_state_dict(saved["sparsifier"])
+    train(model2, s2, optimizer2, 30, start=split)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert [r.tolist() for r in optimizer2.redundant] == [r.tolist() for r in optimizer.redundant]
+    assert all(torch.equal(s.masks[n], s2.masks[n]) for n in s.masks) and s2.history == s.history
+
+
+def test_dhspg_needs_n_p_before_finish():
+    with pytest.raises(ValueError, match="n_p must come before finish"):
+        sparsetrain.create("oto", Net(), sparsity=0.5, total_steps=30, unit="steps", n_p=20, finish=20,
+                           variant="dhspg", example_input=torch.zeros(1, 1, 6, 6))  # fmt: skip
+
+
+def test_groups_zeroed_just_before_finish_count_towards_the_target():
+    # DHSPG zeroes its redundant groups at the stage's last step, right before the prune to target. The prune
+    # ranks groups by magnitude including the next layer's slices, so where those are large it would rank the
+    # just-zeroed groups above live ones: they must be counted as dead first, or the run ends over the target.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[0].weight[:3] *= 0.01  # small groups: the partition makes them redundant
+        model[2].weight[:, :3] *= 100.0  # ...but the layer reading them weighs them heavily
+    s = sparsetrain.create("oto", model, sparsity=0.5, total_steps=12, unit="steps", n_p=2, finish=8,
+                           variant="dhspg", example_input=torch.zeros(1, 4))  # fmt: skip
+    optimizer = s.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.01))
+    s.attach(optimizer)
+    for step in range(12):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    zero = (torch.cat([model[0].weight, model[0].bias[:, None]], dim=1) == 0).all(dim=1)
+    assert int(optimizer.redundant[0].sum()) == 3 and torch.equal(zero, optimizer.redundant[0])
+    assert s.group_sparsity() == 0.5

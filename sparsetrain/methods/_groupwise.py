@@ -99,6 +99,12 @@ class GroupPruning(Sparsifier):
 
     def on_step(self, step: int) -> None:
         if step == self.finish_step:
+            # Groups that died in the step just before the prune are dead too: observe them first, or the prune
+            # (whose score counts the consumers' slices) may keep one of them and prune a live group instead, and
+            # the optimizer keeps the dead one at zero: more groups gone than the target.
+            dead = self.dead_groups(step)
+            if dead is not None:
+                self._observe(self._cap(dead))
             masks = self.compute_masks(self.final_sparsity, self.magnitude_scores(), among_active=True)
             self.set_masks(masks, reason=f"{self.name}: prune to target")
         elif not self.pruned_at(step):

@@ -2,7 +2,8 @@
 
 References: T. Chen et al., "Only Train Once: A One-Shot Neural Network Training And Pruning Framework",
 NeurIPS 2021, arXiv 2107.07467 (Algorithm 2, the hybrid HSPG); T. Chen et al., "A Half-Space Stochastic Projected
-Gradient Method for Group Sparsity Regularization", arXiv 2009.12078 (the Prox-SG first stage).
+Gradient Method for Group Sparsity Regularization", arXiv 2009.12078 (the Prox-SG first stage); T. Chen et al.,
+"OTOv2: Automatic, Generic, User-Friendly", ICLR 2023, arXiv 2303.06862 (DHSPG, ``variant="dhspg"``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HSPG", "STAGE1_STEPS", "zig_members"]
+__all__ = ["HSPG", "STAGE1_STEPS", "VARIANTS", "zig_members"]
 
 # What stage 1 does: "subgradient" (OTO's Algorithm 2) or "prox" (Prox-SG, the HSPG paper's first stage).
 STAGE1_STEPS = ("subgradient", "prox")
+# "hspg": the NeurIPS 2021 optimizer; "dhspg": OTOv2's DHSPG (a target partition and an adaptive penalty).
+VARIANTS = ("hspg", "dhspg")
+# dhspg: a redundant group's component along itself fades as (1 - progress through the stage) ** FADE_POWER.
+FADE_POWER = 3
 
 # One member of a zero-invariant group set: channel c of the set is ``param.narrow(dim, c*block, block)``.
 Member = tuple[Tensor, int, int]
@@ -101,6 +106,25 @@ class HSPG(torch.optim.Optimizer):
     qualify for the projection than the cap allows, the ones deepest past the half-space (smallest
     ``t_g . x_g / ||x_g||^2``) are projected first: deterministic, where the reference code draws them at random.
 
+    ``variant="dhspg"``: OTOv2's Dual Half-Space Projected Gradient (Chen et al., ICLR 2023, arXiv 2303.06862),
+    which needs the target (``max_zero_groups``) and the end of its sparsification stage (``n_end``). Before
+    ``n_p`` every parameter takes the plain momentum-SGD step (no penalty). At the first step from ``n_p`` on the
+    groups are partitioned once: in every set the target count of groups (per set, or over all sets for an int
+    cap, each set keeping one) with the highest saliency are *redundant*, the rest *important*. The saliency is
+    the paper's: the mean of the cosine between ``-x_g`` and ``-d_g`` and of ``1 / (||x_g|| / size_g)``, each
+    vector normalised to unit length over all groups. Important groups take the momentum-SGD step and are never
+    projected. A redundant group's trial point is ``t_g = x_g - lr * d_g - lr * lam_g * x_g / ||x_g||`` (the
+    penalty outside the momentum, as the reference code), with ``lam_g`` chosen at every step so that the trial
+    point's component along ``x_g`` is ``((r - 1) / r)^3 ||x_g||``, ``r = n_end - step`` the steps left in the
+    stage, and at least ``lam``: along itself the group fades as ``(1 - progress)^3`` (the cubic of gradual
+    magnitude pruning, Zhu & Gupta 2017), whatever its gradient. It is projected to zero by the half-space test
+    above, and at the stage's last step (``r = 1``) any redundant group still nonzero is set to zero (its trial
+    point is then within ``lr * ||d_g||`` of the origin). Differences from the paper: the paper raises ``lam_g``
+    until the step points into the origin (a bound from the angle between ``d_g`` and ``x_g``); this rule also
+    fixes *when* the group reaches the origin, so the target is met by the end of the stage and the steps after
+    it train the remaining network; the partition is exact per set where the reference code adds a tolerance to
+    a global count.
+
     Defaults: ``lam = 1e-3`` (the reference implementation's default for SGD), ``epsilon = 0`` (the most
     conservative half-space: a group is projected only when its trial point crosses the hyperplane through the
     origin normal to ``x_g``; the paper tunes epsilon in [0, 1)), momentum 0 and no weight decay (``lr`` is then
@@ -118,6 +142,8 @@ class HSPG(torch.optim.Optimizer):
         momentum: heavy-ball momentum in [0, 1) (``d = m d + g``, as the reference code).
         weight_decay: l2 coefficient added to the gradient, >= 0.
         max_zero_groups: None (no cap), an int (over all sets) or one int per set.
+        variant: "hspg" (NeurIPS 2021) or "dhspg" (OTOv2).
+        n_end: "dhspg" only: the step by which every redundant group is zero (> ``n_p``).
     """
 
     def __init__(
@@ -133,7 +159,19 @@ class HSPG(torch.optim.Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         max_zero_groups: int | Sequence[int] | None = None,
+        variant: str = "hspg",
+        n_end: int | None = None,
     ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"HSPG: variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+        if variant == "dhspg":
+            if max_zero_groups is None:
+                raise ValueError("HSPG: variant 'dhspg' needs the target, max_zero_groups (got None)")
+            if isinstance(n_end, bool) or not isinstance(n_end, int) or not n_end > n_p:
+                raise ValueError(f"HSPG: variant 'dhspg' needs n_end, an integer step > n_p ({n_p!r}); got {n_end!r}")
+        self.variant, self.n_end = variant, n_end
+        # dhspg: per set, the redundant groups (a bool per group), chosen once at the first step from n_p on.
+        self.redundant: list[Tensor] | None = None
         defaults = dict(lr=lr, lam=lam, epsilon=epsilon, n_p=n_p, stage1=stage1, momentum=momentum,
                         weight_decay=weight_decay, step=0)  # fmt: skip
         _check_group(defaults)
@@ -211,6 +249,19 @@ class HSPG(torch.optim.Optimizer):
                     continue
                 p.add_(self._momentum(p, direction[id(p)], group["momentum"]), alpha=-group["lr"])
 
+        if self.variant == "dhspg":
+            pending = self._dhspg(direction)
+        else:
+            pending = self._hspg(direction)
+        for k, project, zero, trial in self._apply_cap(pending):
+            keep = ~(project | zero)
+            self._write(self.groups[k], [t * keep[:, None].to(t.dtype) for t in trial])
+        for group in self.param_groups:
+            group["step"] += 1
+        return loss
+
+    def _hspg(self, direction: dict[int, Tensor]) -> list:
+        """The NeurIPS 2021 steps of every set; sets in the half-space stage are returned for the projection."""
         pending = []  # (set index, projection candidates, depth, zero groups, trial rows) of half-space sets
         for k, members in enumerate(self.groups):
             if any(id(p) not in direction for p, _, _ in members):
@@ -244,12 +295,113 @@ class HSPG(torch.optim.Optimizer):
                 pending.append((k, candidates, depth, ~nonzero, trial))
             else:
                 self._write(members, trial)
-        for k, project, zero, trial in self._apply_cap(pending):
-            keep = ~(project | zero)
-            self._write(self.groups[k], [t * keep[:, None].to(t.dtype) for t in trial])
-        for group in self.param_groups:
-            group["step"] += 1
-        return loss
+        return pending
+
+    def _dhspg(self, direction: dict[int, Tensor]) -> list:
+        """OTOv2's DHSPG steps of every set (see the class doc), all returned for the projection."""
+        stepping = []  # (set index, rows, momentum directions as rows, lead param group)
+        for k, members in enumerate(self.groups):
+            if any(id(p) not in direction for p, _, _ in members):
+                continue  # a member without a gradient: the set does not step (as torch optimizers skip it)
+            width = self.widths[k]
+            rows, dirs = [], []
+            for p, d, _ in members:
+                own = self.param_groups[self._owner[id(p)]]
+                rows.append(_rows(p, d, width))
+                dirs.append(_rows(self._momentum(p, direction[id(p)], own["momentum"]), d, width))
+            stepping.append((k, rows, dirs))
+        lead = self.param_groups[0]
+        sparsify = lead["step"] >= lead["n_p"]
+        if sparsify and self.redundant is None:
+            self._partition({k: (rows, dirs) for k, rows, dirs in stepping})
+        assert self.n_end is not None
+        left = self.n_end - lead["step"]  # steps left in the stage, this one included
+        pending = []
+        for k, rows, dirs in stepping:
+            members = self.groups[k]
+            lr = [self.param_groups[self._owner[id(p)]]["lr"] for p, _, _ in members]
+            trial = [r - a * g for r, g, a in zip(rows, dirs, lr)]
+            norm = torch.sqrt(sum(r.square().sum(dim=1) for r in rows))
+            zero = norm == 0
+            project = torch.zeros_like(zero)
+            if sparsify and left > 0:
+                penalised = self.redundant[k] & ~zero  # type: ignore[index]
+                safe = torch.where(zero, torch.ones_like(norm), norm)
+                step_lr = lr[0]
+                if step_lr > 0:
+                    # lam_g: the trial point's component along x_g, ||x|| - lr <d, x> / ||x|| - lr lam_g, is
+                    # ((left - 1) / left) ** 3 ||x||: over the stage the group fades as (1 - progress) ** 3, the
+                    # cubic of gradual magnitude pruning (fast while the network is plastic, gently near zero).
+                    # Never below lam.
+                    inner = sum((g * r).sum(dim=1) for g, r in zip(dirs, rows))
+                    fade = 1 - ((left - 1) / left) ** FADE_POWER
+                    lam_g = (norm * fade / step_lr - inner / safe).clamp(min=lead["lam"])
+                    shrink = torch.where(penalised, step_lr * lam_g / safe, torch.zeros_like(norm))
+                    trial = [t - shrink[:, None] * r for t, r in zip(trial, rows)]
+                dot = sum((t * r).sum(dim=1) for t, r in zip(trial, rows))
+                project = penalised & ((dot < lead["epsilon"] * norm.square()) | (left == 1))
+            pending.append((k, project, torch.zeros_like(norm), zero, trial))
+        return pending
+
+    def _partition(self, stepping: dict[int, tuple[list[Tensor], list[Tensor]]]) -> None:
+        """Choose the redundant groups of every set: the target count with the highest saliency (class doc)."""
+        cosines, inverse_norms = [], []
+        for k, members in enumerate(self.groups):
+            width = self.widths[k]
+            rows, dirs = stepping.get(k, ([_rows(p, d, width) for p, d, _ in members], None))
+            x = torch.cat([r.float() for r in rows], dim=1)
+            # A set without a gradient now has no direction: cosine 0.
+            g = torch.cat([r.float() for r in dirs], dim=1) if dirs is not None else torch.zeros_like(x)
+            cosines.append(torch.nn.functional.cosine_similarity(-x, -g, dim=1).cpu())
+            inverse_norms.append((1.0 / (x.norm(dim=1) / x.shape[1] + 1e-6)).cpu())
+        cos, inv = torch.cat(cosines), torch.cat(inverse_norms)
+        score = 0.5 * torch.nn.functional.normalize(cos, dim=0) + 0.5 * torch.nn.functional.normalize(inv, dim=0)
+        per_set = list(torch.split(score, self.widths))
+        cap = self.max_zero_groups
+        redundant = [torch.zeros(w, dtype=torch.bool) for w in self.widths]
+        if isinstance(cap, int):
+            # One count over all sets, highest score first (ties by position), each set keeping one group.
+            order = torch.argsort(-score, stable=True)
+            owner = torch.repeat_interleave(torch.arange(len(self.widths)), torch.tensor(self.widths))
+            offsets = [0, *torch.cumsum(torch.tensor(self.widths), 0).tolist()]
+            taken = [0] * len(self.widths)
+            left = cap
+            for i in order.tolist():
+                if left == 0:
+                    break
+                k = int(owner[i])
+                if taken[k] < self.widths[k] - 1:
+                    redundant[k][i - offsets[k]] = True
+                    taken[k] += 1
+                    left -= 1
+        else:
+            for k, (s, count) in enumerate(zip(per_set, cap)):  # type: ignore[arg-type]
+                redundant[k][torch.argsort(-s, stable=True)[:count]] = True
+        self.redundant = [r.to(members[0][0].device) for r, members in zip(redundant, self.groups)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state, plus (``dhspg``) the partition into redundant and important groups."""
+        state = super().state_dict()
+        state["redundant"] = None if self.redundant is None else [r.nonzero().squeeze(1).tolist() for r in
+                                                                   self.redundant]  # fmt: skip
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        redundant = state_dict.pop("redundant", None)
+        super().load_state_dict(state_dict)
+        if redundant is None:
+            self.redundant = None
+            return
+        if len(redundant) != len(self.groups):
+            raise ValueError(f"HSPG: the saved partition has {len(redundant)} group sets, this optimizer "
+                             f"{len(self.groups)}")  # fmt: skip
+        out = []
+        for k, index in enumerate(redundant):
+            mask = torch.zeros(self.widths[k], dtype=torch.bool)
+            mask[torch.tensor(index, dtype=torch.long)] = True
+            out.append(mask.to(self.groups[k][0][0].device))
+        self.redundant = out
 
     def _momentum(self, p: Tensor, d: Tensor, momentum: float) -> Tensor:
         if momentum == 0:
