@@ -65,6 +65,13 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         ),
         "layer_floor=0.01 + reinit": ("acdc", {**base, "layer_floor": 0.01, "dead_units": "reinit"}),
         "layer_floor=0.01 + warm-up 2 units": ("acdc", {**base, "layer_floor": 0.01, "warmup": 2 * base["warmup"]}),
+        # The ramp's better twin with the floor and warm-up that gave the sparse model its best rows at 98%.
+        "ramp=3 + layer_floor=0.01 + warm-up 2 units": (
+            "acdc", {**base, "ramp": 3, "layer_floor": 0.01, "warmup": 2 * base["warmup"]}
+        ),
+        "ramp=3 + final=0.1": ("acdc", {**base, "ramp": 3, "final": base["warmup"]}),
+        # GMP's allocation (every layer at s) instead of the paper's global magnitude ranking.
+        "distribution=uniform": ("acdc", {**base, "distribution": "uniform"}),
         # The main job's final=0.1: a 1-unit (10%) final phase instead of 2 units, room for one more C/D cycle
         # before it, so the twin can be taken one unit later in the schedule; same dense epochs.
         "final=0.1": ("acdc", {**base, "final": base["warmup"]}),
