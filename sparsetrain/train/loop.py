@@ -76,14 +76,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig | Mapping[str, Any]) ->
     """The run's optimizer: SGD (momentum, Nesterov), Adam or AdamW over ``model``'s parameters, weights decayed,
     biases and norms not.
 
-    It takes torch's multi-tensor implementation (``foreach=True``), which torch uses by default on CUDA only. On
-    CPU the default is a Python loop over parameters with a temporary per operation: on ``mlp-wide`` (5.8M weights,
-    one thread) an SGD step (Nesterov, weight decay) took 15-20 ms that way against 5.4 ms with ``foreach``, a
-    fifth of a dense training step and more of a sparse one, whose matrix products shrink while the optimizer's
-    cost does not. ``foreach`` gave bit-identical weights to the loop in our checks (SGD, Adam, AdamW), so runs
-    reproduce the ones before it, and it works on FSDP2's sharded parameters, so FSDP2 and DDP runs stay equal bit
-    for bit. torch's ``fused=True`` kernels are faster still (1.6 ms) but differ from the loop in the last bits
-    and have no sharding rule for FSDP2's parameters.
+    It takes torch's multi-tensor implementation (``foreach=True``), which torch uses by default on CUDA only; on
+    CPU the default is a Python loop over parameters with a temporary per operation, a few milliseconds more per
+    step on a model of a few million weights. ``foreach`` gives bit-identical weights to the loop (SGD, Adam,
+    AdamW; tests/test_trainer.py), so runs reproduce the ones made before it, and it works on FSDP2's sharded
+    parameters, so FSDP2 and DDP runs stay equal bit for bit. torch's ``fused=True`` kernels are faster still but
+    differ from the loop in the last bits and have no sharding rule for FSDP2's parameters.
     """
     c = as_train_config(config)
     groups = weight_decay_groups(model.parameters(), c.weight_decay)  # weights decay, biases and norms do not
