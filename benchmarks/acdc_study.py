@@ -8,6 +8,7 @@ FLOPs relative to dense training, and the gaps the targets are about (sparse - g
 
     python benchmarks/acdc_study.py                                  # the budget of the BENCHMARKS.md table
     python benchmarks/acdc_study.py --limit-train 30000 --seeds 0 1 2 --sparsities 0.8 0.9 0.95 0.98
+    python benchmarks/acdc_study.py --grid-task fmnist-lenet5 --seeds 0 1 2 --out benchmarks/results/acdc_study_lenet5
 
 Default budget: LeNet-300-100 (``mlp``) on Fashion-MNIST, 10 epochs on 15000 training samples, one seed, 90% and
 98%. Results: benchmarks/results/acdc_study/table.md and runs.jsonl (runs already there are reused; --fresh reruns).
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from accuracy import COMMON, method_options  # noqa: E402
+from accuracy import COMMON, TASKS, method_options  # noqa: E402
 
 from sparsetrain.cli import DEFAULT_RECIPE  # noqa: E402
 from sparsetrain.train.config import load_recipe, resolve  # noqa: E402
@@ -161,6 +162,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["mlp", "main"], default="mlp",
                         help="mlp: the accuracy benchmark's LeNet-300-100 budget; main: the main job's recipe")
+    parser.add_argument("--grid-task", choices=list(TASKS), default=None,
+                        help="with --task mlp: run one of the accuracy grid's tasks exactly (its model, data, "
+                             "epochs and samples; --epochs and --limit-train are then ignored)")  # fmt: skip
     parser.add_argument("--sparsities", nargs="+", type=float, default=None, help="default: 0.9 0.98 (main: 0.9)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=10)
@@ -178,6 +182,10 @@ def main() -> None:
     if main_task:
         spec = dict(threads=args.threads, plots=False)
         table_variants = main_variants()
+    elif args.grid_task:
+        spec = {**TASKS[args.grid_task], "threads": args.threads}
+        args.epochs = spec["epochs"]
+        table_variants = variants(args.epochs)
     else:
         spec = dict(dataset="fashion-mnist", model="mlp", epochs=args.epochs, limit_train=args.limit_train or None,
                     batch_size=128, threads=args.threads)  # fmt: skip
@@ -215,6 +223,8 @@ def main() -> None:
                 rows.append(done[key])
     if main_task:
         header = f"The main job (LeNet-5 on Fashion-MNIST, 30 epochs), seeds {', '.join(map(str, args.seeds))}"
+    elif args.grid_task:
+        header = f"The accuracy grid's `{args.grid_task}` task, seeds {', '.join(map(str, args.seeds))}"
     else:
         header = (f"LeNet-300-100 (`mlp`) on Fashion-MNIST, {args.epochs} epochs on {args.limit_train or 'all'} "
                   f"training samples, seeds {', '.join(map(str, args.seeds))}")  # fmt: skip
