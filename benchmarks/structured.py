@@ -16,6 +16,7 @@ Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one t
     python benchmarks/structured.py --model convbase       # MNIST-1D (the dataset follows the model)
     python benchmarks/structured.py --model resnet20 --limit-train 10000 --epochs 3 --latency-only
     python benchmarks/structured.py --seeds 0 1 2 --methods oto-dhspg channel-gmp   # a subset (dense always runs)
+    python benchmarks/structured.py --seeds 0 1 2 --methods oto-dhspg --oto-periods 3   # own run folders and files
 
 The dataset is Fashion-MNIST, or MNIST-1D for ``convbase`` (``--dataset`` overrides). ``--latency-only`` trains
 nothing: it measures the latencies again on the finished run folders of ``--out`` (e.g. on a quiet machine).
