@@ -16,6 +16,7 @@ Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one t
     python benchmarks/structured.py --model convbase       # MNIST-1D (the dataset follows the model)
     python benchmarks/structured.py --model resnet20 --limit-train 10000 --epochs 3 --latency-only
     python benchmarks/structured.py --seeds 0 1 2 --methods oto-dhspg channel-gmp   # a subset (dense always runs)
+    python benchmarks/structured.py --seeds 0 1 2 --methods oto-dhspg --oto-periods 3   # own run folders and files
 
 The dataset is Fashion-MNIST, or MNIST-1D for ``convbase`` (``--dataset`` overrides). ``--latency-only`` trains
 nothing: it measures the latencies again on the finished run folders of ``--out`` (e.g. on a quiet machine).
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--flops", type=float, default=0.5, help="fraction of forward FLOPs to remove")
     parser.add_argument("--oto-lam", type=float, default=1e-3)
     parser.add_argument("--oto-n-p", type=float, default=None, help="oto's n_p (fraction of the run)")
+    parser.add_argument("--oto-periods", type=int, default=None, help="oto-dhspg's pruning periods (default: oto's)")
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -147,10 +149,12 @@ def main() -> None:
     oto = {"target_flops": args.flops, "lam": args.oto_lam, "finish": args.finish}
     if args.oto_n_p is not None:
         oto["n_p"] = args.oto_n_p
+    periods = {} if args.oto_periods is None else {"periods": args.oto_periods}
     methods = {
         "dense": {"method": "dense", "sparsity": 0.0},
         "oto-hspg": {"method": "oto", "sparsity": group_sparsity, "method_options": {**oto, "variant": "hspg"}},
-        "oto-dhspg": {"method": "oto", "sparsity": group_sparsity, "method_options": {**oto, "variant": "dhspg"}},
+        "oto-dhspg": {"method": "oto", "sparsity": group_sparsity,
+                      "method_options": {**oto, "variant": "dhspg", **periods}},
         "variational": {"method": "variational", "sparsity": group_sparsity,
                         "method_options": {"target_flops": args.flops, "num_samples": samples, "finish": args.finish}},
         "channel-gmp": {"method": "gmp", "sparsity": group_sparsity, "mask_type": "channel"},
@@ -158,7 +162,9 @@ def main() -> None:
     }  # fmt: skip
     assert list(methods) == ["dense", *METHODS]
     methods = {name: settings for name, settings in methods.items() if name == "dense" or name in chosen}
-    out, rows = Path(args.out or f"runs/structured-benchmark-{args.model}"), []
+    # Runs are reused by folder: other pruning periods get their own.
+    suffix = "" if args.oto_periods is None else f"-periods{args.oto_periods}"
+    out, rows = Path(args.out or f"runs/structured-benchmark-{args.model}{suffix}"), []
     RESULTS.mkdir(parents=True, exist_ok=True)
     dense_latency = None
     for seed in args.seeds:
@@ -190,6 +196,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     # A subset of the methods writes its own files, leaving the full comparison's in place.
     tag = args.model + ("" if args.methods is None else "-" + "+".join(chosen))
+    tag += "" if args.oto_periods is None else f"-periods{args.oto_periods}"
     with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")

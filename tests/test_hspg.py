@@ -273,3 +273,125 @@ def test_dhspg_bad_options_are_refused(options, match):
     p = torch.nn.Parameter(torch.ones(2, 1))
     with pytest.raises(ValueError, match=match):
         HSPG([p], lr=0.1, groups=[[(p, 0, 1)]], **options)
+
+
+# ------------------------------------------------------------------------------- DHSPG pruning periods
+# W and V of dhspg_problem(momentum=0.9) after steps 12 (redundant groups half faded) and 24 (after the stage), as
+# the one-partition DHSPG (before pruning periods existed) computed them: periods=1 must reproduce them bit for bit.
+ONE_PARTITION = {
+    12: (["0x1.0d0a96p+1", "0x1.0d0a96p+0", "0x1.ec3f38p-6", "0x0p+0", "0x0p+0", "-0x1.938fe4p+0", "0x1.482a18p-6",
+          "0x1.482a18p-6", "0x1.0d0a96p+0", "0x1.0d0a96p+0", "0x0p+0", "0x1.ec3f38p-6"],
+         ["0x1.0d0a96p+0", "0x0p+0", "0x1.0d0a96p-1", "0x0p+0", "0x0p+0", "0x1.482a18p-7"]),
+    24: (["0x1.02968p+1", "0x1.02968p+0", "0x0p+0", "0x0p+0", "0x0p+0", "-0x1.83e1bep+0", "0x0p+0", "0x0p+0",
+          "0x1.02968p+0", "0x1.02968p+0", "0x0p+0", "0x0p+0"],
+         ["0x1.02968p+0", "0x0p+0", "0x1.02968p-1", "0x0p+0", "0x0p+0", "0x0p+0"]),
+}  # fmt: skip
+
+
+def test_dhspg_one_period_is_the_one_partition_dhspg_bit_for_bit():
+    W, V, opt = dhspg_problem(momentum=0.9)
+    assert opt.periods == 1  # the optimizer's default
+    for step in range(25):
+        quadratic_step(W, V, opt)
+        if step in ONE_PARTITION:
+            w, v = (torch.tensor([float.fromhex(h) for h in values]) for values in ONE_PARTITION[step])
+            assert torch.equal(W.detach().flatten(), w) and torch.equal(V.detach().flatten(), v), step
+
+
+def shrinking_problem(periods):
+    """4 groups of norms 0.5, 1, 2, 3: with no gradient the two smallest (0 and 1) are the most salient, but the
+    loss pulls group 3 towards 0.2 during the first period, after the first partition (steps 3 to 6)."""
+    x = torch.nn.Parameter(torch.tensor([[0.3, 0.4], [0.6, 0.8], [1.2, 1.6], [1.8, 2.4]]))
+    opt = HSPG([x], lr=0.5, lam=0.0, n_p=2, n_end=12, groups=[[(x, 0, 1)]], max_zero_groups=[2], variant="dhspg",
+               periods=periods)  # fmt: skip
+    return x, opt
+
+
+def shrinking_step(x, opt, step):
+    x.grad = torch.zeros_like(x)
+    if 3 <= step < 7:
+        with torch.no_grad():
+            x.grad[3] = x[3] - torch.tensor([0.12, 0.16])
+    opt.step()
+
+
+def test_dhspg_later_periods_choose_by_the_saliency_at_their_start():
+    x, opt = shrinking_problem(periods=2)  # periods [2, 7) and [7, 12), one group each
+    norms = []
+    for step in range(14):
+        shrinking_step(x, opt, step)
+        norms.append(x.detach().norm(dim=1))
+        if 2 <= step < 7:  # the first period: the smallest group, chosen at step 2
+            assert opt.redundant[0].tolist() == [True, False, False, False] and opt.period == 1
+        if step >= 7:  # the second: group 3, by then the smallest of the others (group 1 was smaller at step 2)
+            assert opt.redundant[0].tolist() == [True, False, False, True] and opt.period == 2
+            assert opt.active[0].tolist() == [False, False, False, True]
+    assert all(n[0] == 0 for n in norms[6:])  # zero by its period's last step (6), and stays zero
+    assert all(n[3] > 0 for n in norms[:11]) and all(n[3] == 0 for n in norms[11:])  # by the stage's last step
+    assert norms[-1][1] == pytest.approx(1.0) and norms[-1][2] == pytest.approx(2.0)  # important: untouched
+    assert opt.group_sparsity() == 0.5
+    # One partition at step 2 takes the two smallest groups then, and keeps them.
+    x1, opt1 = shrinking_problem(periods=1)
+    for step in range(14):
+        shrinking_step(x1, opt1, step)
+    assert opt1.redundant[0].tolist() == [True, True, False, False]
+    assert (x1.detach().norm(dim=1) == 0).tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize("cap", [[3], 3])
+def test_dhspg_periods_reach_the_target_in_shares(cap):
+    # 6 groups, target 3 over 3 periods of 5 steps from step 5: 1, 2, 3 zero groups by steps 9, 14, 19.
+    W, V, opt = dhspg_problem(momentum=0.9)
+    opt = HSPG([W, V], lr=0.1, lam=0.01, momentum=0.9, n_p=5, groups=[[(W, 0, 1), (V, 1, 1)]], max_zero_groups=cap,
+               variant="dhspg", n_end=20, periods=3)  # fmt: skip
+    zeros = []
+    for _ in range(25):
+        quadratic_step(W, V, opt)
+        zeros.append(int((group_rows(W, V).norm(dim=1) == 0).sum()))
+    assert zeros[4] == 0 and zeros[9] == 1 and zeros[14] == 2 and zeros[19:] == [3] * 6
+    assert [int(opt.redundant[0].sum()), opt.period] == [3, 3]
+    assert torch.equal(group_rows(W, V).norm(dim=1) == 0, opt.redundant[0])
+
+
+def test_dhspg_state_dict_round_trip_across_a_period_boundary():
+    def problem():
+        W, V, _ = dhspg_problem()
+        opt = HSPG([W, V], lr=0.1, lam=0.01, momentum=0.9, n_p=5, groups=[[(W, 0, 1), (V, 1, 1)]],
+                   max_zero_groups=[3], variant="dhspg", n_end=20, periods=3)  # fmt: skip
+        return W, V, opt
+
+    W, V, opt = problem()
+    for _ in range(10):  # the next step (10) starts the second period
+        quadratic_step(W, V, opt)
+    saved = roundtrip({"W": W.detach().clone(), "V": V.detach().clone(), "opt": opt.state_dict()})
+    for _ in range(15):
+        quadratic_step(W, V, opt)
+    W2, V2, opt2 = problem()
+    with torch.no_grad():
+        W2.copy_(saved["W"])
+        V2.copy_(saved["V"])
+    opt2.load_state_dict(saved["opt"])
+    for _ in range(15):
+        quadratic_step(W2, V2, opt2)
+    assert torch.equal(W, W2) and torch.equal(V, V2)
+    assert [opt2.redundant[0].tolist(), opt2.active[0].tolist(), opt2.period] == [
+        opt.redundant[0].tolist(), opt.active[0].tolist(), opt.period]  # fmt: skip
+    # A state saved with other periods is refused.
+    W3, V3, opt3 = dhspg_problem()
+    with pytest.raises(ValueError, match="periods=3"):
+        opt3.load_state_dict(saved["opt"])
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(variant="dhspg", max_zero_groups=[1], n_p=5, n_end=10, periods=0), "periods must be an integer"),
+        (dict(variant="dhspg", max_zero_groups=[1], n_p=5, n_end=10, periods=True), "periods must be an integer"),
+        (dict(variant="dhspg", max_zero_groups=[1], n_p=5, n_end=10, periods=6), r"n_end - n_p = 5"),
+        (dict(periods=2), "variant 'dhspg' only"),
+    ],
+)
+def test_bad_periods_are_refused(options, match):
+    p = torch.nn.Parameter(torch.ones(2, 1))
+    with pytest.raises(ValueError, match=match):
+        HSPG([p], lr=0.1, groups=[[(p, 0, 1)]], **options)

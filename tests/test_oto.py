@@ -102,6 +102,7 @@ def test_a_plain_optimizer_is_refused():
 
 
 def dhspg_run(seed=0, **extra):
+    extra.setdefault("periods", 1)  # one partition unless a test says otherwise (whatever oto's default)
     torch.manual_seed(seed)
     model = Net()
     s = sparsetrain.create("oto", model, sparsity=0.5, total_steps=30, unit="steps", n_p=5, finish=20,
@@ -143,16 +144,18 @@ def test_dhspg_zeroes_exactly_the_target_by_finish_and_slims_exactly():
         assert (small(x) - model(x)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("split", [3, 10, 20])  # before the partition, inside the stage, after finish
-def test_dhspg_resume_is_bit_identical(split):
+# before the partition, inside the stage, after finish; periods 5-10, 10-15, 15-20: at a period's first step
+# (the partition of the second period runs after the resume), inside it, at the third's first step
+@pytest.mark.parametrize("periods, split", [(1, 3), (1, 10), (1, 20), (3, 10), (3, 12), (3, 15)])
+def test_dhspg_resume_is_bit_identical(periods, split):
     from helpers.shared import roundtrip
 
-    model, s, optimizer = dhspg_run()
+    model, s, optimizer = dhspg_run(periods=periods)
     train(model, s, optimizer, split)
     saved = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "sparsifier": s.state_dict()})
     train(model, s, optimizer, 30, start=split)
 
-    model2, s2, optimizer2 = dhspg_run(seed=123)  # other initial weights: everything must come from the checkpoint
+    model2, s2, optimizer2 = dhspg_run(seed=123, periods=periods)  # other initial weights: all from the checkpoint
     model2.load_state_dict(saved["model"])
     optimizer2.load_state_dict(saved["optimizer"])
     s2.load_state_dict(saved["sparsifier"])
@@ -161,6 +164,42 @@ def test_dhspg_resume_is_bit_identical(split):
         assert torch.equal(a, b), f"{name} differs after resume"
     assert [r.tolist() for r in optimizer2.redundant] == [r.tolist() for r in optimizer.redundant]
     assert all(torch.equal(s.masks[n], s2.masks[n]) for n in s.masks) and s2.history == s.history
+
+
+def test_dhspg_periods_reach_exactly_the_target_in_shares_and_slim_exactly():
+    # 3 periods from n_p = 5 to finish = 20: 1, 2, then all 4 of the 8 tied channels zero by steps 9, 14, 19.
+    model, s, optimizer = dhspg_run(periods=3)
+    zeros, chosen = [], []
+    for step in range(30):
+        train(model, s, optimizer, step + 1, start=step)
+        zeros.append(zero_channels(model))
+        chosen.append(None if optimizer.redundant is None else int(optimizer.redundant[0].sum()))
+    assert chosen[4] is None and chosen[5:10] == [1] * 5 and chosen[10:15] == [2] * 5 and chosen[15:] == [4] * 15
+    assert zeros[9] == 1 and zeros[14] == 2 and zeros[19:] == [4] * 11
+    assert all(a <= b for a, b in zip(zeros, zeros[1:]))  # zero groups stay zero
+    assert torch.equal((model.conv1.weight.flatten(1) == 0).all(dim=1), optimizer.redundant[0])
+    assert s.group_sparsity() == 0.5 and [h["reason"] for h in s.history if h["event"] == "mask_update"] == [
+        "oto: prune to target"
+    ]
+    model.eval()
+    small = slim(model, torch.zeros(1, 1, 6, 6))
+    x = torch.randn(32, 1, 6, 6)
+    with torch.no_grad():
+        assert small.conv1.out_channels == 4 and (small(x) - model(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(variant="dhspg", periods=0), "periods must be an integer >= 1, got 0"),
+        (dict(variant="dhspg", periods=16), r"periods \(16\) must not exceed the steps from n_p to finish \(15\)"),
+        (dict(variant="hspg", periods=2), "variant 'dhspg' only"),
+    ],
+)
+def test_bad_periods_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        sparsetrain.create("oto", Net(), sparsity=0.5, total_steps=30, unit="steps", n_p=5, finish=20,
+                           example_input=torch.zeros(1, 1, 6, 6), **options)  # fmt: skip
 
 
 def test_dhspg_needs_n_p_before_finish():

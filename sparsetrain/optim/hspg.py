@@ -108,22 +108,27 @@ class HSPG(torch.optim.Optimizer):
 
     ``variant="dhspg"``: OTOv2's Dual Half-Space Projected Gradient (Chen et al., ICLR 2023, arXiv 2303.06862),
     which needs the target (``max_zero_groups``) and the end of its sparsification stage (``n_end``). Before
-    ``n_p`` every parameter takes the plain momentum-SGD step (no penalty). At the first step from ``n_p`` on the
-    groups are partitioned once: in every set the target count of groups (per set, or over all sets for an int
-    cap, each set keeping one) with the highest saliency are *redundant*, the rest *important*. The saliency is
-    the paper's: the mean of the cosine between ``-x_g`` and ``-d_g`` and of ``1 / (||x_g|| / size_g)``, each
-    vector normalised to unit length over all groups. Important groups take the momentum-SGD step and are never
-    projected. A redundant group's trial point is ``t_g = x_g - lr * d_g - lr * lam_g * x_g / ||x_g||`` (the
-    penalty outside the momentum, as the reference code), with ``lam_g`` chosen at every step so that the trial
-    point's component along ``x_g`` is ``((r - 1) / r)^3 ||x_g||``, ``r = n_end - step`` the steps left in the
-    stage, and at least ``lam``: along itself the group fades as ``(1 - progress)^3`` (the cubic of gradual
-    magnitude pruning, Zhu & Gupta 2017), whatever its gradient. It is projected to zero by the half-space test
-    above, and at the stage's last step (``r = 1``) any redundant group still nonzero is set to zero (its trial
-    point is then within ``lr * ||d_g||`` of the origin). Differences from the paper: the paper raises ``lam_g``
-    until the step points into the origin (a bound from the angle between ``d_g`` and ``x_g``); this rule also
-    fixes *when* the group reaches the origin, so the target is met by the end of the stage and the steps after
-    it train the remaining network; the partition is exact per set where the reference code adds a tolerance to
-    a global count.
+    ``n_p`` every parameter takes the plain momentum-SGD step (no penalty). The stage from ``n_p`` to ``n_end``
+    is split into ``periods`` pruning periods of (near) equal length (the reference code's ``pruning_periods``;
+    1, the default, is one partition for the whole stage). At the first step of period ``i`` (0-based) the groups
+    not chosen yet are ranked by saliency, evaluated then, and the highest-ranked are added to the *redundant*
+    groups until they number ``floor(target * (i + 1) / periods)`` (per set, or over all sets for an int cap,
+    each set keeping one group); the others stay *important*. The saliency is the paper's: the mean of the
+    cosine between ``-x_g`` and ``-d_g`` and of ``1 / (||x_g|| / size_g)``, each vector normalised to unit
+    length over the groups ranked. Important groups take the momentum-SGD step and are never projected. A
+    redundant group of the current period has the trial point ``t_g = x_g - lr * d_g - lr * lam_g * x_g /
+    ||x_g||`` (the penalty outside the momentum, as the reference code), with ``lam_g`` chosen at every step so
+    that the trial point's component along ``x_g`` is ``((r - 1) / r)^3 ||x_g||``, ``r`` the steps left in the
+    period, and at least ``lam``: along itself the group fades as ``(1 - progress through the period)^3`` (the
+    cubic of gradual magnitude pruning, Zhu & Gupta 2017), whatever its gradient. It is projected to zero by the
+    half-space test above, and at the period's last step (``r = 1``) any of them still nonzero is set to zero
+    (its trial point is then within ``lr * ||d_g||`` of the origin); the redundant groups of earlier periods
+    stay zero. Differences from the paper: the paper raises ``lam_g`` until the step points into the origin (a
+    bound from the angle between ``d_g`` and ``x_g``); this rule also fixes *when* the group reaches the origin,
+    so each period's share is met by its end, the target by the end of the stage, and the steps after it train
+    the remaining network; the paper (ICLR 2023) partitions once, the reference code's ``pruning_periods`` (as
+    in its HESSO optimizer) choose the target in shares as here but fade each share linearly within its period;
+    the partition is exact per set where the reference code adds a tolerance to a global count.
 
     Defaults: ``lam = 1e-3`` (the reference implementation's default for SGD), ``epsilon = 0`` (the most
     conservative half-space: a group is projected only when its trial point crosses the hyperplane through the
@@ -144,6 +149,8 @@ class HSPG(torch.optim.Optimizer):
         max_zero_groups: None (no cap), an int (over all sets) or one int per set.
         variant: "hspg" (NeurIPS 2021) or "dhspg" (OTOv2).
         n_end: "dhspg" only: the step by which every redundant group is zero (> ``n_p``).
+        periods: "dhspg" only: pruning periods from ``n_p`` to ``n_end``, each choosing its share of the target
+            by the saliency at its start (1 to ``n_end - n_p``; the other variant takes 1).
     """
 
     def __init__(
@@ -161,17 +168,28 @@ class HSPG(torch.optim.Optimizer):
         max_zero_groups: int | Sequence[int] | None = None,
         variant: str = "hspg",
         n_end: int | None = None,
+        periods: int = 1,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"HSPG: variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+        if isinstance(periods, bool) or not isinstance(periods, int) or periods < 1:
+            raise ValueError(f"HSPG: periods must be an integer >= 1, got {periods!r}")
         if variant == "dhspg":
             if max_zero_groups is None:
                 raise ValueError("HSPG: variant 'dhspg' needs the target, max_zero_groups (got None)")
             if isinstance(n_end, bool) or not isinstance(n_end, int) or not n_end > n_p:
                 raise ValueError(f"HSPG: variant 'dhspg' needs n_end, an integer step > n_p ({n_p!r}); got {n_end!r}")
-        self.variant, self.n_end = variant, n_end
-        # dhspg: per set, the redundant groups (a bool per group), chosen once at the first step from n_p on.
+            if periods > n_end - n_p:
+                raise ValueError(f"HSPG: periods ({periods}) must not exceed the steps of the stage, n_end - n_p = "
+                                 f"{n_end - n_p}: every period needs a step")  # fmt: skip
+        elif periods != 1:
+            raise ValueError(f"HSPG: periods is for variant 'dhspg' only; variant {variant!r} takes 1, got {periods!r}")
+        self.variant, self.n_end, self.periods = variant, n_end, periods
+        # dhspg: per set, the redundant groups (a bool per group) chosen so far, all periods together; ``active``
+        # those of the latest period (the ones fading now); ``period`` how many periods have chosen theirs.
         self.redundant: list[Tensor] | None = None
+        self.active: list[Tensor] | None = None
+        self.period = 0
         defaults = dict(lr=lr, lam=lam, epsilon=epsilon, n_p=n_p, stage1=stage1, momentum=momentum,
                         weight_decay=weight_decay, step=0)  # fmt: skip
         _check_group(defaults)
@@ -312,10 +330,12 @@ class HSPG(torch.optim.Optimizer):
             stepping.append((k, rows, dirs))
         lead = self.param_groups[0]
         sparsify = lead["step"] >= lead["n_p"]
-        if sparsify and self.redundant is None:
-            self._partition({k: (rows, dirs) for k, rows, dirs in stepping})
-        assert self.n_end is not None
-        left = self.n_end - lead["step"]  # steps left in the stage, this one included
+        left = 0
+        if sparsify:
+            period = self._period_at(lead["step"])
+            if self.period <= period:  # this period's groups are not chosen yet: choose them by today's saliency
+                self._partition({k: (rows, dirs) for k, rows, dirs in stepping}, period)
+            left = self._period_start(period + 1) - lead["step"]  # steps left in the period, this one included
         pending = []
         for k, rows, dirs in stepping:
             members = self.groups[k]
@@ -325,7 +345,10 @@ class HSPG(torch.optim.Optimizer):
             zero = norm == 0
             project = torch.zeros_like(zero)
             if sparsify and left > 0:
-                penalised = self.redundant[k] & ~zero  # type: ignore[index]
+                penalised = self.active[k] & ~zero  # type: ignore[index]
+                # Groups of earlier periods were zeroed at their period's end: should one have missed it (its set
+                # had no gradient then), it is zeroed now.
+                late = self.redundant[k] & ~self.active[k] & ~zero  # type: ignore[index]
                 safe = torch.where(zero, torch.ones_like(norm), norm)
                 step_lr = lr[0]
                 if step_lr > 0:
@@ -339,12 +362,29 @@ class HSPG(torch.optim.Optimizer):
                     shrink = torch.where(penalised, step_lr * lam_g / safe, torch.zeros_like(norm))
                     trial = [t - shrink[:, None] * r for t, r in zip(trial, rows)]
                 dot = sum((t * r).sum(dim=1) for t, r in zip(trial, rows))
-                project = penalised & ((dot < lead["epsilon"] * norm.square()) | (left == 1))
+                project = penalised & ((dot < lead["epsilon"] * norm.square()) | (left == 1)) | late
             pending.append((k, project, torch.zeros_like(norm), zero, trial))
         return pending
 
-    def _partition(self, stepping: dict[int, tuple[list[Tensor], list[Tensor]]]) -> None:
-        """Choose the redundant groups of every set: the target count with the highest saliency (class doc)."""
+    def _period_start(self, period: int) -> int:
+        """The first step of ``period`` (0-based) of the stage; ``periods`` gives ``n_end``."""
+        assert self.n_end is not None
+        n_p = self.param_groups[0]["n_p"]
+        return n_p + (period * (self.n_end - n_p)) // self.periods
+
+    def _period_at(self, step: int) -> int:
+        """The period ``step`` (>= n_p) falls in; the last one from ``n_end`` on."""
+        period = 0
+        while period + 1 < self.periods and self._period_start(period + 1) <= step:
+            period += 1
+        return period
+
+    def _partition(self, stepping: dict[int, tuple[list[Tensor], list[Tensor]]], period: int = 0) -> None:
+        """Choose the redundant groups of ``period`` in every set (class doc): the share of the target up to and
+        including ``period``, less the groups earlier periods chose, by the highest saliency among the others."""
+        chosen = self.redundant if self.redundant is not None else [torch.zeros(w, dtype=torch.bool) for w in
+                                                                     self.widths]  # fmt: skip
+        chosen = [c.cpu() for c in chosen]
         cosines, inverse_norms = [], []
         for k, members in enumerate(self.groups):
             width = self.widths[k]
@@ -355,53 +395,84 @@ class HSPG(torch.optim.Optimizer):
             cosines.append(torch.nn.functional.cosine_similarity(-x, -g, dim=1).cpu())
             inverse_norms.append((1.0 / (x.norm(dim=1) / x.shape[1] + 1e-6)).cpu())
         cos, inv = torch.cat(cosines), torch.cat(inverse_norms)
-        score = 0.5 * torch.nn.functional.normalize(cos, dim=0) + 0.5 * torch.nn.functional.normalize(inv, dim=0)
+        # The saliency is normalised over the groups still to choose from: the zero groups of earlier periods
+        # (inverse norm 1e6) would otherwise flatten every other group's norm score.
+        candidate = ~torch.cat(chosen)
+        score = torch.full_like(cos, -math.inf)
+        score[candidate] = (0.5 * torch.nn.functional.normalize(cos[candidate], dim=0)
+                            + 0.5 * torch.nn.functional.normalize(inv[candidate], dim=0))  # fmt: skip
         per_set = list(torch.split(score, self.widths))
         cap = self.max_zero_groups
-        redundant = [torch.zeros(w, dtype=torch.bool) for w in self.widths]
+        # The periods up to this one take their share of the target: cap * (period + 1) // periods in all.
+        share = period + 1
+        new = [torch.zeros(w, dtype=torch.bool) for w in self.widths]
         if isinstance(cap, int):
             # One count over all sets, highest score first (ties by position), each set keeping one group.
             order = torch.argsort(-score, stable=True)
             owner = torch.repeat_interleave(torch.arange(len(self.widths)), torch.tensor(self.widths))
             offsets = [0, *torch.cumsum(torch.tensor(self.widths), 0).tolist()]
-            taken = [0] * len(self.widths)
-            left = cap
+            taken = [int(c.sum()) for c in chosen]
+            left = cap * share // self.periods - sum(taken)
             for i in order.tolist():
-                if left == 0:
+                if left <= 0:
                     break
                 k = int(owner[i])
-                if taken[k] < self.widths[k] - 1:
-                    redundant[k][i - offsets[k]] = True
+                if candidate[i] and taken[k] < self.widths[k] - 1:
+                    new[k][i - offsets[k]] = True
                     taken[k] += 1
                     left -= 1
         else:
+            candidates = torch.split(candidate, self.widths)
             for k, (s, count) in enumerate(zip(per_set, cap)):  # type: ignore[arg-type]
-                redundant[k][torch.argsort(-s, stable=True)[:count]] = True
-        self.redundant = [r.to(members[0][0].device) for r, members in zip(redundant, self.groups)]
+                more = max(0, count * share // self.periods - int(chosen[k].sum()))
+                order = torch.argsort(-s, stable=True)
+                new[k][order[candidates[k][order]][:more]] = True
+        self.active = [n.to(members[0][0].device) for n, members in zip(new, self.groups)]
+        self.redundant = [(c | n).to(members[0][0].device) for c, n, members in zip(chosen, new, self.groups)]
+        self.period = period + 1
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state, plus (``dhspg``) the partition into redundant and important groups."""
+        """torch's optimizer state, plus (``dhspg``) the partition: the redundant groups chosen so far, those of
+        the latest period, and how many periods have chosen theirs."""
         state = super().state_dict()
-        state["redundant"] = None if self.redundant is None else [r.nonzero().squeeze(1).tolist() for r in
-                                                                   self.redundant]  # fmt: skip
+
+        def indices(masks: list[Tensor] | None) -> list[list[int]] | None:
+            return None if masks is None else [m.nonzero().squeeze(1).tolist() for m in masks]
+
+        state["redundant"] = indices(self.redundant)
+        state["active"] = indices(self.active)
+        state["period"] = self.period
+        state["periods"] = self.periods
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         redundant = state_dict.pop("redundant", None)
+        # A checkpoint from before the periods: one partition, all of it the latest period's.
+        active = state_dict.pop("active", redundant)
+        period = state_dict.pop("period", 0 if redundant is None else 1)
+        periods = state_dict.pop("periods", self.periods)
+        if periods != self.periods:
+            raise ValueError(f"HSPG: the saved state is of a run with periods={periods}, this optimizer has "
+                             f"periods={self.periods}")  # fmt: skip
         super().load_state_dict(state_dict)
         if redundant is None:
-            self.redundant = None
+            self.redundant = self.active = None
+            self.period = 0
             return
-        if len(redundant) != len(self.groups):
+        if len(redundant) != len(self.groups) or len(active) != len(self.groups):
             raise ValueError(f"HSPG: the saved partition has {len(redundant)} group sets, this optimizer "
                              f"{len(self.groups)}")  # fmt: skip
-        out = []
-        for k, index in enumerate(redundant):
-            mask = torch.zeros(self.widths[k], dtype=torch.bool)
-            mask[torch.tensor(index, dtype=torch.long)] = True
-            out.append(mask.to(self.groups[k][0][0].device))
-        self.redundant = out
+
+        def masks(index_lists: list[list[int]]) -> list[Tensor]:
+            out = []
+            for k, index in enumerate(index_lists):
+                mask = torch.zeros(self.widths[k], dtype=torch.bool)
+                mask[torch.tensor(index, dtype=torch.long)] = True
+                out.append(mask.to(self.groups[k][0][0].device))
+            return out
+
+        self.redundant, self.active, self.period = masks(redundant), masks(active), int(period)
 
     def _momentum(self, p: Tensor, d: Tensor, momentum: float) -> Tensor:
         if momentum == 0:
