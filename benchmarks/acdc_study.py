@@ -71,6 +71,8 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
             "acdc", {**base, "ramp": 3, "layer_floor": 0.01, "warmup": 2 * base["warmup"]}
         ),
         "ramp=3 + final=0.1": ("acdc", {**base, "ramp": 3, "final": base["warmup"]}),
+        # A shorter ramp (0.5 s, then s): one more compression at s before the final one than ramp=3.
+        "ramp=2": ("acdc", {**base, "ramp": 2}),
         # GMP's allocation (every layer at s) instead of the paper's global magnitude ranking.
         "distribution=uniform": ("acdc", {**base, "distribution": "uniform"}),
         # The main job's final=0.1: a 1-unit (10%) final phase instead of 2 units, room for one more C/D cycle
