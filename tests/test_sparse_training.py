@@ -170,6 +170,23 @@ def test_evaluation_forwards_run_on_csr_and_match_dense():
     assert layers["1.weight"]["eval_forwards_csr"] == 3 and layers["3.weight"]["eval_forwards_csr"] == 2
 
 
+def test_evaluation_under_inference_mode_then_training_goes_on():
+    # A CSR copy gathered under torch.inference_mode() (an inference tensor) is served to the next training
+    # forward when no step came between: training must still run and match the dense path.
+    model, optimizer, sparsifier = setup()
+    reference, ref_optimizer, _ = setup()
+    kernels = SparseKernels(sparsifier, force=True, time_layers=False)
+    x = torch.randn(6, 32)
+    for seed in range(3):
+        step(model, optimizer, seed)
+        step(reference, ref_optimizer, seed)
+        with torch.inference_mode():
+            close(model(x), reference(x))
+    for p, q in zip(model.parameters(), reference.parameters()):
+        close(p, q)
+    assert kernels.forwards["3.weight"]["csr"] == 3 and kernels.eval_forwards["3.weight"]["csr"] == 3
+
+
 def test_evaluation_choice_is_timed_separately_from_training():
     # Below min_sparsity nothing is timed; above it, evaluation and training get decisions of their own.
     model, optimizer, sparsifier = setup(sparsity=0.9)
