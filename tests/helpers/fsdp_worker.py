@@ -115,22 +115,8 @@ def train(run: str, stop: int = TOTAL, state: dict | None = None, checks: list |
             torch.save(sparsifier.state_dict(), payload)
             saved = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
                      "sparsifier": payload.getvalue()}  # fmt: skip
-        g = torch.Generator().manual_seed(1000 * rank + step)
-        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
-
-        def closure(x=x, y=y):
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        if checks is not None:
-            for name, param in sparsifier.params.items():
-                weights, mask = gather_rows(param.to_local()), gather_rows(sparsifier.masks[name])
-                masked = weights[~mask]
-                if bool((masked != 0).any()) or bool(torch.signbit(masked).any()):
-                    checks.append(f"step {step}: masked weights of {name} are not +0.0")
+        run_steps(model, optimizer, sparsifier, range(step, step + 1), [rank],
+                  lambda t: gather_rows(local_of(t)), [] if checks is None else checks)  # fmt: skip
     return model, sparsifier, saved
 
 
