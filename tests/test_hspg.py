@@ -395,3 +395,15 @@ def test_bad_periods_are_refused(options, match):
     p = torch.nn.Parameter(torch.ones(2, 1))
     with pytest.raises(ValueError, match=match):
         HSPG([p], lr=0.1, groups=[[(p, 0, 1)]], **options)
+
+
+@pytest.mark.parametrize("partition", [[[1, 3, 9]], [[1, "3"]], [[-1]]])
+def test_dhspg_refuses_a_saved_partition_that_names_no_group(partition):
+    W, V, opt = dhspg_problem()
+    for _ in range(6):
+        quadratic_step(W, V, opt)
+    state = opt.state_dict()
+    state["redundant"] = state["active"] = partition
+    _, _, fresh = dhspg_problem()
+    with pytest.raises(ValueError, match=r"partition of group set 0 .* in \[0, 6\)"):
+        fresh.load_state_dict(state)

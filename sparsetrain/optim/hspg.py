@@ -467,7 +467,11 @@ class HSPG(torch.optim.Optimizer):
         def masks(index_lists: list[list[int]]) -> list[Tensor]:
             out = []
             for k, index in enumerate(index_lists):
-                mask = torch.zeros(self.widths[k], dtype=torch.bool)
+                width = self.widths[k]
+                if not isinstance(index, list) or not all(type(i) is int and 0 <= i < width for i in index):
+                    raise ValueError(f"HSPG: the saved partition of group set {k} is not a list of group indices "
+                                     f"in [0, {width})")  # fmt: skip
+                mask = torch.zeros(width, dtype=torch.bool)
                 mask[torch.tensor(index, dtype=torch.long)] = True
                 out.append(mask.to(self.groups[k][0][0].device))
             return out
