@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=20000, help="--runs: training images (0: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="--runs: seeds")
     parser.add_argument("--runs-out", default="runs/training-speed", help="--runs: run folders and runs.json")
+    parser.add_argument("--methods", nargs="+", choices=[m for m, _ in RUN_CONFIGS[1:]], default=None,
+                        help="--runs: only these sparse configurations (the dense baseline always runs)")  # fmt: skip
     args = parser.parse_args()
     if args.runs:
         return whole_runs(args)
@@ -225,9 +227,10 @@ def finish_job(process, out: str) -> dict:
 
 def whole_runs(args) -> None:
     base = args.runs_out
+    configs = [(m, s) for m, s in RUN_CONFIGS if m == "dense" or args.methods is None or m in args.methods]
     jobs = []  # pairs started together
     for seed in args.seeds:
-        for method, sparsity in RUN_CONFIGS:
+        for method, sparsity in configs:
             modes = ("off",) if method == "dense" else ("off", "auto")
             jobs.append([(method, sparsity, mode, seed) for mode in modes])
     # The dense runs have no partner of their own: pair them with each other (and a lone one with a spare dense
@@ -258,7 +261,7 @@ def whole_runs(args) -> None:
     dense_wall = {r["seed"]: r["wall_s"] for r in results if r["method"] == "dense"}
     print(f"\n{'method':8s}{'sparsity':>9s}{'mode':>6s}{'wall / dense (mean)':>22s}{'acc mean +- std':>18s}"
           f"{'peak MiB':>10s}")  # fmt: skip
-    for method, sparsity in RUN_CONFIGS:
+    for method, sparsity in configs:
         for mode in ("off",) if method == "dense" else ("off", "auto"):
             rows = [r for r in results if r["method"] == method and r["mode"] == mode]
             ratio = statistics.mean(r["wall_s"] / dense_wall[r["seed"]] for r in rows)

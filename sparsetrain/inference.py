@@ -151,14 +151,25 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 7, min_time: float = 2e-3
 
 
 def time_paired(
-    fns: Sequence[Callable[[], Any]], *, repeats: int = 7, min_time: float = 2e-3, warmup: int = 3
+    fns: Sequence[Callable[[], Any]],
+    *,
+    repeats: int = 7,
+    min_time: float = 2e-3,
+    warmup: int = 3,
+    settled: Callable[[list[list[float]]], bool] | None = None,
 ) -> list[float]:
-    """Median seconds per call of each of ``fns``, their repeats interleaved so that drift hits them all alike."""
+    """Median seconds per call of each of ``fns``, their repeats interleaved so that drift hits them all alike.
+
+    Each function first runs ``warmup`` times, then its loop count is calibrated so that one timed loop lasts at
+    least ``min_time``; the calibration's last loop is the first of its ``repeats`` samples. ``settled``, if given,
+    sees the samples so far (one list per function) after each further round and ends the timing early when it
+    returns True (a caller whose decision can no longer change need not pay for more rounds)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     loops = []
-    for fn in fns:
+    samples: list[list[float]] = [[] for _ in fns]
+    for fn, out in zip(fns, samples):
         # Calibrate a loop count per function so that perf_counter's resolution and the loop cost vanish.
         n = 1
         while True:
@@ -170,8 +181,10 @@ def time_paired(
                 break
             n = max(2 * n, int(n * min_time / max(elapsed, 1e-9)) + 1)
         loops.append(n)
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
+        out.append(elapsed / n)
+    for _ in range(repeats - 1):
+        if settled is not None and settled(samples):
+            break
         for fn, n, out in zip(fns, loops, samples):
             start = time.perf_counter()
             for _ in range(n):

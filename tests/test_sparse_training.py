@@ -8,12 +8,14 @@ No speed is asserted (benchmarks/training_speed.py measures it); where a choice 
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
 from torch import nn
 
 import sparsetrain
+from sparsetrain.inference import time_paired
 from sparsetrain.sparse_training import SparseKernels, sparse_linear
 
 
@@ -275,6 +277,41 @@ def test_timed_choice_is_reported_with_times_and_follows_the_rule():
 def test_rule_needs_the_margin_and_the_minimum_gain(dense_ms, sparse_ms, expected):
     _, _, sparsifier = setup()
     assert SparseKernels(sparsifier).rule(dense_ms / 1e3, sparse_ms / 1e3) == expected
+
+
+@pytest.mark.parametrize(
+    "dense_ms, sparse_ms, settled",
+    [
+        ([10.0, 10.5, 9.8], [4.0, 4.2, 5.0], True),  # CSR faster in every pairing
+        ([10.0, 10.5, 9.8], [20.0, 25.0, 21.0], True),  # CSR slower in every pairing
+        ([10.0, 10.5, 9.8], [9.0, 10.9, 9.3], False),  # the median says CSR, the worst pairing dense
+        ([10.0, 10.5], [4.0, 4.2], False),  # fewer than 3 samples: never settled
+    ],
+)
+def test_timing_stops_early_only_when_more_rounds_cannot_change_the_choice(dense_ms, sparse_ms, settled):
+    _, _, sparsifier = setup()
+    kernels = SparseKernels(sparsifier)
+    assert kernels._settled([[t / 1e3 for t in dense_ms], [t / 1e3 for t in sparse_ms]]) is settled
+
+
+def test_settled_timing_runs_fewer_rounds_and_a_close_call_all_of_them():
+    calls = {"a": 0, "b": 0}
+
+    def timed(name: str, seconds: float):
+        def fn() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return fn
+
+    # Each call lasts longer than min_time, so every loop is one call: warmup, the calibration (sample 1), rounds.
+    time_paired([timed("a", 3e-3), timed("b", 3e-3)], repeats=7, min_time=1e-3, warmup=1,
+                settled=lambda samples: len(samples[0]) >= 3)  # fmt: skip
+    assert calls == {"a": 1 + 3, "b": 1 + 3}
+    calls.update(a=0, b=0)
+    time_paired([timed("a", 3e-3), timed("b", 3e-3)], repeats=7, min_time=1e-3, warmup=1,
+                settled=lambda samples: False)  # fmt: skip
+    assert calls == {"a": 1 + 7, "b": 1 + 7}
 
 
 def test_refuses_bad_options():
