@@ -26,7 +26,9 @@ Which layers use it (the rule, per layer, stated so a test can rely on it):
   thread: the 2048x2048 layer's forward 19.5 ms on CSR against 76 ms dense, the 10x2048 output layer slower on CSR
   (it stays dense);
 - otherwise the first training forward after a mask change times the layer's forward + backward, dense against
-  sparse, on tensors shaped like the input it receives (the run's batch size), median of interleaved repeats. CSR
+  sparse, on tensors shaped like the input it receives (the run's batch size), median of interleaved repeats (at
+  most ``repeats``; after 3 the timing stops once the fastest dense sample against the slowest CSR one and the
+  reverse pairing give the same choice, which halves the cost of clear-cut layers). CSR
   is chosen only if its time is at most ``1 - margin`` (default 0.95) of dense *and* it saves at least ``min_gain``
   (default 0.1 ms) per forward + backward. Below that the saving is under this machine's timing noise, and the
   layout change around the layer can eat it: a CSR layer's output is column-major, and an elementwise op between
