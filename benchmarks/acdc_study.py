@@ -78,6 +78,8 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         # within the paper's first compressed phase; every later phase is the paper's.
         "inphase_ramp=2": ("acdc", {**base, "inphase_ramp": 2}),
         "inphase_ramp=4": ("acdc", {**base, "inphase_ramp": 4}),
+        # The in-phase updates empty more rows than one compression from dense: with those rows re-initialised.
+        "inphase_ramp=4 + dead_units=reinit": ("acdc", {**base, "inphase_ramp": 4, "dead_units": "reinit"}),
         # GMP's allocation (every layer at s) instead of the paper's global magnitude ranking.
         "distribution=uniform": ("acdc", {**base, "distribution": "uniform"}),
         # The main job's final=0.1: a 1-unit (10%) final phase instead of 2 units, room for one more C/D cycle
