@@ -2,7 +2,8 @@
 
 Every run has the accuracy benchmark's trainer, optimizer, learning-rate schedule and AC/DC timeline (10% warm-up,
 10% compressed and decompressed phases, final 20%, in whole epochs: ``accuracy.method_options``); only one option
-of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``score``; see the ``ACDC`` docstring).
+of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``inphase_ramp``, ``score``; see the
+``ACDC`` docstring).
 Reported per row: the sparse model's test accuracy, the dense twin's (AC/DC's best decompressed model), the training
 FLOPs relative to dense training, and the gaps the targets are about (sparse - gmp, twin - dense).
 
@@ -73,6 +74,12 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         "ramp=3 + final=0.1": ("acdc", {**base, "ramp": 3, "final": base["warmup"]}),
         # A shorter ramp (0.5 s, then s): one more compression at s before the final one than ramp=3.
         "ramp=2": ("acdc", {**base, "ramp": 2}),
+        # The first compressed phase climbs from 0.5 s to s inside itself (2 or 4 mask updates), so s is reached
+        # within the paper's first compressed phase; every later phase is the paper's.
+        "inphase_ramp=2": ("acdc", {**base, "inphase_ramp": 2}),
+        "inphase_ramp=4": ("acdc", {**base, "inphase_ramp": 4}),
+        # The in-phase updates empty more rows than one compression from dense: with those rows re-initialised.
+        "inphase_ramp=4 + dead_units=reinit": ("acdc", {**base, "inphase_ramp": 4, "dead_units": "reinit"}),
         # GMP's allocation (every layer at s) instead of the paper's global magnitude ranking.
         "distribution=uniform": ("acdc", {**base, "distribution": "uniform"}),
         # The main job's final=0.1: a 1-unit (10%) final phase instead of 2 units, room for one more C/D cycle

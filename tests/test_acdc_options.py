@@ -1,4 +1,5 @@
-"""AC/DC's study options (dead_units, layer_floor, ramp, score): each does what its docstring says, masks stay exact."""
+"""AC/DC's study options (dead_units, layer_floor, ramp, inphase_ramp, score): each does what its docstring says,
+masks stay exact."""
 
 from __future__ import annotations
 
@@ -199,5 +200,101 @@ def test_resume_with_every_option_is_bit_identical(split):
     ],
 )
 def test_bad_options_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        build(**options)
+
+
+@pytest.mark.parametrize(
+    "k, updates",  # (step, sparsity) of each mask update in the first compressed phase (steps 4-8)
+    [
+        (2, [(4, 0.45), (6, 0.9)]),
+        (3, [(4, 0.45), (5, 0.675), (6, 0.9)]),
+        (4, [(4, 0.45), (5, 0.6), (6, 0.75), (7, 0.9)]),
+    ],
+)
+def test_inphase_ramp_reaches_s_inside_the_first_compressed_phase(k, updates):
+    model, optimizer, sparsifier = build(sparsity=0.9, inphase_ramp=k)
+    total = sum(m.numel() for m in sparsifier.masks.values())
+    expected = {t: 0.0 for t in range(4)} | {t: 0.0 for t in range(8, 12)} | {t: 0.9 for t in range(12, 16)}
+    for (t, s), end in zip(updates, [t for t, _ in updates[1:]] + [8]):
+        expected |= {u: s for u in range(t, end)}
+    assert {t: sparsifier.target_sparsity_at(t) for t in expected} == pytest.approx(expected)
+    assert [t for t in range(TOTAL) if sparsifier.is_update_step(t)] == [t for t, _ in updates] + [8, 12, 16, 24]
+    previous = None
+    for i in range(TOTAL):
+        step(model, optimizer, i)
+        t = sparsifier.count
+        pruned = sum(int((~m).sum()) for m in sparsifier.masks.values())
+        if 4 <= t < 8:  # exact counts at every sparsity of the ramp, and each update prunes among the kept weights
+            assert pruned == total - maskops.keep_count(total, expected[t])
+            if previous is not None:
+                assert all(torch.all(previous[n] | ~m) for n, m in sparsifier.masks.items())
+            previous = {n: m.clone() for n, m in sparsifier.masks.items()}
+            for p, m in zip(sparsifier.params.values(), sparsifier.masks.values()):
+                assert torch.all(p.detach()[~m] == 0)
+        if t in (7, 12, 24):  # the first phase ends at s; the later phases are the paper's
+            assert pruned == total - maskops.keep_count(total, 0.9)
+    reasons = [e["reason"] for e in sparsifier.history if e["event"] == "mask_update"]
+    assert reasons[:k] == ["compress"] + [f"inphase_ramp {s:.4f}" for _, s in updates[1:]]
+    assert [e["event"] for e in sparsifier.history].count("compress") == 3  # one per compressed phase
+
+
+def test_inphase_ramp_revive_gives_rows_emptied_inside_the_phase_their_values_before_that_update():
+    model, optimizer, sparsifier = build(sparsity=0.98, inphase_ramp=4, dead_units="revive")
+    seen = []  # (weights, masks) just before each mask update
+    install = sparsifier.set_masks
+
+    def record_then_install(masks, reason):
+        seen.append(({n: p.detach().clone() for n, p in sparsifier.params.items()},
+                     {n: m.clone() for n, m in sparsifier.masks.items()}))  # fmt: skip
+        install(masks, reason)
+
+    sparsifier.set_masks = record_then_install
+    for i in range(8):
+        step(model, optimizer, i)
+    assert sparsifier.phase == "dense" and len(seen) == 5  # 4 updates of the ramp, then the decompression
+    inside = 0
+    final = seen[4][1]  # the masks the phase ended on
+    for name, mask in final.items():
+        weight = sparsifier.params[name].detach()
+        for row in dead_rows(mask).nonzero().squeeze(1).tolist():
+            # The update that emptied it is the first whose masks leave it empty; the values are from just before.
+            emptied_by = next(u for u in range(4) if not seen[u + 1][1][name][row].any())
+            assert torch.equal(weight[row], seen[emptied_by][0][name][row])
+            inside += emptied_by > 0
+    assert inside > 0, "the test needs rows an in-phase update emptied"
+
+
+@pytest.mark.parametrize("split", [5, 6])  # between the ramp's updates inside the first compressed phase
+def test_resume_across_an_inphase_ramp_update_is_bit_identical(split):
+    options = dict(dead_units="revive", score="taylor", inphase_ramp=4, layer_floor=0.01)
+    model, optimizer, sparsifier = build(**options)
+    for i in range(TOTAL):
+        if i == split:
+            saved = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "sparsifier": sparsifier.state_dict()})  # fmt: skip
+        step(model, optimizer, i)
+    model2, optimizer2, sparsifier2 = build(seed=123, **options)
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["optimizer"])
+    sparsifier2.load_state_dict(saved["sparsifier"])
+    for i in range(split, TOTAL):
+        step(model2, optimizer2, i)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert [e for e in sparsifier2.history if e["step"] > split] == [e for e in sparsifier.history if e["step"] > split]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(inphase_ramp=-1), "inphase_ramp must be a number of mask updates in the first compressed phase"),
+        (dict(inphase_ramp=True), "inphase_ramp must be a number of mask updates"),
+        (dict(inphase_ramp=3, ramp=3), r"ramp=3 \(across compressed phases\) and inphase_ramp=3"),
+        (dict(inphase_ramp=2, mask_type="2:4"), "inphase_ramp is for unstructured masks; got mask_type='2:4'"),
+        (dict(inphase_ramp=5), "inphase_ramp=5 needs a first compressed phase of at least 5 steps; it has 4"),
+    ],
+)
+def test_bad_inphase_ramp_is_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         build(**options)

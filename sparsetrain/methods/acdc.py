@@ -73,6 +73,11 @@ class ACDC(ScheduledPruning):
       Global distribution and unstructured masks only.
     - ``ramp``: the first ``ramp`` compressed phases ramp linearly from half the target sparsity to it (ramp=3:
       0.5 s, 0.75 s, s); the final compressed phase is always at s. 0 or 1 (the paper): every one at s.
+    - ``inphase_ramp``: the first compressed phase reaches s inside itself, in ``inphase_ramp`` = k mask updates
+      at its start and after each k-th of it, at 0.5 s rising linearly to s (k=4: 0.5 s, 0.667 s, 0.833 s, s; the
+      masks fixed in between, each update pruning among the weights still kept); later phases are the paper's.
+      0 or 1 (the paper): the whole first compressed phase at s. Unstructured masks only; not with ``ramp``.
+      With ``dead_units`` 'revive', a row an in-phase update empties gets back its values from just before it.
     - ``score``: what the compression ranks. 'magnitude' (the paper): |w|. 'normalized': |w| divided by its layer's
       root-mean-square |w|, so the global ranking compares weights against their own layer's scale. 'taylor':
       |w * dL/dw| summed over the steps of the last dense phase (first-order Taylor estimate of the loss change,
@@ -100,6 +105,7 @@ class ACDC(ScheduledPruning):
         dead_units: str = "zero",
         layer_floor: float = 0.0,
         ramp: int = 0,
+        inphase_ramp: int = 0,
         score: str = "magnitude",
         **common: Any,
     ) -> None:
@@ -109,9 +115,21 @@ class ACDC(ScheduledPruning):
             raise ValueError(f"acdc: layer_floor must be a density in [0, 1), e.g. 0.02; got {layer_floor!r}")
         if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 0:
             raise ValueError(f"acdc: ramp must be a number of compressed phases >= 0 (0: no ramp); got {ramp!r}")
+        if isinstance(inphase_ramp, bool) or not isinstance(inphase_ramp, int) or inphase_ramp < 0:
+            raise ValueError(
+                f"acdc: inphase_ramp must be a number of mask updates in the first compressed phase >= 0 (0: no "
+                f"ramp); got {inphase_ramp!r}"
+            )
         if score not in ACDC_SCORES:
             raise ValueError(f"acdc: score must be one of {', '.join(ACDC_SCORES)}; got {score!r}")
         mask_type = common.get("mask_type", "unstructured")
+        if inphase_ramp > 1 and ramp > 1:
+            raise ValueError(
+                f"acdc: ramp={ramp} (across compressed phases) and inphase_ramp={inphase_ramp} (inside the first one) "
+                "are alternatives; give one of them"
+            )
+        if inphase_ramp > 1 and mask_type != "unstructured":
+            raise ValueError(f"acdc: inphase_ramp is for unstructured masks; got mask_type={mask_type!r}")
         if mask_type == "channel" and (dead_units != "zero" or layer_floor or score != "magnitude"):
             raise ValueError(
                 "acdc: dead_units, layer_floor and score are for unstructured masks; mask_type='channel' already "
@@ -121,6 +139,7 @@ class ACDC(ScheduledPruning):
         if layer_floor and (mask_type != "unstructured" or distribution != "global"):
             raise ValueError("acdc: layer_floor applies to the global ranking of unstructured masks only")
         self.dead_units, self.layer_floor, self.ramp, self.score = dead_units, float(layer_floor), ramp, score
+        self.inphase_ramp = inphase_ramp
         self._taylor: dict[str, Tensor] | None = None  # score='taylor': |w * grad| summed over the dense phase
         self._dead_rows: dict[str, tuple[Tensor, Tensor]] | None = None  # dead_units: row indices, their values
         self.warmup, self.compressed, self.decompressed, self.final = warmup, compressed, decompressed, final
@@ -164,6 +183,19 @@ class ACDC(ScheduledPruning):
                 lengths,
             )
         self._sparse_starts = [p.start for p in self.phases if p.kind == "sparse"]
+        # inphase_ramp: the first compressed phase's update steps (its start included), each k-th of it.
+        self._inphase_steps: list[int] = []
+        self._inphase_end = 0
+        if self.inphase_ramp > 1:
+            first = next(p for p in self.phases if p.kind == "sparse")
+            length = first.end - first.start
+            if length < self.inphase_ramp:
+                raise ValueError(
+                    f"acdc: inphase_ramp={self.inphase_ramp} needs a first compressed phase of at least "
+                    f"{self.inphase_ramp} steps; it has {length}"
+                )
+            self._inphase_steps = [first.start + j * length // self.inphase_ramp for j in range(self.inphase_ramp)]
+            self._inphase_end = first.end
         sizes = [p.numel() for p in self.params.values()]
         if sum(math.ceil(self.layer_floor * n) for n in sizes) > maskops.keep_count(sum(sizes), self.final_sparsity):
             raise ValueError(
@@ -174,8 +206,12 @@ class ACDC(ScheduledPruning):
 
     def target_sparsity_at(self, step: int) -> float:
         """The schedule's sparsity; with ``ramp`` = k, the i-th of the first k compressed phases (from 0) runs at
-        s * (0.5 + 0.5 i / (k - 1)); the final compressed phase is always at s."""
+        s * (0.5 + 0.5 i / (k - 1)); the final compressed phase is always at s. With ``inphase_ramp`` = k, the
+        first compressed phase runs at s * (0.5 + 0.5 j / (k - 1)) from its j-th update (from 0) to the next."""
         sparsity = self.schedule.sparsity_at(step)
+        if self._inphase_steps and sparsity and self._inphase_steps[0] <= step < self._inphase_end:
+            j = sum(t <= step for t in self._inphase_steps) - 1
+            return sparsity * (0.5 + 0.5 * j / (self.inphase_ramp - 1))
         if self.ramp < 2 or sparsity == 0:
             return sparsity
         index = sum(start <= step for start in self._sparse_starts) - 1
@@ -183,9 +219,26 @@ class ACDC(ScheduledPruning):
             return sparsity
         return sparsity * (0.5 + 0.5 * index / (self.ramp - 1))
 
+    def is_update_step(self, step: int) -> bool:
+        return self.schedule.is_update_step(step) or step in self._inphase_steps
+
+    def on_step(self, step: int) -> None:
+        if step in self._inphase_steps[1:]:
+            self._inphase_update(step)
+        else:
+            super().on_step(step)
+
     def masks_at(self, step: int) -> dict[str, Tensor]:
+        if step in self._inphase_steps[1:]:
+            # Inside the first compressed phase the sparsity only rises: prune among the weights still kept, by
+            # the score the phase's compression used (its weights have trained under the mask since).
+            return self.compute_masks(self.target_sparsity_at(step), self._selection_scores(), among_active=True)
         if self.score == "magnitude" and not self.layer_floor:
             return super().masks_at(step)
+        return self.compute_masks(self.target_sparsity_at(step), self._selection_scores())
+
+    def _selection_scores(self) -> dict[str, Tensor]:
+        """What a compression ranks (``score``), with the ``layer_floor`` weights ranked above every other one."""
         if self.score == "normalized":
             scores = {}
             for name, magnitude in self.scores("magnitude").items():
@@ -195,13 +248,12 @@ class ACDC(ScheduledPruning):
             scores = {n: s.clone() for n, s in self._taylor.items()}
         else:
             scores = self.scores("magnitude")
-        sparsity = self.target_sparsity_at(step)
         if self.layer_floor:
             # The floor's weights rank above every other one, so the global top-k keeps them and shares out the rest.
             scores = {n: s.float() for n, s in scores.items()}
             for s in scores.values():
                 s[maskops.topk_count_mask(s, math.ceil(self.layer_floor * s.numel()))] = math.inf
-        return self.compute_masks(sparsity, scores)
+        return scores
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().before_step(optimizer)
@@ -237,10 +289,7 @@ class ACDC(ScheduledPruning):
         if self.dead_units != "zero":
             # The rows this compression empties, with their values now (dense): what a decompression restores.
             self._dead_rows = {}
-            for name, mask in masks.items():
-                rows = (~mask.reshape(mask.shape[0], -1).any(dim=1)).nonzero().squeeze(1)
-                if rows.numel():
-                    self._dead_rows[name] = (rows, self.params[name].detach()[rows].clone())
+            self._record_dead_rows(masks)
         packed = {n: maskops.pack_mask(m) for n, m in masks.items()}
         difference = None
         if self._last_sparse_masks is not None:
@@ -250,6 +299,31 @@ class ACDC(ScheduledPruning):
         self._last_sparse_masks = packed
         self.set_masks(masks, reason="compress")
         self.emit({"event": "compress", "mask_difference_pct": difference})
+
+    def _record_dead_rows(self, masks: dict[str, Tensor]) -> None:
+        """Add to ``_dead_rows`` the rows ``masks`` empties that the current masks still feed, with their values now."""
+        for name, mask in masks.items():
+            emptied = ~mask.reshape(mask.shape[0], -1).any(dim=1)
+            if name in self._dead_rows:  # inphase_ramp: rows an earlier update of the phase emptied keep their values
+                emptied &= self.masks[name].reshape(mask.shape[0], -1).any(dim=1)
+            rows = emptied.nonzero().squeeze(1)
+            if not rows.numel():
+                continue
+            values = self.params[name].detach()[rows].clone()
+            if name in self._dead_rows:
+                old_rows, old_values = self._dead_rows[name]
+                rows, values = torch.cat([old_rows, rows]), torch.cat([old_values, values])
+            self._dead_rows[name] = (rows, values)
+
+    def _inphase_update(self, step: int) -> None:
+        """``inphase_ramp``: raise the first compressed phase's sparsity (pruning among the kept weights)."""
+        masks = self.masks_at(step)
+        if self.dead_units != "zero":
+            self._dead_rows = self._dead_rows or {}
+            self._record_dead_rows(masks)
+        # The next compression's mask difference compares with the mask this phase ends on.
+        self._last_sparse_masks = {n: maskops.pack_mask(m) for n, m in masks.items()}
+        self.set_masks(masks, reason=f"inphase_ramp {self.target_sparsity_at(step):.4f}")
 
     @torch.no_grad()
     def _restore_dead_rows(self, step: int) -> None:
