@@ -273,6 +273,9 @@ def main() -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     rounding = {} if multiple == 1 else {"channel_multiple": multiple}
+    variant_suffix = ("" if args.flops == 0.5 else f"-flops{args.flops:g}") + (
+        "" if multiple == 1 else f"-mult{multiple}"
+    )
     oto = {"target_flops": args.flops, "lam": args.oto_lam, "finish": args.finish, **rounding}
     if args.oto_n_p is not None:
         oto["n_p"] = args.oto_n_p
@@ -299,9 +302,9 @@ def main() -> None:
     dense_latency = None
     for seed in args.seeds:
         for name, settings in methods.items():
-            # Rounded kept counts: the pruned runs' own folders; dense does not depend on the rounding.
-            mult = "" if multiple == 1 or name == "dense" else f"-mult{multiple}"
-            run_dir = out / f"{name}{mult}-seed{seed}"
+            # Rounded kept counts or another FLOPs target: the pruned runs' own folders (dense depends on neither).
+            variant = "" if name == "dense" else variant_suffix
+            run_dir = out / f"{name}{variant}-seed{seed}"
             summary = run({**common, **settings, "seed": seed}, run_dir, train=not args.latency_only)
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             # train_flops_ratio is cumulative: the ratio of epoch e alone is e r_e - (e - 1) r_(e-1).
@@ -329,7 +332,7 @@ def main() -> None:
     # A subset of the methods writes its own files, leaving the full comparison's in place.
     tag = args.model + ("" if args.methods is None else "-" + "+".join(chosen))
     tag += "" if args.oto_periods is None else f"-periods{args.oto_periods}"
-    tag += "" if multiple == 1 else f"-mult{multiple}"
+    tag += variant_suffix
     with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
