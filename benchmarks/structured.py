@@ -20,6 +20,7 @@ Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one t
     python benchmarks/structured.py --model resnet20 --limit-train 10000 --epochs 3 --methods channel-gmp \
         --channel-multiple 8                               # kept counts rounded to multiples of 8
     python benchmarks/structured.py --model resnet20 --shape-latency 11/23/45 12/24/48 8/24/48 --rounds 9
+    python benchmarks/structured.py --model resnet20 --shape-latency 11/23/45 16/16/32 --steady-malloc
 
 The dataset is Fashion-MNIST, or MNIST-1D for ``convbase`` (``--dataset`` overrides). ``--latency-only`` trains
 nothing: it measures the latencies again on the finished run folders of ``--out`` (e.g. on a quiet machine).
@@ -27,7 +28,9 @@ nothing: it measures the latencies again on the finished run folders of ``--out`
 keep K channels in every channel set of each width (widths in the order the model's channel sets first name them,
 e.g. 16/32/64 for ResNet-20, 6/16/120/84 for LeNet-5) against the dense model, interleaved in ``--rounds`` rounds
 (medians over rounds, and the median of the per-round ratios to dense, so that load shared with other jobs moves
-both sides of a ratio alike).
+both sides of a ratio alike). ``--steady-malloc`` stops glibc from handing large activations back to the kernel
+between forward passes (see ``steady_malloc``); without it, batch-64 latencies include page faults whose count
+depends on the tensor sizes.
 
 Results go to benchmarks/results/structured/ (per model: one JSON line per run and a markdown table; with
 ``--methods``, files named after the model and the methods).
@@ -116,6 +119,24 @@ def slim_of(run_dir: Path) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     return model, small, diff
 
 
+def steady_malloc() -> None:
+    """glibc: serve every allocation from the heap and never hand memory back (``--steady-malloc``).
+
+    By default glibc maps an allocation above a moving threshold (128 KiB to 32 MiB) with mmap and trims the
+    heap's free top, so a batch-64 forward's activations (MiBs each) can be new pages on every call, each zeroed
+    by the kernel at its first touch; whether they are depends on the tensor sizes and the allocation history,
+    not on the model's arithmetic (measured: the dense ResNet-20's batch-64 eager pass 39 ms by default, 23 ms
+    steady; its 15/32/64 twin 33 ms and 23 ms). M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB stop both.
+    """
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise SystemExit("error: --steady-malloc needs glibc's mallopt (it refused the thresholds)")
+
+
 def distinct_widths(model: torch.nn.Module, shape: tuple[int, ...]) -> list[int]:
     """The widths of the model's channel sets, each once, in the order the sets first name them."""
     widths: list[int] = []
@@ -180,7 +201,8 @@ def shape_latency(args: argparse.Namespace, shape: tuple[int, ...], classes: int
                         samples.append(time.perf_counter() - start)
                     times[spec, mode, b].append(1000 * statistics.median(samples))
     load_after = os.getloadavg()
-    head = (f"{args.model}, input {shape}, threads {args.threads}, {args.rounds} rounds; load average "
+    allocator = "steady malloc" if args.steady_malloc else "default malloc"
+    head = (f"{args.model}, input {shape}, threads {args.threads}, {allocator}, {args.rounds} rounds; load average "
             f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1 min)")  # fmt: skip
     lines = [
         head,
@@ -202,7 +224,7 @@ def shape_latency(args: argparse.Namespace, shape: tuple[int, ...], classes: int
         rows.append(row)
         lines.append(f"| {spec} | {1 - flops[spec]:.1%} | {0.8 / flops[spec]:.2f}x | " + " | ".join(cells) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = f"shapes-{args.model}"
+    tag = f"shapes-{args.model}" + ("-steady-malloc" if args.steady_malloc else "")
     with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps({**row, "load_before": load_before[0], "load_after": load_after[0]}) + "\n")
@@ -252,7 +274,14 @@ def main() -> None:
         help="train nothing: time slim-shaped models keeping K channels per width against the dense model",
     )
     parser.add_argument("--rounds", type=int, default=7, help="--shape-latency: interleaved rounds")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="latencies with glibc's mmap and trim thresholds at 1 GiB (no fresh pages per forward pass)",
+    )
     args = parser.parse_args()
+    if args.steady_malloc:
+        steady_malloc()
     torch.set_num_threads(args.threads)
     chosen = args.methods or list(METHODS)
 
@@ -332,7 +361,7 @@ def main() -> None:
     # A subset of the methods writes its own files, leaving the full comparison's in place.
     tag = args.model + ("" if args.methods is None else "-" + "+".join(chosen))
     tag += "" if args.oto_periods is None else f"-periods{args.oto_periods}"
-    tag += variant_suffix
+    tag += variant_suffix + ("-steady-malloc" if args.steady_malloc else "")
     with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
@@ -342,7 +371,8 @@ def main() -> None:
         f"{args.model}, {dataset}, {args.epochs} epochs, {samples:,} training samples, seeds {args.seeds}; "
         f"target {args.flops:.0%} of forward FLOPs removed (group sparsity {group_sparsity:.3f} per channel set"
         + ("" if multiple == 1 else f", kept counts rounded to multiples of {multiple}")
-        + ")",
+        + ")"
+        + ("; latencies with steady malloc" if args.steady_malloc else ""),
         "",
         "| method | test acc | FLOPs removed | train time (s) | FLOPs per epoch (train, rel. dense) | "
         "b1 eager speed-up | b1 frozen | b64 eager | b64 frozen |",

@@ -66,9 +66,9 @@ def channel_keep_count(width: int, sparsity: float, multiple: int = 1) -> int:
 
     With ``multiple`` > 1 the count is rounded to the nearest of ``multiple``, ``2 * multiple``, ... up to
     ``width``, and ``width`` itself (a tie goes to the smaller count; a count under ``multiple`` becomes
-    ``multiple``); a set narrower than ``multiple`` keeps its unrounded count. Why: CPU convolution kernels
-    (oneDNN) work on channel blocks of 8 or 16, padding a partial block, so a count just above a multiple
-    costs about as much as the next multiple. The count never falls as ``sparsity`` falls.
+    ``multiple``); a set narrower than ``multiple`` keeps its unrounded count. Why: oneDNN's CPU convolutions
+    work on blocked layouts of 16 channels on AVX-512 (8 on AVX2) and pad a partial block, so a width just above
+    a multiple costs about as much as the next multiple. The count never falls as ``sparsity`` falls.
     """
     kept = max(1, keep_count(width, sparsity))
     if multiple <= 1 or width < multiple:
