@@ -213,3 +213,25 @@ def test_the_default_multiple_is_the_unrounded_masks_bit_for_bit():
     assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
     # The sparsity the unrounded search found before channel_multiple existed, to the last bit.
     assert group_sparsity_for_flops(model, x[:1], 0.5, channel_multiple=1) == 0.2890625007580966
+
+
+def test_the_cli_takes_channel_multiple_and_refuses_it_without_channel_masks(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "sparsetrain", "train", "--model", "lenet5", "--limit-train", "256", "--method",
+            "gmp", "--sparsity", "0.5", "--epochs", "1", "--threads", "1", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([*args, "--set", "method_options.channel_multiple=8", "--out", str(tmp_path / "a")],
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("error: channel_multiple") and "Traceback" not in bad.stderr
+    good = subprocess.run([*args, "--mask-type", "channel", "--set", "method_options.channel_multiple=8", "--out",
+                           str(tmp_path / "b")], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert good.returncode == 0, good.stderr
+    from sparsetrain.train.checkpoint import load, restore_model
+
+    model = restore_model(load(str(tmp_path / "b" / "sparse_final.pt")), tmp_path / "b")
+    # LeNet-5's sets of 6 (narrower than 8: unrounded), 16, 120 and 84 channels at half: 3, 8, 56 (60: a tie goes
+    # to the smaller count) and 40 (42)
+    assert kept_by_width(model, torch.zeros(1, 1, 28, 28)) == {6: {3}, 16: {8}, 120: {56}, 84: {40}}
