@@ -17,9 +17,20 @@ Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one t
     python benchmarks/structured.py --model resnet20 --limit-train 10000 --epochs 3 --latency-only
     python benchmarks/structured.py --seeds 0 1 2 --methods oto-dhspg channel-gmp   # a subset (dense always runs)
     python benchmarks/structured.py --seeds 0 1 2 --methods oto-dhspg --oto-periods 3   # own run folders and files
+    python benchmarks/structured.py --model resnet20 --limit-train 10000 --epochs 3 --methods channel-gmp \
+        --channel-multiple 8                               # kept counts rounded to multiples of 8
+    python benchmarks/structured.py --model resnet20 --shape-latency 11/23/45 12/24/48 8/24/48 --rounds 9
+    python benchmarks/structured.py --model resnet20 --shape-latency 11/23/45 16/16/32 --steady-malloc
 
 The dataset is Fashion-MNIST, or MNIST-1D for ``convbase`` (``--dataset`` overrides). ``--latency-only`` trains
 nothing: it measures the latencies again on the finished run folders of ``--out`` (e.g. on a quiet machine).
+``--shape-latency K/K/...`` trains nothing either: it times slim-*shaped* models (random weights, eval mode) that
+keep K channels in every channel set of each width (widths in the order the model's channel sets first name them,
+e.g. 16/32/64 for ResNet-20, 6/16/120/84 for LeNet-5) against the dense model, interleaved in ``--rounds`` rounds
+(medians over rounds, and the median of the per-round ratios to dense, so that load shared with other jobs moves
+both sides of a ratio alike). ``--steady-malloc`` stops glibc from handing large activations back to the kernel
+between forward passes (see ``steady_malloc``); without it, batch-64 latencies include page faults whose count
+depends on the tensor sizes.
 
 Results go to benchmarks/results/structured/ (per model: one JSON line per run and a markdown table; with
 ``--methods``, files named after the model and the methods).
@@ -30,6 +41,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -106,6 +119,119 @@ def slim_of(run_dir: Path) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     return model, small, diff
 
 
+def steady_malloc() -> None:
+    """glibc: serve every allocation from the heap and never hand memory back (``--steady-malloc``).
+
+    By default glibc maps an allocation above a moving threshold (128 KiB to 32 MiB) with mmap and trims the
+    heap's free top, so a batch-64 forward's activations (MiBs each) can be new pages on every call, each zeroed
+    by the kernel at its first touch; whether they are depends on the tensor sizes and the allocation history,
+    not on the model's arithmetic (measured: the dense ResNet-20's batch-64 eager pass 39 ms by default, 23 ms
+    steady; its 15/32/64 twin 33 ms and 23 ms). M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB stop both.
+    """
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise SystemExit("error: --steady-malloc needs glibc's mallopt (it refused the thresholds)")
+
+
+def distinct_widths(model: torch.nn.Module, shape: tuple[int, ...]) -> list[int]:
+    """The widths of the model's channel sets, each once, in the order the sets first name them."""
+    widths: list[int] = []
+    for channel_set in groups(model, torch.zeros(1, *shape)).sets:
+        if channel_set.width not in widths:
+            widths.append(channel_set.width)
+    return widths
+
+
+def shaped(
+    model_name: str, shape: tuple[int, ...], classes: int, kept: dict[int, int]
+) -> tuple[torch.nn.Module, float]:
+    """A model of ``model_name`` whose channel sets of width w keep their first ``kept[w]`` channels, and the
+    fraction of the dense forward FLOPs it has (random weights: only the shapes matter for latency)."""
+    torch.manual_seed(0)
+    model = build_model(model_name, input_shape=shape, num_classes=classes).eval()
+    sample = torch.zeros(1, *shape)
+    zigs = groups(model, sample)
+    small = apply_keep(model, zigs, {c.name: list(range(kept[c.width])) for c in zigs.sets}).eval()
+    return small, groups(small, sample).dense_flops / zigs.dense_flops
+
+
+def shape_latency(args: argparse.Namespace, shape: tuple[int, ...], classes: int) -> None:
+    """Latency of slim-shaped models against the dense one (``--shape-latency``); see the module doc."""
+    dense = build_model(args.model, input_shape=shape, num_classes=classes)
+    widths = distinct_widths(dense, shape)
+    specs = ["/".join(map(str, widths))] + [s for s in args.shape_latency if s != "/".join(map(str, widths))]
+    models, flops = {}, {}
+    for spec in specs:
+        counts = [int(k) for k in spec.split("/")]
+        if len(counts) != len(widths) or not all(0 < k <= w for k, w in zip(counts, widths)):
+            raise SystemExit(f"error: --shape-latency {spec!r}: give one kept count in 1..w per width of "
+                             f"{'/'.join(map(str, widths))}")  # fmt: skip
+        models[spec], flops[spec] = shaped(args.model, shape, classes, dict(zip(widths, counts)))
+    inputs = {b: torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)) for b in (1, 64)}
+    # One callable per (model, mode, batch); frozen per batch size, as latencies() does.
+    runners = {}
+    for spec, model in models.items():
+        for b, x in inputs.items():
+            runners[spec, "eager", b] = model
+            runners[spec, "frozen", b] = frozen(model, x)
+    configs = [(mode, b) for b in (1, 64) for mode in ("eager", "frozen")]
+    times: dict[tuple, list[float]] = {key: [] for key in runners}
+    load_before = os.getloadavg()
+    order = list(specs)
+    with torch.inference_mode():
+        for key, runner in runners.items():  # warm-up (the profiling executor optimises on the first calls)
+            for _ in range(5):
+                runner(inputs[key[2]])
+        for rnd in range(args.rounds):
+            random.Random(rnd).shuffle(order)  # no model always runs right after another
+            for spec in order:
+                for mode, b in configs:
+                    runner, x = runners[spec, mode, b], inputs[b]
+                    repeats = args.repeats // 4 if b == 1 else max(5, args.repeats // 20)
+                    for _ in range(2):
+                        runner(x)
+                    samples = []
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        runner(x)
+                        samples.append(time.perf_counter() - start)
+                    times[spec, mode, b].append(1000 * statistics.median(samples))
+    load_after = os.getloadavg()
+    allocator = "steady malloc" if args.steady_malloc else "default malloc"
+    head = (f"{args.model}, input {shape}, threads {args.threads}, {allocator}, {args.rounds} rounds; load average "
+            f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1 min)")  # fmt: skip
+    lines = [
+        head,
+        "",
+        f"| kept ({'/'.join(map(str, widths))}) | FLOPs removed | target speed-up (0.8 x FLOP reduction) | "
+        "b1 eager | b1 frozen | b64 eager | b64 frozen |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    dense_spec = specs[0]
+    rows = []
+    for spec in specs:
+        cells, row = [], {"kept": spec, "flops_removed": 1 - flops[spec]}
+        for mode, b in configs:
+            mine, ref = times[spec, mode, b], times[dense_spec, mode, b]
+            ms = statistics.median(mine)
+            ratio = statistics.median(r / m for r, m in zip(ref, mine))  # paired by round
+            row[f"{mode}_b{b}_ms"], row[f"{mode}_b{b}_speedup"] = ms, ratio
+            cells.append(f"{ms:.3f} ms" if spec == dense_spec else f"{ratio:.2f}x ({ms:.3f} ms)")
+        rows.append(row)
+        lines.append(f"| {spec} | {1 - flops[spec]:.1%} | {0.8 / flops[spec]:.2f}x | " + " | ".join(cells) + " |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = f"shapes-{args.model}" + ("-steady-malloc" if args.steady_malloc else "")
+    with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps({**row, "load_before": load_before[0], "load_after": load_after[0]}) + "\n")
+    (RESULTS / f"table-{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet5")
@@ -124,6 +250,13 @@ def main() -> None:
         choices=list(METHODS),
         help=f"methods to run besides dense (default: all of {', '.join(METHODS)})",
     )
+    parser.add_argument(
+        "--channel-multiple",
+        type=int,
+        default=1,
+        help="round each channel set's kept count to a multiple of this (the methods' channel_multiple); "
+        "the runs get their own folders (dense is shared) and files",
+    )
     parser.add_argument("--finish", type=float, default=0.75, help="oto's and variational's prune to target")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
@@ -133,7 +266,22 @@ def main() -> None:
         action="store_true",
         help="train nothing: measure the slim models of the finished runs in --out again",
     )
+    parser.add_argument(
+        "--shape-latency",
+        nargs="+",
+        default=None,
+        metavar="K/K/...",
+        help="train nothing: time slim-shaped models keeping K channels per width against the dense model",
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="--shape-latency: interleaved rounds")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="latencies with glibc's mmap and trim thresholds at 1 GiB (no fresh pages per forward pass)",
+    )
     args = parser.parse_args()
+    if args.steady_malloc:
+        steady_malloc()
     torch.set_num_threads(args.threads)
     chosen = args.methods or list(METHODS)
 
@@ -144,9 +292,20 @@ def main() -> None:
     splits = load_run_dataset(resolve(None, common))
     shape = tuple(splits.input_shape)
     samples = min(args.limit_train or len(splits.train), len(splits.train))
+    if args.shape_latency:
+        shape_latency(args, shape, splits.num_classes)
+        return
     dense_model = build_model(args.model, input_shape=shape, num_classes=splits.num_classes)
-    group_sparsity = group_sparsity_for_flops(dense_model, torch.zeros(1, *shape), args.flops)
-    oto = {"target_flops": args.flops, "lam": args.oto_lam, "finish": args.finish}
+    multiple = args.channel_multiple
+    try:
+        group_sparsity = group_sparsity_for_flops(dense_model, torch.zeros(1, *shape), args.flops, multiple)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    rounding = {} if multiple == 1 else {"channel_multiple": multiple}
+    variant_suffix = ("" if args.flops == 0.5 else f"-flops{args.flops:g}") + (
+        "" if multiple == 1 else f"-mult{multiple}"
+    )
+    oto = {"target_flops": args.flops, "lam": args.oto_lam, "finish": args.finish, **rounding}
     if args.oto_n_p is not None:
         oto["n_p"] = args.oto_n_p
     periods = {} if args.oto_periods is None else {"periods": args.oto_periods}
@@ -156,9 +315,12 @@ def main() -> None:
         "oto-dhspg": {"method": "oto", "sparsity": group_sparsity,
                       "method_options": {**oto, "variant": "dhspg", **periods}},
         "variational": {"method": "variational", "sparsity": group_sparsity,
-                        "method_options": {"target_flops": args.flops, "num_samples": samples, "finish": args.finish}},
-        "channel-gmp": {"method": "gmp", "sparsity": group_sparsity, "mask_type": "channel"},
-        "channel-acdc": {"method": "acdc", "sparsity": group_sparsity, "mask_type": "channel"},
+                        "method_options": {"target_flops": args.flops, "num_samples": samples, "finish": args.finish,
+                                           **rounding}},
+        "channel-gmp": {"method": "gmp", "sparsity": group_sparsity, "mask_type": "channel",
+                        "method_options": rounding},
+        "channel-acdc": {"method": "acdc", "sparsity": group_sparsity, "mask_type": "channel",
+                         "method_options": rounding},
     }  # fmt: skip
     assert list(methods) == ["dense", *METHODS]
     methods = {name: settings for name, settings in methods.items() if name == "dense" or name in chosen}
@@ -169,7 +331,9 @@ def main() -> None:
     dense_latency = None
     for seed in args.seeds:
         for name, settings in methods.items():
-            run_dir = out / f"{name}-seed{seed}"
+            # Rounded kept counts or another FLOPs target: the pruned runs' own folders (dense depends on neither).
+            variant = "" if name == "dense" else variant_suffix
+            run_dir = out / f"{name}{variant}-seed{seed}"
             summary = run({**common, **settings, "seed": seed}, run_dir, train=not args.latency_only)
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             # train_flops_ratio is cumulative: the ratio of epoch e alone is e r_e - (e - 1) r_(e-1).
@@ -197,6 +361,7 @@ def main() -> None:
     # A subset of the methods writes its own files, leaving the full comparison's in place.
     tag = args.model + ("" if args.methods is None else "-" + "+".join(chosen))
     tag += "" if args.oto_periods is None else f"-periods{args.oto_periods}"
+    tag += variant_suffix + ("-steady-malloc" if args.steady_malloc else "")
     with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
@@ -204,7 +369,10 @@ def main() -> None:
     assert dense_latency is not None
     lines = [
         f"{args.model}, {dataset}, {args.epochs} epochs, {samples:,} training samples, seeds {args.seeds}; "
-        f"target {args.flops:.0%} of forward FLOPs removed (group sparsity {group_sparsity:.3f} per channel set)",
+        f"target {args.flops:.0%} of forward FLOPs removed (group sparsity {group_sparsity:.3f} per channel set"
+        + ("" if multiple == 1 else f", kept counts rounded to multiples of {multiple}")
+        + ")"
+        + ("; latencies with steady malloc" if args.steady_malloc else ""),
         "",
         "| method | test acc | FLOPs removed | train time (s) | FLOPs per epoch (train, rel. dense) | "
         "b1 eager speed-up | b1 frozen | b64 eager | b64 frozen |",

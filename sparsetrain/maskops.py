@@ -17,6 +17,8 @@ from torch import Tensor
 
 __all__ = [
     "keep_count",
+    "channel_keep_count",
+    "check_channel_multiple",
     "topk_mask",
     "topk_count_mask",
     "global_topk_masks",
@@ -47,6 +49,35 @@ def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
 def keep_count(n: int, sparsity: float) -> int:
     """Number of elements kept when ``n`` elements are pruned to ``sparsity``: ``round((1 - s) * n)``."""
     return int(round((1.0 - sparsity) * n))
+
+
+def check_channel_multiple(multiple: int) -> int:
+    """Validate ``channel_multiple``: a positive integer (1: kept channel counts are not rounded). Returns it."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(
+            "channel_multiple must be a positive integer (each channel set's kept count is rounded to a multiple "
+            f"of it; 1: no rounding), got {multiple!r}"
+        )
+    return multiple
+
+
+def channel_keep_count(width: int, sparsity: float, multiple: int = 1) -> int:
+    """Groups a channel set of ``width`` keeps at group ``sparsity``: ``keep_count``, at least 1.
+
+    With ``multiple`` > 1 the count is rounded to the nearest of ``multiple``, ``2 * multiple``, ... up to
+    ``width``, and ``width`` itself (a tie goes to the smaller count; a count under ``multiple`` becomes
+    ``multiple``); a set narrower than ``multiple`` keeps its unrounded count. Why: oneDNN's CPU convolutions
+    work on blocked layouts of 16 channels on AVX-512 (8 on AVX2) and pad a partial block, so a width just above
+    a multiple costs about as much as the next multiple. The count never falls as ``sparsity`` falls.
+    """
+    kept = max(1, keep_count(width, sparsity))
+    if multiple <= 1 or width < multiple:
+        return kept
+    if kept <= multiple:
+        return multiple
+    lower = kept // multiple * multiple
+    upper = min(width, lower + multiple)
+    return lower if kept - lower <= upper - kept else upper
 
 
 def _mask_from_indices(n: int, indices: Tensor, value: bool, device: torch.device) -> Tensor:

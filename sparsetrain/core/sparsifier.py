@@ -285,6 +285,10 @@ class Sparsifier:
             bias, batch-norm scale and shift and the input slices that read it; :mod:`sparsetrain.structured`)
             are pruned, ranked by the root-mean-square of the score over the group's parameters; ``sparsity``
             is then the fraction of groups pruned, and ``example_input`` is needed.
+        channel_multiple: with ``mask_type='channel'`` and the 'uniform' distribution, each channel set's kept
+            count rounded to the nearest multiple of it (:func:`sparsetrain.maskops.channel_keep_count`; a set
+            narrower than it is not rounded), so the slim model's widths suit blocked CPU kernels. 1 (default):
+            no rounding. ``target_flops`` (oto, variational) accounts for the rounding.
         example_input: an input batch (only its shape matters) for finding the groups of ``mask_type='channel'``.
         include / exclude: glob patterns over parameter names (default: every weight with dim >= 2).
         seed: seeds every random choice the method makes, together with the step.
@@ -336,8 +340,20 @@ class Sparsifier:
         enforce: str = "auto",
         mask_storage: str = "bool",
         example_input: Tensor | None = None,
+        channel_multiple: int = 1,
     ) -> None:
         self.model = model
+        self.channel_multiple = maskops.check_channel_multiple(channel_multiple)
+        if channel_multiple != 1 and mask_type != CHANNEL:
+            raise ValueError(
+                f"channel_multiple rounds the kept channels of mask_type='channel'; got mask_type={mask_type!r} "
+                f"with channel_multiple={channel_multiple}"
+            )
+        if channel_multiple != 1 and distribution not in (None, "uniform"):
+            raise ValueError(
+                "channel_multiple rounds each channel set's kept count, which the 'uniform' distribution fixes; "
+                f"got distribution={distribution!r}"
+            )
         self.mask_storage = check_mask_storage(mask_storage)
         self.channel_groups: Any = None  # the structured.Groups of channel masks
         if mask_type == CHANNEL:
@@ -957,7 +973,8 @@ class Sparsifier:
         """Whole groups pruned: the fraction ``sparsity`` of them with the lowest :meth:`group_scores`.
 
         'global': one ranking over all groups, each channel set keeping its best group (a set with none left
-        would cut the network in two). 'uniform': ``round((1 - sparsity) * width)`` kept per set, at least one.
+        would cut the network in two). 'uniform': ``round((1 - sparsity) * width)`` kept per set, at least one,
+        rounded to ``channel_multiple`` (:func:`sparsetrain.maskops.channel_keep_count`).
         Chosen by index from ``torch.topk`` (exact counts, ties or no ties). ``among_active``: groups already
         pruned rank below every active one.
         """
@@ -969,7 +986,8 @@ class Sparsifier:
         keep = [torch.zeros(w, dtype=torch.bool) for w in widths]
         if self.distribution == "uniform":
             for kept, score in zip(keep, per_set):
-                kept[torch.topk(score, max(1, maskops.keep_count(score.numel(), sparsity))).indices] = True
+                count = maskops.channel_keep_count(score.numel(), sparsity, self.channel_multiple)
+                kept[torch.topk(score, count).indices] = True
         else:
             for kept, score in zip(keep, per_set):
                 kept[int(torch.argmax(score))] = True  # the first maximum: deterministic

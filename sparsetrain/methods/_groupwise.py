@@ -23,26 +23,39 @@ from ..core.sparsifier import CHANNEL
 from ..structured.groups import ZERO_INVARIANT_ROLES
 
 
-def group_sparsity_for_flops(model: nn.Module, sample: Tensor, remove: float) -> float:
+def group_sparsity_for_flops(model: nn.Module, sample: Tensor, remove: float, channel_multiple: int = 1) -> float:
     """The uniform group sparsity whose slim model has about ``1 - remove`` of the dense forward FLOPs.
 
     Bisection over the fraction of groups pruned in every channel set; FLOPs are counted on the slim model built
-    on the meta device (shapes only), so only the kept counts matter, not which channels.
+    on the meta device (shapes only), so only the kept counts matter, not which channels. With
+    ``channel_multiple`` > 1 the kept counts are rounded as :func:`sparsetrain.maskops.channel_keep_count` rounds
+    them, and the sparsity returned is the lowest whose rounded slim model removes at least ``remove``.
+
+    Raises:
+        ValueError: ``remove`` outside (0, 1), or a ``channel_multiple`` whose smallest model (every set at the
+            multiple) still has more than ``1 - remove`` of the FLOPs.
     """
     from ..structured import apply_keep, groups
 
     if isinstance(remove, bool) or not isinstance(remove, (int, float)) or not 0 < remove < 1:
         raise ValueError(f"target_flops is the fraction of forward FLOPs to remove, in (0, 1); got {remove!r}")
+    multiple = maskops.check_channel_multiple(channel_multiple)
     meta = copy.deepcopy(model).to("meta")
     meta_sample = torch.zeros(sample.shape, device="meta")
     zigs = groups(meta, meta_sample)
 
     def flops_left(s: float) -> float:
-        keep = {c.name: list(range(max(1, maskops.keep_count(c.width, s)))) for c in zigs.sets}
+        keep = {c.name: list(range(maskops.channel_keep_count(c.width, s, multiple))) for c in zigs.sets}
         small = apply_keep(copy.deepcopy(meta), zigs, keep)
         return groups(small, meta_sample).dense_flops / zigs.dense_flops
 
     lo, hi = 0.0, 0.999
+    if multiple > 1 and flops_left(hi) > 1 - remove:
+        raise ValueError(
+            f"target_flops {remove:g} cannot be met with channel_multiple {multiple}: with every channel set kept "
+            f"at the multiple, {1 - flops_left(hi):.1%} of the forward FLOPs are removed; lower the multiple or "
+            "the target"
+        )
     for _ in range(30):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if flops_left(mid) > 1 - remove else (lo, mid)
@@ -72,7 +85,9 @@ class GroupPruning(Sparsifier):
             )
         self.target_flops = target_flops
         if target_flops is not None:
-            common["sparsity"] = group_sparsity_for_flops(model, common["example_input"], target_flops)
+            common["sparsity"] = group_sparsity_for_flops(
+                model, common["example_input"], target_flops, common.get("channel_multiple", 1)
+            )
         self.finish = finish
         # Counts changes of the observed dead groups; mask_version counts the prune to target (see masks_key).
         self.support_version = 0
@@ -87,7 +102,8 @@ class GroupPruning(Sparsifier):
         widths = [s.width for s in self.channel_groups.sets]
         s = self.final_sparsity
         if self.distribution == "uniform":
-            self.max_dead: list[int] | int = [w - max(1, maskops.keep_count(w, s)) for w in widths]
+            multiple = self.channel_multiple
+            self.max_dead: list[int] | int = [w - maskops.channel_keep_count(w, s, multiple) for w in widths]
         else:
             self.max_dead = sum(widths) - max(len(widths), maskops.keep_count(sum(widths), s))
 
