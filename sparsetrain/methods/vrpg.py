@@ -157,7 +157,13 @@ class VRPG(Sparsifier):
     'sgd': the plain projected step above), ``score_init`` (initial keep probability before the first projection; None:
     1 - sparsity, which the budget admits as it is), ``end``, ``rescale_init`` (default on: the initial weights
     are multiplied by 1 / sqrt(1 - sparsity), so a pass that keeps about that fraction starts at the dense init's
-    signal scale). ``distribution`` is 'global' only (the paper's one budget).
+    signal scale), ``granularity`` ('weight', default: one score and one Bernoulli draw per weight, unstructured;
+    'channel': one per output unit or filter (the first dimension of each sparsified weight), as the released code
+    learns them, the budget counted in channels, k = round((1 - sparsity) * number of channels), and a channel's
+    mask covering its whole row or filter: ``sparsity`` is then the fraction of channels removed, structured, and
+    the weight-level sparsity of the masks follows from which layers lose them; the released code keeps the
+    classifier out of the budget, here ``exclude`` does that). ``distribution`` is 'global' only (the paper's one
+    budget).
 
     What is sparse: each pass runs on w * m (an expected k of n weights), its weight gradient is used only at m,
     and the score update reads two loss values; on dense kernels (the default path) the products are still dense
@@ -176,7 +182,8 @@ class VRPG(Sparsifier):
 
     Reference: X. Zhou, W. Zhang, Z. Chen, S. Diao, T. Zhang, "Efficient Neural Network Training via Forward and
     Backward Propagation Sparsification", NeurIPS 2021, arXiv 2111.05685. Differences from the paper: masks are
-    per weight (unstructured), where the released code learns one score per output channel; the weight gradient
+    per weight (unstructured) by default, where the released code learns one score per output channel
+    (``granularity='channel'``); the weight gradient
     averages the two passes as the released code does; evaluation during training uses the top-k of s (the
     released code samples a mask); the initial rescaling is ours. ``score_lr`` 0.1 was chosen on the validation
     split of 5-epoch LeNet-300-100 runs at 90% (0.01, 0.05, 0.1, 0.2 gave 72.4, 84.5, 85.0, 85.3: 0.2 within
@@ -202,6 +209,7 @@ class VRPG(Sparsifier):
         score_init: float | None = None,
         end: float | None = None,
         rescale_init: bool = True,
+        granularity: str = "weight",
         **common: Any,
     ) -> None:
         distribution = common.get("distribution")
@@ -220,6 +228,9 @@ class VRPG(Sparsifier):
                 raise ValueError(f"vrpg: {name} must be {allowed}, got {value!r}")
         if score_optimizer not in ("adam", "sgd"):
             raise ValueError(f"vrpg: score_optimizer must be 'adam' or 'sgd', got {score_optimizer!r}")
+        if granularity not in ("weight", "channel"):
+            raise ValueError(f"vrpg: granularity must be 'weight' or 'channel', got {granularity!r}")
+        self.granularity = granularity
         self.score_lr, self.score_init, self.end = float(score_lr), score_init, end
         self.score_optimizer = score_optimizer
         self.score_steps = 0
@@ -238,13 +249,26 @@ class VRPG(Sparsifier):
                 f"vrpg needs 0 <= end <= total; got end={self.end!r} ({self.end_step} of {self.total_steps} steps, "
                 f"unit={self.unit!r})"
             )
-        n = sum(p.numel() for p in self.params.values())
+        n = sum(math.prod(self.score_shape(name)) for name in self.params)
         self.budget = maskops.keep_count(n, self.final_sparsity)
         init = 1.0 - self.final_sparsity if self.score_init is None else float(self.score_init)
-        start = [torch.full(p.shape, init, dtype=torch.float32, device=p.device) for p in self.params.values()]
+        start = [torch.full(self.score_shape(name), init, dtype=torch.float32, device=p.device)
+                 for name, p in self.params.items()]  # fmt: skip
         self.s = dict(zip(self.params, project_scores(start, self.budget)))
         self.hidden: dict[str, Tensor] | None = {n: torch.zeros_like(p.detach()) for n, p in self.params.items()}
         self.hidden_state: dict[str, dict[str, Tensor]] = {}
+
+    def score_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of parameter ``name``'s scores: the weight's ('weight'), or one per output unit or filter
+        ('channel': the first dimension, the others 1, so the scores broadcast over the weight)."""
+        shape = tuple(self.params[name].shape)
+        return shape if self.granularity == "weight" else shape[:1] + (1,) * (len(shape) - 1)
+
+    def weight_masks(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Score-shaped masks as weight-shaped ones (a channel's mask over all its weights; 'weight': unchanged)."""
+        if self.granularity == "weight":
+            return masks
+        return {n: m.expand(self.params[n].shape).contiguous() for n, m in masks.items()}
 
     def sampling_at(self, step: int) -> bool:
         """Whether step ``step`` samples masks and learns the scores (before ``end``); after it the mask is fixed."""
@@ -352,7 +376,7 @@ class VRPG(Sparsifier):
     @torch.no_grad()
     def stash_latent(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Keep the weights outside the new top-k and their buffers, then zero them in the model (end of a step)."""
-        masks = self.top_k()
+        masks = self.weight_masks(self.top_k())
         self.hidden_state = {}
         kept, outsides = [], []
         for name, p in self.params.items():
@@ -434,8 +458,11 @@ class VRPG(Sparsifier):
         if not isinstance(scores, dict) or set(scores) != set(self.params):
             raise ValueError(f"vrpg state: scores for {sorted(scores or {})}, expected {sorted(self.params)}")
         for name, value in scores.items():
-            if tuple(value.shape) != tuple(self.params[name].shape):
-                raise ValueError(f"vrpg state: scores of {name!r} have shape {tuple(value.shape)}")
+            if tuple(value.shape) != self.score_shape(name):
+                raise ValueError(
+                    f"vrpg state: scores of {name!r} have shape {tuple(value.shape)}, expected "
+                    f"{self.score_shape(name)} (granularity={self.granularity!r})"
+                )
         device = {n: p.device for n, p in self.params.items()}
         self.s = {n: t.to(device[n], torch.float32).clone() for n, t in scores.items()}
         hidden = state.get("hidden")
@@ -486,7 +513,8 @@ class VRPGOptimizer(torch.optim.Optimizer):
         sp.restore_latent(self.base_optimizer)
         with torch.no_grad():
             latent = {n: p.detach().clone() for n, p in sp.params.items()}
-        masks = sp.sample(sp.count)
+        drawn = sp.sample(sp.count)  # score-shaped: the estimator's
+        masks = [sp.weight_masks(m) for m in drawn]  # weight-shaped: the passes'
         losses: list[Tensor] = []
         grads: dict[int, Tensor] = {}
         try:
@@ -520,7 +548,7 @@ class VRPGOptimizer(torch.optim.Optimizer):
             pair = pair.to(latent[next(iter(latent))].device)
             dist.all_reduce(pair)
             pair = pair.cpu() / dist.get_world_size()
-        sp.update_scores(float(pair[0]), float(pair[1]), *masks)
+        sp.update_scores(float(pair[0]), float(pair[1]), *drawn)
         self.base_optimizer.step()
         sp.stash_latent(self.base_optimizer)
         return losses[0]
