@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -295,6 +296,7 @@ def test_outside_the_top_k_weights_keep_their_momentum_across_steps():
         ({"score_init": 1.5}, r"score_init must be None or a number in \(0, 1\], got 1.5"),
         ({"score_optimizer": "rmsprop"}, "score_optimizer must be 'adam' or 'sgd', got 'rmsprop'"),
         ({"granularity": "row"}, "granularity must be 'weight' or 'channel', got 'row'"),
+        ({"score_schedule": "linear"}, "score_schedule must be 'constant' or 'cosine', got 'linear'"),
         ({"distribution": "erk"}, "one global budget.*distribution='erk' is not supported"),
         ({"unit": "steps", "end": 50}, "vrpg needs 0 <= end <= total; got end=50"),
         ({"mask_type": "2:4"}, "does not support N:M masks"),
@@ -404,3 +406,26 @@ def test_channel_granularity_fixes_whole_rows_at_end_and_resumes_bit_identically
     _, _, weighted = make(total=12, unit="steps", end=6)
     with pytest.raises(ValueError, match=r"scores of '0.weight' have shape \(8, 6\), expected \(8, 1\)"):
         sparsifier2.load_state_dict(weighted.state_dict())
+
+
+# ------------------------------------------------------------------------------------------ score schedule
+def test_cosine_score_schedule_decays_the_score_step_to_zero_at_end():
+    """'cosine': the score step at step t is score_lr * (1 + cos(pi t / end)) / 2, applied by update_scores."""
+    model, optimizer, sparsifier = make(total=12, unit="steps", end=10, score_optimizer="sgd", score_lr=0.05,
+                                        score_schedule="cosine")  # fmt: skip
+    assert [sparsifier.score_lr_at(t) for t in (0, 5, 10, 11)] == pytest.approx([0.05, 0.025, 0.0, 0.0])
+    _, _, constant = make(total=12, unit="steps", end=10, score_lr=0.05)
+    assert constant.score_lr_at(7) == 0.05
+    for i in range(4):
+        step(model, optimizer, i)
+    assert sparsifier.count == 4
+    s0 = {n: s.clone() for n, s in sparsifier.s.items()}
+    m1, m2 = sparsifier.sample(4)
+    sparsifier.update_scores(1.0, 0.25, m1, m2)
+    lr = 0.05 * (1 + math.cos(math.pi * 4 / 10)) / 2
+    stepped = [s0[n] - lr * vrpg_gradient(1.0, 0.25, m1[n], m2[n], s0[n]) for n in s0]
+    for got, want in zip(sparsifier.s.values(), project_scores(stepped, sparsifier.budget)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    full = project_scores([s0[n] - 0.05 * vrpg_gradient(1.0, 0.25, m1[n], m2[n], s0[n]) for n in s0],
+                          sparsifier.budget)  # fmt: skip
+    assert any(not torch.allclose(a, b) for a, b in zip(sparsifier.s.values(), full))  # the decay is visible

@@ -154,16 +154,17 @@ class VRPG(Sparsifier):
 
     Options: ``score_lr`` (step size of the scores, default 0.1), ``score_optimizer`` ('adam', default: the
     estimate scaled by Adam's moments, betas 0.9 and 0.999, the optimizer of the released code's configuration;
-    'sgd': the plain projected step above), ``score_init`` (initial keep probability before the first projection; None:
-    1 - sparsity, which the budget admits as it is), ``end``, ``rescale_init`` (default on: the initial weights
-    are multiplied by 1 / sqrt(1 - sparsity), so a pass that keeps about that fraction starts at the dense init's
-    signal scale), ``granularity`` ('weight', default: one score and one Bernoulli draw per weight, unstructured;
-    'channel': one per output unit or filter (the first dimension of each sparsified weight), as the released code
-    learns them, the budget counted in channels, k = round((1 - sparsity) * number of channels), and a channel's
-    mask covering its whole row or filter: ``sparsity`` is then the fraction of channels removed, structured, and
-    the weight-level sparsity of the masks follows from which layers lose them; the released code keeps the
-    classifier out of the budget, here ``exclude`` does that). ``distribution`` is 'global' only (the paper's one
-    budget).
+    'sgd': the plain projected step above), ``score_schedule`` ('constant', default; 'cosine': ``score_lr``
+    decayed by the cosine to 0 at ``end``, as the released code decays it), ``score_init`` (initial keep
+    probability before the first projection; None: 1 - sparsity, which the budget admits as it is), ``end``,
+    ``rescale_init`` (default on: the initial weights are multiplied by 1 / sqrt(1 - sparsity), so a pass that
+    keeps about that fraction starts at the dense init's signal scale), ``granularity`` ('weight', default: one
+    score and one Bernoulli draw per weight, unstructured; 'channel': one per output unit or filter, the first
+    dimension of each sparsified weight, as the released code learns them: the budget is counted in channels,
+    k = round((1 - sparsity) * number of channels), and a channel's mask covers its whole row or filter, so
+    ``sparsity`` is the fraction of channels removed, structured, and the masks' weight-level sparsity follows
+    from which layers lose them; the released code keeps the classifier out of the budget, ``exclude`` does that
+    here). ``distribution`` is 'global' only (the paper's one budget).
 
     What is sparse: each pass runs on w * m (an expected k of n weights), its weight gradient is used only at m,
     and the score update reads two loss values; on dense kernels (the default path) the products are still dense
@@ -210,6 +211,7 @@ class VRPG(Sparsifier):
         end: float | None = None,
         rescale_init: bool = True,
         granularity: str = "weight",
+        score_schedule: str = "constant",
         **common: Any,
     ) -> None:
         distribution = common.get("distribution")
@@ -231,6 +233,9 @@ class VRPG(Sparsifier):
         if granularity not in ("weight", "channel"):
             raise ValueError(f"vrpg: granularity must be 'weight' or 'channel', got {granularity!r}")
         self.granularity = granularity
+        if score_schedule not in ("constant", "cosine"):
+            raise ValueError(f"vrpg: score_schedule must be 'constant' or 'cosine', got {score_schedule!r}")
+        self.score_schedule = score_schedule
         self.score_lr, self.score_init, self.end = float(score_lr), score_init, end
         self.score_optimizer = score_optimizer
         self.score_steps = 0
@@ -269,6 +274,14 @@ class VRPG(Sparsifier):
         if self.granularity == "weight":
             return masks
         return {n: m.expand(self.params[n].shape).contiguous() for n, m in masks.items()}
+
+    def score_lr_at(self, step: int) -> float:
+        """The scores' step size at step ``step``: ``score_lr`` ('constant'), or ``score_lr`` times
+        (1 + cos(pi * step / end)) / 2 ('cosine': from ``score_lr`` at step 0 towards 0 at ``end``, where the
+        mask is fixed; the released code decays its score learning rate by the cosine over its sampled epochs)."""
+        if self.score_schedule == "constant" or self.end_step == 0:
+            return self.score_lr
+        return self.score_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, self.end_step) / self.end_step))
 
     def sampling_at(self, step: int) -> bool:
         """Whether step ``step`` samples masks and learns the scores (before ``end``); after it the mask is fixed."""
@@ -394,10 +407,12 @@ class VRPG(Sparsifier):
     def update_scores(self, loss1: float, loss2: float, mask1: dict[str, Tensor], mask2: dict[str, Tensor]) -> None:
         """One projected step of the scores with the variance-reduced estimate of the two passes.
 
-        'sgd': s - score_lr * g. 'adam': s - score_lr * m_hat / (sqrt(v_hat) + 1e-8) with Adam's moments of g
-        (betas 0.9, 0.999; bias-corrected), as the released code steps its scores. Then the projection.
+        'sgd': s - lr * g. 'adam': s - lr * m_hat / (sqrt(v_hat) + 1e-8) with Adam's moments of g
+        (betas 0.9, 0.999; bias-corrected), as the released code steps its scores; lr is ``score_lr_at(count)``.
+        Then the projection.
         """
         self.score_steps += 1
+        lr = self.score_lr_at(self.count)
         stepped = []
         for name, s in self.s.items():
             g = vrpg_gradient(loss1, loss2, mask1[name], mask2[name], s)
@@ -407,7 +422,7 @@ class VRPG(Sparsifier):
                 v.mul_(0.999).addcmul_(g, g, value=0.001)
                 # m_hat / (sqrt(v_hat) + 1e-8), the same operations in place on the temporaries
                 g = (m / (1 - 0.9**self.score_steps)).div_((v / (1 - 0.999**self.score_steps)).sqrt_().add_(1e-8))
-            stepped.append(s - g.mul_(self.score_lr))
+            stepped.append(s - g.mul_(lr))
         # The previous step's shift starts the search: a hint for the cost only (the answer is the same from
         # anywhere), so it is not part of the saved state and a resumed run stays bit-identical.
         shift = budget_shift(stepped, self.budget, start=self._shift)
