@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -294,6 +295,8 @@ def test_outside_the_top_k_weights_keep_their_momentum_across_steps():
         ({"score_init": 0.0}, r"score_init must be None or a number in \(0, 1\], got 0.0"),
         ({"score_init": 1.5}, r"score_init must be None or a number in \(0, 1\], got 1.5"),
         ({"score_optimizer": "rmsprop"}, "score_optimizer must be 'adam' or 'sgd', got 'rmsprop'"),
+        ({"granularity": "row"}, "granularity must be 'weight' or 'channel', got 'row'"),
+        ({"score_schedule": "linear"}, "score_schedule must be 'constant' or 'cosine', got 'linear'"),
         ({"distribution": "erk"}, "one global budget.*distribution='erk' is not supported"),
         ({"unit": "steps", "end": 50}, "vrpg needs 0 <= end <= total; got end=50"),
         ({"mask_type": "2:4"}, "does not support N:M masks"),
@@ -338,3 +341,91 @@ def test_top_k_is_the_global_top_k_of_maskops_exactly(case):
     got, want = sparsifier.top_k(), global_topk_masks(sparsifier.s, 0.75)
     assert all(torch.equal(got[n], want[n]) and got[n].shape == sparsifier.s[n].shape for n in want)
     assert sum(int(m.sum()) for m in got.values()) == keep_count(sum(s.numel() for s in sparsifier.s.values()), 0.75)
+
+
+# ------------------------------------------------------------------------------------------ channel granularity
+def test_channel_granularity_learns_one_score_per_output_unit_under_a_channel_budget():
+    """'channel': scores of shape (out, 1), a budget of round((1 - s) * channels), and each sampled or top-k mask
+    keeps or drops whole rows; the step is the same sparse chain rule and projected estimate, per channel."""
+    model, optimizer, sparsifier = make(granularity="channel", score_optimizer="sgd", score_lr=0.05)
+    assert {n: tuple(s.shape) for n, s in sparsifier.s.items()} == {"0.weight": (8, 1), "2.weight": (3, 1)}
+    assert sparsifier.budget == keep_count(8 + 3, 0.75) == 3
+    latent = sparsifier.latent_weights()
+    s0 = {n: s.clone() for n, s in sparsifier.s.items()}
+    m1, m2 = sparsifier.sample(0)
+    x, y = batch(0)
+    grads, losses = [], []
+    for mask in (m1, m2):
+        twin = copy.deepcopy(model)
+        named = dict(twin.named_parameters())
+        with torch.no_grad():
+            for name in latent:
+                named[name].copy_(latent[name] * mask[name])  # (out, 1) broadcast over the row
+        loss = nn.functional.cross_entropy(twin(x), y)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append({n: p.grad * mask[n] for n, p in named.items() if n in mask})
+    step(model, optimizer, 0)
+    after = sparsifier.latent_weights()
+    for name, w in latent.items():
+        torch.testing.assert_close(after[name], w - 0.1 * (grads[0][name] + grads[1][name]) / 2, rtol=0, atol=1e-6)
+    stepped = [s0[n] - 0.05 * vrpg_gradient(losses[0], losses[1], m1[n], m2[n], s0[n]) for n in s0]
+    for got, want in zip(sparsifier.s.values(), project_scores(stepped, sparsifier.budget)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for i in range(1, 6):
+        step(model, optimizer, i)
+        top = sparsifier.top_k()
+        assert sum(int(m.sum()) for m in top.values()) == 3  # exactly k channels
+        for name, p in sparsifier.params.items():
+            mask = sparsifier.masks[name]
+            assert mask.shape == p.shape and torch.equal(mask, top[name].expand(p.shape))  # whole rows
+            assert torch.all(p.detach()[~mask] == 0)
+
+
+def test_channel_granularity_fixes_whole_rows_at_end_and_resumes_bit_identically(tmp_path):
+    model, optimizer, sparsifier = make(total=12, unit="steps", end=6, momentum=0.9, granularity="channel")
+    for i in range(4):
+        step(model, optimizer, i)
+    torch.save({"m": model.state_dict(), "o": optimizer.state_dict(), "s": sparsifier.state_dict()}, tmp_path / "c")
+    for i in range(4, 12):
+        step(model, optimizer, i)
+    assert sparsifier.phase == "sparse"
+    rows = {n: m.all(dim=1) for n, m in sparsifier.masks.items()}
+    assert all(torch.equal(m, rows[n][:, None].expand_as(m)) for n, m in sparsifier.masks.items())
+    assert sum(int(r.sum()) for r in rows.values()) == 3
+    saved = torch.load(tmp_path / "c", weights_only=True)
+    model2, optimizer2, sparsifier2 = make(total=12, unit="steps", end=6, momentum=0.9, granularity="channel",
+                                           seed=7)  # fmt: skip
+    model2.load_state_dict(saved["m"])
+    optimizer2.load_state_dict(saved["o"])
+    sparsifier2.load_state_dict(saved["s"])
+    for i in range(4, 12):
+        step(model2, optimizer2, i)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    # A per-weight state does not load into a per-channel sparsifier: the shapes say which was saved.
+    _, _, weighted = make(total=12, unit="steps", end=6)
+    with pytest.raises(ValueError, match=r"scores of '0.weight' have shape \(8, 6\), expected \(8, 1\)"):
+        sparsifier2.load_state_dict(weighted.state_dict())
+
+
+# ------------------------------------------------------------------------------------------ score schedule
+def test_cosine_score_schedule_decays_the_score_step_to_zero_at_end():
+    """'cosine': the score step at step t is score_lr * (1 + cos(pi t / end)) / 2, applied by update_scores."""
+    model, optimizer, sparsifier = make(total=12, unit="steps", end=10, score_optimizer="sgd", score_lr=0.05,
+                                        score_schedule="cosine")  # fmt: skip
+    assert [sparsifier.score_lr_at(t) for t in (0, 5, 10, 11)] == pytest.approx([0.05, 0.025, 0.0, 0.0])
+    _, _, constant = make(total=12, unit="steps", end=10, score_lr=0.05)
+    assert constant.score_lr_at(7) == 0.05
+    for i in range(4):
+        step(model, optimizer, i)
+    assert sparsifier.count == 4
+    s0 = {n: s.clone() for n, s in sparsifier.s.items()}
+    m1, m2 = sparsifier.sample(4)
+    sparsifier.update_scores(1.0, 0.25, m1, m2)
+    lr = 0.05 * (1 + math.cos(math.pi * 4 / 10)) / 2
+    stepped = [s0[n] - lr * vrpg_gradient(1.0, 0.25, m1[n], m2[n], s0[n]) for n in s0]
+    for got, want in zip(sparsifier.s.values(), project_scores(stepped, sparsifier.budget)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    full = project_scores([s0[n] - 0.05 * vrpg_gradient(1.0, 0.25, m1[n], m2[n], s0[n]) for n in s0],
+                          sparsifier.budget)  # fmt: skip
+    assert any(not torch.allclose(a, b) for a, b in zip(sparsifier.s.values(), full))  # the decay is visible
