@@ -85,6 +85,12 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         # The main job's final=0.1: a 1-unit (10%) final phase instead of 2 units, room for one more C/D cycle
         # before it, so the twin can be taken one unit later in the schedule; same dense epochs.
         "final=0.1": ("acdc", {**base, "final": base["warmup"]}),
+        # final=0.1 with each single knob that may help the twin (the main job's twin gained from both).
+        **{f"final=0.1 + {name}": ("acdc", {**base, **knob, "final": base["warmup"]}) for name, knob in (
+            ("dead_units=reinit", {"dead_units": "reinit"}), ("dead_units=revive", {"dead_units": "revive"}),
+            ("score=taylor", {"score": "taylor"}), ("score=normalized", {"score": "normalized"}),
+            ("warm-up 2 units", {"warmup": 2 * base["warmup"]}), ("ramp=2", {"ramp": 2}),
+        )},  # fmt: skip
     }
 
 
