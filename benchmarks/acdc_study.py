@@ -2,8 +2,8 @@
 
 Every run has the accuracy benchmark's trainer, optimizer, learning-rate schedule and AC/DC timeline (10% warm-up,
 10% compressed and decompressed phases, final 20%, in whole epochs: ``accuracy.method_options``); only one option
-of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``inphase_ramp``, ``score``; see the
-``ACDC`` docstring).
+of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``ramp_start``, ``inphase_ramp``, ``score``;
+see the ``ACDC`` docstring).
 Reported per row: the sparse model's test accuracy, the dense twin's (AC/DC's best decompressed model), the training
 FLOPs relative to dense training, and the gaps the targets are about (sparse - gmp, twin - dense).
 
@@ -91,6 +91,10 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
             ("score=taylor", {"score": "taylor"}), ("score=normalized", {"score": "normalized"}),
             ("warm-up 2 units", {"warmup": 2 * base["warmup"]}), ("ramp=2", {"ramp": 2}),
         )},  # fmt: skip
+        # A ramp that starts closer to s (ramp_start): the milder first compression that gave the ramp its better
+        # twin, with less of the time below s that cost its sparse model at 98%.
+        "ramp=2 + ramp_start=0.8": ("acdc", {**base, "ramp": 2, "ramp_start": 0.8}),
+        "ramp=3 + ramp_start=0.8": ("acdc", {**base, "ramp": 3, "ramp_start": 0.8}),
     }
 
 
