@@ -95,6 +95,8 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         # twin, with less of the time below s that cost its sparse model at 98%.
         "ramp=2 + ramp_start=0.8": ("acdc", {**base, "ramp": 2, "ramp_start": 0.8}),
         "ramp=3 + ramp_start=0.8": ("acdc", {**base, "ramp": 3, "ramp_start": 0.8}),
+        # The two knobs that gave the 30-epoch twin at 98% its best rows, together.
+        "ramp=2 + dead_units=revive": ("acdc", {**base, "ramp": 2, "dead_units": "revive"}),
     }
 
 
