@@ -2,8 +2,8 @@
 
 Every run has the accuracy benchmark's trainer, optimizer, learning-rate schedule and AC/DC timeline (10% warm-up,
 10% compressed and decompressed phases, final 20%, in whole epochs: ``accuracy.method_options``); only one option
-of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``inphase_ramp``, ``score``; see the
-``ACDC`` docstring).
+of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``ramp_start``, ``inphase_ramp``, ``score``;
+see the ``ACDC`` docstring).
 Reported per row: the sparse model's test accuracy, the dense twin's (AC/DC's best decompressed model), the training
 FLOPs relative to dense training, and the gaps the targets are about (sparse - gmp, twin - dense).
 
@@ -85,6 +85,18 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         # The main job's final=0.1: a 1-unit (10%) final phase instead of 2 units, room for one more C/D cycle
         # before it, so the twin can be taken one unit later in the schedule; same dense epochs.
         "final=0.1": ("acdc", {**base, "final": base["warmup"]}),
+        # final=0.1 with each single knob that may help the twin (the main job's twin gained from both).
+        **{f"final=0.1 + {name}": ("acdc", {**base, **knob, "final": base["warmup"]}) for name, knob in (
+            ("dead_units=reinit", {"dead_units": "reinit"}), ("dead_units=revive", {"dead_units": "revive"}),
+            ("score=taylor", {"score": "taylor"}), ("score=normalized", {"score": "normalized"}),
+            ("warm-up 2 units", {"warmup": 2 * base["warmup"]}), ("ramp=2", {"ramp": 2}),
+        )},  # fmt: skip
+        # A ramp that starts closer to s (ramp_start): the milder first compression that gave the ramp its better
+        # twin, with less of the time below s that cost its sparse model at 98%.
+        "ramp=2 + ramp_start=0.8": ("acdc", {**base, "ramp": 2, "ramp_start": 0.8}),
+        "ramp=3 + ramp_start=0.8": ("acdc", {**base, "ramp": 3, "ramp_start": 0.8}),
+        # The two knobs that gave the 30-epoch twin at 98% its best rows, together.
+        "ramp=2 + dead_units=revive": ("acdc", {**base, "ramp": 2, "dead_units": "revive"}),
     }
 
 

@@ -298,3 +298,56 @@ def test_resume_across_an_inphase_ramp_update_is_bit_identical(split):
 def test_bad_inphase_ramp_is_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         build(**options)
+
+
+@pytest.mark.parametrize(
+    "options, expected",  # sparsity of the three compressed phases (steps 4, 12, 24) at s = 0.9
+    [
+        (dict(ramp=2, ramp_start=0.8), [0.72, 0.9, 0.9]),
+        (dict(ramp=3, ramp_start=0.8), [0.72, 0.81, 0.9]),
+        (dict(ramp=3, ramp_start=0.5), [0.45, 0.675, 0.9]),  # the ramp's former fixed start, given explicitly
+    ],
+)
+def test_ramp_start_is_where_the_ramp_across_phases_starts(options, expected):
+    model, optimizer, sparsifier = build(sparsity=0.9, **options)
+    total = sum(m.numel() for m in sparsifier.masks.values())
+    counts = []
+    for i in range(TOTAL):
+        step(model, optimizer, i)
+        if sparsifier.count in (4, 12, 24):
+            counts.append(sum(int((~m).sum()) for m in sparsifier.masks.values()))
+    assert [sparsifier.target_sparsity_at(t) for t in (4, 12, 24)] == pytest.approx(expected)
+    assert counts == [total - maskops.keep_count(total, s) for s in expected]
+
+
+def test_ramp_start_moves_the_inphase_ramp_too():
+    _, _, sparsifier = build(sparsity=0.9, inphase_ramp=2, ramp_start=0.8)
+    assert [sparsifier.target_sparsity_at(t) for t in (4, 5, 6, 7, 8, 12)] == pytest.approx(
+        [0.72, 0.72, 0.9, 0.9, 0.0, 0.9]
+    )
+
+
+def test_ramp_start_default_leaves_the_runs_bit_identical():
+    """ramp_start=0.5 given explicitly is the ramp without it, weight for weight (and the paper has no ramp)."""
+    runs = []
+    for options in (dict(ramp=3), dict(ramp=3, ramp_start=0.5)):
+        model, optimizer, _ = build(sparsity=0.9, **options)
+        for i in range(TOTAL):
+            step(model, optimizer, i)
+        runs.append(model.state_dict())
+    assert all(torch.equal(a, runs[1][n]) for n, a in runs[0].items())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(ramp=2, ramp_start=1.0), r"ramp_start must be a fraction of the sparsity in \(0, 1\), e.g. 0.8; got 1.0"),
+        (dict(ramp=2, ramp_start=0), "ramp_start must be a fraction of the sparsity"),
+        (dict(ramp=2, ramp_start=True), "ramp_start must be a fraction of the sparsity"),
+        (dict(ramp_start=0.8), r"ramp_start=0.8 is where a ramp starts; give ramp or inphase_ramp >= 2 with it"),
+        (dict(ramp=1, ramp_start=0.8), "give ramp or inphase_ramp >= 2 with it"),
+    ],
+)
+def test_bad_ramp_start_is_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        build(**options)

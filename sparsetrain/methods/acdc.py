@@ -73,6 +73,10 @@ class ACDC(ScheduledPruning):
       Global distribution and unstructured masks only.
     - ``ramp``: the first ``ramp`` compressed phases ramp linearly from half the target sparsity to it (ramp=3:
       0.5 s, 0.75 s, s); the final compressed phase is always at s. 0 or 1 (the paper): every one at s.
+    - ``ramp_start``: the fraction of s that ``ramp`` and ``inphase_ramp`` start from (0.5 above), as GMP's ramp
+      starts from an initial sparsity (Zhu & Gupta 2017): ramp=2, ramp_start=0.8 puts the first compressed phase
+      at 0.8 s and every later one at s. Only with ``ramp`` or ``inphase_ramp`` >= 2; 0.5 is the ramps' default
+      (the paper has no ramp).
     - ``inphase_ramp``: the first compressed phase reaches s inside itself, in ``inphase_ramp`` = k mask updates
       at its start and after each k-th of it, at 0.5 s rising linearly to s (k=4: 0.5 s, 0.667 s, 0.833 s, s; the
       masks fixed in between, each update pruning among the weights still kept); later phases are the paper's.
@@ -107,6 +111,7 @@ class ACDC(ScheduledPruning):
         ramp: int = 0,
         inphase_ramp: int = 0,
         score: str = "magnitude",
+        ramp_start: float = 0.5,
         **common: Any,
     ) -> None:
         if dead_units not in DEAD_UNITS:
@@ -119,6 +124,14 @@ class ACDC(ScheduledPruning):
             raise ValueError(
                 f"acdc: inphase_ramp must be a number of mask updates in the first compressed phase >= 0 (0: no "
                 f"ramp); got {inphase_ramp!r}"
+            )
+        if isinstance(ramp_start, bool) or not isinstance(ramp_start, (int, float)) or not 0 < ramp_start < 1:
+            raise ValueError(
+                f"acdc: ramp_start must be a fraction of the sparsity in (0, 1), e.g. 0.8; got {ramp_start!r}"
+            )
+        if ramp_start != 0.5 and ramp < 2 and inphase_ramp < 2:
+            raise ValueError(
+                f"acdc: ramp_start={ramp_start:g} is where a ramp starts; give ramp or inphase_ramp >= 2 with it"
             )
         if score not in ACDC_SCORES:
             raise ValueError(f"acdc: score must be one of {', '.join(ACDC_SCORES)}; got {score!r}")
@@ -139,7 +152,7 @@ class ACDC(ScheduledPruning):
         if layer_floor and (mask_type != "unstructured" or distribution != "global"):
             raise ValueError("acdc: layer_floor applies to the global ranking of unstructured masks only")
         self.dead_units, self.layer_floor, self.ramp, self.score = dead_units, float(layer_floor), ramp, score
-        self.inphase_ramp = inphase_ramp
+        self.inphase_ramp, self.ramp_start = inphase_ramp, float(ramp_start)
         self._taylor: dict[str, Tensor] | None = None  # score='taylor': |w * grad| summed over the dense phase
         self._dead_rows: dict[str, tuple[Tensor, Tensor]] | None = None  # dead_units: row indices, their values
         self.warmup, self.compressed, self.decompressed, self.final = warmup, compressed, decompressed, final
@@ -206,18 +219,19 @@ class ACDC(ScheduledPruning):
 
     def target_sparsity_at(self, step: int) -> float:
         """The schedule's sparsity; with ``ramp`` = k, the i-th of the first k compressed phases (from 0) runs at
-        s * (0.5 + 0.5 i / (k - 1)); the final compressed phase is always at s. With ``inphase_ramp`` = k, the
-        first compressed phase runs at s * (0.5 + 0.5 j / (k - 1)) from its j-th update (from 0) to the next."""
+        s * (r + (1 - r) i / (k - 1)), r = ``ramp_start`` (0.5); the final compressed phase is always at s. With
+        ``inphase_ramp`` = k, the first compressed phase runs at s * (r + (1 - r) j / (k - 1)) from its j-th update
+        (from 0) to the next."""
         sparsity = self.schedule.sparsity_at(step)
         if self._inphase_steps and sparsity and self._inphase_steps[0] <= step < self._inphase_end:
             j = sum(t <= step for t in self._inphase_steps) - 1
-            return sparsity * (0.5 + 0.5 * j / (self.inphase_ramp - 1))
+            return sparsity * (self.ramp_start + (1 - self.ramp_start) * j / (self.inphase_ramp - 1))
         if self.ramp < 2 or sparsity == 0:
             return sparsity
         index = sum(start <= step for start in self._sparse_starts) - 1
         if index >= self.ramp - 1 or index == len(self._sparse_starts) - 1:
             return sparsity
-        return sparsity * (0.5 + 0.5 * index / (self.ramp - 1))
+        return sparsity * (self.ramp_start + (1 - self.ramp_start) * index / (self.ramp - 1))
 
     def is_update_step(self, step: int) -> bool:
         return self.schedule.is_update_step(step) or step in self._inphase_steps
