@@ -14,6 +14,7 @@ from .. import maskops
 from ..core import Capability, Sparsifier, register
 from ..core.sparsifier import _zero_where_masked
 from ..optim_state import per_element_buffers
+from ..schedules import half_cosine
 
 __all__ = ["VRPG", "VRPGOptimizer", "budget_shift", "project_scores", "vrpg_gradient"]
 
@@ -288,7 +289,7 @@ class VRPG(Sparsifier):
         mask is fixed; the released code decays its score learning rate by the cosine over its sampled epochs)."""
         if self.score_schedule == "constant" or self.end_step == 0:
             return self.score_lr
-        return self.score_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, self.end_step) / self.end_step))
+        return self.score_lr * half_cosine(min(step, self.end_step), self.end_step)
 
     def sampling_at(self, step: int) -> bool:
         """Whether step ``step`` samples masks and learns the scores (before ``end``); after it the mask is fixed."""
