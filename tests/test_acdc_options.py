@@ -169,9 +169,9 @@ def test_score_taylor_ranks_by_weight_times_gradient_summed_over_the_dense_phase
     assert not all(torch.equal(sparsifier.masks[n], magnitude[n]) for n in expected)
 
 
-@pytest.mark.parametrize("split", [6, 10])  # inside a compressed phase, inside a decompressed one
-def test_resume_with_every_option_is_bit_identical(split):
-    options = dict(dead_units="revive", score="taylor", ramp=2, layer_floor=0.01)
+def run_and_resume(options: dict, split: int):
+    """Train TOTAL steps, and again from a checkpoint taken at ``split`` into a fresh copy (another seed); assert
+    the final weights are bit-identical; return both sparsifiers."""
     model, optimizer, sparsifier = build(**options)
     for i in range(TOTAL):
         if i == split:
@@ -186,6 +186,12 @@ def test_resume_with_every_option_is_bit_identical(split):
         step(model2, optimizer2, i)
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs after resume"
+    return sparsifier, sparsifier2
+
+
+@pytest.mark.parametrize("split", [6, 10])  # inside a compressed phase, inside a decompressed one
+def test_resume_with_every_option_is_bit_identical(split):
+    run_and_resume(dict(dead_units="revive", score="taylor", ramp=2, layer_floor=0.01), split)
 
 
 @pytest.mark.parametrize(
@@ -268,20 +274,7 @@ def test_inphase_ramp_revive_gives_rows_emptied_inside_the_phase_their_values_be
 @pytest.mark.parametrize("split", [5, 6])  # between the ramp's updates inside the first compressed phase
 def test_resume_across_an_inphase_ramp_update_is_bit_identical(split):
     options = dict(dead_units="revive", score="taylor", inphase_ramp=4, layer_floor=0.01)
-    model, optimizer, sparsifier = build(**options)
-    for i in range(TOTAL):
-        if i == split:
-            saved = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "sparsifier": sparsifier.state_dict()})  # fmt: skip
-        step(model, optimizer, i)
-    model2, optimizer2, sparsifier2 = build(seed=123, **options)
-    model2.load_state_dict(saved["model"])
-    optimizer2.load_state_dict(saved["optimizer"])
-    sparsifier2.load_state_dict(saved["sparsifier"])
-    for i in range(split, TOTAL):
-        step(model2, optimizer2, i)
-    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
-        assert torch.equal(a, b), f"{name} differs after resume"
+    sparsifier, sparsifier2 = run_and_resume(options, split)
     assert [e for e in sparsifier2.history if e["step"] > split] == [e for e in sparsifier.history if e["step"] > split]
 
 

@@ -15,13 +15,7 @@ from sparsetrain.methods._groupwise import group_sparsity_for_flops
 from sparsetrain.models import build_model
 from sparsetrain.structured import groups, kept_channels, slim
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def resnet20() -> tuple[nn.Module, torch.Tensor]:

@@ -180,16 +180,11 @@ def step(model, optimizer, i):
     return optimizer.step(closure)
 
 
-def test_one_step_is_the_sparse_chain_rule_and_the_projected_score_step():
-    """Weights: w - lr * mean_j(m_j * grad L at w * m_j); scores: P(s - score_lr * estimate). Checked by hand."""
-    model, optimizer, sparsifier = make(score_optimizer="sgd", score_lr=0.05)
-    latent = sparsifier.latent_weights()
-    s0 = {n: s.clone() for n, s in sparsifier.s.items()}
-    m1, m2 = sparsifier.sample(0)
-    assert any(not torch.equal(m1[n], m2[n]) for n in m1)
-    x, y = batch(0)
-    grads, losses = [], []
-    for mask in (m1, m2):
+def masked_passes(model, latent, masks, x, y):
+    """By hand, what each of vrpg's passes computes: the loss of a copy whose sparsified weights are
+    ``latent * mask``, and its gradients (masked for the sparsified weights, as the sparse chain rule keeps them)."""
+    losses, grads = [], []
+    for mask in masks:
         twin = copy.deepcopy(model)
         named = dict(twin.named_parameters())
         with torch.no_grad():
@@ -199,6 +194,18 @@ def test_one_step_is_the_sparse_chain_rule_and_the_projected_score_step():
         loss.backward()
         losses.append(float(loss.detach()))
         grads.append({n: p.grad * mask[n] if n in mask else p.grad for n, p in named.items()})
+    return losses, grads
+
+
+def test_one_step_is_the_sparse_chain_rule_and_the_projected_score_step():
+    """Weights: w - lr * mean_j(m_j * grad L at w * m_j); scores: P(s - score_lr * estimate). Checked by hand."""
+    model, optimizer, sparsifier = make(score_optimizer="sgd", score_lr=0.05)
+    latent = sparsifier.latent_weights()
+    s0 = {n: s.clone() for n, s in sparsifier.s.items()}
+    m1, m2 = sparsifier.sample(0)
+    assert any(not torch.equal(m1[n], m2[n]) for n in m1)
+    x, y = batch(0)
+    losses, grads = masked_passes(model, latent, (m1, m2), x, y)
     biases = {n: p.detach().clone() for n, p in model.named_parameters() if n not in latent}
     returned = step(model, optimizer, 0)
     assert float(returned.detach()) == pytest.approx(losses[0], abs=1e-6)
@@ -354,17 +361,7 @@ def test_channel_granularity_learns_one_score_per_output_unit_under_a_channel_bu
     s0 = {n: s.clone() for n, s in sparsifier.s.items()}
     m1, m2 = sparsifier.sample(0)
     x, y = batch(0)
-    grads, losses = [], []
-    for mask in (m1, m2):
-        twin = copy.deepcopy(model)
-        named = dict(twin.named_parameters())
-        with torch.no_grad():
-            for name in latent:
-                named[name].copy_(latent[name] * mask[name])  # (out, 1) broadcast over the row
-        loss = nn.functional.cross_entropy(twin(x), y)
-        loss.backward()
-        losses.append(float(loss.detach()))
-        grads.append({n: p.grad * mask[n] for n, p in named.items() if n in mask})
+    losses, grads = masked_passes(model, latent, (m1, m2), x, y)  # channel masks broadcast over rows
     step(model, optimizer, 0)
     after = sparsifier.latent_weights()
     for name, w in latent.items():
