@@ -24,6 +24,13 @@ CSR never wins (small layers, convolutions), ``auto`` should cost nothing beyond
     python benchmarks/training_speed.py --threads 2
     python benchmarks/training_speed.py --runs --seeds 0 1 2      # whole runs, off against auto (see below)
 
+``--zoo``: every registered zoo model, ``off`` against ``auto`` at 90% (``static``), on random batches of the model's
+example input shape (token ids for language models), a batch size per model that keeps a step short on 2 cores
+(``ZOO_BATCH``): the check that ``auto`` is never measurably slower than ``off`` where CSR does not help (conv nets
+keep their convolutions dense; only their Linear layers can be timed).
+
+    python benchmarks/training_speed.py --zoo --zoo-steps 60 --block 10
+
 ``--runs``: whole training runs with the CLI (``sparsetrain train``, evaluation and checkpoints included) at equal
 epochs: dense, AC/DC at 90%, GMP and static at 95%, each sparse run once with ``sparse_kernels=off`` and once with
 ``auto``. Two runs at a time, one thread each, the ``off`` and ``auto`` runs of a configuration started together
@@ -48,11 +55,16 @@ import torch
 from torch import nn
 
 import sparsetrain
-from sparsetrain.models import build_model
+from sparsetrain.models import build_model, list_models, sample_input, takes_tokens
 from sparsetrain.train.data import iterate_batches, load_dataset
 from sparsetrain.train.loop import make_optimizer
 
 VARIANTS = ("dense", "off", "auto")
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The classification loss, per position for a language model's (batch, T, classes) logits."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 def make_variant(base: nn.Module, variant: str, sparsity: float, total: int) -> tuple[nn.Module, Callable]:
@@ -68,7 +80,7 @@ def make_variant(base: nn.Module, variant: str, sparsity: float, total: int) -> 
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        cross_entropy(model(x), y).backward()
         optimizer.step()
 
     return model, step
@@ -81,12 +93,16 @@ def batches(data, batch: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.
         epoch += 1
 
 
-def paired(model_name: str, variants: tuple[str, ...], sparsity: float, data, batch: int, steps: int, block: int):
+def paired(model_name: str, variants: tuple[str, ...], sparsity: float, data, batch: int, steps: int, block: int,
+           plan: list | None = None, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None):
+    """Train ``variants`` side by side on the same batches (``plan``, or ``steps`` batches of ``data``)."""
     torch.manual_seed(0)
-    base = build_model(model_name, input_shape=data.input_shape, num_classes=data.num_classes)
+    shape = input_shape or data.input_shape
+    base = build_model(model_name, input_shape=shape, num_classes=num_classes or data.num_classes)
     made = {v: make_variant(base, v, sparsity, steps) for v in variants}
-    stream = batches(data, batch, steps)
-    plan = [next(stream) for _ in range(steps)]
+    if plan is None:
+        stream = batches(data, batch, steps)
+        plan = [next(stream) for _ in range(steps)]
     times: dict[str, list[float]] = {v: [] for v in variants}
     for index, start in enumerate(range(0, steps, block)):
         chunk = plan[start : start + block]
@@ -97,7 +113,7 @@ def paired(model_name: str, variants: tuple[str, ...], sparsity: float, data, ba
             for xb, yb in chunk:
                 step(xb, yb)
             times[variant].append(time.perf_counter() - began)
-    result = {"model": model_name, "sparsity": sparsity, "steps": steps, "block": block,
+    result = {"model": model_name, "sparsity": sparsity, "steps": steps, "block": block, "batch": batch,
               "epoch_s": {v: sum(t) for v, t in times.items()}}  # fmt: skip
     reference = "dense" if "dense" in variants else "off"
     result["speedup_median"] = {
@@ -110,6 +126,48 @@ def paired(model_name: str, variants: tuple[str, ...], sparsity: float, data, ba
         if "off" in variants and reference != "off":
             result["auto_vs_off_median"] = statistics.median(o / a for o, a in zip(times["off"], times["auto"]))
     return result
+
+
+# Batch per zoo model for --zoo: the trainer's 128 where a step is a few ms, fewer where one step of 128 would take
+# seconds on one thread (the wide ResNets); the ratio off/auto is what is measured, not throughput.
+ZOO_BATCH = {"resnet20": 64, "resnet32": 32, "resnet56": 32, "wrn-16-4": 16, "wrn-28-10": 4, "mobilenet-v1": 32,
+             "gpt": 32, "vit": 64}  # fmt: skip
+
+
+def zoo_plan(name: str, batch: int, steps: int) -> tuple[list, tuple[int, ...], int]:
+    """Random batches of model ``name``'s example input (token ids for a language model), 10 classes (256 tokens)."""
+    from sparsetrain.models import MODEL_REGISTRY
+
+    shape = MODEL_REGISTRY.entry(name).meta["example_input"]
+    classes = 256 if takes_tokens(name) else 10
+    generator = torch.Generator().manual_seed(0)
+    plan = []
+    for _ in range(steps):
+        x = sample_input(name, shape, classes, batch=batch, generator=generator)
+        y_shape = x.shape if takes_tokens(name) else (batch,)
+        plan.append((x, torch.randint(0, classes, y_shape, generator=generator)))
+    return plan, shape, classes
+
+
+def zoo_table(args) -> list[dict]:
+    """``--zoo``: off against auto at 90% on every zoo model (module docstring)."""
+    torch.set_num_threads(args.threads)
+    load = " ".join(f"{x:.1f}" for x in _load())
+    print(f"zoo models at 90% (static), {args.zoo_steps} steps per variant, off against auto (blocks of "
+          f"{args.block}), {torch.get_num_threads()} threads; load average {load}")  # fmt: skip
+    results = []
+    for name in args.zoo_models or list_models():
+        batch = ZOO_BATCH.get(name, 128)
+        plan, shape, classes = zoo_plan(name, batch, args.zoo_steps)
+        r = paired(name, ("off", "auto"), 0.9, None, batch, args.zoo_steps, args.block, plan=plan,
+                   input_shape=shape, num_classes=classes)  # fmt: skip
+        results.append(r)
+        e = r["epoch_s"]
+        print(f"  {name:12s} batch {batch:3d}  off {e['off']:7.2f} s  auto {e['auto']:7.2f} s  auto/off median "
+              f"{r['speedup_median']['auto']:.3f}x (sums {r['speedup_sums']['auto']:.3f}x)", flush=True)  # fmt: skip
+        print("    " + r["report"].replace("\n", "\n    "))
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in _load())}")
+    return results
 
 
 def peak_memory(model_name: str, variant: str, sparsity: float, steps: int, threads: int) -> float:
@@ -154,9 +212,18 @@ def main() -> None:
     parser.add_argument("--runs-out", default="runs/training-speed", help="--runs: run folders and runs.json")
     parser.add_argument("--methods", nargs="+", choices=[m for m, _ in RUN_CONFIGS[1:]], default=None,
                         help="--runs: only these sparse configurations (the dense baseline always runs)")  # fmt: skip
+    parser.add_argument("--zoo", action="store_true", help="every zoo model, off against auto at 90%% (docstring)")
+    parser.add_argument("--zoo-steps", type=int, default=60, help="--zoo: steps per variant and model")
+    parser.add_argument("--zoo-models", nargs="+", default=None, help="--zoo: only these models")
     args = parser.parse_args()
     if args.runs:
         return whole_runs(args)
+    if args.zoo:
+        results = zoo_table(args)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(results, handle, indent=2)
+        return None
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist", download=False)
     batch = 128
