@@ -413,3 +413,32 @@ def test_masked_weights_exactly_zero_with_sparse_kernels(method, opt_name):
             version = sparsifier.mask_version
             assert_exact_counts(sparsifier)
     assert sparsifier.sparsity().overall >= 0.9 - 1e-3
+
+
+def test_a_timing_at_one_density_decides_the_densities_it_implies():
+    # CSR chosen at density 0.1 is chosen at 0.05 untimed; not chosen at 0.3, it is not chosen at 0.45 either.
+    # The other directions are timed. Scripted times stand in for the clock (the rule itself is tested above).
+    model, optimizer, sparsifier = setup(sparsity=0.8, distribution="uniform")
+    kernels = SparseKernels(sparsifier, repeats=1)
+    timed = []
+    answer = {"sparse": 0.5}
+
+    def scripted(module, layer, x):
+        timed.append(round(layer.structure.density, 2))
+        return 1e-2, answer["sparse"] * 1e-2
+
+    kernels._time = scripted
+    layer = kernels._layer("3.weight", model[3])
+    x = torch.randn(16, 32)
+
+    def decide(density):
+        layer.structure.density = density
+        return kernels._decide("3.weight", model[3], layer, x, 16)
+
+    assert decide(0.1).kernel == "csr" and timed == [0.1]
+    inferred = decide(0.05)
+    assert (inferred.kernel, inferred.reason, timed) == ("csr", "chosen at density 0.100", [0.1])
+    answer["sparse"] = 2.0  # now CSR is slower: a denser layer must be timed, it is not implied
+    assert decide(0.3).kernel == "dense" and timed == [0.1, 0.3]
+    assert decide(0.45).reason == "not chosen at density 0.300" and timed == [0.1, 0.3]
+    assert decide(0.2).kernel == "dense" and timed == [0.1, 0.3, 0.2]  # between the two: nothing implies it
