@@ -93,9 +93,9 @@ class ACDC(ScheduledPruning):
       phase's weights, compressed anew. 'sparse': the sparse model as the compressed phase before it ended, its
       masks and every weight (biases and batch norm's parameters and buffers too, so it continues one
       trajectory), first moments reset as at a decompression (``reset_momentum``); the last decompressed phase is
-      then a dense branch that only yields the twin. Holds the kept values of the sparsified weights and a copy of
-      the other parameters and buffers through the last decompressed phase. Not with ``reset_momentum=False``, a
-      ramp that leaves that phase below s, or FSDP-sharded parameters.
+      then a dense branch that only yields the twin. Holds the kept values of the sparsified weights (float32:
+      4 (1 - s) bytes per weight) and a copy of the other parameters and buffers through the last decompressed
+      phase. Not with ``reset_momentum=False``, a ramp that leaves that phase below s, or FSDP-sharded parameters.
 
     Built on the :class:`~sparsetrain.schedules.Cyclic` schedule of ``acdc_phases`` and the magnitude score; the
     method itself is only what happens at a phase start: the compression's mask difference, the
