@@ -2,8 +2,8 @@
 
 Every run has the accuracy benchmark's trainer, optimizer, learning-rate schedule and AC/DC timeline (10% warm-up,
 10% compressed and decompressed phases, final 20%, in whole epochs: ``accuracy.method_options``); only one option
-of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``ramp_start``, ``inphase_ramp``, ``score``;
-see the ``ACDC`` docstring).
+of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``ramp_start``, ``inphase_ramp``, ``score``,
+``final_from``; see the ``ACDC`` docstring).
 Reported per row: the sparse model's test accuracy, the dense twin's (AC/DC's best decompressed model), the training
 FLOPs relative to dense training, and the gaps the targets are about (sparse - gmp, twin - dense).
 
@@ -97,6 +97,11 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         "ramp=3 + ramp_start=0.8": ("acdc", {**base, "ramp": 3, "ramp_start": 0.8}),
         # The two knobs that gave the 30-epoch twin at 98% its best rows, together.
         "ramp=2 + dead_units=revive": ("acdc", {**base, "ramp": 2, "dead_units": "revive"}),
+        # The final compressed phase resumes the sparse model of the compressed phase before it (weights, masks,
+        # biases): the sparse model trains on uninterrupted, the last decompressed phase is a dense branch that
+        # only yields the twin.
+        "final_from=sparse": ("acdc", {**base, "final_from": "sparse"}),
+        "final_from=sparse + ramp=2": ("acdc", {**base, "final_from": "sparse", "ramp": 2}),
     }
 
 

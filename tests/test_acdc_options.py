@@ -344,3 +344,107 @@ def test_ramp_start_default_leaves_the_runs_bit_identical():
 def test_bad_ramp_start_is_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         build(**options)
+
+
+def build_with_batch_norm(**options):
+    """``build``'s network with a batch norm after the first layer: the sparse model also has running statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))  # fmt: skip
+    sparsifier = sparsetrain.create("acdc", model, sparsity=0.9, total_steps=TOTAL, **TIMELINE, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sparsifier.attach(optimizer)
+    return model, optimizer, sparsifier
+
+
+def run_recording_phase_ends(final_from: str):
+    """Train to step 24 (the final compression); return the model's state and masks at the end of the compressed
+    phase 12-16, the dense weights at the end of the last decompressed phase (16-24), and the state after step 24."""
+    model, optimizer, sparsifier = build_with_batch_norm(final_from=final_from)
+    ends = {}
+
+    def record(event):
+        if event["event"] == "phase_end":  # sent before the masks change: the model the phase ended on
+            ends[event["step"]] = ({k: v.clone() for k, v in model.state_dict().items()},
+                                   {n: m.clone() for n, m in sparsifier.masks.items()})  # fmt: skip
+
+    sparsifier.subscribe(record)
+    for i in range(24):
+        step(model, optimizer, i)
+    return ends[16], ends[24], (model, optimizer, sparsifier)
+
+
+def test_final_from_sparse_resumes_the_previous_compressed_phases_model():
+    (sparse_state, sparse_masks), (dense_state, dense_masks), (model, optimizer, sparsifier) = (
+        run_recording_phase_ends("sparse")
+    )
+    assert all(bool(m.all()) for m in dense_masks.values()), "16-24 is a dense branch"
+    assert not torch.equal(dense_state["0.bias"], sparse_state["0.bias"])
+    assert not torch.equal(dense_state["1.running_mean"], sparse_state["1.running_mean"])
+    # After the final compression (step 24): exactly the model of step 16, weights, biases, batch norm's parameters
+    # and buffers, on the masks of step 16; every first moment reset.
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, sparse_state[key]), f"{key} is not the sparse model of step 16"
+    assert all(torch.equal(sparsifier.masks[n], m) for n, m in sparse_masks.items())
+    assert all(torch.count_nonzero(optimizer.state[p]["momentum_buffer"]) == 0 for p in model.parameters())
+    assert sparsifier._sparse_snapshot is None
+    compress = [e for e in sparsifier.history if e["event"] == "compress"]
+    assert compress[-1] == {"step": 24, "event": "compress", "mask_difference_pct": 0.0, "resumed": True}
+    # The paper (final_from='dense'): the final compression prunes the dense branch's weights.
+    (paper_state, _), _, (paper_model, _, _) = run_recording_phase_ends("dense")
+    assert all(torch.equal(paper_state[k], v) for k, v in sparse_state.items()), "same run up to step 16"
+    assert all(not torch.equal(paper_model.state_dict()[k], sparse_state[k]) for k in ("0.weight", "0.bias"))
+
+
+def test_final_from_dense_is_the_paper_bit_for_bit():
+    runs = []
+    for options in ({}, dict(final_from="dense")):
+        model, optimizer, _ = build(sparsity=0.9, **options)
+        for i in range(TOTAL):
+            step(model, optimizer, i)
+        runs.append(model.state_dict())
+    assert all(torch.equal(a, runs[1][n]) for n, a in runs[0].items())
+
+
+@pytest.mark.parametrize("split", [14, 16, 20, 26])  # before the snapshot, at it, inside the dense branch, after
+def test_resume_with_final_from_sparse_is_bit_identical(split):
+    sparsifier, sparsifier2 = run_and_resume(dict(final_from="sparse"), split)
+    assert [e for e in sparsifier2.history if e["step"] > split] == [e for e in sparsifier.history if e["step"] > split]
+
+
+def test_resume_with_final_from_sparse_and_other_options_is_bit_identical():
+    run_and_resume(dict(final_from="sparse", ramp=2, dead_units="revive", score="taylor"), 20)
+
+
+def test_final_from_sparse_holds_the_kept_values_and_the_other_parameters_through_the_dense_branch():
+    held = {}
+    for final_from in ("dense", "sparse"):
+        model, optimizer, sparsifier = build(sparsity=0.9, final_from=final_from)
+        for i in range(TOTAL):
+            step(model, optimizer, i)
+            if sparsifier.count in (20, 26):
+                held[final_from, sparsifier.count] = sparsifier.memory_bytes().method_state
+    kept = sum(int(m.sum()) for m in sparsifier.masks.values())
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    assert held["sparse", 20] - held["dense", 20] == 4 * (kept + biases)  # float32 kept values, bias copies
+    assert held["sparse", 26] == held["dense", 26]  # freed at the final compression
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(final_from="best"), "final_from must be one of dense, sparse; got 'best'"),
+        (dict(final_from="sparse", reset_momentum=False), "give reset_momentum 'all' or 'sparsified' with it"),
+        (dict(final_from="sparse", ramp=3), r"ramp=3 leaves at sparsity 0.675, below 0.9; give a shorter ramp"),
+    ],
+)
+def test_bad_final_from_is_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        build(**options)
+
+
+def test_final_from_sparse_needs_a_compressed_phase_before_the_final_one():
+    model = nn.Sequential(nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="final_from='sparse' resumes the compressed phase before the final one; "
+                                         "this run of 10 steps has only one compressed phase"):  # fmt: skip
+        sparsetrain.create("acdc", model, sparsity=0.9, total_steps=10, **TIMELINE, final_from="sparse")

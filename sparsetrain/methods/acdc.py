@@ -12,12 +12,14 @@ from torch import Tensor, nn
 
 from .. import maskops
 from ..core import Capability, ScheduledPruning, register
+from ..optim_state import reset_momentum as reset_first_moments
 from ..schedules import Cyclic, Phase, acdc_phases
 
 logger = logging.getLogger(__name__)
 
 DEAD_UNITS = ("zero", "reinit", "revive")
 ACDC_SCORES = ("magnitude", "normalized", "taylor")
+FINAL_FROM = ("dense", "sparse")
 REINIT_SCALE = 0.1  # dead_units='reinit': a tenth of the default init, small beside the surviving trained weights
 
 
@@ -87,6 +89,13 @@ class ACDC(ScheduledPruning):
       |w * dL/dw| summed over the steps of the last dense phase (first-order Taylor estimate of the loss change,
       Molchanov et al. 2019), read before each optimizer step (|w| where no dense step was seen, e.g. no warm-up).
       Unstructured and N:M masks only.
+    - ``final_from``: what the final compressed phase starts from. 'dense' (the paper): the last decompressed
+      phase's weights, compressed anew. 'sparse': the sparse model as the compressed phase before it ended, its
+      masks and every weight (biases and batch norm's parameters and buffers too, so it continues one
+      trajectory), first moments reset as at a decompression (``reset_momentum``); the last decompressed phase is
+      then a dense branch that only yields the twin. Holds the kept values of the sparsified weights (float32:
+      4 (1 - s) bytes per weight) and a copy of the other parameters and buffers through the last decompressed
+      phase. Not with ``reset_momentum=False``, a ramp that leaves that phase below s, or FSDP-sharded parameters.
 
     Built on the :class:`~sparsetrain.schedules.Cyclic` schedule of ``acdc_phases`` and the magnitude score; the
     method itself is only what happens at a phase start: the compression's mask difference, the
@@ -112,6 +121,7 @@ class ACDC(ScheduledPruning):
         inphase_ramp: int = 0,
         score: str = "magnitude",
         ramp_start: float = 0.5,
+        final_from: str = "dense",
         **common: Any,
     ) -> None:
         if dead_units not in DEAD_UNITS:
@@ -135,6 +145,13 @@ class ACDC(ScheduledPruning):
             )
         if score not in ACDC_SCORES:
             raise ValueError(f"acdc: score must be one of {', '.join(ACDC_SCORES)}; got {score!r}")
+        if final_from not in FINAL_FROM:
+            raise ValueError(f"acdc: final_from must be one of {', '.join(FINAL_FROM)}; got {final_from!r}")
+        if final_from == "sparse" and reset_momentum is False:
+            raise ValueError(
+                "acdc: final_from='sparse' puts the weights back to the previous compressed phase's, where the last "
+                "dense phase's momentum does not belong; give reset_momentum 'all' or 'sparsified' with it"
+            )
         mask_type = common.get("mask_type", "unstructured")
         if inphase_ramp > 1 and ramp > 1:
             raise ValueError(
@@ -152,7 +169,10 @@ class ACDC(ScheduledPruning):
         if layer_floor and (mask_type != "unstructured" or distribution != "global"):
             raise ValueError("acdc: layer_floor applies to the global ranking of unstructured masks only")
         self.dead_units, self.layer_floor, self.ramp, self.score = dead_units, float(layer_floor), ramp, score
-        self.inphase_ramp, self.ramp_start = inphase_ramp, float(ramp_start)
+        self.inphase_ramp, self.ramp_start, self.final_from = inphase_ramp, float(ramp_start), final_from
+        # final_from='sparse': the sparse model at the last decompression (kept values of the sparsified weights,
+        # copies of the other parameters and buffers), put back at the final compression.
+        self._sparse_snapshot: dict[str, dict[str, Tensor]] | None = None
         self._taylor: dict[str, Tensor] | None = None  # score='taylor': |w * grad| summed over the dense phase
         self._dead_rows: dict[str, tuple[Tensor, Tensor]] | None = None  # dead_units: row indices, their values
         self.warmup, self.compressed, self.decompressed, self.final = warmup, compressed, decompressed, final
@@ -167,12 +187,22 @@ class ACDC(ScheduledPruning):
         self._last_sparse_masks: dict[str, Tensor] | None = None
         self._pruned_values: dict[str, Tensor] | None = None  # channel masks: what the pruned groups held
         super().__init__(model, **common)
-        if self.sharded and (dead_units != "zero" or layer_floor or score == "taylor"):
-            raise ValueError("acdc: dead_units, layer_floor and score='taylor' do not support FSDP-sharded parameters")
+        if self.sharded and (dead_units != "zero" or layer_floor or score == "taylor" or final_from != "dense"):
+            raise ValueError(
+                "acdc: dead_units, layer_floor, score='taylor' and final_from='sparse' do not support FSDP-sharded "
+                "parameters"
+            )
 
     def setup(self) -> None:
         # ``score`` names AC/DC's own selection scores (checked in __init__), not only the Sparsifier's kinds.
         self.schedule = self.make_schedule()
+        if self._resume_step is not None:
+            below = self.target_sparsity_at(self._snapshot_step - 1)
+            if below != self.final_sparsity:
+                raise ValueError(
+                    f"acdc: final_from='sparse' resumes the compressed phase before the final one, which "
+                    f"ramp={self.ramp} leaves at sparsity {below:g}, below {self.final_sparsity:g}; give a shorter ramp"
+                )
 
     def make_schedule(self) -> Cyclic:
         total = self.require_total_steps()
@@ -215,6 +245,17 @@ class ACDC(ScheduledPruning):
                 f"acdc: layer_floor={self.layer_floor:g} keeps more weights than sparsity {self.final_sparsity:g} "
                 "allows; lower the floor"
             )
+        # final_from='sparse': the snapshot is taken where the last decompressed phase starts (the previous
+        # compressed phase's end), put back where the final compressed phase starts.
+        self._snapshot_step = self._resume_step = None
+        if self.final_from == "sparse":
+            sparse = [p for p in self.phases if p.kind == "sparse"]
+            if len(sparse) < 2:
+                raise ValueError(
+                    f"acdc: final_from='sparse' resumes the compressed phase before the final one; this run of "
+                    f"{total} steps has only one compressed phase"
+                )
+            self._snapshot_step, self._resume_step = sparse[-2].end, sparse[-1].start
         return Cyclic(tuple(self.phases), self.final_sparsity)
 
     def target_sparsity_at(self, step: int) -> float:
@@ -282,8 +323,19 @@ class ACDC(ScheduledPruning):
 
     def update_masks(self, step: int) -> None:
         if self.phase_at(step) == "sparse":
-            self._compress(step)
+            if step == self._resume_step and self._sparse_snapshot is not None:
+                self._resume_sparse()
+            else:
+                if step == self._resume_step:  # e.g. a checkpoint from a run without final_from='sparse'
+                    logger.warning(
+                        "acdc: final_from='sparse' but no sparse model was kept at step %d; the final compression "
+                        "prunes the dense weights, as the paper's",
+                        self._snapshot_step,
+                    )
+                self._compress(step)
         else:
+            if step == self._snapshot_step:
+                self._take_sparse_snapshot()
             pruned = {n: ~m for n, m in self.masks.items()}
             self.densify("decompress", reset_optimizer_momentum=self.reset_momentum)
             self._taylor = None  # the next compression ranks by this dense phase's products only
@@ -313,6 +365,46 @@ class ACDC(ScheduledPruning):
         self._last_sparse_masks = packed
         self.set_masks(masks, reason="compress")
         self.emit({"event": "compress", "mask_difference_pct": difference})
+
+    def _others(self) -> dict[str, Tensor]:
+        """The model's parameters that are not sparsified (biases, norms, excluded layers) and its buffers (batch
+        norm's running statistics), by their ``state_dict`` names: what a sparse model is besides its weights."""
+        sparsified = {id(p) for p in self.params.values()}
+        others = {n: p for n, p in self.model.named_parameters() if id(p) not in sparsified}
+        return {**others, **dict(self.model.named_buffers())}
+
+    @torch.no_grad()
+    def _take_sparse_snapshot(self) -> None:
+        """``final_from='sparse'``: keep the sparse model the compressed phase ends on (the last decompression).
+
+        Only the kept values of the sparsified weights (their masks are ``_last_sparse_masks``, unchanged until
+        the final compression), and a copy of every other parameter and buffer: restoring the weights alone would
+        put the sparse weights behind the dense branch's biases and batch-norm statistics, two trajectories mixed.
+        """
+        values = {n: p.detach()[self.masks[n]].clone() for n, p in self.params.items()}
+        others = {n: t.detach().clone() for n, t in self._others().items()}
+        self._sparse_snapshot = {"values": values, "others": others}
+
+    @torch.no_grad()
+    def _resume_sparse(self) -> None:
+        """``final_from='sparse'``: the final compressed phase continues the sparse model of the snapshot, on its
+        masks; first moments reset as at a decompression (they hold the dense branch's direction)."""
+        snapshot, self._sparse_snapshot = self._sparse_snapshot, None
+        masks = {n: maskops.unpack_mask(self._last_sparse_masks[n], p.shape) for n, p in self.params.items()}
+        for name, param in self.params.items():
+            values = snapshot["values"][name]
+            param.zero_()
+            param[masks[name].to(param.device)] = values.to(param.device, param.dtype)
+        current = self._others()
+        for name, value in snapshot["others"].items():
+            current[name].copy_(value)
+        self.set_masks(masks, reason="resume sparse")
+        if self._optimizer is not None:
+            every = self.reset_momentum == "all"
+            reset_first_moments(self._optimizer, None if every else list(self.params.values()))
+        self._forget_zeros()  # weights written outside the optimizer: the next step re-zeroes in full
+        # The masks are the previous compressed phase's: no change against them.
+        self.emit({"event": "compress", "mask_difference_pct": 0.0, "resumed": True})
 
     def _record_dead_rows(self, masks: dict[str, Tensor]) -> None:
         """Add to ``_dead_rows`` the rows ``masks`` empties that the current masks still feed, with their values now."""
@@ -357,7 +449,8 @@ class ACDC(ScheduledPruning):
 
     def extra_state(self) -> dict:
         return {"last_sparse_masks": self._last_sparse_masks, "pruned_values": self._pruned_values,
-                "taylor": self._taylor, "dead_rows": self._dead_rows}  # fmt: skip
+                "taylor": self._taylor, "dead_rows": self._dead_rows,
+                "sparse_snapshot": self._sparse_snapshot}  # fmt: skip
 
     def reshard_extra_state(self, extras: Sequence[dict], rows: Sequence[Mapping[str, tuple[int, int]]]) -> dict:
         """The previous compressed phase's masks of this rank's rows, from every saved rank's packed pieces (each
@@ -396,5 +489,9 @@ class ACDC(ScheduledPruning):
         }
         self._taylor = state.get("taylor")
         self._dead_rows = state.get("dead_rows")
+        snapshot = state.get("sparse_snapshot")
+        self._sparse_snapshot = None if snapshot is None else {
+            part: {n: t.clone() for n, t in tensors.items()} for part, tensors in snapshot.items()
+        }
         values = state.get("pruned_values")
         self._pruned_values = None if values is None else {n: v.clone() for n, v in values.items()}
