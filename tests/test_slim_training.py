@@ -136,6 +136,22 @@ def test_channels_are_removed_by_masks_never_by_values_and_rebuilt_when_masks_ch
     assert slim.kept()["classifier.3"] == 1 and slim.forwards["slim"] == 1
 
 
+def test_a_model_converted_after_the_first_forward_gets_a_new_structure():
+    torch.manual_seed(0)
+    model = build_model("resnet20", input_shape=(1, 8, 8), num_classes=10)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = channel_sparsifier(model, x)
+    slim = SlimTraining(s)
+    model(x)
+    model.double()  # replaces every buffer: the running statistics the structure gathered from are gone
+    reference = copy.deepcopy(model)
+    out = model(x.double())
+    assert out.dtype == torch.float64 and slim.rebuilds == 2
+    assert_close(reference(x.double()), out)
+    for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers()):
+        assert_close(b, a, name)  # the statistics were written into the converted buffers
+
+
 def test_hooked_modules_keep_their_channels_and_unknown_hooks_elsewhere_stop_the_cut():
     model, x, y = lenet_and_batch()
     s = sparsetrain.create("magnitude", model, sparsity=0.5, mask_type="channel", example_input=x[:1], total_steps=4)

@@ -327,8 +327,13 @@ class SlimTraining:
 
     def _current(self) -> _Plan | None:
         masks = self.sparsifier.masks
-        key = (self.sparsifier.masks_key(), self._hooks_signature())
+        # The buffers' identities and the parameters' device too: model.to() replaces buffers (and moves
+        # parameters in place), and the plan holds the tensors it gathers from and indices on their device.
+        tensors = (tuple(map(id, self.model.buffers())), next(self.model.parameters()).device)
+        key = (self.sparsifier.masks_key(), self._hooks_signature(), tensors)
         if key != self._key or masks is not self._masks_object:
+            if self._key is not None and self._key[2] != tensors:
+                self._plans = {}  # structures built on the tensors before model.to()
             self._key, self._masks_object = key, masks
             self.mask_changes += 1
             self._plan = self._build(key[1])
