@@ -232,6 +232,72 @@ def test_variational_gates_run_narrow_before_the_prune_and_equal_the_full_model(
     assert compared > 0 and random_gates > 0, "no step ran narrower with gates on"
 
 
+def fashion_batches(count: int, batch: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of real Fashion-MNIST training images (float64, pooled to ``size`` x ``size``)."""
+    from sparsetrain.train.data import read_idx
+
+    folder = Path("/usr/share/datasets/fashion-mnist")
+    n = count * batch
+    x = torch.from_numpy(read_idx(folder / "train-images-idx3-ubyte.gz")[:n].copy()).double().unsqueeze(1) / 255
+    x = nn.functional.adaptive_avg_pool2d((x - 0.286) / 0.353, size)
+    y = torch.from_numpy(read_idx(folder / "train-labels-idx1-ubyte.gz")[:n].copy()).long()
+    return [(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(count)]
+
+
+# Whole training runs in float64 (float32 runs part ways by rounding within a few hundred steps, as any two
+# summation orders do; variational's natural-gradient gate step multiplies its gate gradients by up to 1e8).
+WHOLE_RUNS = {
+    # Gates close during the run (observed masks, many structures), then the prune to target.
+    "variational": ("lenet5", 28, 80, dict(unit="steps", finish=60, num_samples=2000, gate_lr=0.05, kl_warmup=10)),
+    # Channels pruned, back in a dense phase (batch-norm statistics of the cut channels must have decayed as the
+    # full model's did), pruned again.
+    "acdc": ("conv-bn", 8, 40, dict(unit="steps", mask_type="channel", warmup=5, compressed=10, decompressed=10,
+                                    final=15)),
+}  # fmt: skip
+
+
+@needs_fashion
+@pytest.mark.parametrize("method", list(WHOLE_RUNS))
+def test_whole_training_with_slim_training_equals_full_width_training_in_float64(method):
+    from helpers.shared import conv_bn_net
+
+    name, size, steps, options = WHOLE_RUNS[method]
+    batches = fashion_batches(steps, 32, size)
+
+    def setup(slim: bool):
+        torch.manual_seed(0)
+        model = (conv_bn_net() if name == "conv-bn" else build_model(name, input_shape=(1, 28, 28), num_classes=10))
+        model = model.double()
+        s = sparsetrain.create(method, model, sparsity=0.5, total_steps=steps, example_input=batches[0][0][:1],
+                               seed=0, **options)  # fmt: skip
+        optimizer = s.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True))
+        s.attach(optimizer)
+        return model, s, optimizer, SlimTraining(s) if slim else None
+
+    full, slim = setup(False), setup(True)
+    narrow = 0
+    for x, y in batches:
+        losses = []
+        for model, s, optimizer, _ in (full, slim):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        assert losses[0] == pytest.approx(losses[1], abs=1e-10)
+        narrow += slim[3].forwards["slim"] > 0 and min(k / w for k, w in slim[3].widths.values()) < 1
+    for n in full[1].masks:
+        assert torch.equal(full[1].masks[n], slim[1].masks[n]), n
+    for (n, a), (_, b) in zip(full[0].state_dict().items(), slim[0].state_dict().items()):
+        assert_close(a.double(), b.double(), n)
+    summary = slim[3].summary()
+    assert narrow > steps // 4 and summary["mask_changes"] >= 3, summary
+    with torch.no_grad():  # evaluation forwards are slim too
+        full[0].eval(), slim[0].eval()
+        assert_close(full[0](batches[0][0]), slim[0](batches[0][0]))
+    assert slim[3].eval_forwards["slim"] == 1
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 RUN = {"model": "lenet5", "method": "gmp", "mask_type": "channel", "sparsity": 0.5, "limit_train": 2000,
        "epochs": 3, "batch_size": 100, "threads": 1, "plots": False, "progress": False}  # fmt: skip

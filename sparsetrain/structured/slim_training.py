@@ -106,8 +106,6 @@ class _Plan:
     full: dict[str, Tensor]  # every parameter and buffer of the model, by name
     cuts: dict[str, list[tuple[int, Tensor]]]  # name -> [(dim, kept index)], in apply_keep's order
     norms: list[_Norm]
-    widths: dict[str, tuple[int, int]]  # channel set -> (kept, width), every set
-    skipped: dict[str, str] = field(default_factory=dict)  # channel set -> why it is not cut
     # (the structure's module's _parameters or _buffers, attribute, qualified name) per tensor, and the meta
     # tensors the structure holds between calls.
     slots: list[tuple[dict, str, str]] = field(default_factory=list)
@@ -247,6 +245,8 @@ class SlimTraining:
         self._masks_object: Any = None
         self._noted: set[str] = set()
         self.zigs: Groups | None = getattr(sparsifier, "channel_groups", None)
+        self.widths: dict[str, tuple[int, int]] = {}  # channel set -> (kept, width) at the last forward
+        self.skipped: dict[str, str] = {}  # channel set -> why the last forward did not cut it
         if self.zigs is None:
             if sample is None:
                 raise ValueError("SlimTraining needs sample= (an input batch) for a sparsifier without channel groups")
@@ -264,6 +264,7 @@ class SlimTraining:
             return
         if "forward" in model.__dict__ and not isinstance(model.__dict__["forward"], _PlainForward):
             raise ConfigError("slim training: the model's forward is already replaced (by another wrapper)")
+        self.widths = {s.name: (s.width, s.width) for s in self.zigs.sets}
         self._modules = [(n, m) for n, m in model.named_modules() if n]
         self._owners: dict[str, set[str]] = {}  # module name -> the channel sets whose tensors it owns
         for channel_set in self.zigs.sets:
@@ -403,7 +404,6 @@ class SlimTraining:
             self.rebuilds += 1
             if len(self._plans) > 8:  # alternating phases reuse a few; older ones go
                 self._plans.pop(next(iter(self._plans)))
-        plan.widths, plan.skipped = widths, self.skipped
         self._share_kept(keep)
         return plan
 
@@ -463,7 +463,7 @@ class SlimTraining:
                 norms.append(_Norm(model.get_submodule(module_name), buffers, kept_index, removed_index))
         slim_modules = dict(structure.named_modules())
         pairs = [(m, slim_modules[n]) for n, m in model.named_modules()]
-        return _Plan(structure, pairs, full, cuts, norms, {})
+        return _Plan(structure, pairs, full, cuts, norms)
 
     def _note(self, key: str, message: str) -> None:
         if key not in self._noted:
@@ -472,19 +472,12 @@ class SlimTraining:
 
     # ------------------------------------------------------------------ report
     def kept(self) -> dict[str, int]:
-        """Per channel set, the channels the forward computes now (the full width where nothing is cut)."""
-        self._ensure_widths()
+        """Per channel set, the channels the forward computed at its last call (the full width where uncut)."""
         return {name: kept for name, (kept, _) in self.widths.items()}
-
-    def _ensure_widths(self) -> None:
-        if not hasattr(self, "widths"):
-            widths = {} if self.zigs is None else {s.name: (s.width, s.width) for s in self.zigs.sets}
-            self.widths, self.skipped = widths, {}
 
     def summary(self) -> dict[str, Any]:
         """What slim training did, as plain data (for a run's summary.json): structures built, the widths in force
         at the last forward (kept / full per channel set), forward counts, sets left uncut and why."""
-        self._ensure_widths()
         return {
             "active": self.active,
             "unsupported": self.unsupported,
