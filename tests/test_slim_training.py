@@ -278,7 +278,7 @@ def test_whole_training_with_slim_training_equals_full_width_training_in_float64
     narrow = 0
     for x, y in batches:
         losses = []
-        for model, s, optimizer, _ in (full, slim):
+        for model, _s, optimizer, _ in (full, slim):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
