@@ -266,7 +266,7 @@ def test_whole_training_with_slim_training_equals_full_width_training_in_float64
 
     def setup(slim: bool):
         torch.manual_seed(0)
-        model = (conv_bn_net() if name == "conv-bn" else build_model(name, input_shape=(1, 28, 28), num_classes=10))
+        model = conv_bn_net() if name == "conv-bn" else build_model(name, input_shape=(1, 28, 28), num_classes=10)
         model = model.double()
         s = sparsetrain.create(method, model, sparsity=0.5, total_steps=steps, example_input=batches[0][0][:1],
                                seed=0, **options)  # fmt: skip
