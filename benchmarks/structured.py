@@ -21,6 +21,7 @@ Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one t
         --channel-multiple 8                               # kept counts rounded to multiples of 8
     python benchmarks/structured.py --model resnet20 --shape-latency 11/23/45 12/24/48 8/24/48 --rounds 9
     python benchmarks/structured.py --model resnet20 --shape-latency 11/23/45 16/16/32 --steady-malloc
+    python benchmarks/structured.py --slim-training        # train time per epoch, slim_training off and auto
 
 The dataset is Fashion-MNIST, or MNIST-1D for ``convbase`` (``--dataset`` overrides). ``--latency-only`` trains
 nothing: it measures the latencies again on the finished run folders of ``--out`` (e.g. on a quiet machine).
@@ -31,6 +32,10 @@ e.g. 16/32/64 for ResNet-20, 6/16/120/84 for LeNet-5) against the dense model, i
 both sides of a ratio alike). ``--steady-malloc`` stops glibc from handing large activations back to the kernel
 between forward passes (see ``steady_malloc``); without it, batch-64 latencies include page faults whose count
 depends on the tensor sizes.
+
+``--slim-training`` trains every method twice, with ``slim_training`` off and auto (the channel-masked model
+trained as the narrower network its masks leave), in fresh folders under ``OUT/slim-timing``, and reports the
+wall time of each epoch's training pass (evaluation excluded) and the accuracies; no latencies.
 
 Results go to benchmarks/results/structured/ (per model: one JSON line per run and a markdown table; with
 ``--methods``, files named after the model and the methods).
@@ -60,6 +65,66 @@ from sparsetrain.train.loop import Run
 RESULTS = Path(__file__).parent / "results" / "structured"
 # Besides dense (always run: the reference for accuracy and latency).
 METHODS = ("oto-hspg", "oto-dhspg", "variational", "channel-gmp", "channel-acdc")
+
+
+class TimedRun(Run):
+    """A ``sparsetrain train`` run that also records the wall time of each epoch's training pass alone (no
+    evaluation, no checkpoint), into ``train_times.json`` of its folder."""
+
+    def train_epoch(self) -> dict[str, float]:
+        start = time.perf_counter()
+        result = super().train_epoch()
+        self.train_times = [*getattr(self, "train_times", []), time.perf_counter() - start]
+        (self.out / "train_times.json").write_text(json.dumps(self.train_times))
+        return result
+
+
+def slim_training_timing(args: argparse.Namespace, methods: dict, common: dict, out: Path) -> None:
+    """``--slim-training``: each method trained with ``slim_training`` off and auto (fresh folders under
+    ``OUT/slim-timing``), the training pass's wall time per epoch (evaluation excluded) and the accuracy of each."""
+    rows = []
+    load_before = os.getloadavg()
+    for seed in args.seeds:
+        for name, settings in methods.items():
+            for mode in ("off", "auto") if name != "dense" else ("off",):
+                run_dir = out / "slim-timing" / f"{name}-{mode}-seed{seed}"
+                if not (run_dir / "summary.json").exists():
+                    TimedRun(resolve(None, {**common, **settings, "seed": seed, "slim_training": mode,
+                                            "out": str(run_dir), "plots": False, "progress": False})).run()  # fmt: skip
+                summary = json.loads((run_dir / "summary.json").read_text())
+                times = json.loads((run_dir / "train_times.json").read_text())
+                slim = summary.get("slim_training") or {}
+                row = {"method": name, "slim_training": mode, "seed": seed,
+                       "test_acc": summary["sparse_model"]["test_acc"],
+                       "train_epoch_s": [round(t, 2) for t in times], "train_s": round(sum(times), 2),
+                       "rebuilds": slim.get("rebuilds"), "widths": slim.get("widths")}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    load_after = os.getloadavg()
+    lines = [
+        f"{args.model}, {common['dataset']}, {args.epochs} epochs, seeds {args.seeds}, threads {args.threads}; "
+        f"training pass wall time per epoch (evaluation excluded); load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after (1 min)",
+        "",
+        "| method | slim_training | test acc | train s per epoch | train s | vs off |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in methods:
+        for mode in ("off", "auto") if name != "dense" else ("off",):
+            mine = [r for r in rows if r["method"] == name and r["slim_training"] == mode]
+            off = [r for r in rows if r["method"] == name and r["slim_training"] == "off"]
+            epochs = [statistics.mean(r["train_epoch_s"][e] for r in mine) for e in range(args.epochs)]
+            total = statistics.mean(r["train_s"] for r in mine)
+            ratio = total / statistics.mean(r["train_s"] for r in off)
+            lines.append(f"| {name} | {mode} | {statistics.mean(r['test_acc'] for r in mine):.2f} | "
+                         f"{', '.join(f'{t:.1f}' for t in epochs)} | {total:.1f} | {ratio:.2f}x |")  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = args.model + ("" if args.methods is None else "-" + "+".join(args.methods)) + "-slim-training"
+    with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps({**row, "load_before": load_before[0], "load_after": load_after[0]}) + "\n")
+    (RESULTS / f"table-{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def run(settings: dict, out: Path, train: bool = True) -> dict:
@@ -275,6 +340,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=7, help="--shape-latency: interleaved rounds")
     parser.add_argument(
+        "--slim-training",
+        action="store_true",
+        help="time each method's training pass per epoch with slim_training off and auto (no latencies)",
+    )
+    parser.add_argument(
         "--steady-malloc",
         action="store_true",
         help="latencies with glibc's mmap and trim thresholds at 1 GiB (no fresh pages per forward pass)",
@@ -327,6 +397,9 @@ def main() -> None:
     # Runs are reused by folder: other pruning periods get their own.
     suffix = "" if args.oto_periods is None else f"-periods{args.oto_periods}"
     out, rows = Path(args.out or f"runs/structured-benchmark-{args.model}{suffix}"), []
+    if args.slim_training:
+        slim_training_timing(args, methods, common, out)
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     dense_latency = None
     for seed in args.seeds:

@@ -392,6 +392,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         *([kernels["report"]] if (kernels := summary.get("sparse_kernels")) else []),
         *(
             [
+                f"slim training: {slim['rebuilds']} slim structures built over {slim['mask_changes']} mask changes; "
+                "channels at the end: " + ", ".join(f"{name} {kept}" for name, kept in slim["widths"].items())
+            ]
+            if (slim := summary.get("slim_training"))
+            else []
+        ),
+        *(
+            [
                 f"processes: {summary['processes']}, comm hook {comm['hook']}: {comm['bits_per_coordinate']:.2f} "
                 "bits per gradient coordinate sent"
             ]

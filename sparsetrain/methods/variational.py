@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..core import Capability, register
 from ..structured.groups import NORM, PRODUCER, ZERO_INVARIANT_ROLES
+from ..structured.slim_training import WIDTH_AWARE
 from ._groupwise import GroupPruning
 
 _EPS = 1e-6
@@ -75,8 +76,10 @@ class Variational(GroupPruning):
     gradients through the gates use the Concrete relaxation (Maddison et al. 2017) rather than the paper's
     estimator; the natural-gradient gate step, the KL warm-up, the settling of a set at its target and the prune
     threshold on theta are ours; the run is capped at, and topped up to, an exact target.
-    Later steps are cheaper only in FLOPs (the removed groups compute zeros): the model keeps its shape during
-    training, so that optimizer state, checkpoints and resume stay as for every method.
+    The model keeps its shape during training, so that optimizer state, checkpoints and resume stay as for every
+    method; removed groups compute zeros, so later steps are cheaper in FLOPs only, unless the run uses
+    :class:`~sparsetrain.structured.SlimTraining` (``slim_training: auto`` in the trainer), which runs the
+    narrower network: the gates are then applied to the kept channels it shares through ``slim_kept``.
     """
 
     capabilities = Capability.SPARSE | Capability.MASK_UPDATES | Capability.CHANNEL | Capability.OWN_OPTIMIZER
@@ -114,6 +117,9 @@ class Variational(GroupPruning):
         self._settled: list[bool] = []
         self._base_lr: float | None = None  # the run's lr when the gates joined the optimizer
         self._noise: tuple[int, list[Tensor]] | None = None
+        # Channel set name -> kept channel indices, for the sets SlimTraining cuts (it fills this dict): a gate
+        # vector wider than its module's output is indexed by them. Empty when the model runs at full width.
+        self.slim_kept: dict[str, Tensor] = {}
         super().__init__(model, **common)
 
     def setup(self) -> None:
@@ -164,10 +170,22 @@ class Variational(GroupPruning):
         return torch.sigmoid((self.logits[k] + torch.log(u) - torch.log1p(-u)) / self.temperature)
 
     def _hook(self, k: int):
+        name = self.channel_groups.sets[k].name
+
         def gate(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
             z = self._gates(k, module.training).to(output.dtype)
+            if output.shape[1] != z.shape[0]:
+                # SlimTraining runs the module narrower: its output holds the kept channels only.
+                kept = self.slim_kept.get(name)
+                if kept is None or kept.numel() != output.shape[1]:
+                    raise RuntimeError(
+                        f"variational: {name!r} outputs {output.shape[1]} channels, its gates are {z.shape[0]} "
+                        "and no kept channels were shared for it (slim_kept)"
+                    )
+                z = z.index_select(0, kept.to(z.device))
             return output * z.view(1, -1, *([1] * (output.dim() - 2)))
 
+        setattr(gate, WIDTH_AWARE, True)  # SlimTraining may cut the gated modules
         return gate
 
     def _sync_hooks(self) -> None:

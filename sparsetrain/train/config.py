@@ -51,6 +51,8 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "seed": (0, (int,), "seed for the weights, the data split and order, and the method"),
     "threads": (None, (int,), "torch CPU threads (default: torch's choice)"),
     "sparse_kernels": ("off", (str,), "auto: masked Linear layers train on CSR kernels where timed faster (CPU); off"),
+    "slim_training": ("off", (str,), "auto: channel-masked models (mask_type channel, oto, variational) train and "
+                      "evaluate as the narrower network their masks leave (single process); off"),
     "out": (None, (str,), "output directory (default: runs/<method>-<model>-<dataset>-s<sparsity>-seed<seed>)"),
     "progress": (None, (bool,), "progress bar (default: when the terminal is interactive)"),
     "plots": (True, (bool,), "write training.png at the end of the run"),
@@ -69,6 +71,7 @@ CHOICES = {
     "comm_hook": tuple(HOOK_REGISTRY),
     "qsgd_norm": QSGD_NORMS,
     "sparse_kernels": ("auto", "off"),
+    "slim_training": ("auto", "off"),
 }
 
 
@@ -137,6 +140,11 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
                 "option 'milestones' takes fractions of training in [0, 1] such as [0.5, 0.75]; "
                 f"got {out['milestones']!r}"
             )
+    if out.get("slim_training") == "auto" and out.get("sparse_kernels") == "auto":
+        raise ConfigError(
+            "options slim_training=auto and sparse_kernels=auto cannot be combined (slim training runs channel-masked "
+            "models narrower; sparse kernels run unstructured-masked Linear layers on CSR): set one of them to off"
+        )
     _check_method_options(out)
     check_fsdp_config({**defaults(), **out})
     return out
@@ -344,6 +352,7 @@ class TrainConfig:
     seed: int
     threads: int | None
     sparse_kernels: str
+    slim_training: str
     out: str | None
     progress: bool | None
     plots: bool

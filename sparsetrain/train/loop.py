@@ -32,6 +32,7 @@ from ..errors import CheckpointError, ConfigError, TrainingDiverged, first_line,
 from ..flops import FlopCounter, TrainingFlops
 from ..models import build_model, model_spec
 from ..optim.groups import weight_decay_groups
+from ..structured.slim_training import SlimTraining
 from . import checkpoint, fsdp
 from .config import TrainConfig, as_train_config, default_out_dir, describe
 from .data import Splits, iterate_batches, load_dataset, num_batches
@@ -396,6 +397,7 @@ class Run:
         self._setup_data_parallel()
         sample = self.data.train[:2][0].to(self.device)
         self.flop_counter = FlopCounter(self.model, sample)
+        self.slim = self._slim_training(example)
         self.train_flops = TrainingFlops(self.flop_counter)
         self._forward_flops_version: Hashable = None
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
@@ -419,6 +421,21 @@ class Run:
         except ValueError as error:
             log.warning("sparse_kernels=auto: %s; training dense", error)
             return None
+
+    def _slim_training(self, example: Tensor) -> SlimTraining | None:
+        """With ``slim_training: auto``, a method masking whole channels (``mask_type: channel``, oto,
+        variational) in a single process trains and evaluates the narrower network its masks leave."""
+        if self.config.slim_training == "off":
+            return None
+        if self.sparsifier.channel_groups is None:
+            log.info("slim_training=auto: method %s does not mask whole channels; training at full width",
+                     self.config.method)  # fmt: skip
+            return None
+        if self.world > 1:
+            log.info("slim_training=auto: single-process runs only; training at full width on %d processes",
+                     self.world)  # fmt: skip
+            return None
+        return SlimTraining(self.sparsifier, example)
 
     def _setup_devices(self) -> None:
         """The device, and the process group when launched by torchrun (or ``sparsetrain train --nproc N``)."""
@@ -759,6 +776,7 @@ class Run:
             "fsdp": self.fsdp,
             "communication": communication,
             "sparse_kernels": None if self.kernels is None else self.kernels.summary(),
+            "slim_training": None if self.slim is None else self.slim.summary(),
             "out": str(self.out),
             "files": sorted({*listed_files(self.out), SUMMARY}),  # summary.json is written next, with this list
         }
