@@ -152,6 +152,18 @@ def test_a_model_converted_after_the_first_forward_gets_a_new_structure():
         assert_close(b, a, name)  # the statistics were written into the converted buffers
 
 
+def test_an_unreferenced_slim_training_keeps_the_model_working():
+    import gc
+
+    model, x, _ = lenet_and_batch()
+    s = channel_sparsifier(model, x)
+    SlimTraining(s)  # the object dropped, as a one-line use does: the patched model keeps it alive
+    gc.collect()
+    reference = copy.deepcopy(model)  # a copy gets its class's forward
+    assert_close(type(model).forward(model, x), model(x))
+    assert_close(type(reference).forward(reference, x), reference(x))
+
+
 def test_hooked_modules_keep_their_channels_and_unknown_hooks_elsewhere_stop_the_cut():
     model, x, y = lenet_and_batch()
     s = sparsetrain.create("magnitude", model, sparsity=0.5, mask_type="channel", example_input=x[:1], total_steps=4)

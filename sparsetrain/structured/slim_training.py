@@ -150,17 +150,16 @@ class _SlimForward:
     """The ``forward`` SlimTraining installs on the model (an instance attribute; the class's stays)."""
 
     def __init__(self, owner: SlimTraining) -> None:
-        self.owner = weakref.ref(owner)
+        # A strong reference: the patched model keeps its SlimTraining alive (a user may drop the object it
+        # returned, ``SlimTraining(sparsifier, x)`` alone), until remove() gives the model its own forward back.
+        self.owner = owner
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        owner = self.owner()
-        assert owner is not None, "SlimTraining was garbage-collected without remove()"
-        return owner._forward(*args, **kwargs)
+        return self.owner._forward(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> Any:
         # A copy of the model (an evaluated twin, a saved copy) gets its class's plain forward.
-        owner = self.owner()
-        copied = memo.get(id(owner.model)) if owner is not None else None
+        copied = memo.get(id(self.owner.model))
         return _PlainForward(copied) if copied is not None else None
 
     def __reduce__(self) -> Any:
