@@ -164,6 +164,23 @@ def test_an_unreferenced_slim_training_keeps_the_model_working():
     assert_close(type(reference).forward(reference, x), reference(x))
 
 
+def test_a_copy_of_a_copy_computes_with_its_own_weights():
+    import gc
+
+    model, x, _ = lenet_and_batch()
+    slim = SlimTraining(channel_sparsifier(model, x))
+    first = copy.deepcopy(model)
+    second = copy.deepcopy(first)  # a copy of a copy (a saved best model copied again)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(2)
+    assert_close(type(second).forward(second, x), second(x))  # its own weights, not the first copy's
+    del first
+    gc.collect()
+    assert_close(type(second).forward(second, x), second(x))
+    assert slim.forwards["slim"] == 0  # the copies ran their own forwards, not the patched one
+
+
 def test_hooked_modules_keep_their_channels_and_unknown_hooks_elsewhere_stop_the_cut():
     model, x, y = lenet_and_batch()
     s = sparsetrain.create("magnitude", model, sparsity=0.5, mask_type="channel", example_input=x[:1], total_steps=4)

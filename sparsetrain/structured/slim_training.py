@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -167,12 +166,14 @@ class _SlimForward:
 
 
 class _PlainForward:
+    """A copy's forward: its class's. It holds the copy itself (not a weak reference), so that copying the copy
+    maps it, through deepcopy's memo, to the new copy: the second copy computes with its own weights."""
+
     def __init__(self, module: nn.Module) -> None:
-        self.module = weakref.ref(module)
+        self.module = module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        module = self.module()
-        return type(module).forward(module, *args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
 
 
 def _check_not_distributed(model: nn.Module, sparsifier: Any) -> None:
