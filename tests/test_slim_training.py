@@ -181,6 +181,24 @@ def test_a_copy_of_a_copy_computes_with_its_own_weights():
     assert slim.forwards["slim"] == 0  # the copies ran their own forwards, not the patched one
 
 
+def test_a_plan_built_under_inference_mode_serves_the_training_forwards_after_it():
+    from helpers.shared import conv_bn_net
+
+    torch.manual_seed(0)
+    model, x = conv_bn_net(), torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = channel_sparsifier(model, x)
+    slim = SlimTraining(s)
+    reference = copy.deepcopy(model)
+    model.eval()
+    with torch.inference_mode():  # the first forward after a prune is an evaluation
+        model(x)
+    model.train()
+    out = model(x)
+    out.sum().backward()  # autograd refuses indices created in inference mode
+    assert_close(reference(x), out)
+    assert slim.rebuilds == 1 and slim.forwards["slim"] == 1
+
+
 def test_hooked_modules_keep_their_channels_and_unknown_hooks_elsewhere_stop_the_cut():
     model, x, y = lenet_and_batch()
     s = sparsetrain.create("magnitude", model, sparsity=0.5, mask_type="channel", example_input=x[:1], total_steps=4)

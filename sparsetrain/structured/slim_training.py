@@ -337,7 +337,10 @@ class SlimTraining:
                 self._plans = {}  # structures built on the tensors before model.to()
             self._key, self._masks_object = key, masks
             self.mask_changes += 1
-            self._plan = self._build(key[1])
+            # Normal tensors even when this forward runs under torch.inference_mode(): the plan's indices and
+            # placeholders serve the training forwards after it, and autograd refuses inference tensors.
+            with torch.inference_mode(False):
+                self._plan = self._build(key[1])
         return self._plan
 
     # ------------------------------------------------------------------ the plan
