@@ -199,6 +199,18 @@ def test_a_plan_built_under_inference_mode_serves_the_training_forwards_after_it
     assert slim.rebuilds == 1 and slim.forwards["slim"] == 1
 
 
+def test_replaced_parameters_are_the_ones_the_forward_uses():
+    model, x, _ = lenet_and_batch()  # no buffers: only the parameters' identities change
+    s = channel_sparsifier(model, x)
+    slim = SlimTraining(s)
+    model(x)
+    model.load_state_dict({k: 2 * v for k, v in model.state_dict().items()}, assign=True)  # new Parameter objects
+    out = model(x)
+    assert_close(type(model).forward(model, x), out)
+    out.sum().backward()
+    assert model.features[0].weight.grad is not None and slim.rebuilds == 2
+
+
 def test_hooked_modules_keep_their_channels_and_unknown_hooks_elsewhere_stop_the_cut():
     model, x, y = lenet_and_batch()
     s = sparsetrain.create("magnitude", model, sparsity=0.5, mask_type="channel", example_input=x[:1], total_steps=4)

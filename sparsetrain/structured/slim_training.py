@@ -328,9 +328,11 @@ class SlimTraining:
 
     def _current(self) -> _Plan | None:
         masks = self.sparsifier.masks
-        # The buffers' identities and the parameters' device too: model.to() replaces buffers (and moves
-        # parameters in place), and the plan holds the tensors it gathers from and indices on their device.
-        tensors = (tuple(map(id, self.model.buffers())), next(self.model.parameters()).device)
+        # The parameters' and buffers' identities and the parameters' device too: model.to() replaces buffers (and
+        # moves parameters in place), load_state_dict(assign=True) or an assignment replaces parameters, and the
+        # plan holds the tensors it gathers from and indices on their device.
+        params = tuple(self.model.parameters())
+        tensors = (tuple(map(id, params)), tuple(map(id, self.model.buffers())), params[0].device)
         key = (self.sparsifier.masks_key(), self._hooks_signature(), tensors)
         if key != self._key or masks is not self._masks_object:
             if self._key is not None and self._key[2] != tensors:
