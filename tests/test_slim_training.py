@@ -411,6 +411,20 @@ def test_a_slim_run_equals_the_full_width_run_and_resumes_bit_identically(runs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@needs_fashion
+def test_auto_on_a_method_without_channel_masks_warns_once_and_trains_at_full_width(tmp_path, caplog):
+    from sparsetrain.train.config import resolve
+    from sparsetrain.train.loop import Run
+
+    settings = {**RUN, "method": "acdc", "mask_type": "unstructured", "slim_training": "auto", "out": str(tmp_path)}
+    with caplog.at_level("WARNING", logger="sparsetrain.train.loop"):
+        run = Run(resolve(None, settings))
+        run.setup()  # model, data, sparsifier: where slim training is decided
+    warnings = [r.getMessage() for r in caplog.records if "slim_training" in r.getMessage()]
+    assert len(warnings) == 1 and "no effect: method acdc with mask_type unstructured" in warnings[0], warnings
+    assert run.slim is None and "forward" not in run.model.__dict__
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def test_wrapped_models_are_refused_and_unsupported_models_left_alone():
     model, x, _ = lenet_and_batch()

@@ -427,13 +427,16 @@ class Run:
         variational) in a single process trains and evaluates the narrower network its masks leave."""
         if self.config.slim_training == "off":
             return None
+        # A warning, not an error: the run is still valid, and the user who asked for auto sees (on stderr, at the
+        # CLI's default verbosity) that it trains at full width.
         if self.sparsifier.channel_groups is None:
-            log.info("slim_training=auto: method %s does not mask whole channels; training at full width",
-                     self.config.method)  # fmt: skip
+            log.warning("slim_training=auto has no effect: method %s with mask_type %s does not mask whole channels "
+                        "(mask_type channel, oto and variational do); training at full width",
+                        self.config.method, self.config.mask_type)  # fmt: skip
             return None
         if self.world > 1:
-            log.info("slim_training=auto: single-process runs only; training at full width on %d processes",
-                     self.world)  # fmt: skip
+            log.warning("slim_training=auto has no effect: single-process runs only; training at full width on %d "
+                        "processes", self.world)  # fmt: skip
             return None
         return SlimTraining(self.sparsifier, example)
 
