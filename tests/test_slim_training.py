@@ -211,6 +211,25 @@ def test_replaced_parameters_are_the_ones_the_forward_uses():
     assert model.features[0].weight.grad is not None and slim.rebuilds == 2
 
 
+def test_batch_norms_without_running_stats_or_with_a_cumulative_average_match_the_full_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 3),
+    )  # fmt: skip
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    slim = SlimTraining(channel_sparsifier(model, x, fraction=0.5))
+    reference = copy.deepcopy(model)
+    for mode, context in ((True, torch.enable_grad), (True, torch.inference_mode), (False, torch.no_grad)):
+        model.train(mode), reference.train(mode)
+        with context():
+            assert_close(reference(x), model(x), f"training={mode} {context.__name__}")
+    # The cumulative average (momentum=None) decays the cut channels by 1/num_batches_tracked, as the full model.
+    for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers()):
+        assert_close(b.double(), a.double(), name)
+    assert slim.kept() == {"0": 4, "3": 6} and slim.forwards["slim"] + slim.eval_forwards["slim"] == 3
+
+
 def test_hooked_modules_keep_their_channels_and_unknown_hooks_elsewhere_stop_the_cut():
     model, x, y = lenet_and_batch()
     s = sparsetrain.create("magnitude", model, sparsity=0.5, mask_type="channel", example_input=x[:1], total_steps=4)
