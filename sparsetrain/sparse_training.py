@@ -255,6 +255,11 @@ class _DenseForward:
     def __call__(self, x: Tensor) -> Tensor:
         return nn.Linear.forward(self.module(), x)
 
+    def __deepcopy__(self, memo: dict) -> Any:
+        # deepcopy keeps weak references as they are: a copy of a copy must point at its own module.
+        copied = memo.get(id(self.module()))
+        return _DenseForward(copied) if copied is not None else self
+
 
 @dataclass
 class _Decision:

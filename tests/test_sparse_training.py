@@ -107,6 +107,11 @@ def test_model_keeps_its_modules_parameters_and_state_dict():
     with torch.no_grad():
         assert not torch.equal(twin(x), model(x))
         close(twin[1](x), nn.functional.linear(x, twin[1].weight, twin[1].bias))
+    # A copy of the copy (a saved best model copied again) computes with its own weights, not the first copy's.
+    second = copy.deepcopy(twin)
+    with torch.no_grad():
+        second[1].weight.fill_(2.0)
+        close(second[1](x), nn.functional.linear(x, second[1].weight, second[1].bias))
     kernels.remove()
     assert all("forward" not in m.__dict__ for m in model.modules())
 
