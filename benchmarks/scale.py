@@ -205,6 +205,38 @@ def bench_kernel(n: int = 100_000_000, repeats: int = 5) -> dict:
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
+def bench_mask_placement(size: str, rounds: int, steps: int) -> dict:
+    """Where the one gradient-masking pass runs, against the same dense step (no masking) on the MLP of ``size``:
+    all gradients before the optimizer step (what the sparsifier does), or each gradient in a post-accumulate
+    hook right after backward wrote it (while it may still be in cache). The pass is ``_zero_where_masked``."""
+    from sparsetrain.core.sparsifier import _zero_where_masked
+
+    base, x = build("mlp", size)
+    y = torch.randint(0, 10, (BATCH,))
+    g = torch.Generator().manual_seed(0)
+    weights = [n for n, p in base.named_parameters() if p.dim() == 2]
+    masks = {n: torch.rand(base.get_parameter(n).shape, generator=g) >= SPARSITY for n in weights}
+    workspace: dict = {}
+    dense = copy.deepcopy(base)
+    dense_step = make_step(dense, sgd(dense), x, y)
+    before = copy.deepcopy(base)
+    optimizer = sgd(before)
+    params = [before.get_parameter(n) for n in weights]
+    optimizer.register_step_pre_hook(
+        lambda *_: _zero_where_masked([p.grad for p in params], [masks[n] for n in weights], workspace))
+    before_step = make_step(before, optimizer, x, y)
+    hooked = copy.deepcopy(base)
+    for n in weights:
+        hooked.get_parameter(n).register_post_accumulate_grad_hook(
+            lambda p, m=masks[n]: _zero_where_masked([p.grad], [m], workspace))
+    hooked_step = make_step(hooked, sgd(hooked), x, y)
+    out = {}
+    for name, step in (("before the step", before_step), ("post-accumulate hook", hooked_step)):
+        timed(step, 2)
+        out[name] = paired_ratio(dense_step, step, rounds, steps)
+    return out
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, size, mode, rounds, out = sys.argv[2:7]
@@ -223,8 +255,17 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                         help=f"single-process variants (default: all of {', '.join(map(repr, VARIANTS))})")
     parser.add_argument("--kernel", action="store_true", help="only the enforcement pass over 100M values")
+    parser.add_argument("--mask-placement", action="store_true", help="only the gradient-masking pass's placement "
+                        "(before the step or in a post-accumulate hook) against no masking, MLP of --sizes")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.mask_placement:
+        torch.set_num_threads(args.threads)
+        for size in args.sizes:
+            for name, (median, ratios) in bench_mask_placement(size, args.rounds, args.steps or 3).items():
+                print(f"mlp {size}, {torch.get_num_threads()} threads, masking {name}: {median:.3f}x the unmasked step "
+                      f"(rounds {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)  # fmt: skip
+        return
     if args.kernel:
         torch.set_num_threads(args.threads)
         ms = bench_kernel()
