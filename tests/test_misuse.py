@@ -175,3 +175,56 @@ def test_state_that_is_not_a_dict_is_a_clear_error():
     sparsifier = sparsetrain.create("magnitude", mlp(), sparsity=0.5)
     with pytest.raises(ValueError, match="got list"):
         sparsifier.load_state_dict([1, 2])
+
+
+# ------------------------------------------------------------------------------------ parameters the model replaced
+def replaced_by_assign(model: nn.Module) -> None:
+    """``load_state_dict(assign=True)`` puts new Parameter objects into the model, with values at masked positions."""
+    model.load_state_dict({k: v.detach().clone() + 1 for k, v in model.state_dict().items()}, assign=True)
+
+
+def test_the_sparsifier_follows_parameters_replaced_by_load_state_dict_assign():
+    model = mlp()
+    sparsifier, old_optimizer = pruned(model, attach=False)
+    masks = {n: m.clone() for n, m in sparsifier.masks.items()}
+    replaced_by_assign(model)
+    assert all(sparsifier.params[n] is model.get_parameter(n) for n in sparsifier.params)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        optimizer.step()
+        sparsifier.step(optimizer)  # by hand: the model's current weights are the ones masked
+        assert_masked_exactly_plus_zero(sparsifier)
+    assert all(torch.equal(sparsifier.masks[n], masks[n]) for n in masks)
+
+
+def test_a_new_optimizer_attaches_after_load_state_dict_assign():
+    model = mlp()
+    sparsifier, old_optimizer = pruned(model)
+    replaced_by_assign(model)
+    sparsifier.detach()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    sparsifier.attach(optimizer)
+    optimizer.zero_grad()
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    assert_masked_exactly_plus_zero(sparsifier)
+
+
+def test_stepping_the_optimizer_of_the_replaced_parameters_is_a_clear_error():
+    model = mlp()
+    sparsifier, old_optimizer = pruned(model)
+    replaced_by_assign(model)
+    model(torch.randn(4, 8)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"load_state_dict\(assign=True\).*0\.weight.*attach"):
+        old_optimizer.step()
+
+
+def test_a_replacement_of_another_shape_is_a_clear_error():
+    model = mlp()
+    sparsifier, _ = pruned(model)
+    sparsifier.detach()
+    model[0].weight = nn.Parameter(torch.ones(16, 9))  # replaced by assignment: found when an optimizer attaches
+    with pytest.raises(ValueError, match=r"0\.weight.*\(16, 9\).*\(16, 8\)"):
+        sparsifier.attach(torch.optim.SGD(model.parameters(), lr=0.1))

@@ -254,9 +254,10 @@ def optimizer_keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
     return rule is not None and all(rule(group) for group in optimizer.param_groups)
 
 
-def _forget_zeros_of(owner: weakref.ref) -> None:
+def _model_reloaded(owner: weakref.ref) -> None:
     sparsifier = owner()
     if sparsifier is not None:
+        sparsifier._follow_model_parameters()
         sparsifier._forget_zeros()
 
 
@@ -417,14 +418,15 @@ class Sparsifier:
         self._zeros_known = False
         self._grads_masked_at: int | None = None
         self.enforcement = {"rezeroed": 0, "skipped": 0}  # post-step re-zeroings done and proven unnecessary
-        # Loading weights into the model may bring values at masked positions (a weak reference: the hook must not
-        # keep a replaced sparsifier and its masks alive).
+        # Loading weights into the model may bring values at masked positions, and load_state_dict(assign=True)
+        # new Parameter objects (a weak reference: the hook must not keep a replaced sparsifier and its masks alive).
         owner = weakref.ref(self)
-        model.register_load_state_dict_post_hook(lambda module, keys: _forget_zeros_of(owner))
+        model.register_load_state_dict_post_hook(lambda module, keys: _model_reloaded(owner))
         self._second_moments: dict[str, dict[str, Tensor]] = {}
         self._listeners: list[Callable[[Event], None]] = []
         self._hooks: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
+        self._replaced_under_attached = False  # see _follow_model_parameters
         self._phase: str | None = None
         self.setup()
         self._boundary()
@@ -557,11 +559,12 @@ class Sparsifier:
         """Enforce the masks around every real ``optimizer.step()`` (hooks; nothing is patched)."""
         if self._hooks:
             raise ValueError("this sparsifier is already attached to an optimizer; call detach() first")
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [n for n, p in self.params.items() if id(p) not in owned]
+        self._follow_model_parameters()
+        missing = self._not_held_by(optimizer)
         if missing:
             raise ValueError(f"the optimizer does not hold these sparsified parameters: {', '.join(missing)}")
         self._optimizer = optimizer
+        self._replaced_under_attached = False
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step_hook),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt)),
@@ -571,7 +574,49 @@ class Sparsifier:
         self._forget_zeros()
         return self
 
+    def _not_held_by(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return [n for n, p in self.params.items() if id(p) not in owned]
+
+    def _follow_model_parameters(self) -> None:
+        """Point ``params`` at the model's current Parameter objects.
+
+        ``load_state_dict(assign=True)`` and assignments put new objects into the model: the masks must apply to
+        the weights the model computes with. Called when the model loads a state and when an optimizer attaches.
+        """
+        replaced = []
+        for name, param in self.params.items():
+            try:
+                current = self.model.get_parameter(name)
+            except AttributeError:
+                raise ValueError(f"the model no longer has the sparsified parameter {name!r}") from None
+            if current is param:
+                continue
+            mask = self.masks[name]
+            if local(current).shape != mask.shape:
+                raise ValueError(
+                    f"the sparsified parameter {name!r} was replaced by one of shape {tuple(local(current).shape)}; "
+                    f"its mask has shape {tuple(mask.shape)} (a sparsifier keeps its parameters' shapes)"
+                )
+            if mask.device != local(current).device:
+                self.masks[name] = mask.to(local(current).device)
+            replaced.append(name)
+        if not replaced:
+            return
+        for name in replaced:
+            self.params[name] = self.model.get_parameter(name)
+        self._refresh_enforced_masks()
+        self._forget_zeros()
+        # An attached optimizer that held the old objects would train tensors the model no longer uses.
+        self._replaced_under_attached = bool(self._hooks) and bool(self._not_held_by(self._optimizer))
+
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
+        if self._replaced_under_attached and self._not_held_by(optimizer):
+            raise RuntimeError(
+                "the model's sparsified parameters were replaced (load_state_dict(assign=True) or an assignment): "
+                f"this optimizer still holds the old {', '.join(self._not_held_by(optimizer))}; create an optimizer "
+                "over model.parameters() and attach it: sparsifier.detach(); sparsifier.attach(new_optimizer)"
+            )
         # torch passes the bound call's arguments: args[0] is the optimizer itself, a closure comes after it.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
