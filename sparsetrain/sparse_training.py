@@ -397,6 +397,8 @@ class SparseKernels:
         if layer is None:
             structure = _Structure(local(self.sparsifier.masks[name]))
             layer = self._structures[name] = _Layer(name, module.weight, structure, self._steps_taken)
+        elif layer.weight is not module.weight:  # replaced (load_state_dict(assign=True)): gather from the new one
+            layer = self._structures[name] = _Layer(name, module.weight, layer.structure, self._steps_taken)
         return layer
 
     def _forward(self, name: str, module: nn.Linear, x: Tensor) -> Tensor:

@@ -447,3 +447,23 @@ def test_a_timing_at_one_density_decides_the_densities_it_implies():
     assert decide(0.3).kernel == "dense" and timed == [0.1, 0.3]
     assert decide(0.45).reason == "not chosen at density 0.300" and timed == [0.1, 0.3]
     assert decide(0.2).kernel == "dense" and timed == [0.1, 0.3, 0.2]  # between the two: nothing implies it
+
+
+def test_weights_replaced_by_load_state_dict_assign_are_the_ones_computed_with():
+    """``load_state_dict(assign=True)`` gives the layers new weight objects: the CSR copies follow them."""
+    model, optimizer, sparsifier = setup()
+    reference, ref_optimizer, _ = setup()  # dense kernels, the same masks; never stepped before the load
+    SparseKernels(sparsifier, force=True, time_layers=False)
+    step(model, optimizer, 0)  # the CSR copies of the first weights exist now
+    state = {k: v.detach().clone() * 2 for k, v in model.state_dict().items()}  # zeros stay zeros
+    model.load_state_dict(state, assign=True)
+    reference.load_state_dict(state)
+    x = torch.randn(4, 32)
+    close(model(x), reference(x))
+    sparsifier.detach()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier.attach(optimizer)
+    for seed in (1, 2):
+        step(model, optimizer, seed)
+        step(reference, ref_optimizer, seed)
+    close(model(x), reference(x))
