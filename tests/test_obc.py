@@ -195,6 +195,21 @@ def test_prune_command_obc_writes_checkpoints_that_eval_accepts(trained_mlp_chec
     assert "acc" in capsys.readouterr().out.lower()
 
 
+def test_prune_command_obc_reports_the_calibration_samples_it_used(trained_mlp_checkpoint, capsys):
+    # More --calibration samples than the training set holds: all of them are used, and that count (not the one
+    # asked) is printed and recorded.
+    from sparsetrain.train import checkpoint
+    from sparsetrain.train.data import load_run_dataset
+
+    train_size = len(load_run_dataset(checkpoint.load(trained_mlp_checkpoint)["config"], None).train)
+    out_dir = trained_mlp_checkpoint.parent / "obc-all"
+    argv = ["prune", str(trained_mlp_checkpoint), "--method", "obc", "--sparsity", "0.5", "--calibration",
+            "1000000", "--allocation", "magnitude", "--exclude", "3.weight", "--out-dir", str(out_dir)]
+    assert main(argv) == 0
+    assert f"OBC / ExactOBS on {train_size} training samples" in capsys.readouterr().out
+    assert checkpoint.load(out_dir / "pruned_s0.5.pt")["metrics"]["obc_calibration_samples"] == train_size < 1000000
+
+
 def test_prune_command_obc_mistakes(trained_mlp_checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
         main(["prune", str(trained_mlp_checkpoint), "--method", "obs"])

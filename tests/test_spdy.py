@@ -306,6 +306,13 @@ def test_prune_command_spdy_caches_inside_a_run_directory(checkpoint, capsys, co
     argv = ["prune", str(run), "--method", "spdy", "--target-speedup", "50", *FAST]
     assert main(argv) == 2  # out of reach: the quickest way through the database and the timings
     assert "out of reach" in capsys.readouterr().err
+    # More --calibration samples than the training set has: the output says how many were used.
+    from sparsetrain.train.checkpoint import load
+    from sparsetrain.train.data import load_run_dataset
+
+    train_size = len(load_run_dataset(load(checkpoint)["config"], None).train)
+    assert main([*argv, "--calibration", "1000000", "--exclude", "1.weight"]) == 2  # one small layer: quick
+    assert f"sparsities on {train_size} training samples" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert (run / "obcdb.safetensors").is_file() and (run / "spdy-times-b1.json").is_file()
 

@@ -107,6 +107,7 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
     exclude = config.get("exclude") or []
     exclude = ([exclude] if isinstance(exclude, str) else list(exclude)) + args.exclude
     splits = load_run_dataset(config, args.data_dir)
+    samples = min(samples, len(splits.train))  # all a smaller training set has: what the output says was used
     device = torch.device("cpu")
     progress = sys.stderr.isatty()
 
