@@ -191,3 +191,27 @@ def test_prune_command_mfac_options_need_method_mfac(checkpoint_path, capsys):
         assert main(["prune", str(checkpoint_path), *argv]) == 2
         err = capsys.readouterr().err
         assert "needs --method mfac" in err and err.startswith("error:")
+
+
+def test_prune_command_mfac_on_a_language_model(tmp_path, capsys):
+    # A GPT on the text dataset: the Fisher's gradients are of the per-token loss. The default cross-entropy was
+    # given (batch, tokens, vocabulary) logits and failed with a traceback ("Expected target size [1, 256]").
+    from sparsetrain.models import build_model, model_spec
+    from sparsetrain.train import checkpoint
+    from sparsetrain.train.config import defaults
+    from sparsetrain.train.evaluation import checkpoint_payload
+
+    options = {"layers": 1, "heads": 2, "width": 16}
+    torch.manual_seed(0)
+    model = build_model("gpt", input_shape=(16,), num_classes=256, options=options)
+    config = {**defaults(), "model": "gpt", "dataset": "text", "method": "gmp", "model_options": options,
+              "dataset_options": {"context": 16, "max_bytes": 20000}}
+    path = tmp_path / "sparse_final.pt"
+    checkpoint.save_atomic(checkpoint_payload(model, model_spec("gpt", (16,), 256, options), config,
+                                              kind="sparse_final"), path)
+    assert main(["prune", str(path), "--method", "mfac", "--sparsity", "0.5", "--gradients", "8"]) == 0
+    assert "0.5000" in capsys.readouterr().out
+    pruned = checkpoint.load(tmp_path / "pruned_s0.5.pt")
+    assert pruned["metrics"]["sparsity"] == pytest.approx(0.5)  # measured on the weights
+    weights = [t for n, t in pruned["model"].items() if t.dim() == 2 and "emb" not in n and n != "head.weight"]
+    assert len(weights) == 6 and sum(int((w == 0).sum()) for w in weights) * 2 == sum(w.numel() for w in weights)

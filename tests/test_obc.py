@@ -60,6 +60,31 @@ def test_obc_beats_magnitude_on_a_linear_layer_with_correlated_inputs(sparsity):
     assert output_error(w, new, x) < 0.7 * output_error(w, magnitude, x)
 
 
+@pytest.mark.parametrize("keep", [480, 400, 300])
+def test_dead_rows_do_not_add_zeros_beyond_the_asked_count(keep):
+    # A trained model's dead units (an AC/DC dense twin has them) are rows of zeros. They are removed first, for
+    # free; a row limited to fewer removals than its zeros kept the rest as 0 while counting them as kept.
+    w = torch.randn(32, 20, generator=torch.Generator().manual_seed(2))
+    w[:8] = 0
+    new, mask, _ = exact_obs(w, hessian_of(correlated_inputs(256, 20)), keep=keep)
+    assert int(mask.sum()) == keep and int((new != 0).sum()) == keep and torch.all(new[~mask] == 0)
+
+
+def test_prune_obc_on_a_model_with_a_dead_unit_reaches_the_asked_sparsity():
+    torch.manual_seed(0)
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[:10] = 0  # ten dead hidden units
+    batches = [correlated_inputs(128, 16)]
+    for sparsity in (0.4, 0.6):
+        pruned = copy.deepcopy(model)
+        masks = prune_obc(pruned, sparsity, batches)
+        weights = [p for n, p in pruned.named_parameters() if n in masks]
+        zeros = sum(int((p == 0).sum()) for p in weights)
+        total = sum(p.numel() for p in weights)
+        assert zeros == total - keep_count(total, sparsity) == sum(int((~m).sum()) for m in masks.values())
+
+
 @pytest.mark.parametrize("mask_type,n,m", [("2:4", 2, 4), ("4:8", 4, 8)])
 def test_nm_pattern_is_exact_on_linear_and_conv(mask_type, n, m):
     x = correlated_inputs(256, 32)
@@ -168,6 +193,21 @@ def test_prune_command_obc_writes_checkpoints_that_eval_accepts(trained_mlp_chec
     assert obc["metrics"]["test_acc"] >= magnitude["metrics"]["test_acc"]
     assert main(["eval", str(out_dir / "pruned_s0.9.pt")]) == 0
     assert "acc" in capsys.readouterr().out.lower()
+
+
+def test_prune_command_obc_reports_the_calibration_samples_it_used(trained_mlp_checkpoint, capsys):
+    # More --calibration samples than the training set holds: all of them are used, and that count (not the one
+    # asked) is printed and recorded.
+    from sparsetrain.train import checkpoint
+    from sparsetrain.train.data import load_run_dataset
+
+    train_size = len(load_run_dataset(checkpoint.load(trained_mlp_checkpoint)["config"], None).train)
+    out_dir = trained_mlp_checkpoint.parent / "obc-all"
+    argv = ["prune", str(trained_mlp_checkpoint), "--method", "obc", "--sparsity", "0.5", "--calibration",
+            "1000000", "--allocation", "magnitude", "--exclude", "3.weight", "--out-dir", str(out_dir)]
+    assert main(argv) == 0
+    assert f"OBC / ExactOBS on {train_size} training samples" in capsys.readouterr().out
+    assert checkpoint.load(out_dir / "pruned_s0.5.pt")["metrics"]["obc_calibration_samples"] == train_size < 1000000
 
 
 def test_prune_command_obc_mistakes(trained_mlp_checkpoint, capsys):

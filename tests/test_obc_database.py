@@ -152,6 +152,24 @@ def test_default_obc_is_never_worse_than_obc_at_global_allocation(sparsity):
     assert zeros == sum(int((~m).sum()) for m in base_masks.values())
 
 
+def test_database_allocation_on_a_hugging_face_model_scores_its_logits():
+    # A transformers model returns a ModelOutput, not a tensor: the calibration loss compared the two outputs
+    # (TypeError: unsupported operand type(s) for -). It scores the logits.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=50, max_position_embeddings=16, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).eval()
+    tokens = [torch.randint(0, 50, (8, 6), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    for calibration in (tokens, [(x, torch.randint(0, 3, (8,))) for x in tokens]):  # squared error, cross-entropy
+        pruned = copy.deepcopy(model)
+        report: dict = {}
+        masks = prune_obc(pruned, 0.5, calibration, allocation="database", report=report)
+        assert set(report["calibration_loss"]) == {"database", "magnitude"}
+        zeros = sum(int((p == 0).sum()) for n, p in pruned.named_parameters() if n in masks)
+        assert zeros == sum(int((~m).sum()) for m in masks.values())
+
+
 @pytest.fixture(scope="module")
 def trained_mlp_checkpoint(tmp_path_factory):
     """LeNet-300-100 on the 8x8 digits, trained 1 epoch by hand (well under 1 s)."""

@@ -194,3 +194,11 @@ def test_prune_command_nm_and_mistakes(digits_checkpoint, capsys):
         assert expected in capsys.readouterr().err
     assert main(["prune", str(digits_checkpoint.parent / "missing.pt")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    # A run directory without sparse_final.pt or last.pt exists: it was named as missing.
+    run = digits_checkpoint.parent / "stopped-run"
+    run.mkdir()
+    (run / "dense_best.pt").write_bytes(digits_checkpoint.read_bytes())
+    assert main(["prune", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: directory") and "neither sparse_final.pt nor last.pt" in err
+    assert "(it holds dense_best.pt)" in err and "does not exist" not in err

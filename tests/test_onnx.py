@@ -89,3 +89,30 @@ def test_missing_onnx_is_one_error_line_and_writes_nothing(
     err = capsys.readouterr().err
     assert err.startswith("error: ONNX export needs the onnx package: pip install onnx") and "sparsetrain[onnx]" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_cli_exports_a_slim_file_and_an_export_file_as_onnx(tmp_path: Path, capsys) -> None:
+    # `export --help` and the README promise an export file (a slim model from `sparsetrain slim`) as input: with
+    # --format onnx it was refused as "not a sparsetrain checkpoint".
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10)
+    with torch.no_grad():
+        model[1].weight[:150] = 0  # half the first hidden layer's units: whole channels to cut
+        model[1].bias[:150] = 0
+    spec = model_spec("mlp", (1, 8, 8), 10)
+    config = {**defaults(), "model": "mlp", "dataset": "digits", "method": "gmp"}
+    ckpt = tmp_path / "sparse_final.pt"
+    checkpoint.save_atomic(checkpoint_payload(model, spec, config, kind="sparse_final"), ckpt)
+    slim, exported = tmp_path / "slim.safetensors", tmp_path / "model.safetensors"
+    assert main(["slim", str(ckpt), "-o", str(slim)]) == 0
+    assert main(["export", str(ckpt), "-o", str(exported)]) == 0
+    capsys.readouterr()
+    for given in (slim, exported):
+        out = tmp_path / f"{given.stem}.onnx"
+        assert main(["export", str(given), "--format", "onnx", "-o", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert f"{out}: ONNX, sparse_final of gmp mlp on digits" in printed
+        assert "onnxruntime: outputs allclose to torch at batch sizes 1, 3" in printed
+    onnx = pytest.importorskip("onnx")
+    first = [t for t in onnx.load(str(tmp_path / "slim.onnx")).graph.initializer if len(t.dims) == 2][0]
+    assert list(first.dims) in ([150, 64], [64, 150])  # the slim model's layer, not the masked model's

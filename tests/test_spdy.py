@@ -293,6 +293,30 @@ def test_prune_command_spdy_unreachable_target_names_the_maximum(checkpoint, cap
     assert not (checkpoint.parent / "unreachable" / "pruned_spdy50x_b1.pt").exists()
 
 
+def test_prune_command_spdy_caches_inside_a_run_directory(checkpoint, capsys, cost_clock, tmp_path):
+    # Given a run directory, the caches were named "<run>obcdb.safetensors" and "<run>spdy-times-b1.json" beside
+    # it (a path joined with "" has no trailing slash), not inside it where `prune --method obc` keeps its database.
+    import shutil
+
+    from sparsetrain.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(checkpoint, run / "sparse_final.pt")
+    argv = ["prune", str(run), "--method", "spdy", "--target-speedup", "50", *FAST]
+    assert main(argv) == 2  # out of reach: the quickest way through the database and the timings
+    assert "out of reach" in capsys.readouterr().err
+    # More --calibration samples than the training set has: the output says how many were used.
+    from sparsetrain.train.checkpoint import load
+    from sparsetrain.train.data import load_run_dataset
+
+    train_size = len(load_run_dataset(load(checkpoint)["config"], None).train)
+    assert main([*argv, "--calibration", "1000000", "--exclude", "1.weight"]) == 2  # one small layer: quick
+    assert f"sparsities on {train_size} training samples" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert (run / "obcdb.safetensors").is_file() and (run / "spdy-times-b1.json").is_file()
+
+
 @pytest.mark.parametrize("where", ["checkpoint", "database"])
 def test_ctrl_c_during_prune_leaves_no_partial_file(checkpoint, capsys, cost_clock, monkeypatch, tmp_path, where):
     """A KeyboardInterrupt in the middle of a write (the checkpoint, or the database cache): exit 130, and neither

@@ -143,18 +143,14 @@ def _export_onnx(args: argparse.Namespace, out: Path) -> int:
     """``export --format onnx``: trace the checkpoint's model, write it, and compare onnxruntime with torch."""
     import torch
 
-    from .. import export
     from ..models import sample_input
     from ..onnx_export import MissingOnnx, check_onnx, export_onnx, require_onnx
-    from ..train.checkpoint import load as load_checkpoint
-    from ..train.checkpoint import restore_model
 
     if args.dtype is not None:
         raise ConfigError("--dtype applies to the safetensors format; an ONNX export keeps the weights as trained")
     require_onnx("onnx")  # before loading anything: a missing package is said first
-    data = load_checkpoint(args.checkpoint)
-    model = restore_model(data, args.checkpoint).eval()
-    spec = data["model_spec"]
+    # A checkpoint, a run directory or an export file (a slim model from `sparsetrain slim`), as bench takes them.
+    model, spec, _, run = _load_model(args.checkpoint)
     generator = torch.Generator().manual_seed(0)
 
     def batch(size: int) -> torch.Tensor:
@@ -162,8 +158,7 @@ def _export_onnx(args: argparse.Namespace, out: Path) -> int:
 
     with writing(out):
         size = export_onnx(model, out, batch(2))
-    run = export.checkpoint_metadata(data)["run"]
-    source = f"{data.get('kind') or 'model'} of {run.get('method')} {run.get('model')} on {run.get('dataset')}"
+    source = f"{run.get('kind') or 'model'} of {run.get('method')} {run.get('model')} on {run.get('dataset')}"
     print(f"{out}: ONNX, {source}")
     fp32 = sum(p.numel() * 4 for p in model.parameters())  # a tied weight once, as ONNX stores it
     print(f"file: {size:,} bytes ({_human(size)}); the parameters as dense fp32: {fp32:,} bytes ({_human(fp32)})")
@@ -204,8 +199,9 @@ def _parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _load_model(path_text: str) -> tuple[Any, dict[str, Any], str]:
-    """The model, its spec and a one-line description, from a checkpoint, a run directory or an export file."""
+def _load_model(path_text: str) -> tuple[Any, dict[str, Any], str, dict[str, Any]]:
+    """The model, its spec, a one-line description and the run's metadata (``kind``: which of its models), from a
+    checkpoint, a run directory or an export file."""
     from .. import export
     from ..train.checkpoint import load as load_checkpoint
     from ..train.checkpoint import restore_model
@@ -223,13 +219,13 @@ def _load_model(path_text: str) -> tuple[Any, dict[str, Any], str]:
         spec = exported.model_spec
         if spec is None:
             raise CheckpointError(
-                f"{path_text!r} holds no model spec, so bench cannot build its model; export it from a "
+                f"{path_text!r} holds no model spec, so its model cannot be built; export it from a "
                 "sparsetrain checkpoint, or time your own model with sparsetrain.inference.to_sparse_kernels"
             )
         model = export.load(path)
         run = exported.metadata.get("run") or {}
     what = f"{spec['name']}" + (f", {run['method']} {run['sparsity']}" if run.get("method") else "")
-    return model.eval(), spec, what
+    return model.eval(), spec, what, run
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -247,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be positive, got {args.repeats}")
-    model, spec, what = _load_model(args.model)
+    model, spec, what, _ = _load_model(args.model)
     weights = [p for p in model.parameters() if p.dim() >= 2]
     zeros = sum(count_zeros(p) for p in weights)
     sparsity = zeros / max(1, sum(p.numel() for p in weights))

@@ -243,6 +243,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if mfac_options:
         prune_mfac.check_block(mfac_options, pruned_weights)
     splits = load_run_dataset(config, args.data_dir)
+    # A training set smaller than --calibration gives all it has: the output and metrics say how many were used.
+    obc_samples = min(obc_samples, len(splits.train))
     device = torch.device("cpu")
     model = fresh_model()
     has_norms = bool(norm_modules(model))

@@ -98,8 +98,11 @@ def prune(model: Any, sparsity: float | None, batches: Any, mfac_options: dict[s
           prune_options: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     """``prune_mfac`` with the command's options; a ValueError (a bad pattern, too few samples) is a usage error."""
     from ..oneshot.mfac import prune_mfac
+    from ..train.evaluation import batch_loss
 
     try:
-        return prune_mfac(model, sparsity, batches, report=report, **mfac_options, **prune_options)
+        # The training loss of the run: a language model's (batch, tokens, vocabulary) logits are scored per token.
+        return prune_mfac(model, sparsity, batches, report=report, loss_fn=batch_loss, **mfac_options,
+                          **prune_options)
     except ValueError as error:
         raise ConfigError(str(error)) from None

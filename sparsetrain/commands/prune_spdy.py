@@ -107,6 +107,7 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
     exclude = config.get("exclude") or []
     exclude = ([exclude] if isinstance(exclude, str) else list(exclude)) + args.exclude
     splits = load_run_dataset(config, args.data_dir)
+    samples = min(samples, len(splits.train))  # all a smaller training set has: what the output says was used
     device = torch.device("cpu")
     progress = sys.stderr.isatty()
 
@@ -117,9 +118,12 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
     dense = evaluate(model, splits.test, 1000, device)
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
     print(f"unpruned test accuracy: {dense['acc']:.2f}%")
-    stem = source / "" if source.is_dir() else source.with_name(source.name + ".")
-    cache = Path(f"{stem}obcdb.safetensors")
-    times_cache = Path(f"{stem}spdy-times-b{batch_size}.json")
+    # Next to the checkpoint (CHECKPOINT.obcdb.safetensors), or inside a run directory, as `prune --method obc`.
+    def cached(name: str) -> Path:
+        return source / name if source.is_dir() else source.with_name(f"{source.name}.{name}")
+
+    cache = cached("obcdb.safetensors")
+    times_cache = cached(f"spdy-times-b{batch_size}.json")
     report: dict[str, Any] = {}
     try:
         database = build_database(model, batches(), num_samples=samples, include=config.get("include"),

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,6 +270,21 @@ def _build(model: nn.Module, inputs: list[Tensor], grid: tuple[float, ...], incl
     return db
 
 
+def _output_tensor(out: Any) -> Tensor:
+    """The prediction tensor of a model's output: the tensor itself, the ``logits`` of a mapping (a Hugging Face
+    ``ModelOutput`` is one), or the first element of a tuple."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if "logits" in out:
+            return out["logits"]
+        out = tuple(out.values())
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise ValueError(f"the model's output is a {type(out).__name__}, not a tensor, a tuple of tensors or a "
+                     "mapping with 'logits': the calibration loss cannot be computed on it")
+
+
 @torch.no_grad()
 def _calibration_loss(model: nn.Module, inputs: list[Tensor], targets: list[Tensor] | None,
                       reference: list[Tensor]) -> float:
@@ -278,12 +293,12 @@ def _calibration_loss(model: nn.Module, inputs: list[Tensor], targets: list[Tens
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i, x in enumerate(inputs):
-        out = model(x.to(device))
+        out = _output_tensor(model(x.to(device)))
         y = targets[i] if targets is not None else None
         if y is not None and not y.is_floating_point() and out.dim() == 2 and y.dim() == 1:
             total += float(F.cross_entropy(out, y.to(device), reduction="sum"))
         else:
-            total += float((out - reference[i]).pow(2).sum())
+            total += float((out - _output_tensor(reference[i])).pow(2).sum())
         count += int(x.shape[0])
     return total / count
 

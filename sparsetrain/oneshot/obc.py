@@ -191,7 +191,11 @@ def exact_obs(
             raise ValueError(f"keep must be a count in [0, {rows * d}] for unstructured ExactOBS, got {keep!r}")
         total = rows * d - keep
         # Rows may take more than the average: up to a quarter of the row beyond it, which bounds the cost.
-        steps = min(d, -(-total // rows) + -(-d // 4)) if total else 0
+        # A row's weights that are already 0 (a dead unit of a trained model is a whole row of them) are its
+        # first, free removals: give every row room for all of them, else the ones left over stay 0 while
+        # counted as kept, and the layer ends with more zeros than asked.
+        zeros = int((w == 0).sum(1).max()) if rows else 0
+        steps = min(d, max(-(-total // rows) + -(-d // 4), zeros)) if total else 0
     chunk = rows_per_chunk or max(1, _CHUNK_BYTES // (4 * d * d))
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h)).to(torch.float32)
     orders, step_losses = [], []

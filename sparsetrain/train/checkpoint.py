@@ -71,6 +71,12 @@ def load(path: str | Path) -> dict[str, Any]:
             if (path / name).is_file():
                 path = path / name
                 break
+        else:  # a run that never saved (stopped before its first epoch ended), or not a run directory
+            found = sorted(p.name for p in path.glob("*.pt"))
+            raise CheckpointError(
+                f"directory {str(path)!r} holds neither sparse_final.pt nor last.pt; give a checkpoint file"
+                + (f" (it holds {', '.join(found)})" if found else "")
+            )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a .pt file written by sparsetrain train")
     if path.stat().st_size == 0:
