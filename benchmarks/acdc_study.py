@@ -109,6 +109,7 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         "decay=0.6": ("acdc", {**base, "decay": 0.6}),
         "decay=0.3 final only": ("acdc", {**base, "decay": 0.3, "decay_phases": "final"}),
         "decay=0.6 final only": ("acdc", {**base, "decay": 0.6, "decay_phases": "final"}),
+        "decay=0.9 final only": ("acdc", {**base, "decay": 0.9, "decay_phases": "final"}),
         "ramp=2 + decay=0.3": ("acdc", {**base, "ramp": 2, "decay": 0.3}),
     }
 
