@@ -3,7 +3,7 @@
 Every run has the accuracy benchmark's trainer, optimizer, learning-rate schedule and AC/DC timeline (10% warm-up,
 10% compressed and decompressed phases, final 20%, in whole epochs: ``accuracy.method_options``); only one option
 of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``ramp_start``, ``inphase_ramp``, ``score``,
-``final_from``; see the ``ACDC`` docstring).
+``final_from``, ``decay``; see the ``ACDC`` docstring).
 Reported per row: the sparse model's test accuracy, the dense twin's (AC/DC's best decompressed model), the training
 FLOPs relative to dense training, and the gaps the targets are about (sparse - gmp, twin - dense).
 
@@ -102,6 +102,15 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         # only yields the twin.
         "final_from=sparse": ("acdc", {**base, "final_from": "sparse"}),
         "final_from=sparse + ramp=2": ("acdc", {**base, "final_from": "sparse", "ramp": 2}),
+        # A gradual compression: the weights a compression removes fade linearly to 0 over the first 30% / 60% of
+        # the compressed phase (trained meanwhile) instead of being zeroed at once; every compression or the final
+        # one only; and with the ramp that gave LeNet-300-100 its best rows.
+        "decay=0.3": ("acdc", {**base, "decay": 0.3}),
+        "decay=0.6": ("acdc", {**base, "decay": 0.6}),
+        "decay=0.3 final only": ("acdc", {**base, "decay": 0.3, "decay_phases": "final"}),
+        "decay=0.6 final only": ("acdc", {**base, "decay": 0.6, "decay_phases": "final"}),
+        "decay=0.9 final only": ("acdc", {**base, "decay": 0.9, "decay_phases": "final"}),
+        "ramp=2 + decay=0.3": ("acdc", {**base, "ramp": 2, "decay": 0.3}),
     }
 
 

@@ -448,3 +448,107 @@ def test_final_from_sparse_needs_a_compressed_phase_before_the_final_one():
     with pytest.raises(ValueError, match="final_from='sparse' resumes the compressed phase before the final one; "
                                          "this run of 10 steps has only one compressed phase"):  # fmt: skip
         sparsetrain.create("acdc", model, sparsity=0.9, total_steps=10, **TIMELINE, final_from="sparse")
+
+
+@pytest.mark.parametrize("start, window", [(4, 3), (12, 3), (24, 4)])  # decay=0.75 of 4- and 6-step phases
+def test_decay_fades_the_removed_weights_linearly_to_exact_zero(start, window):
+    model, optimizer, sparsifier = build(sparsity=0.9, decay=0.75)
+    total = sum(m.numel() for m in sparsifier.masks.values())
+    for i in range(start):
+        step(model, optimizer, i)
+    for group in optimizer.param_groups:  # from here only the sparsifier changes the weights
+        group["lr"] = 0.0
+    # The compression chose its masks (the next compression's reference) but keeps every weight in the masks.
+    chosen = {n: maskops.unpack_mask(sparsifier._last_sparse_masks[n], p.shape) for n, p in sparsifier.params.items()}
+    assert sum(int(m.sum()) for m in chosen.values()) == maskops.keep_count(total, 0.9)
+    assert sparsifier.sparsity_of_masks() == 0.0
+    at_start = {n: p.detach().clone() for n, p in sparsifier.params.items()}
+    assert any(bool((w[~chosen[n]] != 0).any()) for n, w in at_start.items()), "the test needs weights to fade"
+    previous = {n: w.abs() for n, w in at_start.items()}
+    for i in range(1, window + 1):
+        step(model, optimizer, start + i - 1)
+        for name, param in sparsifier.params.items():
+            weight, kept = param.detach(), chosen[name]
+            assert torch.equal(weight[kept], at_start[name][kept]), "the chosen weights are not scaled"
+            fading = weight[~kept]
+            if i < window:  # the factor 1 - i / W, strictly smaller at every step, masks still counting them
+                torch.testing.assert_close(fading, at_start[name][~kept] * (1 - i / window))
+                moving = previous[name][~kept] > 0
+                assert torch.all(fading.abs()[moving] < previous[name][~kept][moving])
+                assert bool(sparsifier.masks[name].all())
+            else:  # the window's end: exactly 0, the chosen masks installed
+                assert torch.all(fading == 0) and not torch.signbit(fading).any()
+                assert torch.equal(sparsifier.masks[name], kept)
+            previous[name] = weight.abs()
+    assert sum(int((~m).sum()) for m in sparsifier.masks.values()) == total - maskops.keep_count(total, 0.9)
+    reasons = [e["reason"] for e in sparsifier.history if e["event"] == "mask_update"]
+    assert reasons[-1] == "decay end"
+
+
+def test_decay_keeps_masked_weights_exactly_zero_after_the_window_while_training():
+    model, optimizer, sparsifier = build(sparsity=0.9, decay=0.5)  # windows: 4-6, 12-14, 24-27
+    total = sum(m.numel() for m in sparsifier.masks.values())
+    expected = {t: 0.0 for t in range(TOTAL + 1)} | {t: 0.9 for t in (6, 7, 14, 15, 27, 28, 29, 30)}
+    seen = {}
+    for i in range(TOTAL):
+        step(model, optimizer, i)
+        t = sparsifier.count
+        seen[t] = sparsifier.sparsity_of_masks()
+        if expected[t]:
+            assert sum(int((~m).sum()) for m in sparsifier.masks.values()) == total - maskops.keep_count(total, 0.9)
+            for p, m in zip(sparsifier.params.values(), sparsifier.masks.values()):
+                assert torch.all(p.detach()[~m] == 0)
+                assert torch.all(optimizer.state[p]["momentum_buffer"][~m] == 0)
+    assert {t: s > 0 for t, s in seen.items()} == {t: expected[t] > 0 for t in seen}
+    events = [(e["step"], e["until"]) for e in sparsifier.history if e["event"] == "decay"]
+    assert events == [(4, 6), (12, 14), (24, 27)]
+    assert [t for t in range(TOTAL) if sparsifier.is_update_step(t)] == [4, 6, 8, 12, 14, 16, 24, 27]
+
+
+def test_decay_phases_final_fades_only_the_final_compression():
+    model, optimizer, sparsifier = build(sparsity=0.9, decay=0.5, decay_phases="final")
+    kept = {}
+    for i in range(TOTAL):
+        step(model, optimizer, i)
+        kept[sparsifier.count] = sparsifier.sparsity_of_masks() > 0
+    assert [t for t in sorted(kept) if kept[t]] == [4, 5, 6, 7, 12, 13, 14, 15, 27, 28, 29, 30]
+    assert [e["step"] for e in sparsifier.history if e["event"] == "decay"] == [24]
+
+
+def test_decay_zero_is_the_paper_bit_for_bit():
+    runs = []
+    for options in ({}, dict(decay=0.0), dict(decay=0)):
+        model, optimizer, _ = build(sparsity=0.9, ramp=2, **options)
+        for i in range(TOTAL):
+            step(model, optimizer, i)
+        runs.append(model.state_dict())
+    assert all(torch.equal(a, run[n]) for run in runs[1:] for n, a in runs[0].items())
+
+
+@pytest.mark.parametrize("split", [5, 6, 13, 25, 26])  # inside the windows (4-7, 12-15, 24-28 at decay=0.75)
+def test_resume_inside_a_decay_window_is_bit_identical(split):
+    sparsifier, sparsifier2 = run_and_resume(dict(decay=0.75), split)
+    assert [e for e in sparsifier2.history if e["step"] > split] == [e for e in sparsifier.history if e["step"] > split]
+
+
+def test_resume_inside_a_decay_window_with_other_options_is_bit_identical():
+    run_and_resume(dict(decay=0.75, ramp=2, dead_units="revive", score="taylor", layer_floor=0.01), 6)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(decay=1.0), r"decay must be the fraction of each compressed phase .* in \[0, 1\) .*; got 1.0"),
+        (dict(decay=-0.1), "decay must be the fraction of each compressed phase"),
+        (dict(decay=True), "decay must be the fraction of each compressed phase"),
+        (dict(decay=0.3, decay_phases="first"), "decay_phases must be one of all, final; got 'first'"),
+        (dict(decay_phases="final"), "decay_phases='final' says which compressions fade; give decay > 0 with it"),
+        (dict(decay=0.2), r"decay=0.2 of a compressed phase of 4 steps is no step; give at least 0.25"),
+        (dict(decay=0.5, inphase_ramp=2), "decay is for unstructured masks, without inphase_ramp or final_from"),
+        (dict(decay=0.5, final_from="sparse"), "final_from='sparse'"),
+        (dict(decay=0.5, mask_type="2:4"), "got mask_type='2:4'"),
+    ],
+)
+def test_bad_decay_is_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        build(**options)

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 DEAD_UNITS = ("zero", "reinit", "revive")
 ACDC_SCORES = ("magnitude", "normalized", "taylor")
 FINAL_FROM = ("dense", "sparse")
+DECAY_PHASES = ("all", "final")
 REINIT_SCALE = 0.1  # dead_units='reinit': a tenth of the default init, small beside the surviving trained weights
 
 
@@ -96,6 +97,17 @@ class ACDC(ScheduledPruning):
       then a dense branch that only yields the twin. Holds the kept values of the sparsified weights (float32:
       4 (1 - s) bytes per weight) and a copy of the other parameters and buffers through the last decompressed
       phase. Not with ``reset_momentum=False``, a ramp that leaves that phase below s, or FSDP-sharded parameters.
+    - ``decay``: a compression fades the weights it removes instead of zeroing them at once (the decaying pruned
+      mask of Kao et al., "Training Recipe for N:M Structured Sparsity with Decaying Pruned Mask", 2022). The kept
+      set is chosen at the compression as in the paper and fixed; for the first ``floor(decay * L)`` = W steps of
+      the compressed phase (L steps long) the removed weights stay in the mask and train, and after the i-th step
+      they are multiplied by (W - i) / (W - i + 1), so that apart from their updates they follow the factor
+      1 - i / W down to 0; at step W the masks become the chosen top-k (the removed weights exactly 0, their first
+      moments zeroed, as at the paper's compression). Until then the masks, the reported sparsity and the training
+      FLOPs count the fading weights as kept. 0 (the paper): removed at once. A fraction in [0, 1); W >= 1 step.
+      Their momentum is left as it is during the window (they train like kept weights; it is zeroed at its end).
+      Unstructured masks only; not with ``inphase_ramp``, ``final_from='sparse'`` or FSDP-sharded parameters.
+    - ``decay_phases``: which compressions fade their removed weights: 'all' (default) or only the 'final' one.
 
     Built on the :class:`~sparsetrain.schedules.Cyclic` schedule of ``acdc_phases`` and the magnitude score; the
     method itself is only what happens at a phase start: the compression's mask difference, the
@@ -122,6 +134,8 @@ class ACDC(ScheduledPruning):
         score: str = "magnitude",
         ramp_start: float = 0.5,
         final_from: str = "dense",
+        decay: float = 0.0,
+        decay_phases: str = "all",
         **common: Any,
     ) -> None:
         if dead_units not in DEAD_UNITS:
@@ -153,6 +167,22 @@ class ACDC(ScheduledPruning):
                 "dense phase's momentum does not belong; give reset_momentum 'all' or 'sparsified' with it"
             )
         mask_type = common.get("mask_type", "unstructured")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(
+                f"acdc: decay must be the fraction of each compressed phase over which the removed weights fade, in "
+                f"[0, 1) (0: removed at once, the paper), e.g. 0.3; got {decay!r}"
+            )
+        if decay_phases not in DECAY_PHASES:
+            raise ValueError(f"acdc: decay_phases must be one of {', '.join(DECAY_PHASES)}; got {decay_phases!r}")
+        if decay_phases != "all" and not decay:
+            raise ValueError(
+                f"acdc: decay_phases={decay_phases!r} says which compressions fade; give decay > 0 with it"
+            )
+        if decay and (inphase_ramp > 1 or final_from != "dense" or mask_type != "unstructured"):
+            raise ValueError(
+                f"acdc: decay is for unstructured masks, without inphase_ramp or final_from='sparse'; got "
+                f"mask_type={mask_type!r}, inphase_ramp={inphase_ramp}, final_from={final_from!r}"
+            )
         if inphase_ramp > 1 and ramp > 1:
             raise ValueError(
                 f"acdc: ramp={ramp} (across compressed phases) and inphase_ramp={inphase_ramp} (inside the first one) "
@@ -170,6 +200,7 @@ class ACDC(ScheduledPruning):
             raise ValueError("acdc: layer_floor applies to the global ranking of unstructured masks only")
         self.dead_units, self.layer_floor, self.ramp, self.score = dead_units, float(layer_floor), ramp, score
         self.inphase_ramp, self.ramp_start, self.final_from = inphase_ramp, float(ramp_start), final_from
+        self.decay, self.decay_phases = float(decay), decay_phases
         # final_from='sparse': the sparse model at the last decompression (kept values of the sparsified weights,
         # copies of the other parameters and buffers), put back at the final compression.
         self._sparse_snapshot: dict[str, dict[str, Tensor]] | None = None
@@ -187,10 +218,11 @@ class ACDC(ScheduledPruning):
         self._last_sparse_masks: dict[str, Tensor] | None = None
         self._pruned_values: dict[str, Tensor] | None = None  # channel masks: what the pruned groups held
         super().__init__(model, **common)
-        if self.sharded and (dead_units != "zero" or layer_floor or score == "taylor" or final_from != "dense"):
+        study = dead_units != "zero" or layer_floor or score == "taylor" or final_from != "dense" or decay
+        if self.sharded and study:
             raise ValueError(
-                "acdc: dead_units, layer_floor, score='taylor' and final_from='sparse' do not support FSDP-sharded "
-                "parameters"
+                "acdc: dead_units, layer_floor, score='taylor', final_from='sparse' and decay do not support "
+                "FSDP-sharded parameters"
             )
 
     def setup(self) -> None:
@@ -239,6 +271,18 @@ class ACDC(ScheduledPruning):
                 )
             self._inphase_steps = [first.start + j * length // self.inphase_ramp for j in range(self.inphase_ramp)]
             self._inphase_end = first.end
+        # decay: each fading compression's start -> the step its window ends (the chosen masks installed).
+        self._decay_windows: dict[int, int] = {}
+        if self.decay:
+            sparse = [p for p in self.phases if p.kind == "sparse"]
+            for phase in sparse if self.decay_phases == "all" else sparse[-1:]:
+                window = math.floor(self.decay * (phase.end - phase.start))
+                if window < 1:
+                    raise ValueError(
+                        f"acdc: decay={self.decay:g} of a compressed phase of {phase.end - phase.start} steps is no "
+                        f"step; give at least {1 / (phase.end - phase.start):.3g}"
+                    )
+                self._decay_windows[phase.start] = phase.start + window
         sizes = [p.numel() for p in self.params.values()]
         if sum(math.ceil(self.layer_floor * n) for n in sizes) > maskops.keep_count(sum(sizes), self.final_sparsity):
             raise ValueError(
@@ -275,13 +319,39 @@ class ACDC(ScheduledPruning):
         return sparsity * (self.ramp_start + (1 - self.ramp_start) * index / (self.ramp - 1))
 
     def is_update_step(self, step: int) -> bool:
-        return self.schedule.is_update_step(step) or step in self._inphase_steps
+        ends = self._decay_windows.values()
+        return self.schedule.is_update_step(step) or step in self._inphase_steps or step in ends
 
     def on_step(self, step: int) -> None:
         if step in self._inphase_steps[1:]:
             self._inphase_update(step)
+        elif (window := self._decay_window_at(step)) is not None:
+            self._fade(step, *window)
         else:
             super().on_step(step)
+
+    def _decay_window_at(self, step: int) -> tuple[int, int] | None:
+        """``decay``: the (start, end) of the fading window that ``step`` ends a step of, start < step <= end."""
+        for start, end in self._decay_windows.items():
+            if start < step <= end:
+                return start, end
+        return None
+
+    @torch.no_grad()
+    def _fade(self, step: int, start: int, end: int) -> None:
+        """``decay``: scale the weights the compression at ``start`` removes (kept by the current masks, outside
+        the chosen ones, ``_last_sparse_masks``) from the factor 1 - (i - 1) / W to 1 - i / W after the window's
+        i-th step; at its end install the chosen masks. Derived from the step and the two masks: nothing else is
+        kept, so a checkpoint inside the window resumes as it ran."""
+        chosen = {n: maskops.unpack_mask(self._last_sparse_masks[n], p.shape) for n, p in self.params.items()}
+        if step == end:
+            self.set_masks(chosen, reason="decay end")
+            return
+        window, i = end - start, step - start
+        ratio = (window - i) / (window - i + 1)
+        for name, param in self.params.items():
+            fading = self.masks[name] & ~chosen[name].to(param.device)
+            param.mul_(torch.where(fading, ratio, 1.0).to(param.dtype))
 
     def masks_at(self, step: int) -> dict[str, Tensor]:
         if step in self._inphase_steps[1:]:
@@ -363,6 +433,12 @@ class ACDC(ScheduledPruning):
             counts = self.sum_over_ranks(maskops.packed_mask_counts(self._last_sparse_masks, packed))
             difference = 100.0 * maskops.packed_relative_mask_difference(counts=counts)
         self._last_sparse_masks = packed
+        if step in self._decay_windows:
+            # decay: the removed weights stay in the masks and fade (``_fade``) until the window's end.
+            fading = sum(int((self.masks[n] & ~m).sum()) for n, m in masks.items())
+            self.emit({"event": "compress", "mask_difference_pct": difference})
+            self.emit({"event": "decay", "fading": fading, "until": self._decay_windows[step]})
+            return
         self.set_masks(masks, reason="compress")
         self.emit({"event": "compress", "mask_difference_pct": difference})
 
