@@ -2,13 +2,14 @@
 
 Fashion-MNIST LeNet-5, ~50% of forward FLOPs removed by whole channels, for ``oto`` (``oto-hspg``: HSPG, the
 NeurIPS 2021 optimizer; ``oto-dhspg``: OTOv2's DHSPG, sparsifying from ``n_p`` to ``--finish``), ``variational``
-(Bernoulli gates), channel GMP and channel AC/DC (``mask_type=channel``, at the uniform group sparsity whose slim
-model has half the FLOPs), against the dense model. ``oto`` and ``variational`` prune to the target at 75% of the
-run (``--finish``; groups their dynamics zeroed earlier stay zero) and train the pruned network for the rest, as
-GMP (pruning ends at 80%) and AC/DC (final compressed phase) do. Every run is a ``sparsetrain train`` run (SGD,
-cosine LR, batch 128); the slim model is what ``sparsetrain slim`` writes (checked against the masked model).
-Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one thread, eager and TorchScript-frozen
-(``torch.jit.freeze(torch.jit.script(model))``).
+(Bernoulli gates; ``variational-eb``: with the empirical-Bayes slab scale, ``slab="empirical"``,
+``--slab-prior-weight`` its ``slab_prior_weight``), channel GMP and channel AC/DC (``mask_type=channel``, at the
+uniform group sparsity whose slim model has half the FLOPs), against the dense model. ``oto`` and ``variational``
+prune to the target at 75% of the run (``--finish``; groups their dynamics zeroed earlier stay zero) and train
+the pruned network for the rest, as GMP (pruning ends at 80%) and AC/DC (final compressed phase) do. Every run
+is a ``sparsetrain train`` run (SGD, cosine LR, batch 128); the slim model is what ``sparsetrain slim`` writes
+(checked against the masked model). Latency: lowest of 3 medians of repeated forward passes at batch 1 and 64, one
+thread, eager and TorchScript-frozen (``torch.jit.freeze(torch.jit.script(model))``).
 
     python benchmarks/structured.py                        # 1 seed, 4 epochs, 20,000 training samples
     python benchmarks/structured.py --epochs 10 --limit-train 0 --seeds 0 1 2
@@ -64,7 +65,7 @@ from sparsetrain.train.loop import Run
 
 RESULTS = Path(__file__).parent / "results" / "structured"
 # Besides dense (always run: the reference for accuracy and latency).
-METHODS = ("oto-hspg", "oto-dhspg", "variational", "channel-gmp", "channel-acdc")
+METHODS = ("oto-hspg", "oto-dhspg", "variational", "variational-eb", "channel-gmp", "channel-acdc")
 
 
 class TimedRun(Run):
@@ -323,6 +324,13 @@ def main() -> None:
         "the runs get their own folders (dense is shared) and files",
     )
     parser.add_argument("--finish", type=float, default=0.75, help="oto's and variational's prune to target")
+    parser.add_argument(
+        "--slab-prior-weight",
+        type=float,
+        default=0.0,
+        help="variational-eb's slab_prior_weight (pseudo-weights at the initial scale); other values get their "
+        "own run folders and files",
+    )
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="run folders (default: runs/structured-benchmark-MODEL)")
@@ -387,6 +395,10 @@ def main() -> None:
         "variational": {"method": "variational", "sparsity": group_sparsity,
                         "method_options": {"target_flops": args.flops, "num_samples": samples, "finish": args.finish,
                                            **rounding}},
+        "variational-eb": {"method": "variational", "sparsity": group_sparsity,
+                           "method_options": {"target_flops": args.flops, "num_samples": samples,
+                                              "finish": args.finish, "slab": "empirical",
+                                              "slab_prior_weight": args.slab_prior_weight, **rounding}},
         "channel-gmp": {"method": "gmp", "sparsity": group_sparsity, "mask_type": "channel",
                         "method_options": rounding},
         "channel-acdc": {"method": "acdc", "sparsity": group_sparsity, "mask_type": "channel",
@@ -406,6 +418,8 @@ def main() -> None:
         for name, settings in methods.items():
             # Rounded kept counts or another FLOPs target: the pruned runs' own folders (dense depends on neither).
             variant = "" if name == "dense" else variant_suffix
+            if name == "variational-eb" and args.slab_prior_weight:
+                variant += f"-nu{args.slab_prior_weight:g}"
             run_dir = out / f"{name}{variant}-seed{seed}"
             summary = run({**common, **settings, "seed": seed}, run_dir, train=not args.latency_only)
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -435,6 +449,7 @@ def main() -> None:
     tag = args.model + ("" if args.methods is None else "-" + "+".join(chosen))
     tag += "" if args.oto_periods is None else f"-periods{args.oto_periods}"
     tag += variant_suffix + ("-steady-malloc" if args.steady_malloc else "")
+    tag += f"-nu{args.slab_prior_weight:g}" if args.slab_prior_weight and "variational-eb" in chosen else ""
     with open(RESULTS / f"rows-{tag}.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import sparsetrain
 from sparsetrain.structured import slim
@@ -173,3 +173,132 @@ def test_the_prune_to_target_ranks_by_theta_times_the_group_rms():
     rms = ((W.square().sum(1) + b.square() + W2.square().sum(0)) / (4 + 1 + 2)).sqrt()
     expected = torch.sigmoid(torch.tensor([3.0, 0.0, -3.0])) * rms
     assert torch.allclose(s.group_scores(s.magnitude_scores())[0], expected, atol=1e-6)
+
+
+def test_the_empirical_slab_is_the_elbos_maximiser_in_s_and_the_kl_carries_its_normaliser():
+    torch.manual_seed(0)
+    model = mlp()
+    logits = torch.tensor([2.0, -1.0, 0.5])
+    for nu in (0.0, 0.5):
+        s = sparsetrain.create("variational", model, sparsity=0.5, total_steps=10, prior_keep=0.3, slab="empirical",
+                               slab_prior_weight=nu, example_input=torch.zeros(1, 4))  # fmt: skip
+        with torch.no_grad():
+            s.logits[0].copy_(logits)
+            model[0].weight.mul_(torch.tensor([[3.0], [0.5], [1.0]]))  # the weights moved away from their init
+        theta = torch.sigmoid(logits).double()
+        W, b = model[0].weight.detach().double(), model[0].bias.detach().double()
+        (_, _, w0), (_, _, b0) = s.slab0[0]
+        s.update_slab()
+        (_, _, var_w), (_, _, var_b) = s.slab[0]
+        # (nu n v0 + sum_g theta_g |w_g|^2) / (nu n + sum_g theta_g |g|): 4 weights per unit in W (n = 12), 1 in b
+        squares_w = (theta * W.square().sum(1)).sum()
+        assert var_w == pytest.approx(float((nu * 12 * w0 + squares_w) / (nu * 12 + 4 * theta.sum())))
+        assert var_b == pytest.approx(float((nu * 3 * b0 + (theta * b.square()).sum()) / (nu * 3 + theta.sum())))
+
+        # It maximises the ELBO's terms in v (with the inverse-Gamma hyper-prior a + 1 = nu n / 2, b = nu n v0 / 2).
+        def elbo_in_v(v: float, squares: Tensor, size: int, v0: float, theta: Tensor = theta, nu: float = nu) -> float:
+            slab = -(theta * (squares / (2 * v) + size * math.log(v) / 2)).sum()
+            n = 3 * size
+            return float(slab - (nu * n / 2) * math.log(v) - nu * n * v0 / 2 / v)
+
+        for v, squares, size, v0 in ((var_w, W.square().sum(1), 4, w0), (var_b, b.square(), 1, b0)):
+            best = elbo_in_v(v, squares, size, v0)
+            assert best > elbo_in_v(v * 1.01, squares, size, v0) and best > elbo_in_v(v * 0.99, squares, size, v0)
+
+        # The KL by hand: theta (|w / s|^2 / 2 + |g| log(s / s0)) + the Bernoulli's KL, per group.
+        expected = 0.0
+        for g in range(3):
+            t = float(theta[g])
+            keep = float(W[g].square().sum()) / var_w / 2 + float(b[g] ** 2) / var_b / 2
+            keep += 4 * 0.5 * math.log(var_w / w0) + 0.5 * math.log(var_b / b0)
+            expected += t * keep + t * math.log(t / 0.3) + (1 - t) * math.log((1 - t) / 0.7)
+        assert float(s.kl().detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_empirical_slab_is_estimated_before_each_step_and_fixed_stays_put():
+    torch.manual_seed(0)
+    model = mlp()
+    fixed = sparsetrain.create("variational", mlp(), sparsity=0.5, total_steps=10, example_input=torch.zeros(1, 4))
+    s = sparsetrain.create("variational", model, sparsity=0.5, total_steps=10, slab="empirical", gate_lr=0.0,
+                           example_input=torch.zeros(1, 4))  # fmt: skip
+    assert fixed.slab_mode == "fixed"  # the default
+    optimizer = s.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=1e-30))  # the weights stay put
+    s.attach(optimizer)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    theta = s.theta()[0].double()
+    optimizer.zero_grad()
+    model(torch.randn(8, 4)).sum().backward()
+    optimizer.step()
+    W = model[0].weight.detach().double()
+    expected = float((theta * W.square().sum(1)).sum() / (4 * theta.sum()))
+    assert s.slab[0][0][2] == pytest.approx(expected) and s.slab0[0][0][2] == pytest.approx(expected / 4, rel=1e-5)
+
+
+def test_a_bad_slab_is_refused_with_the_modes_allowed():
+    with pytest.raises(ValueError, match=r"slab must be one of 'fixed', 'empirical', got 'learned'"):
+        sparsetrain.create("variational", mlp(), sparsity=0.5, total_steps=10, example_input=torch.zeros(1, 4),
+                           slab="learned")  # fmt: skip
+    with pytest.raises(ValueError, match="slab_prior_weight"):
+        sparsetrain.create("variational", mlp(), sparsity=0.5, total_steps=10, example_input=torch.zeros(1, 4),
+                           slab="empirical", slab_prior_weight=-1.0)  # fmt: skip
+
+
+def _conv_bn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 4))  # fmt: skip
+
+
+def _build(seed: int, **options) -> tuple[nn.Module, torch.optim.Optimizer, sparsetrain.Sparsifier]:
+    torch.manual_seed(seed)
+    model = _conv_bn()
+    s = sparsetrain.create("variational", model, sparsity=0.5, total_steps=30, unit="steps", finish=20,
+                           threshold=0.45, gate_init=0.5, num_samples=10, prior_keep=0.05, gate_lr=0.05,
+                           example_input=torch.zeros(1, 2, 8, 8), **options)  # fmt: skip
+    optimizer = s.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4))
+    s.attach(optimizer)
+    return model, optimizer, s
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(16, 2, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("nu", [0.0, 1.0])
+def test_resume_with_the_empirical_slab_is_bit_identical(nu):
+    from helpers.shared import roundtrip
+
+    split = 10
+    model, optimizer, s = _build(0, slab="empirical", slab_prior_weight=nu)
+    for step in range(30):
+        if step == split:
+            saved = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "sparsifier": s.state_dict()})  # fmt: skip
+            slab_at_split = [list(x) for x in s.slab]
+        _train_step(model, optimizer, step)
+    assert slab_at_split != s.slab0  # the estimate moved away from the initial scale before the split
+    model2, optimizer2, s2 = _build(123, slab="empirical", slab_prior_weight=nu)  # other initial weights
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["optimizer"])
+    s2.load_state_dict(saved["sparsifier"])
+    assert s2.slab == slab_at_split and s2.slab0 == s.slab0
+    for step in range(split, 30):
+        _train_step(model2, optimizer2, step)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert s2.slab == s.slab and all(torch.equal(a, b) for a, b in zip(s.logits, s2.logits))
+    assert all(torch.equal(s.masks[n], s2.masks[n]) for n in s.masks) and s2.history == s.history
+
+
+def test_a_checkpoint_without_initial_scales_loads_them_as_its_fixed_slab():
+    model, optimizer, s = _build(0)
+    state = s.state_dict()
+    del state["extra"]["slab0"]
+    _, _, s2 = _build(123)
+    s2.load_state_dict(state)
+    assert s2.slab0 == s2.slab == s.slab

@@ -20,6 +20,8 @@ DEFAULT_GATE_LR = 0.002
 # Floor of theta (1 - theta), the Bernoulli's Fisher information, in the natural gradient (a gate at 0 or 1 has
 # none; the floor bounds the step there).
 _FISHER_FLOOR = 1e-4
+# The slab scale: fixed at the weights' initial RMS, or re-estimated from the posterior (empirical Bayes).
+SLAB_MODES = ("fixed", "empirical")
 
 
 @register("variational")
@@ -62,20 +64,50 @@ class Variational(GroupPruning):
     param groups plus one for the logits (no weight decay, no momentum). The KL gradient is added in the pre-step
     hook, so the sparsifier must be attached (``sparsifier.step()`` is refused).
 
+    **Empirical-Bayes slab** (``slab="empirical"``; the default ``"fixed"`` keeps s at the initial RMS). The
+    slab's log density of a kept group's weights is ``-|w_g|^2 / (2 s^2) - |g| log s`` plus a constant (``|g|``
+    the number of weights the group has in the tensor), so the ELBO's terms in one tensor's slab variance
+    ``v = s^2`` are ``-sum_g theta_g (|w_g|^2 / (2 v) + |g| log(v) / 2)``; setting their derivative in v,
+    ``sum_g theta_g (|w_g|^2 / (2 v^2) - |g| / (2 v))``, to zero gives the maximiser (a maximum: the
+    derivative is positive below it and negative above) ::
+
+        v = sum_g theta_g |w_g|^2 / sum_g theta_g |g|
+
+    the theta-weighted mean square of the groups' weights (type-II maximum likelihood: the prior's parameter
+    chosen from the data). Alone it can collapse: with point-estimate weights the joint optimum over (w, s) is
+    unbounded at w = 0, s -> 0 (the normaliser ``-|g| log s`` grows without limit), and a smaller s makes the
+    penalty ``|w / s|^2 / 2`` shrink the weights faster. With ``slab_prior_weight`` nu > 0, v also has an
+    inverse-Gamma hyper-prior ``IG(a, b)`` with ``a + 1 = nu n / 2`` and ``b = nu n v0 / 2`` (n the tensor's
+    number of gated weights, its mode the initial mean square v0); adding its log density
+    ``-(a + 1) log v - b / v`` moves the maximum (MAP) to ::
+
+        v = (b + sum_g theta_g |w_g|^2 / 2) / (a + 1 + sum_g theta_g |g| / 2)
+          = (nu n v0 + sum_g theta_g |w_g|^2) / (nu n + sum_g theta_g |g|)
+
+    i.e. nu times the tensor's weights as pseudo-weights at the initial scale; since ``sum_g theta_g |g| <= n``,
+    it keeps ``s >= s0 sqrt(nu / (1 + nu))``. v is re-estimated per tensor before
+    every step from the current weights and theta (detached: no gradient flows through it), over the groups the
+    KL sums (unmasked groups of the sets still gated), and the KL then carries the slab's normaliser, per
+    group ``theta_g |g| log(s / s0)`` (summed over the group's tensors), measured from the initial scale s0: the
+    fixed prior is the case s = s0, where the term is 0, so both start from the same KL and, to first order in
+    s - s0, the same gate cost. The current s and s0 are part of the sparsifier's state (resume is exact).
+
     Options: ``num_samples`` (N, the training set size: the KL's weight 1 / N; default 60,000), ``prior_keep``
     (pi, default ``1 - sparsity``), ``temperature`` (2/3), ``threshold`` (0.01), ``gate_init`` (theta at the
     start, 0.9), ``gate_lr`` (0.002), ``kl_warmup`` (in ``unit``; default half of the run), ``finish``,
-    ``target_flops``. The defaults of ``gate_lr`` and ``kl_warmup`` were chosen on Fashion-MNIST LeNet-5 (4
-    epochs, 50% of FLOPs removed).
+    ``target_flops``, ``slab`` (``"fixed"`` or ``"empirical"``), ``slab_prior_weight`` (nu, default 0: the
+    hyper-prior's weight relative to the tensor's size, used by ``"empirical"`` only). The defaults of
+    ``gate_lr`` and ``kl_warmup`` were chosen on Fashion-MNIST LeNet-5 (4 epochs, 50% of FLOPs removed).
 
     Reference: V. F. I. Guenter, A. Sideris, "Robust Learning of Parsimonious Deep Neural Networks",
     arXiv 2205.04650 (simultaneous learning and pruning with Bernoulli gates under Gaussian scale-mixture priors).
     Differences from the paper: the paper's analytically derived hyper-prior over the prior parameters is not
-    implemented: the slab scale s is fixed per tensor at its initial root-mean-square and pi at ``1 - sparsity``
-    (options, not learned); the weights are point estimates (no Gaussian posterior on them, so no entropy term);
-    gradients through the gates use the Concrete relaxation (Maddison et al. 2017) rather than the paper's
-    estimator; the natural-gradient gate step, the KL warm-up, the settling of a set at its target and the prune
-    threshold on theta are ours; the run is capped at, and topped up to, an exact target.
+    implemented: the slab scale s is fixed per tensor at its initial root-mean-square, or (``slab="empirical"``)
+    set from the data by the empirical-Bayes estimate above (ours, not the paper's hyper-prior), and pi is
+    ``1 - sparsity`` (an option, not learned); the weights are point estimates (no Gaussian posterior on them, so
+    no entropy term); gradients through the gates use the Concrete relaxation (Maddison et al. 2017) rather than
+    the paper's estimator; the natural-gradient gate step, the KL warm-up, the settling of a set at its target and
+    the prune threshold on theta are ours; the run is capped at, and topped up to, an exact target.
     The model keeps its shape during training, so that optimizer state, checkpoints and resume stay as for every
     method; removed groups compute zeros, so later steps are cheaper in FLOPs only, unless the run uses
     :class:`~sparsetrain.structured.SlimTraining` (``slim_training: auto`` in the trainer), which runs the
@@ -96,6 +128,8 @@ class Variational(GroupPruning):
         gate_init: float = 0.9,
         gate_lr: float = DEFAULT_GATE_LR,
         kl_warmup: float | None = None,
+        slab: str = "fixed",
+        slab_prior_weight: float = 0.0,
         **common: Any,
     ) -> None:
         checks = (
@@ -105,7 +139,10 @@ class Variational(GroupPruning):
             ("threshold", threshold, lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
             ("gate_init", gate_init, lambda v: 0 < v < 1, "in (0, 1)"),
             ("gate_lr", gate_lr, lambda v: v is not None and v >= 0, ">= 0"),
+            ("slab_prior_weight", slab_prior_weight, lambda v: v is not None and 0 <= v < math.inf, ">= 0"),
         )
+        if slab not in SLAB_MODES:
+            raise ValueError(f"variational: slab must be one of {', '.join(map(repr, SLAB_MODES))}, got {slab!r}")
         for name, value, ok, allowed in checks:
             number = value is None or (not isinstance(value, bool) and isinstance(value, (int, float)))
             if not number or not ok(value):
@@ -113,6 +150,7 @@ class Variational(GroupPruning):
         self.num_samples, self.prior_keep = int(num_samples), prior_keep
         self.temperature, self.threshold, self.gate_init, self.gate_lr = temperature, threshold, gate_init, gate_lr
         self.kl_warmup = kl_warmup
+        self.slab_mode, self.slab_prior_weight = slab, float(slab_prior_weight)
         self._handles: list[Any] = []
         self._settled: list[bool] = []
         self._base_lr: float | None = None  # the run's lr when the gates joined the optimizer
@@ -146,6 +184,8 @@ class Variational(GroupPruning):
                     if var > 0:
                         members.append((m.name, m.dim, var))
             self.slab.append(members)
+        # The initial variances s0^2: the empirical slab's reference (its normaliser log(s / s0), its hyper-prior).
+        self.slab0: list[list[tuple[str, int, float]]] = [list(members) for members in self.slab]
         # The gates act on the channel after its batch norm (a norm renormalises what comes before it), on the
         # producing layers' outputs where the set has no norm.
         self.gated: list[list[str]] = []
@@ -204,7 +244,8 @@ class Variational(GroupPruning):
     def kl(self) -> Tensor:
         """The KL term of the negative ELBO over the groups still gated (not divided by ``num_samples``).
 
-        Sets that reached their target (:meth:`settled`) no longer carry gates, so no KL.
+        Sets that reached their target (:meth:`settled`) no longer carry gates, so no KL. With
+        ``slab="empirical"`` it includes the slab's normaliser ``theta_g |g| log(s / s0)`` (class docstring).
         """
         total = self.logits[0].new_zeros(())
         for k, channel_set in enumerate(self.channel_groups.sets):
@@ -212,16 +253,49 @@ class Variational(GroupPruning):
                 continue
             theta = torch.sigmoid(self.logits[k]).clamp(_EPS, 1 - _EPS)
             scaled = 0.0  # sum over the group's weights of (w / s)^2
-            for name, dim, var in self.slab[k]:
+            normaliser = 0.0  # the empirical slab's sum over the group's weights of log(s / s0)
+            for (name, dim, var), (_, _, var0) in zip(self.slab[k], self.slab0[k]):
                 rows = self.params[name].movedim(dim, 0).reshape(channel_set.width, -1)
                 scaled = scaled + rows.square().sum(dim=1) / var
+                if self.slab_mode == "empirical":
+                    normaliser = normaliser + rows.shape[1] * 0.5 * math.log(var / var0)
             bern = theta * torch.log(theta / self.pi) + (1 - theta) * torch.log((1 - theta) / (1 - self.pi))
             per_group = theta * scaled / 2 + bern
+            if self.slab_mode == "empirical":
+                per_group = per_group + theta * normaliser
             total = total + (per_group * self._active_groups(channel_set).to(per_group)).sum()
         return total
 
+    @torch.no_grad()
+    def update_slab(self) -> None:
+        """``slab="empirical"``: each tensor's slab variance set to the ELBO's maximiser (class docstring).
+
+        ``s^2 = (nu n s0^2 + sum_g theta_g |w_g|^2) / (nu n + sum_g theta_g |g|)`` (n the tensor's gated weights)
+        over the unmasked groups of the sets still gated (those the KL sums); a tensor whose groups carry no
+        weight (every theta 0, nu 0) keeps
+        its variance. Computed in float64 from the detached weights and theta: no gradient flows through s.
+        """
+        if self.slab_mode != "empirical":
+            return
+        nu = self.slab_prior_weight
+        for k, channel_set in enumerate(self.channel_groups.sets):
+            if self._settled[k] or not self.slab[k]:
+                continue
+            theta = torch.sigmoid(self.logits[k].detach()).clamp(_EPS, 1 - _EPS).double()
+            weight = theta * self._active_groups(channel_set).to(theta)
+            updated = []
+            for (name, dim, var), (_, _, var0) in zip(self.slab[k], self.slab0[k]):
+                rows = self.params[name].detach().movedim(dim, 0).reshape(channel_set.width, -1).double()
+                squares = float((weight.to(rows.device) * rows.square().sum(dim=1)).sum())
+                count = float(weight.sum()) * rows.shape[1]
+                pseudo = nu * rows.numel()  # the hyper-prior's pseudo-weights at the initial scale
+                estimate = (pseudo * var0 + squares) / (pseudo + count) if pseudo + count > 0 else 0.0
+                updated.append((name, dim, estimate if estimate > 0 else var))
+            self.slab[k] = updated
+
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.pruned_at(self.count):
+            self.update_slab()
             with torch.enable_grad():
                 kl = self.kl()
                 if kl.requires_grad:  # not when every set has settled (no gates left)
@@ -353,7 +427,7 @@ class Variational(GroupPruning):
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict:
         return {**super().extra_state(), "logits": [p.detach().clone() for p in self.logits],
-                "slab": [list(s) for s in self.slab]}  # fmt: skip
+                "slab": [list(s) for s in self.slab], "slab0": [list(s) for s in self.slab0]}  # fmt: skip
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
@@ -363,6 +437,9 @@ class Variational(GroupPruning):
                     p.copy_(saved)
         if "slab" in state:
             self.slab = [[(str(n), int(d), float(v)) for n, d, v in s] for s in state["slab"]]
+            # A checkpoint from before the empirical slab: its s never moved, so s0 is s.
+            saved0 = state.get("slab0", state["slab"])
+            self.slab0 = [[(str(n), int(d), float(v)) for n, d, v in s] for s in saved0]
         self._noise = None
         self._update_settled()
         self._sync_hooks()
