@@ -241,35 +241,42 @@ def nm_sparsity(mask_type: str, sparsity: float | None = None) -> float | None:
     return implied
 
 
-def check_nm_shape(shape: Sequence[int], n: int, m: int, what: str = "weight", remedy: str = "") -> None:
-    """Raise ValueError unless a weight of ``shape`` can take an N:M mask: 2+ dims, input dim (dim 1) a multiple of M.
+def check_nm_shape(
+    shape: Sequence[int], n: int, m: int, what: str = "weight", remedy: str = "", input_dim: int = 1
+) -> None:
+    """Raise ValueError unless a weight of ``shape`` can take an N:M mask: 2+ dims, input dim a multiple of M.
 
+    ``input_dim`` is the dimension that runs over the layer's inputs: 1 for ``nn.Linear`` (out, in) and convs
+    (out, in, k...), 0 for a transposed (in, out) weight such as Hugging Face's ``Conv1D``.
     ``what`` names the weight in the message, ``remedy`` says how to leave it out (default: ``exclude=``).
     """
     shape = tuple(shape)
     if len(shape) < 2:
         raise ValueError(f"N:M masks need a weight with at least 2 dims; {what} has shape {shape}")
-    if shape[1] % m:
+    if shape[input_dim] % m:
+        where = "" if input_dim == 1 else f" (dim {input_dim})"
         raise ValueError(
-            f"mask_type '{n}:{m}': {what} of shape {shape} has an input dimension ({shape[1]}) that is not a "
-            f"multiple of {m}; {remedy or 'exclude this layer with exclude='}"
+            f"mask_type '{n}:{m}': {what} of shape {shape} has an input dimension{where} ({shape[input_dim]}) "
+            f"that is not a multiple of {m}; {remedy or 'exclude this layer with exclude='}"
         )
 
 
-def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+def nm_mask(scores: Tensor, n: int, m: int, input_dim: int = 1) -> Tensor:
     """N:M mask: in every group of M consecutive weights along the input dimension keep the N largest scores.
 
-    The input dimension is dim 1 (``in_features`` of a Linear, input channels of a conv), the layout that
-    sparse tensor cores and N:M kernels expect. Its size must be a multiple of M.
+    The input dimension is ``input_dim``: dim 1 by default (``in_features`` of a Linear, input channels of a
+    conv), dim 0 for a transposed (in, out) weight such as Hugging Face's ``Conv1D``; the groups then lie along
+    each output's inputs, the layout that sparse tensor cores and N:M kernels expect. Its size must be a multiple
+    of M.
     """
-    check_nm_shape(scores.shape, n, m)
+    check_nm_shape(scores.shape, n, m, input_dim=input_dim)
     # Move the input dim last so groups of M are contiguous: (out, k..., in) -> (-1, M).
-    moved = scores.detach().float().movedim(1, -1).contiguous()
+    moved = scores.detach().float().movedim(input_dim, -1).contiguous()
     groups = moved.reshape(-1, m)
     idx = torch.topk(groups, n, dim=1, largest=True, sorted=False).indices
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(1, idx, True)
-    return keep.view(moved.shape).movedim(-1, 1).contiguous()
+    return keep.view(moved.shape).movedim(-1, input_dim).contiguous()
 
 
 def count_zeros(tensor: Tensor) -> int:

@@ -85,3 +85,26 @@ def select_parameters(
             f"parameters are: {', '.join(f'{n} {tuple(p.shape)}' for n, p in named.items()) or '(none)'}"
         )
     return chosen
+
+
+def input_dim(model: nn.Module, name: str) -> int:
+    """The dimension of parameter ``name`` (a qualified name in ``model``) that runs over its layer's inputs.
+
+    N:M masks group M consecutive weights along it, the layout N:M kernels need. 1 for ``nn.Linear`` (out, in),
+    convolutions (out, in, k...) and every other weight; 0 for the weight of Hugging Face transformers' ``Conv1D``
+    (GPT-2's attention and MLP layers), which is stored transposed, (in, out), and computes ``x @ weight + bias``.
+    That module is recognised by its class name (a class or base class named ``Conv1D``, with a 2-D weight of
+    shape (nx, nf)), so transformers is not imported; ``torch.nn.Conv1d`` (lower-case d) is an ordinary conv.
+    """
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    weight = getattr(module, attr, None)
+    if (
+        attr == "weight"
+        and any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)  # FSDP wraps it in a subclass
+        and weight is not None
+        and weight.dim() == 2
+        and getattr(module, "nf", weight.shape[1]) == weight.shape[1]
+    ):
+        return 0
+    return 1

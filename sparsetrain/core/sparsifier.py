@@ -33,7 +33,7 @@ from ..schedules import UNITS, Phase, resolve_total_steps, timeline_of, to_steps
 from ..structured.groups import CONSUMER, NORM, PRODUCER
 from .capabilities import Capability
 from .packed_masks import PackedMask, PackedMasks, check_mask_storage
-from .selection import select_parameters
+from .selection import input_dim, select_parameters
 from .sharding import (
     UnsplittableState,
     all_reduce_sum,
@@ -261,11 +261,22 @@ def _model_reloaded(owner: weakref.ref) -> None:
         sparsifier._forget_zeros()
 
 
-def check_nm_parameters(params: dict[str, nn.Parameter] | dict[str, Tensor], nm: tuple[int, int]) -> None:
-    """Refuse any of ``params`` (by qualified name) that cannot take an N:M mask, naming how to leave it out."""
+def check_nm_parameters(
+    params: dict[str, nn.Parameter] | dict[str, Tensor],
+    nm: tuple[int, int],
+    input_dims: Mapping[str, int] | None = None,
+) -> None:
+    """Refuse any of ``params`` (by qualified name) that cannot take an N:M mask, naming how to leave it out.
+
+    ``input_dims``: each parameter's input dimension (:func:`~sparsetrain.core.selection.input_dim`; default 1).
+    """
     for name, param in params.items():
         maskops.check_nm_shape(
-            param.shape, *nm, what=f"parameter {name!r}", remedy=f"exclude it with exclude=[{name!r}]"
+            param.shape,
+            *nm,
+            what=f"parameter {name!r}",
+            remedy=f"exclude it with exclude=[{name!r}]",
+            input_dim=1 if input_dims is None else input_dims[name],
         )
 
 
@@ -377,9 +388,19 @@ class Sparsifier:
         self.nm = None if mask_type == CHANNEL else maskops.parse_nm(mask_type)
         if self.nm is not None and Capability.NM not in self.capabilities:
             raise ValueError(f"method {self.name!r} does not support N:M masks (mask_type={mask_type!r})")
+        # Each weight's input dimension, along which its N:M groups run: 0 for a transposed (in, out) Conv1D.
+        self.nm_dims = {n: input_dim(model, n) for n in self.params} if self.nm is not None else {}
         if self.nm is not None:
             sparsity = maskops.nm_sparsity(mask_type, sparsity)
-            check_nm_parameters(self.params, self.nm)
+            check_nm_parameters(self.params, self.nm, self.nm_dims)
+            across = [n for n, d in self.nm_dims.items() if d == 0]
+            if self.sharded and across:
+                # FSDP splits dim 0 between ranks, so a group of M along it could span two ranks' shards.
+                raise ValueError(
+                    f"mask_type {mask_type!r} on FSDP-sharded parameters (fully_shard): parameter {across[0]!r} is "
+                    "a transposed (in, out) Conv1D weight whose N:M groups run along dim 0, the dimension FSDP "
+                    f"splits between ranks; exclude it with exclude=[{across[0]!r}], or train it with DDP"
+                )
         if sparsity is None:
             raise ValueError(f"method {self.name!r} needs sparsity= (a number in [0, 1), e.g. 0.9)")
         self.final_sparsity = maskops.check_sparsity(sparsity)
@@ -984,7 +1005,8 @@ class Sparsifier:
                 for n, s in scores.items()
             }
         if self.nm is not None:
-            return {n: maskops.nm_mask(s, *self.nm) for n, s in scores.items()}  # rows are whole on every rank
+            # Rows are whole on every rank (groups along dim 0 are refused when sharded).
+            return {n: maskops.nm_mask(s, *self.nm, self.nm_dims[n]) for n, s in scores.items()}
         shapes = {n: tuple(self.params[n].shape) for n in scores}  # the full shapes, also when sharded
         per_layer = layer_sparsities(self.distribution, shapes, sparsity)
         if self.sharded:

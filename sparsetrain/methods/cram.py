@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import maskops
 from ..core import Capability, Sparsifier, register
+from ..core.selection import input_dim
 from ..core.sparsifier import check_nm_parameters
 from ..optim.cram import CrAM
 
@@ -73,7 +74,7 @@ class CrAMMethod(Sparsifier):
         super().__init__(model, sparsity=0.0, **common)
         self.mask_type = mask_type
         if nm is not None:
-            check_nm_parameters(self.params, nm)
+            check_nm_parameters(self.params, nm, {n: input_dim(model, n) for n in self.params})
 
     def target_sparsity_at(self, step: int) -> float:
         return 0.0

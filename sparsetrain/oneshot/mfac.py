@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.selection import input_dim
 from ..distributions import layer_sparsities
 from ..maskops import check_sparsity, global_topk_masks, nm_mask, parse_nm, topk_mask
 from ..mfac import MFACInverse
@@ -210,11 +211,12 @@ def obs_remove(inverse: MFACInverse, weights: Tensor, remove: Tensor) -> tuple[T
 
 
 def _masks_from_scores(scores: dict[str, Tensor], sparsity: float | None, mask_type: str,
-                       distribution: str) -> dict[str, Tensor]:
-    """Exact masks (True = kept) from ``scores`` as every method makes them: N:M, global or per-layer top-k."""
+                       distribution: str, input_dims: dict[str, int]) -> dict[str, Tensor]:
+    """Exact masks (True = kept) from ``scores`` as every method makes them: N:M (along each weight's
+    ``input_dims`` entry), global or per-layer top-k."""
     nm = parse_nm(mask_type)
     if nm is not None:
-        return {n: nm_mask(s, *nm) for n, s in scores.items()}
+        return {n: nm_mask(s, *nm, input_dims[n]) for n, s in scores.items()}
     per_layer = layer_sparsities(distribution, {n: tuple(s.shape) for n, s in scores.items()}, sparsity)
     if per_layer is None:
         return global_topk_masks(scores, sparsity)
@@ -302,6 +304,7 @@ def prune_mfac(
                                include=include, exclude=exclude))
     named = dict(model.named_parameters())
     params = {n: named[n] for n in names}
+    input_dims = {n: input_dim(model, n) for n in names}  # N:M groups: dim 0 of a transposed (in, out) Conv1D
     d = sum(p.numel() for p in params.values())
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                    or not 1 <= block_size <= d):
@@ -329,7 +332,7 @@ def prune_mfac(
         # Already pruned weights rank below every surviving one (pruned weights stay pruned).
         saliency = torch.where(active, saliency, torch.full_like(saliency, -1.0))
         new = _masks_from_scores(_unflatten(saliency, params), target if sparsity is not None else nm_sparsity,
-                                 mask_type, distribution)
+                                 mask_type, distribution, input_dims)
         remove = active & ~torch.cat([new[n].reshape(-1) for n in params])
         dw, increase = obs_remove(inverse, weights, remove)
         total_increase += increase

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import maskops
+from ..core.selection import input_dim
 from ..core.sparsifier import derived_seed
 
 __all__ = ["CrAM"]
@@ -53,7 +54,9 @@ class CrAM(torch.optim.Optimizer):
         plus: CrAM+ (add the clean gradient).
         mask_gradient: multiply g' by the compression mask.
         seed: seeds the sparsity draws with the step counter.
-        model: the model whose batch-norm statistics must not see pass 2.
+        model: the model whose batch-norm statistics must not see pass 2; with N:M it also tells which compressed
+            weights are transposed (in, out) Conv1D weights (Hugging Face), grouped along their dim 0 (without
+            ``model`` every weight is grouped along dim 1).
         compress: the parameters compressed in step 3 (default: those of ``params`` with dim >= 2).
 
     Differences from the paper and its released code: exact top-k counts (the released code keeps the weights above
@@ -114,10 +117,17 @@ class CrAM(torch.optim.Optimizer):
         perturbed_ids = {id(p) for p in params}
         if any(id(p) not in perturbed_ids for p in self.compressed):
             raise ValueError("CrAM: every parameter in compress must also be in params")
+        # Each compressed weight's input dimension (N:M groups run along it): 0 for a transposed (in, out)
+        # Conv1D, found from its module, which needs ``model``; 1 (Linear, conv) otherwise.
+        names = {} if model is None else {id(p): n for n, p in model.named_parameters()}
+        self.input_dims: list[int] = [
+            input_dim(model, names[id(p)]) if id(p) in names else 1 for p in self.compressed
+        ]  # fmt: skip
         if self.nm is not None:
-            for p in self.compressed:
+            for p, dim in zip(self.compressed, self.input_dims, strict=True):
                 maskops.check_nm_shape(
-                    p.shape, *self.nm, what="CrAM: a compressed weight", remedy="leave it out of compress="
+                    p.shape, *self.nm, what="CrAM: a compressed weight", remedy="leave it out of compress=",
+                    input_dim=dim,
                 )
         self.rho = float(rho)
         self.sparsities = sparsities
@@ -142,7 +152,8 @@ class CrAM(torch.optim.Optimizer):
         (one global ranking over them), or N:M."""
         params = self.compressed if params is None else list(params)
         if self.nm is not None:
-            return [maskops.nm_mask(p.detach().abs(), *self.nm) for p in params]
+            dims = {id(p): dim for p, dim in zip(self.compressed, self.input_dims, strict=True)}
+            return [maskops.nm_mask(p.detach().abs(), *self.nm, dims.get(id(p), 1)) for p in params]
         if not params:
             return []
         scores = {str(i): p.detach().abs() for i, p in enumerate(params)}
