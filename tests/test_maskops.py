@@ -7,6 +7,7 @@ import torch
 
 from sparsetrain import maskops
 from sparsetrain.maskops import (
+    check_nm_shape,
     global_topk_masks,
     keep_count,
     nm_mask,
@@ -313,6 +314,21 @@ def test_nm_mask_hand_worked_linear_groups_do_not_cross_rows():
     # Two output rows of 4 inputs: each row is its own group.
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [8.0, 7.0, 6.0, 5.0]])
     assert nm_mask(scores, 2, 4).tolist() == [[F, F, T, T], [T, T, F, F]]
+
+
+def test_nm_mask_hand_worked_transposed_weight_groups_run_along_dim0():
+    # A transposed (in=4, out=2) weight (Hugging Face Conv1D): each output column's 4 inputs are one group.
+    scores = torch.tensor([[1.0, 8.0], [2.0, 7.0], [3.0, 6.0], [4.0, 5.0]])
+    assert nm_mask(scores, 2, 4, input_dim=0).tolist() == [[F, T], [F, T], [T, F], [T, F]]
+    assert nm_mask(scores, 2, 4, input_dim=0).equal(nm_mask(scores.T, 2, 4).T)
+
+
+def test_check_nm_shape_reads_the_given_input_dim():
+    check_nm_shape((8, 6), 2, 4, input_dim=0)  # 8 inputs on dim 0: fits
+    with pytest.raises(ValueError, match=r"input dimension \(6\) that is not a multiple of 4"):
+        check_nm_shape((8, 6), 2, 4)
+    with pytest.raises(ValueError, match=r"input dimension \(dim 0\) \(6\) that is not a multiple of 4"):
+        check_nm_shape((6, 8), 2, 4, input_dim=0)
 
 
 def test_nm_mask_exact_with_ties():

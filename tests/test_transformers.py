@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,3 +314,124 @@ def test_an_export_claiming_a_huge_model_option_is_refused_at_once(tmp_path: Pat
     export.save(gpt(), tmp_path / "hostile.safetensors", metadata={"model_spec": spec})
     with pytest.raises(export.ExportError, match="options .* exceed the 42368 weights it holds"):
         export.load(tmp_path / "hostile.safetensors")
+
+
+# ------------------------------------------ Hugging Face GPT-2: N:M groups run along a Conv1D's inputs (dim 0)
+HF_VOCAB, HF_LENGTH = 128, 16
+
+
+def hf_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=HF_VOCAB, n_positions=HF_LENGTH, n_embd=64, n_layer=1, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def assert_nm_along_inputs(model: nn.Module, masks: dict[str, torch.Tensor], n: int = 2, m: int = 4) -> None:
+    """Every Conv1D weight (stored (in, out)): each group of M consecutive inputs of an output column keeps N."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    assert len(names) == 4  # c_attn, attn c_proj, c_fc, mlp c_proj
+    for name in names:
+        mask = masks[name]
+        kept = mask.reshape(mask.shape[0] // m, m, mask.shape[1]).sum(dim=1)  # (in / M groups, out)
+        assert bool((kept == n).all()), f"{name}: not {n} of every {m} along dim 0"
+        assert not bool((model.get_parameter(name)[~mask] != 0).any()), f"{name}: a pruned weight is not 0"
+
+
+def test_hf_gpt2_sparsifier_nm_masks_run_along_each_conv1d_input_dimension() -> None:
+    model = hf_gpt2()
+    sparsifier = sparsetrain.create("magnitude", model, mask_type="2:4", total_steps=10)
+    assert_nm_along_inputs(model, sparsifier.masks)
+    from sparsetrain.core.selection import input_dim
+
+    assert input_dim(model, "transformer.h.0.mlp.c_fc.weight") == 0
+    assert input_dim(model, "transformer.wte.weight") == 1  # an embedding keeps dim 1, as before
+    # A step with a real loss: the masks (recomputed at step 0 only) and the hard zeros hold after it.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier.attach(optimizer)
+    ids = torch.randint(HF_VOCAB, (2, HF_LENGTH), generator=torch.Generator().manual_seed(1))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert_nm_along_inputs(model, sparsifier.masks)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # M-FAC's vmap over GPT-2's attention
+def test_hf_gpt2_oneshot_nm_masks_run_along_each_conv1d_input_dimension() -> None:
+    from sparsetrain.oneshot import prune_mfac, prune_obc, prune_oneshot
+
+    ids = torch.randint(HF_VOCAB, (8, HF_LENGTH), generator=torch.Generator().manual_seed(2))
+    model = hf_gpt2()
+    assert_nm_along_inputs(model, prune_oneshot(model, None, mask_type="2:4"))
+    model = hf_gpt2()  # OBC / SparseGPT solve Linear and Conv2d; a Conv1D keeps its magnitude N:M mask
+    assert_nm_along_inputs(model, prune_obc(model, None, [ids], mask_type="2:4"))
+
+    def lm_loss(out, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
+
+    model = hf_gpt2()
+    masks = prune_mfac(model, None, [(ids, ids)], num_gradients=4, block_size=64, loss_fn=lm_loss, mask_type="2:4")
+    assert_nm_along_inputs(model, masks)
+
+
+def test_hf_gpt2_cram_compresses_each_conv1d_along_its_input_dimension() -> None:
+    model = hf_gpt2()
+    sparsifier = sparsetrain.create("cram", model, mask_type="2:4", total_steps=10)
+    optimizer = sparsifier.make_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    masks = dict(zip(sparsifier.params, optimizer.compression_masks(0.5), strict=True))
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            module.weight.data.mul_(masks[f"{name}.weight"])  # assert_nm_along_inputs also checks the zeros
+    assert_nm_along_inputs(model, masks)
+
+
+def test_nm_checks_a_conv1d_weight_along_its_input_dimension() -> None:
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D  # noqa: N806
+
+    torch.manual_seed(0)
+    fits = nn.Sequential(Conv1D(6, 8))  # weight (in=8, out=6): 8 inputs take 2:4, 6 outputs need not
+    for method in ("magnitude", "cram"):
+        sparsifier = sparsetrain.create(method, fits, mask_type="2:4", total_steps=4)
+        assert sparsifier.masks["0.weight"].shape == (8, 6)
+    misfit = nn.Sequential(Conv1D(8, 6))  # weight (in=6, out=8): 6 inputs do not
+    for method in ("magnitude", "cram"):
+        with pytest.raises(ValueError, match=r"'0.weight' of shape \(6, 8\) has an input dimension \(dim 0\) \(6\) "
+                                             r"that is not a multiple of 4; exclude it with exclude=\['0.weight'\]"):
+            sparsetrain.create(method, misfit, mask_type="2:4", total_steps=4)
+
+
+FSDP_CONV1D = """
+import sys
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from transformers.pytorch_utils import Conv1D
+import sparsetrain
+
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+model = nn.Sequential(Conv1D(8, 16), nn.ReLU(), nn.Linear(8, 4))
+fully_shard(model)
+try:
+    sparsetrain.create("magnitude", model, mask_type="2:4", total_steps=4)
+except ValueError as error:
+    print("refused:", error)
+kept = sparsetrain.create("magnitude", model, mask_type="2:4", total_steps=4, exclude=["0.weight"])
+print("excluded:", sorted(kept.masks))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_refuses_nm_groups_along_a_sharded_conv1d_dim0(tmp_path: Path) -> None:
+    # FSDP shards dim 0, along which a Conv1D's N:M groups run; one process suffices to build the DTensors.
+    pytest.importorskip("transformers")
+    run = subprocess.run([sys.executable, "-c", FSDP_CONV1D, str(tmp_path / "store")], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert ("refused: mask_type '2:4' on FSDP-sharded parameters (fully_shard): parameter '0.weight' is a "
+            "transposed (in, out) Conv1D weight") in run.stdout  # fmt: skip
+    assert "exclude it with exclude=['0.weight']" in run.stdout
+    assert "excluded: ['2.weight']" in run.stdout
