@@ -292,7 +292,8 @@ class Sparsifier:
     Common options (every method accepts them):
         sparsity: target fraction of zeros in [0, 1) over the sparsified weights.
         distribution: 'global' (one magnitude ranking across layers), 'uniform' or 'erk'.
-        mask_type: 'unstructured', 'N:M' (e.g. '2:4': N kept of every M along the input dimension), or 'channel'
+        mask_type: 'unstructured', 'N:M' (e.g. '2:4': N kept of every M along the input dimension, which is
+            dim 0 of a transposed (in, out) Hugging Face ``Conv1D`` weight: ``selection.input_dim``), or 'channel'
             (methods with ``Capability.CHANNEL``): whole zero-invariant groups (an output channel or unit with its
             bias, batch-norm scale and shift and the input slices that read it; :mod:`sparsetrain.structured`)
             are pruned, ranked by the root-mean-square of the score over the group's parameters; ``sparsity``
