@@ -263,20 +263,15 @@ def main() -> None:
     else:
         header = (f"LeNet-300-100 (`mlp`) on Fashion-MNIST, {args.epochs} epochs on {args.limit_train or 'all'} "
                   f"training samples, seeds {', '.join(map(str, args.seeds))}")  # fmt: skip
-    # The table keeps every variant already run on all of these seeds and sparsities, not only this call's: a
+    # The table keeps every variant already run on all of these seeds at a sparsity, not only this call's: a
     # narrower rerun must not drop earlier rows (one-seed screening runs stay out of it, in runs.jsonl).
-    def complete(name: str) -> bool:
-        levels = [0.0] if table_variants[name][0] == "dense" else args.sparsities
-        return all((name, s, seed) in done for seed in args.seeds for s in levels)
-
-    shown = [n for n in table_variants if n in names or complete(n)]
-    rows += [
-        done[(n, s, seed)]
-        for n in shown
-        if n not in names
-        for seed in args.seeds
-        for s in ([0.0] if table_variants[n][0] == "dense" else args.sparsities)
-    ]
+    earlier = set()
+    for name, (method, _) in table_variants.items():
+        for s in [] if name in names else [0.0] if method == "dense" else args.sparsities:
+            if all((name, s, seed) in done for seed in args.seeds):
+                rows += [done[(name, s, seed)] for seed in args.seeds]
+                earlier.add(name)
+    shown = [n for n in table_variants if n in names or n in earlier]
     text = table(rows, shown, args.sparsities, header, main_task)
     (out / "table.md").write_text(text + "\n")
     print(text)
