@@ -223,3 +223,49 @@ def test_prune_command_obc_mistakes(trained_mlp_checkpoint, capsys):
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=128, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    batches = [torch.randint(0, 128, (4, 32)) for _ in range(3)]
+    return model, batches
+
+
+@pytest.mark.parametrize("mask_type", ["unstructured", "2:4"])
+def test_obc_solves_gpt2_conv1d_layers_better_than_magnitude(mask_type: str, caplog) -> None:
+    model, batches = _tiny_gpt2()
+    dense = copy.deepcopy(model)
+    layer = "transformer.h.0.attn.c_attn"
+    seen: list[torch.Tensor] = []
+    hook = dense.get_submodule(layer).register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for x in batches:
+            dense(x)
+    hook.remove()
+    x = torch.cat(seen).double()
+    sparsity = None if mask_type == "2:4" else 0.5
+    with caplog.at_level(logging.INFO, logger="sparsetrain"):
+        masks = prune_obc(model, sparsity, batches, mask_type=mask_type, distribution="uniform",
+                          include="*.c_*.weight")
+    assert len(masks) == 4
+    for name, mask in masks.items():
+        weight = model.get_parameter(name)
+        assert mask.shape == weight.shape
+        assert int(mask.sum()) == weight.numel() // 2
+        assert torch.all(weight[~mask] == 0)
+        if mask_type == "2:4":
+            assert torch.all(mask.reshape(-1, 4, mask.shape[1]).sum(1) == 2)  # groups of 4 inputs along dim 0
+        assert f"OBC: {name} pruned to" in caplog.text
+        assert f"OBC: {name} is" not in caplog.text  # no magnitude fallback
+    w = dense.get_parameter(layer + ".weight").detach().double()
+    if mask_type == "2:4":
+        mag = nm_mask(w.abs(), 2, 4, input_dim=0)
+    else:
+        mag = w.abs() > w.abs().flatten().sort().values[w.numel() // 2 - 1]
+    obc_err = torch.linalg.norm(x @ w - x @ model.get_parameter(layer + ".weight").detach().double())
+    mag_err = torch.linalg.norm(x @ w - x @ (w * mag))
+    assert int(mag.sum()) == w.numel() // 2
+    assert obc_err < mag_err

@@ -20,18 +20,34 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["exact_obs_supported", "layer_columns", "execution_order", "layer_hessian", "calibration_inputs"]
+from ..core.selection import input_dim
+
+__all__ = ["exact_obs_supported", "solver_weight", "layer_columns", "execution_order", "layer_hessian",
+           "calibration_inputs"]
 
 log = logging.getLogger(__name__)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # Hugging Face's Conv1D (GPT-2), recognised as the N:M layout does, without importing transformers.
+    return isinstance(getattr(module, "weight", None), Tensor) and input_dim(module, "weight") == 0
+
+
+def solver_weight(module: nn.Module) -> Tensor:
+    """``module.weight`` with one row per output unit, as the per-layer solvers take it: the weight itself, or
+    a transposed view of a Hugging Face ``Conv1D``'s (in, out) weight, which computes ``x @ weight + bias``
+    and so is the Linear layer of weight ``weight.T`` on the same inputs (same Hessian)."""
+    return module.weight.T if _is_conv1d(module) else module.weight
 
 
 def exact_obs_supported(module: nn.Module) -> str | None:
     """``None`` when ``module`` can take the exact (Hessian-based) path, else why not (for a logged note).
 
-    ``nn.Linear`` and ``nn.Conv2d`` with ``groups=1``, zero padding given as numbers. Depthwise and grouped
-    convolutions have one small Hessian per group; they are left to magnitude pruning.
+    ``nn.Linear``, Hugging Face's ``Conv1D`` (GPT-2; solved on its transposed weight, see ``solver_weight``) and
+    ``nn.Conv2d`` with ``groups=1``, zero padding given as numbers. Depthwise and grouped convolutions have one
+    small Hessian per group; they are left to magnitude pruning.
     """
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _is_conv1d(module):
         return None
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
@@ -39,7 +55,7 @@ def exact_obs_supported(module: nn.Module) -> str | None:
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             return f"a Conv2d with padding={module.padding!r}, padding_mode={module.padding_mode!r}"
         return None
-    return f"a {type(module).__name__} (only Linear and Conv2d are solved exactly)"
+    return f"a {type(module).__name__} (only Linear, Conv1D and Conv2d are solved exactly)"
 
 
 def layer_columns(module: nn.Module, x: Tensor) -> Tensor:
@@ -116,7 +132,7 @@ def layer_hessian(model: nn.Module, module: nn.Module, inputs: Sequence[Tensor],
     zero (image borders, dead units); 1% of the mean diagonal as in the OBC paper.
     """
     device = next(module.parameters()).device
-    d = module.weight[0].numel()
+    d = solver_weight(module)[0].numel()
     xtx = torch.zeros(d, d, dtype=torch.float64, device=device)
     count = 0
 

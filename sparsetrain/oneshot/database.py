@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from .._atomic import write_atomic
 from ..maskops import check_sparsity, keep_count
 from .allocation import allocate_levels
-from .calibration import exact_obs_supported, execution_order, layer_hessian
+from .calibration import exact_obs_supported, execution_order, layer_hessian, solver_weight
 from .magnitude import prune_oneshot
 from .obc import choose_solver, exact_obs
 from .sparsegpt import sparsegpt
@@ -100,7 +100,7 @@ def _collect(batches: Iterable[Any], num_samples: int | None) -> tuple[list[Tens
 
 
 def _exact_layers(model: nn.Module, names: Iterable[str], sample: Tensor) -> list[tuple[str, nn.Module]]:
-    """The (name, module) of the Linear/Conv2d weights among ``names`` that run in the forward pass, in order."""
+    """The (name, module) of the Linear/Conv1D/Conv2d weights among ``names`` that run in the forward pass, in order."""
     found: dict[nn.Module, str] = {}
     for name in names:
         owner, _, attr = name.rpartition(".")
@@ -191,8 +191,8 @@ def build_database(
     solver: str = "exact",
     progress: bool = False,
 ) -> ObcDatabase:
-    """The OBC database of ``model`` (not changed): each prunable Linear/Conv2d weight by ExactOBS at each ``grid``
-    sparsity, on its dense-model calibration inputs (Frantar & Alistarh 2022, arXiv 2208.11580).
+    """The OBC database of ``model`` (not changed): each prunable Linear/Conv1D/Conv2d weight by ExactOBS at
+    each ``grid`` sparsity, on its dense-model calibration inputs (Frantar & Alistarh 2022, arXiv 2208.11580).
 
     Args:
         model: the trained dense model.
@@ -207,7 +207,7 @@ def build_database(
         progress: show a progress bar (tqdm, on stderr) over the (layer, level) solves.
 
     Raises:
-        ValueError: a bad grid, pattern, solver or sample count, no calibration data, no Linear/Conv2d weight to
+        ValueError: a bad grid, pattern, solver or sample count, no calibration data, no Linear/Conv1D/Conv2d weight to
             prune.
     """
     grid = _check_grid(grid)
@@ -228,8 +228,9 @@ def _build(model: nn.Module, inputs: list[Tensor], grid: tuple[float, ...], incl
         model.eval()
         layers = _exact_layers(model, names, inputs[0].to(device))
         if not layers:
-            raise ValueError("the model has no Linear or Conv2d weight to prune with OBC (check include/exclude)")
-        kinds = [choose_solver(module.weight.shape, solver) for _, module in layers]
+            raise ValueError("the model has no Linear, Conv1D or Conv2d weight to prune with OBC "
+                             "(check include/exclude)")
+        kinds = [choose_solver(solver_weight(module).shape, solver) for _, module in layers]
         key = _key(model, inputs, [n for n, _ in layers], grid, damping, kinds)
         if cache is not None:
             db = _load_cache(cache, key, grid, layers)
@@ -248,9 +249,10 @@ def _build(model: nn.Module, inputs: list[Tensor], grid: tuple[float, ...], incl
                 numel = module.weight.numel()
                 solve = exact_obs if kind == "exact" else sparsegpt
                 solved, errs = [], []
+                rows = solver_weight(module)  # a Conv1D's transposed view; stored back in the module's layout
                 for s in grid:
-                    new, _, error = solve(module.weight, h, keep=keep_count(numel, s))
-                    solved.append(new.detach().cpu())
+                    new, _, error = solve(rows, h, keep=keep_count(numel, s))
+                    solved.append((new if rows is module.weight else new.T).detach().cpu())
                     errs.append(error)
                     if bar is not None:
                         bar.update(1)
@@ -318,12 +320,14 @@ def _stitch(model: nn.Module, db: ObcDatabase, levels: Sequence[int], target: in
     for name, level in zip(db.names, levels):
         weight = params[name]
         if give[name]:
-            new, _, error = exact_obs(weight, db.hessians[name].to(weight.device),
+            rows = solver_weight(model.get_submodule(name.rpartition(".")[0]))
+            new, _, error = exact_obs(rows, db.hessians[name].to(weight.device),
                                       keep=weight.numel() - counts[name] + give[name])
+            rows.copy_(new)  # through a Conv1D's transposed view
         else:
             new, error = db.weights[name][level], float(db.errors[name][level])
+            weight.copy_(new.to(weight.device))
         layer_errors[name] = error
-        weight.copy_(new.to(weight.device))
         masks[name] = weight != 0
     return masks
 
@@ -352,8 +356,8 @@ def prune_obc_database(
     re-solving the layers with the most zeros. Then OBC at magnitude's allocation (sequential ``prune_obc``) is run
     too, both are scored by the loss on the calibration samples (cross-entropy when the batches carry class
     labels, else the squared distance to the dense outputs), and the lower one is kept: the result is never
-    worse on the calibration set than OBC at magnitude's allocation. Weights that are not Linear/Conv2d keep their
-    magnitude mask.
+    worse on the calibration set than OBC at magnitude's allocation. Weights that are not Linear/Conv1D/Conv2d
+    keep their magnitude mask.
 
     Args:
         model, sparsity, calibration_batches, distribution, include, exclude, num_samples, damping, layer_errors:

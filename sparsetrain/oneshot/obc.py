@@ -31,6 +31,7 @@ from .calibration import (
     exact_obs_supported,
     execution_order,
     layer_hessian,
+    solver_weight,
     weight_rows_and_hessian,
 )
 from .magnitude import prune_oneshot
@@ -245,8 +246,9 @@ def prune_obc(
     Per-layer sparsities: the ones magnitude pruning with the same ``distribution`` gives (by default global
     magnitude's allocation); OBC then chooses *which* weights of each layer go and compensates the rest. Layers are
     pruned sequentially in forward order, each on the calibration inputs produced by the already pruned layers
-    before it. ``nn.Linear`` and ``nn.Conv2d`` (groups=1) are solved exactly; any other pruned weight (depthwise
-    convs, embeddings, ...) keeps its magnitude mask, with a logged note. Biases are not changed.
+    before it. ``nn.Linear``, Hugging Face's ``Conv1D`` (GPT-2, on its transposed weight) and ``nn.Conv2d``
+    (groups=1) are solved exactly; any other pruned weight (depthwise convs, embeddings, ...) keeps its
+    magnitude mask, with a logged note. Biases are not changed.
 
     Args:
         model: the trained model; put in eval mode during calibration, its modes restored afterwards.
@@ -312,13 +314,14 @@ def prune_obc(
         for module in ordered:
             name = exact[module]
             hessian = layer_hessian(model, module, inputs, damping)
-            kind = choose_solver(module.weight.shape, solver)
+            rows = solver_weight(module)  # a Conv1D's transposed view: rows = outputs, N:M along its inputs
+            kind = choose_solver(rows.shape, solver)
             solve = exact_obs if kind == "exact" else sparsegpt
-            new, mask, error = solve(module.weight, hessian, keep=int(masks[name].sum()), mask_type=mask_type)
+            new, mask, error = solve(rows, hessian, keep=int(masks[name].sum()), mask_type=mask_type)
             if solvers is not None:
-                solvers[name] = (kind, module.weight[0].numel())
-            module.weight.copy_(new)
-            masks[name] = mask.to(masks[name].device)
+                solvers[name] = (kind, rows[0].numel())
+            rows.copy_(new)  # writes through the view into the module's own layout
+            masks[name] = (mask.T if rows is not module.weight else mask).contiguous().to(masks[name].device)
             if layer_errors is not None:
                 layer_errors[name] = error
             log.info("OBC: %s pruned to %d of %d weights by %s, layer error %.4g", name, int(mask.sum()),
