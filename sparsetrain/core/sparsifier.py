@@ -606,7 +606,7 @@ class Sparsifier:
         ``load_state_dict(assign=True)`` and assignments put new objects into the model: the masks must apply to
         the weights the model computes with. Called when the model loads a state and when an optimizer attaches.
         """
-        replaced = []
+        replaced: dict[str, nn.Parameter] = {}
         for name, param in self.params.items():
             try:
                 current = self.model.get_parameter(name)
@@ -622,11 +622,10 @@ class Sparsifier:
                 )
             if mask.device != local(current).device:
                 self.masks[name] = mask.to(local(current).device)
-            replaced.append(name)
+            replaced[name] = current
         if not replaced:
             return
-        for name in replaced:
-            self.params[name] = self.model.get_parameter(name)
+        self.params.update(replaced)
         self._refresh_enforced_masks()
         self._forget_zeros()
         # An attached optimizer that held the old objects would train tensors the model no longer uses.
