@@ -135,12 +135,7 @@ def fisher_gradients(
                 log.info("M-FAC: vectorised gradients failed (%s: %s); one backward pass per gradient instead",
                          type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         if not done:
-            for i, (x, y) in enumerate(batches):
-                with torch.enable_grad():
-                    loss = loss_fn(model(x.to(device)), y.to(device))
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                out[i] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                    for p, g in zip(params, grads)]).to(torch.float64)
+            _looped_gradients(model, params, batches, loss_fn, out)
         scale = [math.sqrt(x.shape[0]) for x, _ in batches]
         out *= torch.tensor(scale, dtype=torch.float64, device=device).unsqueeze(1)
         if masks is not None:
@@ -153,10 +148,23 @@ def fisher_gradients(
     return out
 
 
+def _looped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence[tuple[Tensor, Tensor]],
+                      loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+    """``out[i]`` = the flat gradient of batch i, by one backward pass per batch (any model, any batch sizes)."""
+    device = params[0].device
+    for i, (x, y) in enumerate(batches):
+        with torch.enable_grad():
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out[i] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                            for p, g in zip(params, grads)]).to(torch.float64)
+
+
 def _vmapped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence[tuple[Tensor, Tensor]],
                        loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
     """``out[i]`` = the flat gradient of batch i (equal sizes), by ``vmap(grad(...))`` over the batches."""
     from torch.func import functional_call, grad, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = params[0].device
     by_id = {id(p): n for n, p in model.named_parameters()}
@@ -170,7 +178,10 @@ def _vmapped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence
     x = torch.stack([b[0] for b in batches]).to(device)
     y = torch.stack([b[1] for b in batches]).to(device)
     free = {n: p.detach() for n, p in zip(names, params)}
-    with torch.enable_grad():
+    # Attention through scaled_dot_product_attention (the zoo's gpt and vit, Hugging Face models with "sdpa") runs
+    # a fused kernel that vmap has no batching rule for: vmap would warn and run it one batch at a time. The math
+    # backend is plain matmul and softmax, which vmap batches; same gradients (to rounding), and faster here.
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         grads = per_batch(free, x, y)
     offset = 0
     for n, p in zip(names, params):
