@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers.shared import trained_digits_mlp_checkpoint
 
+import sparsetrain
 from sparsetrain.cli import main
 from sparsetrain.models import build_model
 from sparsetrain.oneshot.mfac import _looped_gradients, _vmapped_gradients, fisher_gradients
@@ -110,3 +111,47 @@ def test_vectorised_and_looped_fisher_gradients_agree_on_a_gpt_without_warnings(
     torch.testing.assert_close(through, looped * math.sqrt(2), rtol=0, atol=1e-5)  # times sqrt(batch size)
     assert [str(w.message) for w in recwarn] == []  # no "batching rule not implemented" fallback warning
     assert "vectorised gradients failed" not in caplog.text  # fisher_gradients took the vmap path
+
+
+def test_the_python_api_prunes_a_hugging_face_gpt2_with_a_perplexity_readout(recwarn) -> None:
+    # README's path for a model one already has: prune_oneshot, prune_obc and prune_mfac on a GPT-2 built from a
+    # config (its Conv1D layers, tied head, ModelOutput return), scored by perplexity on held-out tokens.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=256, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    keep = ["transformer.wte.weight", "transformer.wpe.weight"]  # the embeddings, and so the tied head, stay dense
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (48, 17), generator=generator)
+    train = [(tokens[i : i + 8, :-1], tokens[i : i + 8, 1:]) for i in range(0, 32, 8)]
+    x, y = tokens[32:, :-1], tokens[32:, 1:]
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(config).eval()
+
+    def perplexity(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return math.exp(float(batch_loss(model(x).logits, y)))
+
+    dense = perplexity(fresh())
+    results = {}
+    for name, prune in {
+        "magnitude": lambda m: sparsetrain.oneshot.prune_oneshot(m, 0.5, exclude=keep),
+        "obc": lambda m: sparsetrain.oneshot.prune_obc(m, 0.5, train, num_samples=32, exclude=keep),
+        # The default loss reads the ModelOutput's .logits, (N, T, C) against the (N, T) next tokens.
+        "mfac": lambda m: sparsetrain.oneshot.prune_mfac(m, 0.5, train, num_gradients=16, exclude=keep),
+    }.items():
+        model = fresh()
+        masks = prune(model)
+        assert not set(masks) & set(keep) and len(masks) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per layer
+        state = model.state_dict()
+        zeros = sum(int((state[n] == 0).sum()) for n in masks)
+        assert zeros == sum(state[n].numel() for n in masks) // 2
+        assert torch.equal(state["transformer.wte.weight"], fresh().state_dict()["transformer.wte.weight"])
+        results[name] = perplexity(model)
+        assert math.isfinite(results[name]) and results[name] < 2 * dense, (name, results[name], dense)
+    explicit = fresh()
+    sparsetrain.oneshot.prune_mfac(explicit, 0.5, train, num_gradients=16, exclude=keep,
+                                   loss_fn=lambda out, target: batch_loss(out.logits, target))  # fmt: skip
+    assert perplexity(explicit) == pytest.approx(results["mfac"], rel=1e-6)
+    assert not [w for w in recwarn if "batching rule" in str(w.message)]

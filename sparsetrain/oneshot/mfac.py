@@ -30,8 +30,8 @@ cheaper than the M-FAC paper's iteration in small steps would be, and nothing is
 quadratic model holds. Weights pruned in an earlier round stay zero: their gradient columns are masked, so they
 decouple (F = damp I there) and are never moved again.
 
-Gradients: m distinct gradients of the training loss (cross-entropy by default) on calibration samples from the
-training set, each over a small batch of b = num_samples // m samples and scaled by sqrt(b), so that
+Gradients: m distinct gradients of the training loss (cross-entropy of the logits by default) on calibration
+samples from the training set, each over a small batch of b = num_samples // m samples and scaled by sqrt(b), so that
 (1/m) sum g g^T estimates the per-sample empirical Fisher whatever b is (and ``damp`` keeps one meaning). The
 model runs in eval mode for them (batch norm uses its running statistics, dropout is off). Memory: the m x d
 gradients in float64 (m * d * 8 bytes) plus m x m per block.
@@ -77,6 +77,16 @@ def _check_damp(damp: Any) -> float:
     return float(damp)
 
 
+def _default_loss(outputs: Any, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of a model's logits: (N, C) against labels (N,), a language model's (N, T, C) against
+    its next tokens (N, T) averaged over every position (as the trainer scores them), or the ``.logits`` of a
+    Hugging Face model output (``GPT2LMHeadModel(input_ids)`` returns one, not a tensor)."""
+    logits = getattr(outputs, "logits", outputs)
+    if logits.dim() == 3:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return nn.functional.cross_entropy(logits, targets)
+
+
 def _batches_of_samples(batches: Iterable[Any], count: int, size: int) -> list[tuple[Tensor, Tensor]]:
     """``count`` (inputs, targets) pairs of ``size`` samples each, cut from ``batches``; fewer if they run out."""
     xs: list[Tensor] = []
@@ -117,7 +127,7 @@ def fisher_gradients(
     which is what makes per-sample gradients affordable; a model that ``vmap`` cannot run (data-dependent
     control flow, unsupported in-place ops) falls back to one backward pass per batch, with the same result.
     """
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    loss_fn = loss_fn or _default_loss
     params = list(params)
     device = params[0].device
     d = sum(p.numel() for p in params)
@@ -282,7 +292,9 @@ def prune_mfac(
             the loss and model's scale (lambda = 1e-6 is 0.2% on a LeNet-300-100, 0.05% on a LeNet-5).
         steps: pruning rounds (>= 1), each to density (1 - s)^(j / steps) with gradients recomputed at the
             pruned weights; 1: one-shot from the dense weights' gradients.
-        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch (default cross-entropy).
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch (default cross-entropy of the logits:
+            (N, C) against (N,) labels, a language model's (N, T, C) against (N, T) next tokens, or a Hugging Face
+            output's ``.logits``).
         mask_type: 'unstructured' or 'N:M' such as '2:4' (along the input dimension; then ``steps`` must be 1).
         distribution: 'global' (default), 'uniform' or 'erk', as in ``prune_oneshot``.
         include / exclude: glob patterns over parameter names.
