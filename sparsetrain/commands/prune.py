@@ -4,8 +4,9 @@ The post-training half of CrAM (Peste et al., ICLR 2023), usable on any checkpoi
 trained model once, by magnitude (default) or with OBC / ExactOBS (Frantar & Alistarh, NeurIPS 2022, arXiv
 2208.11580) on calibration samples of the training set at magnitude's per-layer allocation, re-estimate its
 batch-norm statistics on about 1000 training samples, print the
-test accuracy before and after, and save the pruned model next to the input. A command function: it prints its
-table. User mistakes raise ``ConfigError`` (exit code 2) or ``CheckpointError`` (exit code 1).
+test accuracy (the test perplexity for a language model's run) before and after, and save the pruned model next to
+the input. A command function: it prints its table. User mistakes raise ``ConfigError`` (exit code 2) or
+``CheckpointError`` (exit code 1).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def add_parsers(subparsers: Any) -> None:
         description="Prune the model of a sparsetrain checkpoint (or run directory) once at each sparsity (or to "
         "an N:M pattern), by magnitude or with OBC / ExactOBS (Frantar & Alistarh 2022), re-estimate its "
         "batch-norm running statistics on training samples, and "
-        "print the test accuracy before and after re-calibration. Each pruned model is saved next to the input "
+        "print the test accuracy (perplexity for a language model) before and after re-calibration. Each pruned "
+        "model is saved next to the input "
         "as pruned_s<SPARSITY>.pt (pruned_<N>of<M>.pt for N:M), in the checkpoint format. Meant for CrAM-trained "
         "models, and works on any.",
     )
@@ -143,6 +145,26 @@ def _parse_numbers(text: str) -> list[float]:
     return values
 
 
+def score_keys(result: dict[str, float], metric: str, name: str) -> dict[str, float]:
+    """The test scores a pruned checkpoint's metrics keep, under the trainer's keys: ``name.format("acc")`` (top-1,
+    per token for a language model) and, where perplexity is the dataset's ``metric``, ``name.format("ppl")``."""
+    keys = ["acc", "ppl"] if metric == "perplexity" else ["acc"]
+    return {name.format(key): result[key] for key in keys}
+
+
+def score_text(result: dict[str, float], metric: str, width: int = 0) -> str:
+    """The dataset metric's value as the tables print it: perplexity with 3 decimals, accuracy in % with 2."""
+    from ..train.evaluation import METRICS
+
+    key = METRICS[metric]["key"]
+    return f"{result[key]:{width}.3f}" if key == "ppl" else f"{result[key]:{width}.2f}"
+
+
+def score_line(result: dict[str, float], metric: str, separator: str = ": ") -> str:
+    """``test perplexity: 12.345`` for a language model's run, ``test accuracy: 88.42%`` otherwise."""
+    return f"test {metric}{separator}{score_text(result, metric)}{'%' if metric == 'accuracy' else ''}"
+
+
 def output_name(sparsity: float | None, mask_type: str) -> str:
     """``pruned_s0.9.pt`` for a sparsity, ``pruned_2of4.pt`` for an N:M pattern."""
     if sparsity is None:
@@ -161,7 +183,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..oneshot.obc import solver_summary
     from ..train.checkpoint import load, require, restore_model, save_atomic
     from ..train.data import iterate_batches, load_run_dataset
-    from ..train.evaluation import checkpoint_payload, evaluate, weight_sparsity
+    from ..train.evaluation import METRICS, checkpoint_payload, evaluate, weight_sparsity
     from .prune_spdy import check_spdy_options, cmd_prune_spdy
 
     check_spdy_options(args)
@@ -250,7 +272,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     has_norms = bool(norm_modules(model))
     dense = evaluate(model, splits.test, 1000, device)
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
-    print(f"unpruned test accuracy: {dense['acc']:.2f}%")
+    # Perplexity where it is the dataset's measure (a language model's run), accuracy otherwise, as `eval` says.
+    metric = splits.metric
+    label = METRICS[metric]["label"]
+    print(f"unpruned {score_line(dense, metric)}")
     if args.method == "obc" and allocation == "database":
         cache = (source / "obcdb.safetensors" if source.is_dir()
                  else source.with_name(source.name + ".obcdb.safetensors"))
@@ -274,7 +299,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print("(the model has no batch-norm layer: nothing to re-calibrate)")
     obc = args.method == "obc"
     extra = f" {'layer error':>11s} {'allocation':>10s}" if obc else ""
-    header = f"{'sparsity':>8s} {'pruned acc':>10s} {'recalibrated acc':>16s}{extra}  file"
+    header = f"{'sparsity':>8s} {'pruned ' + label:>10s} {'recalibrated ' + label:>16s}{extra}  file"
     print(header)
     print("-" * len(header))
     for sparsity, target in zip(sparsities, targets):
@@ -292,12 +317,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "mask_type": args.mask_type,
             "method": args.method,
             "distribution": args.distribution,
-            "test_acc_pruned": pruned["acc"],
-            "test_acc": (recalibrated or pruned)["acc"],
+            "metric": metric,
+            **score_keys(pruned, metric, "test_{}_pruned"),
+            **score_keys(recalibrated or pruned, metric, "test_{}"),
             "calibration_samples": used,
             "obc_calibration_samples": obc_samples if args.method == "obc" else 0,
             "source": str(args.checkpoint),
-            "source_test_acc": dense["acc"],
+            **score_keys(dense, metric, "source_test_{}"),
         }
         if obc:
             metrics.update(allocation=report["allocation"], layer_error=sum(layer_errors.values()))
@@ -307,10 +333,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         # The source run's training state (optimizer, sparsifier, ...) means nothing for the pruned model: left out.
         with writing(target):
             save_atomic(checkpoint_payload(model, spec, config, kind="pruned", metrics=metrics), target)
-        after = f"{recalibrated['acc']:16.2f}" if recalibrated else f"{'-':>16s}"
+        after = score_text(recalibrated, metric, 16) if recalibrated else f"{'-':>16s}"
         shown = f"{measured:.4f}"
         extra = f" {sum(layer_errors.values()):11.4g} {report['allocation']:>10s}" if obc else ""
-        print(f"{shown:>8s} {pruned['acc']:10.2f} {after}{extra}  {target}")
+        print(f"{shown:>8s} {score_text(pruned, metric, 10)} {after}{extra}  {target}")
     if solvers:
         print(f"solver: {solver_summary(solvers)}")
     return 0

@@ -3,8 +3,9 @@
 SPDY (Frantar & Alistarh, ICML 2022, arXiv 2201.13096) on the OBC database: ``sparsetrain.oneshot.prune_spdy``
 picks each layer's sparsity so that the model is predicted to run ``--target-speedup`` times faster than dense at
 ``--batch-size`` on this CPU, with the least calibration loss; this command prints the profile, the predicted and
-measured speed-up and the test accuracy before/after batch-norm re-calibration, and saves the pruned model as
-``pruned_spdy<TARGET>x_b<BATCH>.pt`` in the checkpoint format (``eval``, ``export`` and ``bench`` take it).
+measured speed-up and the test accuracy (perplexity for a language model) before/after batch-norm
+re-calibration, and saves the pruned model as ``pruned_spdy<TARGET>x_b<BATCH>.pt`` in the checkpoint format
+(``eval``, ``export`` and ``bench`` take it).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
     from ..train.checkpoint import load, require, restore_model, save_atomic
     from ..train.data import iterate_batches, load_run_dataset
     from ..train.evaluation import checkpoint_payload, evaluate, weight_sparsity
-    from .prune import DEFAULT_OBC_SAMPLES
+    from .prune import DEFAULT_OBC_SAMPLES, score_keys, score_line
 
     if args.calibrate < 0:
         raise ConfigError(f"--calibrate must be a number of samples >= 0 (0: no re-calibration), got {args.calibrate}")
@@ -117,7 +118,8 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
     model = restore_model(data, args.checkpoint)
     dense = evaluate(model, splits.test, 1000, device)
     print(f"{args.checkpoint}: {data.get('kind', '?')} model, {config['model']} on {config['dataset']}")
-    print(f"unpruned test accuracy: {dense['acc']:.2f}%")
+    metric = splits.metric  # perplexity for a language model's run, accuracy otherwise
+    print(f"unpruned {score_line(dense, metric)}")
     # Next to the checkpoint (CHECKPOINT.obcdb.safetensors), or inside a run directory, as `prune --method obc`.
     def cached(name: str) -> Path:
         return source / name if source.is_dir() else source.with_name(f"{source.name}.{name}")
@@ -171,8 +173,8 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
             print("  " + "  ".join(c.rjust(w) for c, w in zip(row, cols)))
     print(f"speed-up: target {args.target_speedup:g}x, predicted {report['predicted_speedup']:.2f}x, measured "
           f"{measured:.2f}x (most reachable {report['max_speedup']:.2f}x; timings are of this machine now)")
-    after = f", after batch-norm re-calibration {recalibrated['acc']:.2f}%" if recalibrated else ""
-    print(f"sparsity {measured_sparsity:.4f}: test accuracy {pruned['acc']:.2f}%{after}")
+    after = f", after batch-norm re-calibration {score_line(recalibrated, metric, ' ')}" if recalibrated else ""
+    print(f"sparsity {measured_sparsity:.4f}: {score_line(pruned, metric, ' ')}{after}")
     metrics = {
         "sparsity": measured_sparsity,
         "mask_type": "unstructured",
@@ -183,12 +185,13 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
         "measured_speedup": measured,
         "calibration": calibration,
         "profile": report["levels"],
-        "test_acc_pruned": pruned["acc"],
-        "test_acc": (recalibrated or pruned)["acc"],
+        "metric": metric,
+        **score_keys(pruned, metric, "test_{}_pruned"),
+        **score_keys(recalibrated or pruned, metric, "test_{}"),
         "calibration_samples": used,
         "obc_calibration_samples": samples,
         "source": str(args.checkpoint),
-        "source_test_acc": dense["acc"],
+        **score_keys(dense, metric, "source_test_{}"),
     }
     with writing(target):
         save_atomic(checkpoint_payload(model, spec, config, kind="pruned", metrics=metrics), target)

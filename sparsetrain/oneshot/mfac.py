@@ -30,8 +30,8 @@ cheaper than the M-FAC paper's iteration in small steps would be, and nothing is
 quadratic model holds. Weights pruned in an earlier round stay zero: their gradient columns are masked, so they
 decouple (F = damp I there) and are never moved again.
 
-Gradients: m distinct gradients of the training loss (cross-entropy by default) on calibration samples from the
-training set, each over a small batch of b = num_samples // m samples and scaled by sqrt(b), so that
+Gradients: m distinct gradients of the training loss (cross-entropy of the logits by default) on calibration
+samples from the training set, each over a small batch of b = num_samples // m samples and scaled by sqrt(b), so that
 (1/m) sum g g^T estimates the per-sample empirical Fisher whatever b is (and ``damp`` keeps one meaning). The
 model runs in eval mode for them (batch norm uses its running statistics, dropout is off). Memory: the m x d
 gradients in float64 (m * d * 8 bytes) plus m x m per block.
@@ -77,6 +77,16 @@ def _check_damp(damp: Any) -> float:
     return float(damp)
 
 
+def _default_loss(outputs: Any, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of a model's logits: (N, C) against labels (N,), a language model's (N, T, C) against
+    its next tokens (N, T) averaged over every position (as the trainer scores them), or the ``.logits`` of a
+    Hugging Face model output (``GPT2LMHeadModel(input_ids)`` returns one, not a tensor)."""
+    logits = getattr(outputs, "logits", outputs)
+    if logits.dim() == 3:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return nn.functional.cross_entropy(logits, targets)
+
+
 def _batches_of_samples(batches: Iterable[Any], count: int, size: int) -> list[tuple[Tensor, Tensor]]:
     """``count`` (inputs, targets) pairs of ``size`` samples each, cut from ``batches``; fewer if they run out."""
     xs: list[Tensor] = []
@@ -117,7 +127,7 @@ def fisher_gradients(
     which is what makes per-sample gradients affordable; a model that ``vmap`` cannot run (data-dependent
     control flow, unsupported in-place ops) falls back to one backward pass per batch, with the same result.
     """
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    loss_fn = loss_fn or _default_loss
     params = list(params)
     device = params[0].device
     d = sum(p.numel() for p in params)
@@ -135,12 +145,7 @@ def fisher_gradients(
                 log.info("M-FAC: vectorised gradients failed (%s: %s); one backward pass per gradient instead",
                          type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         if not done:
-            for i, (x, y) in enumerate(batches):
-                with torch.enable_grad():
-                    loss = loss_fn(model(x.to(device)), y.to(device))
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                out[i] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                    for p, g in zip(params, grads)]).to(torch.float64)
+            _looped_gradients(model, params, batches, loss_fn, out)
         scale = [math.sqrt(x.shape[0]) for x, _ in batches]
         out *= torch.tensor(scale, dtype=torch.float64, device=device).unsqueeze(1)
         if masks is not None:
@@ -153,10 +158,23 @@ def fisher_gradients(
     return out
 
 
+def _looped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence[tuple[Tensor, Tensor]],
+                      loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+    """``out[i]`` = the flat gradient of batch i, by one backward pass per batch (any model, any batch sizes)."""
+    device = params[0].device
+    for i, (x, y) in enumerate(batches):
+        with torch.enable_grad():
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out[i] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                            for p, g in zip(params, grads)]).to(torch.float64)
+
+
 def _vmapped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence[tuple[Tensor, Tensor]],
                        loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
     """``out[i]`` = the flat gradient of batch i (equal sizes), by ``vmap(grad(...))`` over the batches."""
     from torch.func import functional_call, grad, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = params[0].device
     by_id = {id(p): n for n, p in model.named_parameters()}
@@ -170,7 +188,10 @@ def _vmapped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence
     x = torch.stack([b[0] for b in batches]).to(device)
     y = torch.stack([b[1] for b in batches]).to(device)
     free = {n: p.detach() for n, p in zip(names, params)}
-    with torch.enable_grad():
+    # Attention through scaled_dot_product_attention (the zoo's gpt and vit, Hugging Face models with "sdpa") runs
+    # a fused kernel that vmap has no batching rule for: vmap would warn and run it one batch at a time. The math
+    # backend is plain matmul and softmax, which vmap batches; same gradients (to rounding), and faster here.
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         grads = per_batch(free, x, y)
     offset = 0
     for n, p in zip(names, params):
@@ -271,7 +292,9 @@ def prune_mfac(
             the loss and model's scale (lambda = 1e-6 is 0.2% on a LeNet-300-100, 0.05% on a LeNet-5).
         steps: pruning rounds (>= 1), each to density (1 - s)^(j / steps) with gradients recomputed at the
             pruned weights; 1: one-shot from the dense weights' gradients.
-        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch (default cross-entropy).
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch (default cross-entropy of the logits:
+            (N, C) against (N,) labels, a language model's (N, T, C) against (N, T) next tokens, or a Hugging Face
+            output's ``.logits``).
         mask_type: 'unstructured' or 'N:M' such as '2:4' (along the input dimension; then ``steps`` must be 1).
         distribution: 'global' (default), 'uniform' or 'erk', as in ``prune_oneshot``.
         include / exclude: glob patterns over parameter names.
