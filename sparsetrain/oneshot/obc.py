@@ -217,6 +217,10 @@ def exact_obs(
         prefix = torch.arange(steps, device=w.device).unsqueeze(0) < per_row.unsqueeze(1)
         prune.scatter_(1, order, prefix)
     new = _reconstruct(w, h, ~prune, max(1, _CHUNK_BYTES // (8 * d * d)))
+    # A row that lost only weights already 0 is its own optimum (H_KK^-1 (H w)_K = w_K): kept exactly, where the
+    # solve's rounding would turn its zeros (those left kept when there are more than asked) into tiny values.
+    unchanged = ~(prune & (w != 0)).any(1)
+    new[unchanged] = w[unchanged]
     delta = new - w
     error = float(((delta @ h) * delta).sum() / 2)
     return new.to(weight.dtype).reshape(shape), (~prune).reshape(shape), error
