@@ -61,9 +61,9 @@ class ObcDatabase:
     solvers: dict[str, str] = field(default_factory=dict)
 
     def zeros(self, name: str) -> list[int]:
-        """The zero count of each level of layer ``name``."""
-        numel = self.weights[name][0].numel()
-        return [numel - keep_count(numel, s) for s in self.grid]
+        """The zero count of each level of layer ``name``, counted in its stored weights: the level's sparsity, or
+        more at the levels below the zeros the layer had already (a sparse model's, kept as they are)."""
+        return [int((level == 0).sum()) for level in self.weights[name]]
 
 
 def _check_grid(grid: Sequence[float]) -> tuple[float, ...]:
@@ -308,21 +308,24 @@ def _calibration_loss(model: nn.Module, inputs: list[Tensor], targets: list[Tens
 def _stitch(model: nn.Module, db: ObcDatabase, levels: Sequence[int], target: int,
             layer_errors: dict[str, float]) -> dict[str, Tensor]:
     """Copy each layer's weights at its level into the (dense) ``model``. Zeros over ``target`` are given back
-    exactly: the layers with the most zeros at their level are re-solved by ExactOBS at a smaller zero count."""
+    exactly: the layers with the most zeros at their level are re-solved (by the solver that built them) at a
+    smaller zero count, never below the zeros the layer has already (those stay: more than ``target`` is then
+    left only when the model had more zeros than that before pruning)."""
     params = dict(model.named_parameters())
     counts = {n: db.zeros(n)[lv] for n, lv in zip(db.names, levels)}
     excess = sum(counts.values()) - target
     give = dict.fromkeys(db.names, 0)
     for name in sorted(db.names, key=lambda n: -counts[n]):
-        give[name] = min(max(excess, 0), counts[name])
+        give[name] = min(max(excess, 0), counts[name] - int((params[name] == 0).sum()))
         excess -= give[name]
     masks: dict[str, Tensor] = {}
     for name, level in zip(db.names, levels):
         weight = params[name]
         if give[name]:
             rows = solver_weight(model.get_submodule(name.rpartition(".")[0]))
-            new, _, error = exact_obs(rows, db.hessians[name].to(weight.device),
-                                      keep=weight.numel() - counts[name] + give[name])
+            solve = sparsegpt if db.solvers.get(name) == "sparsegpt" else exact_obs
+            new, _, error = solve(rows, db.hessians[name].to(weight.device),
+                                  keep=weight.numel() - counts[name] + give[name])
             rows.copy_(new)  # through a Conv1D's transposed view
         else:
             new, error = db.weights[name][level], float(db.errors[name][level])
