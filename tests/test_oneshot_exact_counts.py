@@ -20,6 +20,8 @@ from sparsetrain.maskops import keep_count
 from sparsetrain.oneshot import allocate_levels, build_database, exact_obs, prune_obc, prune_oneshot, sparsegpt
 from sparsetrain.oneshot.database import _stitch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def hessian(d: int, n: int, gen: torch.Generator, dead: list[int]) -> torch.Tensor:
     """The damped ``2 X^T X / n`` of correlated inputs; ``dead`` inputs are always 0 (zero row and column)."""
