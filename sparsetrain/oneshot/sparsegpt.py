@@ -121,6 +121,8 @@ def sparsegpt(
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h_work)), upper=True)
     prune = torch.zeros(rows, d, dtype=torch.bool, device=w.device)
     free = _free_removals(work, total) if nm is None else None
+    # Free removals in the columns from c on: the room each block must leave for them.
+    free_from = [0] * (d + 1) if free is None else [*free.sum(0).flip(0).cumsum(0).flip(0).tolist(), 0]
     done = 0
     for start in range(0, d, block_size):
         stop = min(start + block_size, d)
@@ -130,7 +132,8 @@ def sparsegpt(
         p1 = torch.zeros(rows, stop - start, dtype=torch.bool, device=w.device)
         if free is not None:
             forced = free[:, start:stop]
-            quota = _block_quota(total, done, start, stop, d, rows, int(forced.sum()), int(free[:, stop:].sum()))
+            quota = _block_quota(total, done, start, stop, d, rows, free_from[start] - free_from[stop],
+                                 free_from[stop])
             if quota:
                 # The block's free removals rank first (-1 < any score), then the smallest scores.
                 score = (w1 * w1 / (diag * diag)).masked_fill(forced, -1.0).reshape(-1)
