@@ -18,8 +18,8 @@ removals goes to the smallest scores over the whole (rows, B) block, so rows and
 different counts. The blocks' quotas spread the layer's T removals evenly over the columns (``floor(T c / d)``
 by column c), so the layer's count is exact. Weights already exactly 0 (dead units, inputs pruned earlier, a
 sparse model pruned further) are removed first, as ExactOBS removes them first: each block's quota covers its
-zeros and the others' quotas shrink to keep T. Else a block with more zeros than its even share kept some, and
-a kept 0 that no update reaches (a dead input, or a block with only zeros removed) stays 0: more zeros than T.
+zeros and the others' quotas shrink to keep T (with even shares alone, a block's zeros beyond its share were
+counted as kept, and a kept 0 that no update reaches, e.g. at a dead input, stays 0: more zeros than T).
 N:M: when the first column of each group of M is reached, the M-N lowest scores of the group (with the
 group's current weights) are removed in each row. A conv layer's N:M groups (M input channels at one kernel
 position) are made contiguous by processing the columns in (kernel position, channel) order.
