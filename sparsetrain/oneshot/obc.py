@@ -282,7 +282,8 @@ def prune_obc(
         The masks (parameter name -> bool, True = kept), as ``prune_oneshot``.
 
     Raises:
-        ValueError: a bad sparsity, mask type, distribution, pattern or solver, or no calibration data.
+        ValueError: a bad sparsity, mask type, distribution, pattern or solver, a calibration batch of another
+            form, or no calibration data.
     """
     choose_solver((1, 1), solver)  # validates the name before any work
     if allocation not in ("magnitude", "database"):
