@@ -156,3 +156,26 @@ def test_cli_solver_option(tmp_path, capsys):
     assert main(["prune", str(tmp_path / "x.pt"), "--solver", "exact"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "needs --method obc" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    from helpers.shared import trained_digits_mlp_checkpoint
+
+    return trained_digits_mlp_checkpoint(tmp_path_factory.mktemp("sgpt") / "dense_best.pt", epochs=1)
+
+
+def test_cli_solver_sparsegpt_builds_the_database_with_it(digits_checkpoint, capsys):
+    # --solver was dropped on the default (database) allocation: the database was built by ExactOBS.
+    from safetensors import safe_open
+
+    from sparsetrain.train import checkpoint
+
+    out_dir = digits_checkpoint.parent / "pruned"
+    assert main(["prune", str(digits_checkpoint), "--method", "obc", "--solver", "sparsegpt", "--sparsity", "0.5",
+                 "--calibration", "128", "--out-dir", str(out_dir)]) == 0
+    assert "solver: sparsegpt for 3 layers" in capsys.readouterr().out
+    cache = digits_checkpoint.with_name(digits_checkpoint.name + ".obcdb.safetensors")
+    with safe_open(str(cache), framework="pt") as handle:
+        assert handle.metadata()["solvers"] == '["sparsegpt", "sparsegpt", "sparsegpt"]'
+    assert checkpoint.load(out_dir / "pruned_s0.5.pt")["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-3)

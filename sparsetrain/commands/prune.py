@@ -283,7 +283,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             database = build_database(fresh_model(), iterate_batches(splits.train, config["batch_size"], shuffle=True,
                                                                      seed=0),
                                       num_samples=obc_samples, include=config.get("include"), exclude=exclude or None,
-                                      cache=cache)
+                                      cache=cache, solver=args.solver or "auto")
         except ValueError as error:
             raise ConfigError(f"{error} (on the command line: --exclude PATTERN)") from None
         print(f"method: OBC / ExactOBS on {obc_samples} training samples, per-layer sparsities from the database "

@@ -8,12 +8,16 @@ Linear layer on its unfolded input patches, so the same holds with the columns o
 The inputs are captured with forward hooks while calibration batches (training samples, never the test set) run
 through the model. Pruning is sequential: the caller captures a layer, prunes it, then captures the next one, so
 each layer sees the inputs produced by the already pruned layers before it.
+
+A calibration batch is a tensor (the model's input), an ``(inputs, targets, ...)`` tuple or list, or a mapping in
+the Hugging Face form, ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``: the model is then called as
+``model(**inputs)`` with every entry but ``labels`` (``model_inputs``), and ``labels`` are the targets.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,9 +27,12 @@ from torch.nn import functional as F
 from ..core.selection import input_dim
 
 __all__ = ["exact_obs_supported", "solver_weight", "layer_columns", "execution_order", "layer_hessian",
-           "calibration_inputs"]
+           "calibration_inputs", "model_inputs", "batch_targets", "run_model", "ModelInput"]
 
 log = logging.getLogger(__name__)
+
+# What the model is called on: a tensor, ``model(x)``, or keyword arguments, ``model(**x)``.
+ModelInput = Tensor | dict[str, Any]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -75,37 +82,131 @@ def layer_columns(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _inputs(batch: Any) -> Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+_BATCH_FORMS = ("a tensor, an (inputs, targets, ...) tuple or list whose inputs are a tensor, or a mapping of "
+                "the model's keyword arguments such as {'input_ids': ..., 'attention_mask': ..., 'labels': ...}")
 
 
-def calibration_inputs(batches: Iterable[Any], num_samples: int | None = None) -> list[Tensor]:
-    """The input tensors of ``batches`` (tensors or ``(inputs, targets, ...)``), cut to ``num_samples`` in all.
+def model_inputs(batch: Any) -> ModelInput:
+    """What the model is called on for one calibration batch: a tensor batch itself, the first element of an
+    ``(inputs, targets, ...)`` tuple or list, or a mapping's entries but ``labels``, as keyword arguments
+    (``run_model``): ``{"input_ids": ids, "attention_mask": m, "labels": y}`` gives ``model(input_ids=ids,
+    attention_mask=m)``. The samples are along dim 0 of every tensor.
 
     Raises:
-        ValueError: ``num_samples`` < 1, or no sample at all.
+        ValueError: any other batch (the message names its type and what is allowed).
+    """
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+        if isinstance(batch, Mapping):
+            raise ValueError(f"a calibration batch must be {_BATCH_FORMS}; got a {type(batch).__name__} inside a "
+                             "tuple or list (pass the mapping itself, with its 'labels')")
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if not all(isinstance(k, str) for k in inputs) or not any(isinstance(v, Tensor) for v in inputs.values()):
+            raise ValueError(f"a calibration batch mapping must map keyword names to tensors (besides 'labels'), "
+                             f"got keys {list(batch)!r}")
+        return inputs
+    raise ValueError(f"a calibration batch must be {_BATCH_FORMS}; got a {type(batch).__name__}")
+
+
+def batch_targets(batch: Any) -> Tensor | None:
+    """The targets of a calibration batch: the second element of a tuple or list, a mapping's ``labels``, else
+    None."""
+    if isinstance(batch, (tuple, list)):
+        return batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+    if isinstance(batch, Mapping):
+        labels = batch.get("labels")
+        return labels if isinstance(labels, Tensor) else None
+    return None
+
+
+def sample_count(x: ModelInput) -> int:
+    """How many samples ``x`` holds (dim 0; of a mapping's first tensor)."""
+    if isinstance(x, Tensor):
+        return int(x.shape[0]) if x.dim() else 1
+    return next(int(v.shape[0]) for v in x.values() if isinstance(v, Tensor))
+
+
+def take(x: ModelInput, n: int) -> ModelInput:
+    """The first ``n`` samples of ``x`` (every tensor of a mapping cut along dim 0)."""
+    if isinstance(x, Tensor):
+        return x[:n]
+    return {k: v[:n] if isinstance(v, Tensor) and v.dim() else v for k, v in x.items()}
+
+
+def to_device(x: ModelInput, device: torch.device) -> ModelInput:
+    """``x`` with its tensors on ``device``."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in x.items()}
+
+
+def concat(xs: Sequence[ModelInput]) -> ModelInput:
+    """The samples of ``xs`` in one batch (a mapping's tensors concatenated key by key, its other values taken
+    from the first)."""
+    if isinstance(xs[0], Tensor):
+        return torch.cat(list(xs))  # type: ignore[arg-type]
+    return {k: torch.cat([x[k] for x in xs]) if isinstance(v, Tensor) else v  # type: ignore[index]
+            for k, v in xs[0].items()}
+
+
+def index(x: ModelInput, rows: Tensor) -> ModelInput:
+    """The samples ``rows`` of ``x``."""
+    if isinstance(x, Tensor):
+        return x[rows]
+    return {k: v[rows] if isinstance(v, Tensor) and v.dim() else v for k, v in x.items()}
+
+
+def run_model(model: nn.Module, x: ModelInput) -> Any:
+    """``model(x)``, or ``model(**x)`` for keyword arguments."""
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def calibration_inputs(batches: Iterable[Any], num_samples: int | None = None) -> list[ModelInput]:
+    """What the model is called on for each of ``batches`` (``model_inputs``), cut to ``num_samples`` in all.
+
+    Raises:
+        ValueError: ``num_samples`` < 1, a batch of another form, or no sample at all.
+    """
+    return collect_batches(batches, num_samples)[0]
+
+
+def collect_batches(batches: Iterable[Any], num_samples: int | None = None
+                    ) -> tuple[list[ModelInput], list[Tensor] | None]:
+    """The model inputs (``model_inputs``) and targets (``batch_targets``; None unless every batch has them) of
+    ``batches``, cut to ``num_samples`` in all.
+
+    Raises:
+        ValueError: ``num_samples`` < 1, a batch of another form, or no sample at all.
     """
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise ValueError(f"the number of calibration samples must be a positive integer, got {num_samples!r}")
-    out: list[Tensor] = []
+    inputs: list[ModelInput] = []
+    targets: list[Tensor] | None = []
     seen = 0
     for batch in batches:
-        x = _inputs(batch)
-        if num_samples is not None:
-            x = x[: num_samples - seen]
-        if x.shape[0]:
-            out.append(x)
-            seen += int(x.shape[0])
+        x, y = model_inputs(batch), batch_targets(batch)
+        size = sample_count(x)
+        cut = size if num_samples is None else min(size, num_samples - seen)
+        if cut > 0:
+            inputs.append(take(x, cut))
+            if y is None or targets is None:
+                targets = None
+            else:
+                targets.append(y[:cut])
+            seen += cut
         if num_samples is not None and seen >= num_samples:
             break
-    if not out:
+    if not inputs:
         raise ValueError("no calibration data: the calibration batches yielded no sample (pass training inputs)")
-    return out
+    return inputs, targets
 
 
 @torch.no_grad()
-def execution_order(model: nn.Module, modules: Sequence[nn.Module], sample: Tensor) -> list[nn.Module]:
+def execution_order(model: nn.Module, modules: Sequence[nn.Module], sample: ModelInput) -> list[nn.Module]:
     """``modules`` in the order of their first call in one forward pass on ``sample``; uncalled ones left out."""
     order: list[nn.Module] = []
     wanted = {id(m) for m in modules}
@@ -116,7 +217,7 @@ def execution_order(model: nn.Module, modules: Sequence[nn.Module], sample: Tens
 
     handles = [m.register_forward_pre_hook(hook) for m in modules]
     try:
-        model(sample)
+        run_model(model, sample)
     finally:
         for handle in handles:
             handle.remove()
@@ -124,7 +225,8 @@ def execution_order(model: nn.Module, modules: Sequence[nn.Module], sample: Tens
 
 
 @torch.no_grad()
-def layer_hessian(model: nn.Module, module: nn.Module, inputs: Sequence[Tensor], damping: float = 0.01) -> Tensor:
+def layer_hessian(model: nn.Module, module: nn.Module, inputs: Sequence[ModelInput],
+                  damping: float = 0.01) -> Tensor:
     """``H = 2 X X^T / N + damping * mean(diag) * I`` (float64) of ``module``'s inputs over a pass of ``inputs``.
 
     ``model`` runs in its current mode (the caller puts it in eval mode); every call of ``module`` counts, so a
@@ -145,7 +247,7 @@ def layer_hessian(model: nn.Module, module: nn.Module, inputs: Sequence[Tensor],
     handle = module.register_forward_pre_hook(hook)
     try:
         for x in inputs:
-            model(x.to(device))
+            run_model(model, to_device(x, device))
     finally:
         handle.remove()
     if count == 0:

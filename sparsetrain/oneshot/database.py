@@ -32,7 +32,17 @@ from torch.nn import functional as F
 from .._atomic import write_atomic
 from ..maskops import check_sparsity, keep_count
 from .allocation import allocate_levels
-from .calibration import exact_obs_supported, execution_order, layer_hessian, solver_weight
+from .calibration import (
+    ModelInput,
+    collect_batches,
+    exact_obs_supported,
+    execution_order,
+    layer_hessian,
+    run_model,
+    sample_count,
+    solver_weight,
+    to_device,
+)
 from .magnitude import prune_oneshot
 from .obc import choose_solver, exact_obs
 from .sparsegpt import sparsegpt
@@ -61,9 +71,9 @@ class ObcDatabase:
     solvers: dict[str, str] = field(default_factory=dict)
 
     def zeros(self, name: str) -> list[int]:
-        """The zero count of each level of layer ``name``."""
-        numel = self.weights[name][0].numel()
-        return [numel - keep_count(numel, s) for s in self.grid]
+        """The zero count of each level of layer ``name``, counted in its stored weights: the level's sparsity, or
+        more at the levels below the zeros the layer had already (a sparse model's, kept as they are)."""
+        return [int((level == 0).sum()) for level in self.weights[name]]
 
 
 def _check_grid(grid: Sequence[float]) -> tuple[float, ...]:
@@ -73,33 +83,12 @@ def _check_grid(grid: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
-def _collect(batches: Iterable[Any], num_samples: int | None) -> tuple[list[Tensor], list[Tensor] | None]:
+def _collect(batches: Iterable[Any], num_samples: int | None) -> tuple[list[ModelInput], list[Tensor] | None]:
     """Inputs (and targets, when every batch has them) of the batches, cut to ``num_samples`` in all."""
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
-                                    or num_samples < 1):
-        raise ValueError(f"the number of calibration samples must be a positive integer, got {num_samples!r}")
-    inputs: list[Tensor] = []
-    targets: list[Tensor] | None = []
-    seen = 0
-    for batch in batches:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-        cut = x.shape[0] if num_samples is None else num_samples - seen
-        if x.shape[0] and cut > 0:
-            inputs.append(x[:cut])
-            if y is None or targets is None:
-                targets = None
-            else:
-                targets.append(y[:cut])
-            seen += int(inputs[-1].shape[0])
-        if num_samples is not None and seen >= num_samples:
-            break
-    if not inputs:
-        raise ValueError("no calibration data: the calibration batches yielded no sample (pass training inputs)")
-    return inputs, targets
+    return collect_batches(batches, num_samples)
 
 
-def _exact_layers(model: nn.Module, names: Iterable[str], sample: Tensor) -> list[tuple[str, nn.Module]]:
+def _exact_layers(model: nn.Module, names: Iterable[str], sample: ModelInput) -> list[tuple[str, nn.Module]]:
     """The (name, module) of the Linear/Conv1D/Conv2d weights among ``names`` that run in the forward pass, in order."""
     found: dict[nn.Module, str] = {}
     for name in names:
@@ -111,15 +100,19 @@ def _exact_layers(model: nn.Module, names: Iterable[str], sample: Tensor) -> lis
     return [(found[m], m) for m in ordered]
 
 
-def _key(model: nn.Module, inputs: Sequence[Tensor], names: Sequence[str], grid: Sequence[float],
+def _key(model: nn.Module, inputs: Sequence[ModelInput], names: Sequence[str], grid: Sequence[float],
          damping: float, solvers: Sequence[str]) -> str:
     digest = hashlib.sha256(json.dumps([_FORMAT, list(grid), float(damping), list(names), list(solvers)]).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for x in inputs:
-        digest.update(f"{x.dtype}:{tuple(x.shape)}".encode())
-        digest.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        for entry, tensor in sorted(x.items()) if isinstance(x, Mapping) else [("", x)]:
+            if not isinstance(tensor, Tensor):  # a keyword argument such as return_dict=True
+                digest.update(f"{entry}={tensor!r}".encode())
+                continue
+            digest.update(f"{entry}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -196,7 +189,8 @@ def build_database(
 
     Args:
         model: the trained dense model.
-        calibration_batches: training batches (tensors or ``(inputs, targets, ...)``); never the test set.
+        calibration_batches: training batches (tensors, ``(inputs, targets, ...)`` or Hugging Face mappings, as
+            ``prune_obc``); never the test set.
         grid: increasing sparsities in [0, 1).
         include / exclude: glob patterns over parameter names, as ``prune_oneshot``.
         num_samples: use at most this many calibration samples.
@@ -218,7 +212,7 @@ def build_database(
     return _build(model, inputs, grid, include, exclude, damping, cache, solver, progress)
 
 
-def _build(model: nn.Module, inputs: list[Tensor], grid: tuple[float, ...], include: Any, exclude: Any,
+def _build(model: nn.Module, inputs: list[ModelInput], grid: tuple[float, ...], include: Any, exclude: Any,
            damping: float, cache: str | os.PathLike[str] | None, solver: str = "exact",
            progress: bool = False) -> ObcDatabase:
     names = prune_oneshot(copy.deepcopy(model), 0.5, include=include, exclude=exclude)
@@ -226,7 +220,7 @@ def _build(model: nn.Module, inputs: list[Tensor], grid: tuple[float, ...], incl
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        layers = _exact_layers(model, names, inputs[0].to(device))
+        layers = _exact_layers(model, names, to_device(inputs[0], device))
         if not layers:
             raise ValueError("the model has no Linear, Conv1D or Conv2d weight to prune with OBC "
                              "(check include/exclude)")
@@ -288,41 +282,44 @@ def _output_tensor(out: Any) -> Tensor:
 
 
 @torch.no_grad()
-def _calibration_loss(model: nn.Module, inputs: list[Tensor], targets: list[Tensor] | None,
-                      reference: list[Tensor]) -> float:
+def _calibration_loss(model: nn.Module, inputs: list[ModelInput], targets: list[Tensor] | None,
+                      reference: list[Any]) -> float:
     """Cross-entropy on the calibration labels when they are class indices, else the mean squared distance to the
     dense model's outputs ``reference``."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i, x in enumerate(inputs):
-        out = _output_tensor(model(x.to(device)))
+        out = _output_tensor(run_model(model, to_device(x, device)))
         y = targets[i] if targets is not None else None
         if y is not None and not y.is_floating_point() and out.dim() == 2 and y.dim() == 1:
             total += float(F.cross_entropy(out, y.to(device), reduction="sum"))
         else:
             total += float((out - _output_tensor(reference[i])).pow(2).sum())
-        count += int(x.shape[0])
+        count += sample_count(x)
     return total / count
 
 
 def _stitch(model: nn.Module, db: ObcDatabase, levels: Sequence[int], target: int,
             layer_errors: dict[str, float]) -> dict[str, Tensor]:
     """Copy each layer's weights at its level into the (dense) ``model``. Zeros over ``target`` are given back
-    exactly: the layers with the most zeros at their level are re-solved by ExactOBS at a smaller zero count."""
+    exactly: the layers with the most zeros at their level are re-solved (by the solver that built them) at a
+    smaller zero count, never below the zeros the layer has already (those stay: more than ``target`` is then
+    left only when the model had more zeros than that before pruning)."""
     params = dict(model.named_parameters())
     counts = {n: db.zeros(n)[lv] for n, lv in zip(db.names, levels)}
     excess = sum(counts.values()) - target
     give = dict.fromkeys(db.names, 0)
     for name in sorted(db.names, key=lambda n: -counts[n]):
-        give[name] = min(max(excess, 0), counts[name])
+        give[name] = min(max(excess, 0), counts[name] - int((params[name] == 0).sum()))
         excess -= give[name]
     masks: dict[str, Tensor] = {}
     for name, level in zip(db.names, levels):
         weight = params[name]
         if give[name]:
             rows = solver_weight(model.get_submodule(name.rpartition(".")[0]))
-            new, _, error = exact_obs(rows, db.hessians[name].to(weight.device),
-                                      keep=weight.numel() - counts[name] + give[name])
+            solve = sparsegpt if db.solvers.get(name) == "sparsegpt" else exact_obs
+            new, _, error = solve(rows, db.hessians[name].to(weight.device),
+                                  keep=weight.numel() - counts[name] + give[name])
             rows.copy_(new)  # through a Conv1D's transposed view
         else:
             new, error = db.weights[name][level], float(db.errors[name][level])
@@ -347,6 +344,8 @@ def prune_obc_database(
     database: ObcDatabase | str | os.PathLike[str] | None = None,
     grid: Sequence[float] = DEFAULT_GRID,
     report: dict[str, Any] | None = None,
+    solver: str = "auto",
+    solvers: dict[str, tuple[str, int]] | None = None,
 ) -> dict[str, Tensor]:
     """OBC with the per-layer sparsities chosen from the database (Frantar & Alistarh 2022, arXiv 2208.11580).
 
@@ -367,12 +366,16 @@ def prune_obc_database(
         grid: the database sparsities when it is built here.
         report: if given, filled with ``allocation`` ('database' or 'magnitude', the one kept),
             ``calibration_loss`` (both), ``levels`` (layer -> database sparsity) and ``database`` ('built'/'cache').
+        solver: the per-layer solver, as ``prune_obc``'s: of the database when it is built here, and of OBC at
+            magnitude's allocation ('auto': ExactOBS, SparseGPT on layers too wide for it).
+        solvers: if given, filled with parameter name -> (the solver of the kept result, inputs per row).
 
     Raises:
         ValueError: as ``prune_obc``; a sparsity the grid cannot reach.
     """
     from .obc import prune_obc
 
+    choose_solver((1, 1), solver)  # validates the name before any work
     if sparsity is None:
         raise ValueError("the database allocation needs a sparsity (unstructured); an N:M pattern fixes each "
                      "layer's count: use allocation='magnitude'")
@@ -385,9 +388,9 @@ def prune_obc_database(
     try:
         model.eval()
         device = next(model.parameters()).device
-        reference = [model(x.to(device)) for x in inputs]
+        reference = [run_model(model, to_device(x, device)) for x in inputs]
         db = database if isinstance(database, ObcDatabase) else _build(
-            model, inputs, _check_grid(grid), include, exclude, damping, database)
+            model, inputs, _check_grid(grid), include, exclude, damping, database, solver)
         missing = [n for n in db.names if n not in masks]
         if missing:
             raise ValueError(f"the database has layers that are not pruned here: {', '.join(missing)}")
@@ -403,8 +406,10 @@ def prune_obc_database(
         db_masks.update(_stitch(stitched, db, levels, target, db_errors))
         baseline = copy.deepcopy(model)
         base_errors: dict[str, float] = {}
+        base_solvers: dict[str, tuple[str, int]] = {}
         base_masks = prune_obc(baseline, sparsity, inputs, distribution=distribution, include=include,
-                               exclude=exclude, damping=damping, layer_errors=base_errors)
+                               exclude=exclude, damping=damping, layer_errors=base_errors, solver=solver,
+                               solvers=base_solvers)
         losses = {"database": _calibration_loss(stitched, inputs, targets, reference),
                   "magnitude": _calibration_loss(baseline, inputs, targets, reference)}
         won = "database" if losses["database"] <= losses["magnitude"] else "magnitude"
@@ -418,6 +423,9 @@ def prune_obc_database(
             m.train(training)
     if layer_errors is not None:
         layer_errors.update(errors)
+    if solvers is not None:
+        solvers.update(base_solvers if won == "magnitude" else
+                       {n: (db.solvers.get(n, "exact"), int(db.hessians[n].shape[0])) for n in db.names})
     if report is not None:
         report.update(allocation=won, calibration_loss=losses, database=db.source,
                       levels={n: db.grid[lv] for n, lv in zip(db.names, levels)})

@@ -30,8 +30,9 @@ cheaper than the M-FAC paper's iteration in small steps would be, and nothing is
 quadratic model holds. Weights pruned in an earlier round stay zero: their gradient columns are masked, so they
 decouple (F = damp I there) and are never moved again.
 
-Gradients: m distinct gradients of the training loss (cross-entropy of the logits by default) on calibration
-samples from the training set, each over a small batch of b = num_samples // m samples and scaled by sqrt(b), so that
+Gradients: m distinct gradients of the training loss (cross-entropy of the logits by default; for Hugging Face
+mapping batches, the ``loss`` the model returns for their ``labels``) on calibration samples from the training set,
+each over a small batch of b = num_samples // m samples and scaled by sqrt(b), so that
 (1/m) sum g g^T estimates the per-sample empirical Fisher whatever b is (and ``damp`` keeps one meaning). The
 model runs in eval mode for them (batch norm uses its running statistics, dropout is off). Memory: the m x d
 gradients in float64 (m * d * 8 bytes) plus m x m per block.
@@ -43,7 +44,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,6 +54,8 @@ from ..core.selection import input_dim
 from ..distributions import layer_sparsities
 from ..maskops import check_sparsity, global_topk_masks, nm_mask, parse_nm, topk_mask
 from ..mfac import MFACInverse
+from .calibration import ModelInput, concat, model_inputs, sample_count, take, to_device
+from .database import _output_tensor
 from .magnitude import prune_oneshot
 
 __all__ = ["prune_mfac", "fisher_gradients", "obs_remove", "DEFAULT_GRADIENTS", "DEFAULT_RELATIVE_DAMP",
@@ -87,33 +90,69 @@ def _default_loss(outputs: Any, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits, targets)
 
 
-def _batches_of_samples(batches: Iterable[Any], count: int, size: int) -> list[tuple[Tensor, Tensor]]:
-    """``count`` (inputs, targets) pairs of ``size`` samples each, cut from ``batches``; fewer if they run out."""
-    xs: list[Tensor] = []
+_NEEDS_TARGETS = ("M-FAC calibration batches must be (inputs, targets, ...) tuples or Hugging Face mappings with "
+                  "'labels': the Fisher is made of gradients of the training loss, which needs the targets")
+
+
+def _batches_of_samples(batches: Iterable[Any], count: int, size: int) -> list[tuple[ModelInput, Tensor]]:
+    """``count`` (inputs, targets) pairs of ``size`` samples each, cut from ``batches``; fewer if they run out.
+    A mapping batch gives its entries but ``labels`` as the inputs (keyword arguments) and ``labels`` as targets."""
+    xs: list[ModelInput] = []
     ys: list[Tensor] = []
     need = count * size
     seen = 0
     for batch in batches:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError("M-FAC calibration batches must be (inputs, targets, ...) tuples: the Fisher is made "
-                             "of gradients of the training loss, which needs the targets")
-        x, y = batch[0][: need - seen], batch[1][: need - seen]
-        xs.append(x)
-        ys.append(y)
-        seen += int(x.shape[0])
+        if isinstance(batch, Mapping):
+            if not isinstance(batch.get("labels"), Tensor):
+                raise ValueError(f"{_NEEDS_TARGETS}; got a mapping with keys {list(batch)!r}")
+            y = batch["labels"]
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            y = batch[1]
+        else:
+            raise ValueError(f"{_NEEDS_TARGETS}; got a {type(batch).__name__}"
+                             + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        x = model_inputs(batch)
+        cut = min(sample_count(x), need - seen)
+        xs.append(take(x, cut))
+        ys.append(y[:cut])
+        seen += cut
         if seen >= need:
             break
     if not xs or seen == 0:
         raise ValueError("no calibration data: the calibration batches yielded no sample (pass training batches)")
-    x, y = torch.cat(xs), torch.cat(ys)
+    x, y = concat(xs), torch.cat(ys)
     full = seen // size
-    return [(x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]) for i in range(full)]
+    return [(_rows(x, i * size, (i + 1) * size), y[i * size : (i + 1) * size]) for i in range(full)]
+
+
+def _rows(x: ModelInput, start: int, stop: int) -> ModelInput:
+    if isinstance(x, Tensor):
+        return x[start:stop]
+    return {k: v[start:stop] if isinstance(v, Tensor) and v.dim() else v for k, v in x.items()}
+
+
+def _batch_loss(model: Callable[..., Any], x: ModelInput, y: Tensor,
+                loss_fn: Callable[[Tensor, Tensor], Tensor] | None) -> Tensor:
+    """The mean loss of one batch. Keyword inputs (a mapping batch) without ``loss_fn``: the ``loss`` the model
+    returns when called with ``labels=y`` too (a Hugging Face model's own loss, e.g. the shifted next-token
+    cross-entropy of a causal LM); with ``loss_fn``, ``loss_fn(logits, y)``. Else ``loss_fn`` (default
+    cross-entropy) on ``model(x)``."""
+    if isinstance(x, Mapping):
+        if loss_fn is None:
+            out = model(**x, labels=y)
+            loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+            if not isinstance(loss, Tensor):
+                raise ValueError(f"the model returned no 'loss' for a batch with 'labels' (its output is a "
+                                 f"{type(out).__name__}): pass loss_fn(outputs, labels)")
+            return loss
+        return loss_fn(_output_tensor(model(**x)), y)
+    return (loss_fn or _default_loss)(model(x), y)
 
 
 def fisher_gradients(
     model: nn.Module,
     params: Sequence[Tensor],
-    batches: Sequence[tuple[Tensor, Tensor]],
+    batches: Sequence[tuple[ModelInput, Tensor]],
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     masks: Sequence[Tensor] | None = None,
 ) -> Tensor:
@@ -127,7 +166,6 @@ def fisher_gradients(
     which is what makes per-sample gradients affordable; a model that ``vmap`` cannot run (data-dependent
     control flow, unsupported in-place ops) falls back to one backward pass per batch, with the same result.
     """
-    loss_fn = loss_fn or _default_loss
     params = list(params)
     device = params[0].device
     d = sum(p.numel() for p in params)
@@ -137,7 +175,7 @@ def fisher_gradients(
     try:
         model.eval()
         done = False
-        if len({int(x.shape[0]) for x, _ in batches}) == 1:
+        if len({sample_count(x) for x, _ in batches}) == 1:
             try:
                 _vmapped_gradients(model, params, batches, loss_fn, out)
                 done = True
@@ -146,7 +184,7 @@ def fisher_gradients(
                          type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         if not done:
             _looped_gradients(model, params, batches, loss_fn, out)
-        scale = [math.sqrt(x.shape[0]) for x, _ in batches]
+        scale = [math.sqrt(sample_count(x)) for x, _ in batches]
         out *= torch.tensor(scale, dtype=torch.float64, device=device).unsqueeze(1)
         if masks is not None:
             out *= torch.cat([mk.reshape(-1) for mk in masks]).to(device)
@@ -158,20 +196,20 @@ def fisher_gradients(
     return out
 
 
-def _looped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence[tuple[Tensor, Tensor]],
-                      loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+def _looped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence[tuple[ModelInput, Tensor]],
+                      loss_fn: Callable[[Tensor, Tensor], Tensor] | None, out: Tensor) -> None:
     """``out[i]`` = the flat gradient of batch i, by one backward pass per batch (any model, any batch sizes)."""
     device = params[0].device
     for i, (x, y) in enumerate(batches):
         with torch.enable_grad():
-            loss = loss_fn(model(x.to(device)), y.to(device))
+            loss = _batch_loss(model, to_device(x, device), y.to(device), loss_fn)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         out[i] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                             for p, g in zip(params, grads)]).to(torch.float64)
 
 
-def _vmapped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence[tuple[Tensor, Tensor]],
-                       loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+def _vmapped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence[tuple[ModelInput, Tensor]],
+                       loss_fn: Callable[[Tensor, Tensor], Tensor] | None, out: Tensor) -> None:
     """``out[i]`` = the flat gradient of batch i (equal sizes), by ``vmap(grad(...))`` over the batches."""
     from torch.func import functional_call, grad, vmap
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -181,11 +219,17 @@ def _vmapped_gradients(model: nn.Module, params: list[Tensor], batches: Sequence
     names = [by_id[id(p)] for p in params]
     fixed = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in names}
 
-    def loss_of(free: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(functional_call(model, {**fixed, **free}, (x,)), y)
+    def loss_of(free: dict[str, Tensor], x: ModelInput, y: Tensor) -> Tensor:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, {**fixed, **free}, args, kwargs)
+
+        return _batch_loss(call, x, y, loss_fn)
 
     per_batch = vmap(grad(loss_of), in_dims=(None, 0, 0), chunk_size=32)
-    x = torch.stack([b[0] for b in batches]).to(device)
+    first = batches[0][0]
+    x: ModelInput = (torch.stack([b[0] for b in batches]) if isinstance(first, Tensor) else  # type: ignore[misc]
+                     {k: torch.stack([b[0][k] for b in batches]) for k in first})  # type: ignore[index]
+    x = to_device(x, device)
     y = torch.stack([b[1] for b in batches]).to(device)
     free = {n: p.detach() for n, p in zip(names, params)}
     # Attention through scaled_dot_product_attention (the zoo's gpt and vit, Hugging Face models with "sdpa") runs
@@ -281,7 +325,8 @@ def prune_mfac(
     Args:
         model: the trained model (its modes are restored afterwards).
         sparsity: fraction of zeros in [0, 1); for N:M leave it None.
-        calibration_batches: training batches of ``(inputs, targets, ...)``; never the test set.
+        calibration_batches: training batches of ``(inputs, targets, ...)``, or Hugging Face mappings with
+            ``labels`` (``{"input_ids": ..., "attention_mask": ..., "labels": ...}``); never the test set.
         num_gradients: m, the number of gradients in the Fisher (>= 1).
         num_samples: calibration samples in all (>= m; default m): m gradients of ``num_samples // m`` samples
             each (1: per-sample gradients).
@@ -294,7 +339,8 @@ def prune_mfac(
             pruned weights; 1: one-shot from the dense weights' gradients.
         loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch (default cross-entropy of the logits:
             (N, C) against (N,) labels, a language model's (N, T, C) against (N, T) next tokens, or a Hugging Face
-            output's ``.logits``).
+            output's ``.logits``). For mapping batches the default is the model's own: ``model(**batch).loss``
+            with the labels passed; a given ``loss_fn`` gets the output's logits and the labels instead.
         mask_type: 'unstructured' or 'N:M' such as '2:4' (along the input dimension; then ``steps`` must be 1).
         distribution: 'global' (default), 'uniform' or 'erk', as in ``prune_oneshot``.
         include / exclude: glob patterns over parameter names.

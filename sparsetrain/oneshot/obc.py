@@ -32,6 +32,7 @@ from .calibration import (
     execution_order,
     layer_hessian,
     solver_weight,
+    to_device,
     weight_rows_and_hessian,
 )
 from .magnitude import prune_oneshot
@@ -217,6 +218,10 @@ def exact_obs(
         prefix = torch.arange(steps, device=w.device).unsqueeze(0) < per_row.unsqueeze(1)
         prune.scatter_(1, order, prefix)
     new = _reconstruct(w, h, ~prune, max(1, _CHUNK_BYTES // (8 * d * d)))
+    # A row that lost only weights already 0 is its own optimum (H_KK^-1 (H w)_K = w_K): kept exactly, where the
+    # solve's rounding would turn its zeros (those left kept when there are more than asked) into tiny values.
+    unchanged = ~(prune & (w != 0)).any(1)
+    new[unchanged] = w[unchanged]
     delta = new - w
     error = float(((delta @ h) * delta).sum() / 2)
     return new.to(weight.dtype).reshape(shape), (~prune).reshape(shape), error
@@ -253,7 +258,9 @@ def prune_obc(
     Args:
         model: the trained model; put in eval mode during calibration, its modes restored afterwards.
         sparsity: fraction of zeros in [0, 1); for N:M leave it None.
-        calibration_batches: training batches (tensors or ``(inputs, targets, ...)``); never the test set.
+        calibration_batches: training batches (tensors, ``(inputs, targets, ...)``, or Hugging Face mappings such
+            as ``{"input_ids": ..., "attention_mask": ...}``, run as ``model(**batch)`` without ``labels``; every
+            position counts, padded ones too); never the test set.
         mask_type: 'unstructured' or 'N:M' such as '2:4' (along the input dimension).
         distribution: per-layer allocation as in ``prune_oneshot``: 'global' (default), 'uniform' or 'erk'.
         include / exclude: glob patterns over parameter names.
@@ -263,7 +270,9 @@ def prune_obc(
         solver: per-layer solver: 'exact' (ExactOBS), 'sparsegpt' (SparseGPT, Frantar & Alistarh 2023, for wide
             layers), or 'auto' (default): exact up to 1024 inputs per row and 2 GiB of rows x d^2 float64
             inverse Hessians, SparseGPT beyond (``choose_solver``).
-        solvers: if given, filled with parameter name -> (the solver that ran, inputs per row); logged too.
+        solvers: if given, filled with parameter name -> (the solver that ran, inputs per row); logged too. With
+            allocation='database', ``solver`` builds the database (when it is built here) and runs OBC at
+            magnitude's allocation, and ``solvers`` describes the result kept.
         allocation: 'magnitude' (the per-layer counts of magnitude pruning with ``distribution``) or 'database'
             (chosen from the OBC database, never worse on the calibration loss: ``database.prune_obc_database``).
         database: with allocation='database', a built ``ObcDatabase`` or a cache file path (else built in memory).
@@ -273,7 +282,8 @@ def prune_obc(
         The masks (parameter name -> bool, True = kept), as ``prune_oneshot``.
 
     Raises:
-        ValueError: a bad sparsity, mask type, distribution, pattern or solver, or no calibration data.
+        ValueError: a bad sparsity, mask type, distribution, pattern or solver, a calibration batch of another
+            form, or no calibration data.
     """
     choose_solver((1, 1), solver)  # validates the name before any work
     if allocation not in ("magnitude", "database"):
@@ -283,7 +293,8 @@ def prune_obc(
 
         return prune_obc_database(model, sparsity, calibration_batches, distribution=distribution,
                                   include=include, exclude=exclude, num_samples=num_samples, damping=damping,
-                                  layer_errors=layer_errors, database=database, report=report)
+                                  layer_errors=layer_errors, database=database, report=report, solver=solver,
+                                  solvers=solvers)
     if report is not None:
         report["allocation"] = "magnitude"
     if not damping > 0:
@@ -306,7 +317,7 @@ def prune_obc(
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        ordered = execution_order(model, list(exact), inputs[0].to(next(iter(params.values())).device))
+        ordered = execution_order(model, list(exact), to_device(inputs[0], next(iter(params.values())).device))
         for module, name in exact.items():
             if module not in ordered:
                 log.info("OBC: %s is not called in the forward pass; pruned by magnitude", name)

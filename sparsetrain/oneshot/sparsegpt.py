@@ -15,9 +15,12 @@ product at the end of the block. This is the same arithmetic as updating every c
 Adaptive mask selection (unstructured), as in the paper's reference implementation: when a block starts, its
 weights (already updated by all blocks to its left) are scored by ``w^2 / U_jj^2`` and the block's quota of
 removals goes to the smallest scores over the whole (rows, B) block, so rows and columns of a block can receive
-different counts. The quota of the block ending at column c is ``floor(T c / d) - floor(T c0 / d)`` for a layer
-total of T removals (c0: where the block starts), so the layer's count is exact and spread evenly over the
-columns. N:M: when the first column of each group of M is reached, the M-N lowest scores of the group (with the
+different counts. The blocks' quotas spread the layer's T removals evenly over the columns (``floor(T c / d)``
+by column c), so the layer's count is exact. Weights already exactly 0 (dead units, inputs pruned earlier, a
+sparse model pruned further) are removed first, as ExactOBS removes them first: each block's quota covers its
+zeros and the others' quotas shrink to keep T (with even shares alone, a block's zeros beyond its share were
+counted as kept, and a kept 0 that no update reaches, e.g. at a dead input, stays 0: more zeros than T).
+N:M: when the first column of each group of M is reached, the M-N lowest scores of the group (with the
 group's current weights) are removed in each row. A conv layer's N:M groups (M input channels at one kernel
 position) are made contiguous by processing the columns in (kernel position, channel) order.
 """
@@ -33,9 +36,29 @@ from .calibration import weight_rows_and_hessian
 __all__ = ["sparsegpt"]
 
 
-def _block_quota(total: int, start: int, stop: int, d: int) -> int:
-    """Removals of the columns [start, stop): the layer's ``total`` spread evenly, exact over all blocks."""
-    return total * stop // d - total * start // d
+def _free_removals(w: Tensor, total: int) -> Tensor:
+    """The weights already exactly 0 (a dead unit's row, a pruned input, an earlier sparse model's zeros): they
+    are removed first, as ExactOBS removes them first (removing a 0 costs nothing). With more of them than
+    ``total``, the first ``total`` in column order: then nothing else is removed and the weight is unchanged."""
+    free = w == 0
+    if int(free.sum()) > total:
+        order = free.T.reshape(-1)  # column-major: the order the columns are processed in
+        order[order.nonzero().squeeze(1)[total:]] = False
+        free = order.reshape(w.shape[1], w.shape[0]).T
+    return free
+
+
+def _block_quota(total: int, done: int, start: int, stop: int, d: int, rows: int, forced: int,
+                 forced_after: int) -> int:
+    """Removals of the columns [start, stop), given ``done`` removals to their left: the layer's ``total`` spread
+    evenly (``floor(total * stop / d)`` by the block's end), but at least the block's ``forced`` free removals,
+    leaving room for the ``forced_after`` ones to its right, never more than the block holds and never fewer than
+    the columns to its right could not take. The bounds never conflict while ``done`` plus the forced removals
+    from ``start`` on is at most ``total`` (true before the first block, kept by every block): the layer's count
+    is exact and every free removal is made."""
+    low = max(forced, total - done - rows * (d - stop))
+    high = min(rows * (stop - start), total - done - forced_after)
+    return min(max(total * stop // d - done, low), high)
 
 
 @torch.no_grad()
@@ -97,17 +120,25 @@ def sparsegpt(
     # Upper Cholesky factor of H^-1: row j holds the OBS update of column j given that columns < j are done.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h_work)), upper=True)
     prune = torch.zeros(rows, d, dtype=torch.bool, device=w.device)
+    free = _free_removals(work, total) if nm is None else None
+    # Free removals in the columns from c on: the room each block must leave for them.
+    free_from = [0] * (d + 1) if free is None else [*free.sum(0).flip(0).cumsum(0).flip(0).tolist(), 0]
+    done = 0
     for start in range(0, d, block_size):
         stop = min(start + block_size, d)
         w1 = work[:, start:stop].clone()  # current: every block to the left has been applied
         u1 = u[start:stop, start:stop]
         diag = u1.diagonal()
         p1 = torch.zeros(rows, stop - start, dtype=torch.bool, device=w.device)
-        if nm is None:
-            quota = _block_quota(total, start, stop, d)
+        if free is not None:
+            forced = free[:, start:stop]
+            quota = _block_quota(total, done, start, stop, d, rows, free_from[start] - free_from[stop],
+                                 free_from[stop])
             if quota:
-                score = (w1 * w1 / (diag * diag)).reshape(-1)
+                # The block's free removals rank first (-1 < any score), then the smallest scores.
+                score = (w1 * w1 / (diag * diag)).masked_fill(forced, -1.0).reshape(-1)
                 p1.view(-1)[torch.topk(score, quota, largest=False).indices] = True
+            done += quota
         errors = torch.zeros_like(w1)
         for i in range(stop - start):
             if nm is not None and i % m == 0:

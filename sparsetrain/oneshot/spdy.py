@@ -42,7 +42,7 @@ import math
 import os
 import platform
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from .._atomic import write_text_atomic
 from ..inference import SparseLinear, _capture_inputs, _ineligible, time_call, time_paired, to_sparse_kernels
 from .allocation import allocate_under_budget
+from .calibration import ModelInput, concat, index, run_model, sample_count, to_device
 from .database import DEFAULT_GRID, ObcDatabase, _build, _calibration_loss, _check_grid, _collect
 
 __all__ = ["SpdyTimings", "measure_timings", "search_profile", "prune_spdy", "max_speedup", "measure_speedup",
@@ -96,6 +97,30 @@ def max_speedup(timings: SpdyTimings) -> float:
     return timings.dense_total / timings.predict(timings.fastest())
 
 
+class _Keywords(nn.Module):
+    """Calls ``model(**x)``: the timing code passes one positional sample, a mapping sample (the Hugging Face
+    form) is the model's keyword arguments."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Mapping[str, Any]) -> Any:
+        return self.model(**x)
+
+
+def _positional(model: nn.Module, sample: ModelInput) -> nn.Module:
+    """``model``, or for a mapping sample the module that calls it with the mapping's keyword arguments."""
+    return _Keywords(model) if isinstance(sample, Mapping) else model
+
+
+def _sample_shape(sample: ModelInput) -> list[Any]:
+    if isinstance(sample, Tensor):
+        return [list(sample.shape), str(sample.dtype)]
+    return [[k, list(v.shape), str(v.dtype)] if isinstance(v, Tensor) else [k, repr(v)]
+            for k, v in sorted(sample.items())]
+
+
 class _Canned(nn.Module):
     """Stands in for a timed layer when the rest of the model is timed: returns the output it recorded."""
 
@@ -107,7 +132,8 @@ class _Canned(nn.Module):
         return self.output
 
 
-def _overhead(model: nn.Module, modules: Sequence[nn.Module], sample: Tensor, repeats: int, min_time: float) -> float:
+def _overhead(model: nn.Module, modules: Sequence[nn.Module], sample: ModelInput, repeats: int,
+              min_time: float) -> float:
     """Seconds per call of everything in ``model(sample)`` but ``modules``: the model timed with each of them
     replaced by its recorded output (a subtraction of two noisy totals could be anything)."""
     outputs: dict[nn.Module, Tensor] = {}
@@ -119,7 +145,7 @@ def _overhead(model: nn.Module, modules: Sequence[nn.Module], sample: Tensor, re
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.inference_mode():
-            model(sample)
+            run_model(model, sample)
     finally:
         for handle in handles:
             handle.remove()
@@ -131,15 +157,15 @@ def _overhead(model: nn.Module, modules: Sequence[nn.Module], sample: Tensor, re
                 if child in swapped:
                     originals.append((parent, child_name, child))
                     parent._modules[child_name] = swapped[child]
-        return time_call(functools.partial(model, sample), repeats=repeats, min_time=min_time)
+        return time_call(functools.partial(run_model, model, sample), repeats=repeats, min_time=min_time)
     finally:  # the model is the caller's: every layer goes back where it was
         for parent, child_name, child in originals:
             parent._modules[child_name] = child
 
 
-def _timings_key(db: ObcDatabase, sample: Tensor, margin: float, min_sparsity: float) -> str:
+def _timings_key(db: ObcDatabase, sample: ModelInput, margin: float, min_sparsity: float) -> str:
     # Times belong to this machine, thread count and torch build as much as to the layers: all in the key.
-    parts = [_FORMAT, db.key, list(sample.shape), str(sample.dtype), torch.get_num_threads(), torch.__version__,
+    parts = [_FORMAT, db.key, *_sample_shape(sample), torch.get_num_threads(), torch.__version__,
              platform.node(), platform.machine(), platform.processor(), os.cpu_count(), margin, min_sparsity]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
@@ -174,7 +200,7 @@ def _load_timings(path: str | os.PathLike[str], key: str, db: ObcDatabase) -> Sp
 def measure_timings(
     model: nn.Module,
     db: ObcDatabase,
-    sample: Tensor,
+    sample: ModelInput,
     *,
     margin: float = 0.05,
     min_sparsity: float = 0.5,
@@ -191,7 +217,8 @@ def measure_timings(
     Args:
         model: the dense model the database was built from (put in eval mode here, modes restored).
         db: its OBC database.
-        sample: a batch shaped as served; its first dimension is the batch size the times are for.
+        sample: a batch shaped as served; its first dimension is the batch size the times are for. A mapping
+            (the Hugging Face form) is passed as keyword arguments, ``model(**sample)``.
         margin, min_sparsity: as ``sparsetrain.inference.to_sparse_kernels``.
         repeats, min_time: timing repeats (median) and least seconds per repeat.
         cache: a JSON file: used when it holds the times of this database, sample shape, machine and torch build,
@@ -203,13 +230,13 @@ def measure_timings(
         if cached is not None:
             log.info("SPDY timings loaded from %s", cache)
             return cached
-    batch = 1 if sample.dim() <= 1 else int(sample.shape[0])
+    batch = sample_count(sample) if isinstance(sample, Mapping) or sample.dim() > 1 else 1
     out = SpdyTimings(batch, torch.get_num_threads(), db.grid, list(db.names), key=key)
     modules = {name: model.get_submodule(name.rpartition(".")[0]) for name in db.names}
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        inputs = _capture_inputs(model, (sample,), list(modules.values()))
+        inputs = _capture_inputs(_positional(model, sample), (sample,), list(modules.values()))
         with torch.inference_mode():
             layer_dense = 0.0
             for name, module in modules.items():
@@ -341,7 +368,7 @@ def search_profile(
 
 
 @torch.no_grad()
-def measure_speedup(dense: nn.Module, pruned: nn.Module, sample: Tensor, *, repeats: int = 3,
+def measure_speedup(dense: nn.Module, pruned: nn.Module, sample: ModelInput, *, repeats: int = 3,
                     min_time: float = 2e-2) -> float:
     """The measured whole-model speed-up of ``pruned`` over ``dense`` on ``sample`` with the inference engine.
 
@@ -353,7 +380,8 @@ def measure_speedup(dense: nn.Module, pruned: nn.Module, sample: Tensor, *, repe
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    converted, _ = to_sparse_kernels(pruned, sample)
+    converted, _ = to_sparse_kernels(_positional(pruned, sample), sample)
+    dense = _positional(dense, sample)
     ratios = []
     with torch.inference_mode():
         for _ in range(repeats):
@@ -555,8 +583,9 @@ def prune_spdy(
     Args:
         model: the trained dense model.
         target_speedup: > 1; the dense model's predicted time divided by the pruned one's is at least this.
-        calibration_batches: training batches (tensors or ``(inputs, targets, ...)``); never the test set. With
-            class labels the search's loss is cross-entropy, else the squared distance to the dense outputs.
+        calibration_batches: training batches (tensors, ``(inputs, targets, ...)`` or Hugging Face mappings run as
+            ``model(**batch)`` without ``labels``, which are the targets); never the test set. With class labels
+            the search's loss is cross-entropy, else the squared distance to the dense outputs.
         batch_size: the batch size to serve, which the timings are taken at (the best kernel depends on it).
         num_samples: use at most this many calibration samples.
         include / exclude: glob patterns over parameter names (the layers that may be pruned).
@@ -612,8 +641,9 @@ def prune_spdy(
         device = next(model.parameters()).device
         db = database if isinstance(database, ObcDatabase) else _build(
             model, inputs, grid, include, exclude, damping, database, "auto", progress)
-        pool = torch.cat([x.detach().cpu() for x in inputs])
-        sample = pool[torch.arange(batch_size) % pool.shape[0]].to(device)  # repeated if fewer samples than that
+        pool = concat([to_device(x, torch.device("cpu")) for x in inputs])
+        # Repeated if fewer samples than that.
+        sample = to_device(index(pool, torch.arange(batch_size) % sample_count(pool)), device)
         times = timings if isinstance(timings, SpdyTimings) else measure_timings(model, db, sample, cache=timings)
         if times.names != db.names or times.grid != db.grid:
             raise ValueError("the timings do not describe this database's layers and grid")
@@ -629,7 +659,7 @@ def prune_spdy(
                              f"{math.floor(reachable * 100) / 100:g}")
         nominal = times.dense_total / target - times.overhead
         least = sum(min(times.times[n]) for n in db.names)
-        reference = [model(x.to(device)) for x in inputs]
+        reference = [run_model(model, to_device(x, device)) for x in inputs]
         work = copy.deepcopy(model)
         params = dict(work.named_parameters())
 
