@@ -3,7 +3,8 @@
 Fashion-MNIST LeNet-5, ~50% of forward FLOPs removed by whole channels, for ``oto`` (``oto-hspg``: HSPG, the
 NeurIPS 2021 optimizer; ``oto-dhspg``: OTOv2's DHSPG, sparsifying from ``n_p`` to ``--finish``), ``variational``
 (Bernoulli gates; ``variational-eb``: with the empirical-Bayes slab scale, ``slab="empirical"``,
-``--slab-prior-weight`` its ``slab_prior_weight``), channel GMP and channel AC/DC (``mask_type=channel``, at the
+``--slab-prior-weight`` its ``slab_prior_weight``; ``variational-gates``: the slab prices the gates only,
+``slab_on_weights=False``), channel GMP and channel AC/DC (``mask_type=channel``, at the
 uniform group sparsity whose slim model has half the FLOPs), against the dense model. ``oto`` and ``variational``
 prune to the target at 75% of the run (``--finish``; groups their dynamics zeroed earlier stay zero) and train
 the pruned network for the rest, as GMP (pruning ends at 80%) and AC/DC (final compressed phase) do. Every run
@@ -65,7 +66,8 @@ from sparsetrain.train.loop import Run
 
 RESULTS = Path(__file__).parent / "results" / "structured"
 # Besides dense (always run: the reference for accuracy and latency).
-METHODS = ("oto-hspg", "oto-dhspg", "variational", "variational-eb", "channel-gmp", "channel-acdc")
+METHODS = ("oto-hspg", "oto-dhspg", "variational", "variational-eb", "variational-gates", "channel-gmp",
+           "channel-acdc")
 
 
 class TimedRun(Run):
@@ -399,6 +401,9 @@ def main() -> None:
                            "method_options": {"target_flops": args.flops, "num_samples": samples,
                                               "finish": args.finish, "slab": "empirical",
                                               "slab_prior_weight": args.slab_prior_weight, **rounding}},
+        "variational-gates": {"method": "variational", "sparsity": group_sparsity,
+                              "method_options": {"target_flops": args.flops, "num_samples": samples,
+                                                 "finish": args.finish, "slab_on_weights": False, **rounding}},
         "channel-gmp": {"method": "gmp", "sparsity": group_sparsity, "mask_type": "channel",
                         "method_options": rounding},
         "channel-acdc": {"method": "acdc", "sparsity": group_sparsity, "mask_type": "channel",

@@ -302,3 +302,24 @@ def test_a_checkpoint_without_initial_scales_loads_them_as_its_fixed_slab():
     _, _, s2 = _build(123)
     s2.load_state_dict(state)
     assert s2.slab0 == s2.slab == s.slab
+
+
+def test_the_slab_can_price_the_gates_without_pulling_on_the_weights():
+    # slab_on_weights=False: the KL's value and its gradient in the gate logits stay; the weights get none of it.
+    grads = {}
+    for on_weights in (True, False):
+        torch.manual_seed(0)
+        model = mlp()
+        s = sparsetrain.create("variational", model, sparsity=0.5, total_steps=10, prior_keep=0.3, gate_init=0.8,
+                               example_input=torch.zeros(1, 4), slab_on_weights=on_weights)  # fmt: skip
+        kl = s.kl()
+        weight_grad, logit_grad = torch.autograd.grad(kl, [model[0].weight, s.logits[0]], allow_unused=True)
+        grads[on_weights] = (float(kl.detach()), weight_grad, logit_grad)
+    (kl_on, w_on, l_on), (kl_off, w_off, l_off) = grads[True], grads[False]
+    assert kl_off == kl_on
+    torch.testing.assert_close(l_off, l_on, rtol=0, atol=0)
+    assert w_on is not None and float(w_on.abs().sum()) > 0  # the ELBO's weight penalty: theta w / s^2
+    assert w_off is None or float(w_off.abs().sum()) == 0
+    with pytest.raises(ValueError, match="slab_on_weights must be true or false, got 'no'"):
+        sparsetrain.create("variational", mlp(), sparsity=0.5, total_steps=10, example_input=torch.zeros(1, 4),
+                           slab_on_weights="no")  # fmt: skip
