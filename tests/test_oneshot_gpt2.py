@@ -200,3 +200,24 @@ def test_mapping_batches_in_mfac_use_the_models_own_loss():
 def test_other_batch_forms_are_refused_by_name(batch):
     with pytest.raises(ValueError, match="a calibration batch must be a tensor.*mapping.*got a"):
         prune_obc(tiny_gpt2(), 0.5, [batch], include=LAYERS)
+
+
+# ------------------------------------------------------------------------ perplexity of a pruned GPT-2, in Python
+def test_evaluate_scores_a_pruned_gpt2_by_its_logits():
+    # evaluate() passed the ModelOutput to the loss (AttributeError: no attribute "dim").
+    from torch.utils.data import TensorDataset
+
+    from sparsetrain.train.evaluation import evaluate
+
+    model = tiny_gpt2()
+    prune_obc(model, 0.5, dict_batches(), include=LAYERS, solver="sparsegpt")
+    ids = torch.cat(token_batches(2))  # (8, 16): inputs are the first 15 tokens, targets the next ones
+    result = evaluate(model, TensorDataset(ids[:, :-1], ids[:, 1:]), 3, torch.device("cpu"))
+    with torch.no_grad():
+        expected = float(model(input_ids=ids, labels=ids).loss)  # GPT-2's own shifted next-token loss
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["ppl"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-5)
+    from sparsetrain.train.evaluation import output_logits
+
+    with pytest.raises(TypeError, match="returned a tuple; evaluate needs logits"):
+        output_logits((torch.zeros(2, 3),))
