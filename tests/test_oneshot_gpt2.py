@@ -221,3 +221,23 @@ def test_evaluate_scores_a_pruned_gpt2_by_its_logits():
 
     with pytest.raises(TypeError, match="returned a tuple; evaluate needs logits"):
         output_logits((torch.zeros(2, 3),))
+
+
+# ------------------------------------------------------------- the database's allocation losing is said, not silent
+def test_keeping_magnitudes_allocation_over_the_database_is_a_warning(caplog):
+    # On this random (untrained) GPT-2 the DP's levels have the smaller summed layer error but the larger
+    # calibration loss: the c_proj layers' errors are ~1e-5 (small weights, small inputs) while they write straight
+    # into the residual stream, so the DP prunes them to 95-98%. The fallback was logged at INFO only.
+    model = tiny_gpt2()
+    report: dict = {}
+    errors: dict = {}
+    with caplog.at_level(logging.INFO, logger="sparsetrain"):
+        prune_obc(model, 0.6, dict_batches(), include=LAYERS, allocation="database", report=report,
+                  layer_errors=errors)
+    assert report["allocation"] == "magnitude"
+    losses = report["calibration_loss"]
+    assert losses["database"] > losses["magnitude"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "OBC allocation" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"{losses['database']:.4g}" in warnings[0].getMessage()
+    assert "kept magnitude's allocation at sparsity 0.6" in warnings[0].getMessage()
