@@ -241,3 +241,17 @@ def test_keeping_magnitudes_allocation_over_the_database_is_a_warning(caplog):
     assert len(warnings) == 1
     assert f"{losses['database']:.4g}" in warnings[0].getMessage()
     assert "kept magnitude's allocation at sparsity 0.6" in warnings[0].getMessage()
+
+
+def test_database_levels_of_gpt2_are_stored_in_conv1d_layout_with_their_own_error():
+    # What the DP adds up is what gets stitched: each stored (in, out) level, scored on the layer's dense-model
+    # Hessian, has the error stored with it, and its zeros are the level's.
+    model = tiny_gpt2()
+    db = build_database(model, dict_batches(), grid=(0.0, 0.5, 0.9), include=LAYERS, solver="exact")
+    for name in db.names:
+        w = model.get_parameter(name).detach()
+        h = layer_hessian(model, model.get_submodule(name.rpartition(".")[0]), dict_batches())
+        for level, sparsity in enumerate(db.grid):
+            stored = db.weights[name][level]
+            assert stored.shape == w.shape and int((stored == 0).sum()) == w.numel() - keep_count(w.numel(), sparsity)
+            assert layer_error(w, stored, h) == pytest.approx(float(db.errors[name][level]), rel=1e-4, abs=1e-12)
