@@ -96,6 +96,31 @@ def test_recalibration_gives_the_batch_statistics_by_hand():
     assert model.training and model.bn.training
 
 
+class KeywordBN(nn.Module):
+    """A model called with keyword arguments, as a Hugging Face model is: ``model(pixel_values=x, scale=s)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, pixel_values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.bn(pixel_values * scale)
+
+
+def test_recalibration_takes_hugging_face_mapping_batches():
+    # A mapping batch failed: ``batch.to(device)`` on a dict (AttributeError). It runs as model(**batch), no labels.
+    model = KeywordBN()
+    x = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 2.0], [5.0, 4.0, 2.0], [7.0, 4.0, 2.0]])
+    batch = {"pixel_values": x, "scale": torch.full((4, 1), 2.0), "labels": torch.zeros(4, dtype=torch.long)}
+    assert recalibrate_batchnorm(model, [batch, batch], num_samples=3) == 4
+    assert torch.allclose(model.bn.running_mean, torch.tensor([8.0, 4.0, 4.0]))  # the mean of 2x, by hand
+    assert int(model.bn.num_batches_tracked) == 1
+    model.bn.running_mean.fill_(5.0)
+    with pytest.raises(ValueError, match="a calibration batch must be a tensor.*got a str"):
+        recalibrate_batchnorm(model, ["not a batch"], num_samples=3)
+    assert torch.all(model.bn.running_mean == 5.0)  # a refused batch keeps the old statistics
+
+
 def test_recalibration_input_errors_keep_the_old_statistics():
     model = TinyBN()
     model.bn.running_mean.fill_(5.0)

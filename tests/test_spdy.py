@@ -148,6 +148,28 @@ def test_prune_spdy_meets_the_time_budget_as_predicted(trained, target):
     assert (model(x).argmax(1) == y).float().mean() > 0.5
 
 
+def test_prune_spdy_reports_the_sparsity_a_layer_holds_not_only_its_level(trained):
+    # A layer pruned before keeps its zeros at every level below them: the report gave the level (e.g. 0) as its
+    # sparsity. It now gives the level and, in ``sparsity``, the zeros counted in the pruned weights.
+    from sparsetrain.oneshot import prune_oneshot
+
+    dense, batches, _ = trained
+    model = __import__("copy").deepcopy(dense)
+    prune_oneshot(model, 0.9, include="1.weight")  # 2765 of 3072 weights of the first layer already zero
+    db = build_database(model, batches)
+    timings = cost_model_timings(db)
+    timings.times["1.weight"] = [1.0] * len(db.grid)  # its time does not depend on the level: any level will do
+    report = {}
+    masks = prune_spdy(model, 1.5, batches, database=db, timings=timings, candidates=10, measure=False,
+                       report=report)
+    params = dict(model.named_parameters())
+    for name in db.names:
+        zeros = int((params[name] == 0).sum())
+        assert report["sparsity"][name] == pytest.approx(zeros / params[name].numel())
+        assert zeros == int((~masks[name]).sum()) and report["sparsity"][name] >= report["levels"][name]
+    assert report["sparsity"]["1.weight"] >= 0.9 > report["levels"]["1.weight"]
+
+
 def test_prune_spdy_bad_inputs(trained):
     dense, batches, db = trained
     timings = cost_model_timings(db)
@@ -249,6 +271,10 @@ def test_prune_command_spdy_end_to_end(checkpoint, capsys, cost_clock, tmp_path)
     assert steps[0]["predicted"] >= 1.3 and "calibration on the measured speed-up" in out
     assert metrics["measured_speedup"] >= 1.3 or all(s["measured"] < 1.3 for s in steps)
     assert set(metrics["profile"]) == {"1.weight", "5.weight"} and max(metrics["profile"].values()) >= 0.5
+    for name, fraction in metrics["layer_sparsity"].items():  # the zeros the pruned layers hold, in the table too
+        assert fraction == pytest.approx(float((data["model"][name] == 0).float().mean()))
+        assert fraction >= metrics["profile"][name] and f"{fraction:.4f}" in out
+    assert "level  sparsity  kernel" in out
     assert int((data["model"]["3.weight"] == 0).sum()) == 0  # excluded: dense
     # The timings are cached next to the checkpoint: a second run reads them (and the database) back.
     assert (checkpoint.parent / "dense_best.pt.spdy-times-b1.json").is_file()

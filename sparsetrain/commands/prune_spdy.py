@@ -144,9 +144,11 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
         recalibrated = evaluate(model, splits.test, 1000, device)
     measured_sparsity = weight_sparsity(model.state_dict(), masks)
     params = dict(model.named_parameters())
-    rows = [("layer", "shape", "sparsity", "kernel", "time us", "layer error")]
+    # level: the database's sparsity chosen; sparsity: the zeros the layer holds (more where it had them before).
+    rows = [("layer", "shape", "level", "sparsity", "kernel", "time us", "layer error")]
     for name, level in report["levels"].items():
-        rows.append((name, "x".join(str(s) for s in params[name].shape), f"{level:g}", report["kernels"][name],
+        rows.append((name, "x".join(str(s) for s in params[name].shape), f"{level:g}",
+                     f"{report['sparsity'][name]:.4f}", report["kernels"][name],
                      f"{report['times'][name] * 1e6:.1f}", f"{report['layer_errors'][name]:.4g}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"SPDY profile for {args.target_speedup:g}x at batch {batch_size} ({report['candidates']} candidates, "
@@ -185,6 +187,7 @@ def cmd_prune_spdy(args: argparse.Namespace) -> int:
         "measured_speedup": measured,
         "calibration": calibration,
         "profile": report["levels"],
+        "layer_sparsity": report["sparsity"],
         "metric": metric,
         **score_keys(pruned, metric, "test_{}_pruned"),
         **score_keys(recalibrated or pruned, metric, "test_{}"),

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .calibration import model_inputs, run_model, sample_count, to_device
+
 __all__ = ["recalibrate_batchnorm", "norm_modules"]
 
 
@@ -38,8 +40,11 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable[Any], num_samples: in
 
     Args:
         model: the model (its parameters are not changed).
-        data: batches of inputs, or of ``(inputs, targets, ...)`` tuples (the first element is the input), e.g.
-            ``sparsetrain.train.data.iterate_batches(train_set, 128, shuffle=True, seed=0)``.
+        data: batches as the other one-shot functions take them (``calibration.model_inputs``): tensors of
+            inputs, ``(inputs, targets, ...)`` tuples (the first element is the input), e.g.
+            ``sparsetrain.train.data.iterate_batches(train_set, 128, shuffle=True, seed=0)``, or Hugging Face
+            mappings such as ``{"pixel_values": ..., "labels": ...}``, run as ``model(**batch)`` without
+            ``labels``.
         num_samples: how many samples to use at least (1000 in the CrAM paper).
 
     Returns:
@@ -47,7 +52,8 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable[Any], num_samples: in
         is not read).
 
     Raises:
-        ValueError: ``num_samples`` < 1, or ``data`` yielded no samples (the old statistics are then kept).
+        ValueError: ``num_samples`` < 1, a batch of another form, or ``data`` yielded no samples (the old
+            statistics are then kept).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer (about 1000 is enough), got {num_samples!r}")
@@ -67,9 +73,9 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable[Any], num_samples: in
             m.momentum = None  # cumulative average over the batches, not an exponential one
             m.train()
         for batch in data:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
-            seen += int(x.shape[0])
+            x = model_inputs(batch)
+            run_model(model, to_device(x, device))
+            seen += sample_count(x)
             if seen >= num_samples:
                 break
         if seen == 0:

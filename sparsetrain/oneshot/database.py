@@ -355,8 +355,11 @@ def prune_obc_database(
     re-solving the layers with the most zeros. Then OBC at magnitude's allocation (sequential ``prune_obc``) is run
     too, both are scored by the loss on the calibration samples (cross-entropy when the batches carry class
     labels, else the squared distance to the dense outputs), and the lower one is kept: the result is never
-    worse on the calibration set than OBC at magnitude's allocation. Weights that are not Linear/Conv1D/Conv2d
-    keep their magnitude mask.
+    worse on the calibration set than OBC at magnitude's allocation. Keeping magnitude's is logged as a warning
+    with both losses: the summed layer errors weigh every layer alike, and where a unit of error in one layer
+    moves the output far more than in another (a transformer's residual projections, most of all untrained) or
+    the grid cannot come near magnitude's per-layer counts, the DP's levels can lose. Weights that are not
+    Linear/Conv1D/Conv2d keep their magnitude mask.
 
     Args:
         model, sparsity, calibration_batches, distribution, include, exclude, num_samples, damping, layer_errors:
@@ -416,8 +419,17 @@ def prune_obc_database(
         winner, out, errors = ((stitched, db_masks, db_errors) if won == "database"
                                else (baseline, base_masks, base_errors))
         model.load_state_dict(winner.state_dict())
-        log.info("OBC allocation: calibration loss %.4g (database) vs %.4g (magnitude's allocation); kept %s",
-                 losses["database"], losses["magnitude"], won)
+        if won == "database":
+            log.info("OBC allocation: calibration loss %.4g (database) vs %.4g (magnitude's allocation); kept the "
+                     "database's", losses["database"], losses["magnitude"])
+        else:
+            # Said out loud: the user asked for the database's allocation and gets magnitude's. The DP minimises
+            # the summed layer errors, which weigh every layer alike; where a small error in one layer moves the
+            # output far more than in another (a residual projection of a transformer, a layer the grid cannot
+            # reach exactly), its levels can lose to magnitude's allocation.
+            log.warning("OBC allocation: the database's per-layer sparsities had calibration loss %.4g against "
+                        "%.4g for OBC at magnitude's allocation; kept magnitude's allocation at sparsity %g",
+                        losses["database"], losses["magnitude"], sparsity)
     finally:
         for m, training in modes.items():
             m.train(training)

@@ -604,7 +604,9 @@ def prune_spdy(
         tolerance: the window's relative width above the target (0.1: a 2x target accepts 2.0-2.2x measured).
         calibration_steps: the most searches of the calibration (the first is the uncalibrated one), >= 1.
         progress: progress bars (database build, search) on stderr.
-        report: if given, filled with ``levels`` (name -> sparsity), ``layer_errors``, ``times`` (name -> seconds
+        report: if given, filled with ``levels`` (name -> the database level's sparsity), ``sparsity`` (name ->
+            the fraction of zeros the layer holds after pruning: more than its level where the model had more
+            zeros there already, e.g. pruned before), ``layer_errors``, ``times`` (name -> seconds
             at the chosen level), ``kernels``, ``predicted_speedup``, ``measured_speedup`` (None if not
             measured), ``max_speedup``, ``calibration_loss`` (``{'dense errors': c = 1 profile, 'chosen': ...}``),
             ``candidates``, ``database`` and ``timings`` ('built'/'cache', 'measured'/'cache'), and
@@ -729,6 +731,8 @@ def prune_spdy(
     if report is not None:
         report.update(
             levels={n: db.grid[lv] for n, lv in zip(db.names, levels)},
+            # Counted in the pruned weights: a level is the least sparsity, a layer pruned before may hold more.
+            sparsity={n: 1.0 - float(masks[n].sum()) / masks[n].numel() for n in db.names},
             layer_errors={n: float(db.errors[n][lv]) for n, lv in zip(db.names, levels)},
             times={n: times.times[n][lv] for n, lv in zip(db.names, levels)},
             kernels={n: times.kernels[n][lv] for n, lv in zip(db.names, levels)},

@@ -42,18 +42,37 @@ METRICS = {
 }
 
 
+def output_logits(out: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, or the ``logits`` of a Hugging Face ``ModelOutput``
+    (any mapping with that entry), so a ``transformers`` model is scored like a zoo model.
+
+    Raises:
+        TypeError: any other output (the message names its type).
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else None
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"the model returned a {type(out).__name__}; evaluate needs logits: a tensor, or a "
+                    "Hugging Face ModelOutput (a mapping) with 'logits'")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
     """Loss, accuracy and perplexity of ``model`` on ``dataset`` (model put in eval mode and restored).
 
-    For a language model the loss is per token, the accuracy that of next-token prediction, and ``ppl`` its
-    perplexity ``exp(loss)``; for a classifier ``ppl`` is ``exp`` of its loss too, but runs do not report it."""
+    ``dataset`` is a ``TensorDataset`` of ``(inputs, targets)``; for a language model the targets are the next
+    tokens (the inputs shifted by one, as the ``text`` dataset gives them). ``model(inputs)`` may return the
+    logits or a Hugging Face ``ModelOutput`` (its ``.logits`` are scored: a pruned GPT-2's perplexity needs no
+    wrapper). For a language model the loss is per token, the accuracy that of next-token prediction, and ``ppl``
+    its perplexity ``exp(loss)``; for a classifier ``ppl`` is ``exp`` of its loss too, but runs do not report it."""
     was_training = model.training
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in iterate_batches(dataset, batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
-        logits = model(x)
+        logits = output_logits(model(x))
         total_loss += float(batch_loss(logits, y, reduction="sum"))
         hits, count = count_correct(logits, y)
         correct, seen = correct + hits, seen + count
