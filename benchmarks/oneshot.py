@@ -29,7 +29,22 @@ speed-up is closest to SPDY's is the comparison.
     python benchmarks/oneshot.py --mode database --models lenet5 mlp
     python benchmarks/oneshot.py --mode spdy --epochs 1 --target-speedup 2 --batch-size 1
 
-Results go to benchmarks/results/oneshot/ (one JSON line per row and a markdown table per mode).
+``--models gpt``: a language model. The zoo ``gpt`` of ``benchmarks/text.py`` (2 layers, 4 heads, width 64, tied
+head; AdamW, cosine schedule) trained dense ``--epochs`` on the ``text`` dataset (1 MB of the standard library's
+sources, 64-byte windows, split by position), then pruned at each sparsity with magnitude (global and uniform),
+OBC at magnitude's allocation (global and uniform, ``solver="auto"``), OBC with ``allocation="database"`` (its
+database cached per draw under ``runs/``; the default, against OBC at the global allocation, and against OBC
+uniform: ``distribution="uniform"``) and one-shot M-FAC (global, ``--gradients`` gradients of ``--samples /
+--gradients`` windows each, one row per ``--blocks`` size: 0 is one block of every pruned weight). The token and
+position embeddings and the tied head stay dense (the model's ``keep_dense``, every method's default selection).
+Calibration: ``--samples`` training windows per ``--seeds`` draw, never the test part. Reported per row: test
+perplexity and next-byte accuracy, the measured sparsity of the pruned layers, and the pruning time; the table
+also gives the unigram perplexity of the test bytes (training frequencies), the bar a model must clear.
+
+    python benchmarks/oneshot.py --models gpt --epochs 6 --seeds 0 1 2 --samples 512 --sparsities 0.5 0.7 0.9 2:4
+
+Results go to benchmarks/results/oneshot/ (one JSON line per row and a markdown table per mode; the language
+model's in ``gpt.jsonl`` and ``gpt-<epochs>ep.md``).
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ import copy
 import json
 import logging
 import multiprocessing
+import os
 import resource
 import statistics
 import time
@@ -52,6 +68,7 @@ from sparsetrain.oneshot import (
     build_database,
     measure_speedup,
     norm_modules,
+    prune_mfac,
     prune_obc,
     prune_oneshot,
     prune_spdy,
@@ -78,7 +95,164 @@ def train_dense(model_name: str, epochs: int, out: Path) -> nn.Module:
     return restore_model(load(path), str(path))
 
 
+def train_dense_text(epochs: int, out: Path) -> nn.Module:
+    """The dense ``gpt`` of ``benchmarks/text.py`` (its model, data, optimizer and schedule), trained once."""
+    from text import COMMON, SIZE
+
+    run_dir = out / f"dense-gpt-{epochs}ep"
+    if not (run_dir / "sparse_final.pt").exists():
+        config = resolve(None, {**SIZE, **COMMON, "method": "dense", "epochs": epochs, "seed": 0, "threads": 2,
+                                "out": str(run_dir)})  # fmt: skip
+        Run(config).run()
+    from sparsetrain.train.checkpoint import load, restore_model
+
+    path = run_dir / "sparse_final.pt"
+    return restore_model(load(path), str(path))
+
+
+def unigram_ppl(train, test) -> float:
+    """Perplexity of the test bytes under the training bytes' frequencies (add-one): the bar a model must clear."""
+    counts = torch.bincount(train.tensors[1].flatten().long(), minlength=256).double() + 1
+    logp = (counts / counts.sum()).log()
+    return float((-logp[test.tensors[1].flatten().long()].mean()).exp())
+
+
+def pruned_sparsity(model: nn.Module, masks: dict) -> float:
+    """Zeros held by the pruned weights (the masks' parameters), as a fraction of them."""
+    params = dict(model.named_parameters())
+    zeros = sum(int((params[name] == 0).sum()) for name in masks)
+    return zeros / sum(params[name].numel() for name in masks)
+
+
+def prune_text(dense, method: str, sparsity, distribution: str, batches, args, database=None, block=None) -> tuple:
+    """One pruned copy of the language model: (model, masks, seconds, details); ``block``: M-FAC's block size."""
+    model = copy.deepcopy(dense)
+    target = None if isinstance(sparsity, str) else sparsity
+    mask_type = _mask_type(sparsity)
+    report: dict = {}
+    start = time.perf_counter()
+    if method == "magnitude":
+        masks = prune_oneshot(model, target, mask_type=mask_type, distribution=distribution)
+    elif method == "obc" and distribution.startswith("database"):  # "database-uniform": uniform's total, fallback
+        masks = prune_obc(model, target, batches, distribution="uniform" if "uniform" in distribution else "global",
+                          allocation="database", database=database, report=report)  # fmt: skip
+    elif method == "obc":
+        masks = prune_obc(model, target, batches, mask_type=mask_type, distribution=distribution)
+    else:
+        masks = prune_mfac(model, target, batches, num_gradients=args.gradients, num_samples=args.samples,
+                           block_size=block, mask_type=mask_type, distribution=distribution, report=report)
+    seconds = time.perf_counter() - start
+    details = {"allocation": report["allocation"]} if "allocation" in report else {}
+    if "damp" in report:
+        details["damp"] = report["damp"]
+    return model, masks, seconds, details
+
+
+def run_text(args, out: Path) -> None:
+    """``--models gpt``: one-shot pruning of a language model, scored by test perplexity."""
+    from text import SIZE
+
+    cpu = torch.device("cpu")
+    splits = load_dataset("text", val_fraction=0.1, seed=0, options=SIZE["dataset_options"])  # the trainer's split
+    dense = train_dense_text(args.epochs, out)
+    dense_result = evaluate(dense, splits.test, 256, cpu)
+    unigram = unigram_ppl(splits.train, splits.test)
+    print(f"gpt: dense test perplexity {dense_result['ppl']:.3f}, next-byte accuracy {dense_result['acc']:.2f} "
+          f"(unigram perplexity {unigram:.2f}); {len(splits.train)} training windows, {len(splits.test)} test",
+          flush=True)  # fmt: skip
+    common = {"model": "gpt", "epochs": args.epochs, "dense_ppl": dense_result["ppl"], "dense_acc": dense_result["acc"],
+              "unigram_ppl": unigram, "samples": args.samples, "threads": torch.get_num_threads(),
+              "date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()}  # fmt: skip
+    plan = []
+    for text in args.sparsities:
+        sparsity = text if ":" in text else float(text)
+        if isinstance(sparsity, str):
+            plan += [("magnitude", "per group", None), ("obc", "per group", None)]
+            plan += [("mfac", "per group", block or None) for block in args.blocks]
+        else:
+            plan += [("magnitude", "global", None), ("magnitude", "uniform", None), ("obc", "global", None),
+                     ("obc", "uniform", None), ("obc", "database", None),
+                     ("obc", "database-uniform", None)]  # fmt: skip
+            plan += [("mfac", "global", block or None) for block in args.blocks]
+        for method, distribution, block in plan:
+            if method in args.skip:
+                continue
+            # Magnitude pruning uses no calibration data: one row whatever the draw.
+            for seed in [None] if method == "magnitude" else args.seeds:
+                batches = calibration_batches(splits.train, args.samples, seed) if seed is not None else None
+                cache = out / "runs" / f"gpt-{args.epochs}ep-seed{seed}-{args.samples}.obcdb.safetensors"
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                allocation = "global" if distribution == "per group" else distribution
+                model, masks, seconds, details = prune_text(dense, method, sparsity, allocation, batches, args, cache,
+                                                            block)
+                result = evaluate(model, splits.test, 256, cpu)
+                row = {**common, "sparsity": text, "method": method, "distribution": distribution, "seed": seed,
+                       "test_ppl": result["ppl"], "test_acc": result["acc"], "test_loss": result["loss"],
+                       "measured_sparsity": pruned_sparsity(model, masks),
+                       "pruned_weights": sum(m.numel() for m in masks.values()), "seconds": seconds, "block": block,
+                       "gradients": args.gradients if method == "mfac" else None, **details}  # fmt: skip
+                with open(out / "gpt.jsonl", "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(f"gpt {text:>5s} {method:9s} {distribution:9s} block {block} draw {seed}  "
+                      f"test ppl {result['ppl']:8.3f}  acc {result['acc']:6.2f}  "
+                      f"sparsity {row['measured_sparsity']:.4f}  {seconds:6.1f}s"
+                      f"{'  ' + str(details) if details else ''}", flush=True)  # fmt: skip
+        plan = []
+    # The table covers every row in gpt.jsonl of this epoch count; a rerun of the same row replaces it.
+    latest = {}
+    for line in (out / "gpt.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["epochs"] == args.epochs:
+            key = (row["sparsity"], row["method"], row["distribution"], row.get("block"), row["seed"], row["samples"])
+            latest[key] = row
+    table = summarize_text(list(latest.values()))
+    (out / f"gpt-{args.epochs}ep.md").write_text(table + "\n")
+    print(table)
+
+
+NAMES = {("magnitude", "global"): "magnitude, global", ("magnitude", "uniform"): "magnitude, uniform",
+         ("obc", "global"): "OBC at global magnitude's allocation", ("obc", "uniform"): "OBC, uniform",
+         ("obc", "database"): "OBC, database allocation",
+         ("obc", "database-uniform"): "OBC, database allocation against OBC uniform",
+         ("mfac", "global"): "M-FAC, global",
+         ("magnitude", "per group"): "magnitude", ("obc", "per group"): "OBC", ("mfac", "per group"): "M-FAC"}
+
+
+def summarize_text(rows: list[dict]) -> str:
+    """One line per sparsity and method: test perplexity and next-byte accuracy (mean +- std over draws)."""
+    first = rows[0]
+    lines = [f"Dense gpt ({first['epochs']} epochs): test perplexity {first['dense_ppl']:.3f}, next-byte accuracy "
+             f"{first['dense_acc']:.2f}% (unigram perplexity {first['unigram_ppl']:.2f}).", "",
+             "| sparsity | method | draws | test ppl | test next-byte acc (%) | measured sparsity | time (s) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    order = {key: i for i, key in enumerate(NAMES)}
+    levels = sorted({r["sparsity"] for r in rows}, key=lambda s: (":" in s, s))
+    for sparsity in levels:
+        here = [r for r in rows if r["sparsity"] == sparsity]
+        keys = sorted({(r["method"], r["distribution"], r.get("block") or 0) for r in here},
+                      key=lambda k: (order[k[:2]], k[2]))  # fmt: skip
+        for key in keys:
+            group = [r for r in rows if r["sparsity"] == sparsity and
+                     (r["method"], r["distribution"], r.get("block") or 0) == key]  # fmt: skip
+
+            def stat(values, digits=3):
+                if len(values) == 1:
+                    return f"{values[0]:.{digits}f}"
+                return f"{statistics.mean(values):.{digits}f} +- {statistics.pstdev(values):.{digits}f}"
+
+            chose = sorted({r["allocation"] for r in group if r.get("allocation")})
+            name = NAMES[key[:2]] + (f" (kept: {', '.join(chose)})" if key[1].startswith("database") else "")
+            if key[0] == "mfac":
+                name += f", {group[0]['gradients']} gradients, " + (f"blocks of {key[2]}" if key[2] else "one block")
+            lines.append(f"| {sparsity} | {name} | {len(group) if group[0]['seed'] is not None else '-'} | "
+                         f"{stat([r['test_ppl'] for r in group])} | {stat([r['test_acc'] for r in group], 2)} | "
+                         f"{stat([r['measured_sparsity'] for r in group], 4)} | "
+                         f"{statistics.mean(r['seconds'] for r in group):.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def calibration_batches(train, samples: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``samples`` training samples (images, or text windows and their next bytes) drawn with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(train), generator=generator)[:samples]
     x, y = train[index]
@@ -281,6 +455,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--grid", nargs="+", type=float, help="spdy: the database's sparsity levels (default: "
                         "the library's 12, 0-0.98)")
+    parser.add_argument("--gradients", type=int, default=128, help="gpt: M-FAC's gradients (of --samples windows)")
+    parser.add_argument("--blocks", nargs="+", type=int, default=[0, 128],
+                        help="gpt: M-FAC's block sizes, one row each (0: one block of every pruned weight)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("magnitude", "obc", "mfac"),
+                        help="gpt: methods to leave out")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -288,6 +467,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "database":
         return run_database(args, out)
+    if "gpt" in args.models:
+        if args.models != ["gpt"] or args.mode != "compare":
+            parser.error("--models gpt runs alone, in the compare mode (the language model's own table)")
+        return run_text(args, out)
     splits = load_dataset("fashion-mnist", val_fraction=0.1, seed=0)  # the trainer's split: calibrate on its train part
     if args.mode == "spdy":
         # The per-layer timing table and each calibration step, as prune_spdy logs them.
