@@ -131,9 +131,7 @@ def sample_count(x: ModelInput) -> int:
 
 def take(x: ModelInput, n: int) -> ModelInput:
     """The first ``n`` samples of ``x`` (every tensor of a mapping cut along dim 0)."""
-    if isinstance(x, Tensor):
-        return x[:n]
-    return {k: v[:n] if isinstance(v, Tensor) and v.dim() else v for k, v in x.items()}
+    return index(x, slice(None, n))
 
 
 def to_device(x: ModelInput, device: torch.device) -> ModelInput:
@@ -152,8 +150,8 @@ def concat(xs: Sequence[ModelInput]) -> ModelInput:
             for k, v in xs[0].items()}
 
 
-def index(x: ModelInput, rows: Tensor) -> ModelInput:
-    """The samples ``rows`` of ``x``."""
+def index(x: ModelInput, rows: Tensor | slice) -> ModelInput:
+    """The samples ``rows`` (indices or a slice) of ``x``."""
     if isinstance(x, Tensor):
         return x[rows]
     return {k: v[rows] if isinstance(v, Tensor) and v.dim() else v for k, v in x.items()}

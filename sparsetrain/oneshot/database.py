@@ -83,11 +83,6 @@ def _check_grid(grid: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
-def _collect(batches: Iterable[Any], num_samples: int | None) -> tuple[list[ModelInput], list[Tensor] | None]:
-    """Inputs (and targets, when every batch has them) of the batches, cut to ``num_samples`` in all."""
-    return collect_batches(batches, num_samples)
-
-
 def _exact_layers(model: nn.Module, names: Iterable[str], sample: ModelInput) -> list[tuple[str, nn.Module]]:
     """The (name, module) of the Linear/Conv1D/Conv2d weights among ``names`` that run in the forward pass, in order."""
     found: dict[nn.Module, str] = {}
@@ -208,7 +203,7 @@ def build_database(
     choose_solver((1, 1), solver)
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
-    inputs, _ = _collect(calibration_batches, num_samples)
+    inputs, _ = collect_batches(calibration_batches, num_samples)
     return _build(model, inputs, grid, include, exclude, damping, cache, solver, progress)
 
 
@@ -384,7 +379,7 @@ def prune_obc_database(
                      "layer's count: use allocation='magnitude'")
     masks = prune_oneshot(copy.deepcopy(model), sparsity, distribution=distribution, include=include,
                           exclude=exclude)
-    inputs, targets = _collect(calibration_batches, num_samples)
+    inputs, targets = collect_batches(calibration_batches, num_samples)
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (e.g. 0.01), got {damping!r}")
     modes = {m: m.training for m in model.modules()}

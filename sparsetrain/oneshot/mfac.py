@@ -54,7 +54,7 @@ from ..core.selection import input_dim
 from ..distributions import layer_sparsities
 from ..maskops import check_sparsity, global_topk_masks, nm_mask, parse_nm, topk_mask
 from ..mfac import MFACInverse
-from .calibration import ModelInput, concat, model_inputs, sample_count, take, to_device
+from .calibration import ModelInput, batch_targets, concat, index, model_inputs, sample_count, take, to_device
 from .database import _output_tensor
 from .magnitude import prune_oneshot
 
@@ -84,7 +84,7 @@ def _default_loss(outputs: Any, targets: Tensor) -> Tensor:
     """Mean cross-entropy of a model's logits: (N, C) against labels (N,), a language model's (N, T, C) against
     its next tokens (N, T) averaged over every position (as the trainer scores them), or the ``.logits`` of a
     Hugging Face model output (``GPT2LMHeadModel(input_ids)`` returns one, not a tensor)."""
-    logits = getattr(outputs, "logits", outputs)
+    logits = _output_tensor(outputs)
     if logits.dim() == 3:
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     return nn.functional.cross_entropy(logits, targets)
@@ -102,15 +102,11 @@ def _batches_of_samples(batches: Iterable[Any], count: int, size: int) -> list[t
     need = count * size
     seen = 0
     for batch in batches:
-        if isinstance(batch, Mapping):
-            if not isinstance(batch.get("labels"), Tensor):
-                raise ValueError(f"{_NEEDS_TARGETS}; got a mapping with keys {list(batch)!r}")
-            y = batch["labels"]
-        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            y = batch[1]
-        else:
-            raise ValueError(f"{_NEEDS_TARGETS}; got a {type(batch).__name__}"
-                             + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        y = batch_targets(batch)
+        if y is None:
+            what = (f"a mapping with keys {list(batch)!r}" if isinstance(batch, Mapping) else
+                    f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+            raise ValueError(f"{_NEEDS_TARGETS}; got {what}")
         x = model_inputs(batch)
         cut = min(sample_count(x), need - seen)
         xs.append(take(x, cut))
@@ -122,13 +118,7 @@ def _batches_of_samples(batches: Iterable[Any], count: int, size: int) -> list[t
         raise ValueError("no calibration data: the calibration batches yielded no sample (pass training batches)")
     x, y = concat(xs), torch.cat(ys)
     full = seen // size
-    return [(_rows(x, i * size, (i + 1) * size), y[i * size : (i + 1) * size]) for i in range(full)]
-
-
-def _rows(x: ModelInput, start: int, stop: int) -> ModelInput:
-    if isinstance(x, Tensor):
-        return x[start:stop]
-    return {k: v[start:stop] if isinstance(v, Tensor) and v.dim() else v for k, v in x.items()}
+    return [(index(x, slice(i * size, (i + 1) * size)), y[i * size : (i + 1) * size]) for i in range(full)]
 
 
 def _batch_loss(model: Callable[..., Any], x: ModelInput, y: Tensor,

@@ -52,8 +52,8 @@ from torch import Tensor, nn
 from .._atomic import write_text_atomic
 from ..inference import SparseLinear, _capture_inputs, _ineligible, time_call, time_paired, to_sparse_kernels
 from .allocation import allocate_under_budget
-from .calibration import ModelInput, concat, index, run_model, sample_count, to_device
-from .database import DEFAULT_GRID, ObcDatabase, _build, _calibration_loss, _check_grid, _collect
+from .calibration import ModelInput, collect_batches, concat, index, run_model, sample_count, to_device
+from .database import DEFAULT_GRID, ObcDatabase, _build, _calibration_loss, _check_grid
 
 __all__ = ["SpdyTimings", "measure_timings", "search_profile", "prune_spdy", "max_speedup", "measure_speedup",
            "calibrate_to_measured"]
@@ -636,7 +636,7 @@ def prune_spdy(
     if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 1:
         raise ValueError(f"calibration_steps must be a positive integer (e.g. 5), got {calibration_steps!r}")
     grid = _check_grid(grid)
-    inputs, targets = _collect(calibration_batches, num_samples)
+    inputs, targets = collect_batches(calibration_batches, num_samples)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
