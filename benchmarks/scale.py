@@ -7,11 +7,16 @@ of an identical dense model, in interleaved ABBA pairs; the median of the pairs'
 ``Sparsifier.memory_bytes()`` reports per sparsified weight. ``enforce='always'`` re-zeroes after every step (two
 passes per step, as before the re-zeroing was skipped where the optimizer cannot move masked weights);
 ``mask_storage='packed'`` holds the masks a bit per weight and unpacks them block by block in the enforcement.
+"gmp, MaskedSGD" trains with ``sparsetrain.optim.MaskedSGD``, which masks the gradients inside its compiled update
+instead of in a separate pass; ``--dense-optimizer fused`` times the dense model with torch's fused SGD kernel, the
+fastest dense update torch has on CPU, so that the ratio is the masks' cost alone, not the compiled update's gain.
 
     python benchmarks/scale.py                      # 1M, 10M, 100M single process, then DDP vs FSDP2 at 10M
     python benchmarks/scale.py --no-single --distributed-size 1M --rounds 3
     python benchmarks/scale.py --sizes 1M 10M --rounds 3 --no-distributed --threads 2
     python benchmarks/scale.py --kernel --threads 2     # the enforcement pass alone: bool against packed masks
+    python benchmarks/scale.py --kinds mlp --sizes 100M --no-distributed --threads 2 --rounds 9 --steps 4 \
+        --variants gmp "gmp, MaskedSGD" --dense-optimizer fused
 """
 
 from __future__ import annotations
@@ -39,13 +44,21 @@ BATCH = 32
 MLP_SIZES = {"1M": (512, 4), "10M": (1024, 10), "100M": (4096, 6), "400M": (8192, 6)}
 BLOCK_SIZES = {"1M": (128, 5), "10M": (256, 13), "100M": (768, 14), "400M": (1536, 14)}
 SEQ = 8
+# The optimizers steps are timed with (SGD momentum 0.9, lr 1e-3); "masked" is the sparse side's MaskedSGD.
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
+    "fused": lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True),
+    "masked": lambda params: sparsetrain.optim.MaskedSGD(params, lr=1e-3, momentum=0.9),
+}
 VARIANTS = {
-    # name: (method, options)
+    # name: (method, options[, optimizer of the sparse model, "sgd" if left out])
     "gmp": ("gmp", dict(unit="steps", start=0, end=1, frequency=1)),
     "acdc": ("acdc", dict(unit="steps", warmup=1, compressed=10_000, decompressed=1, final=1)),
     "rigl": ("rigl", dict(delta=1000)),
     "gmp, enforce=always": ("gmp", dict(unit="steps", start=0, end=1, frequency=1, enforce="always")),
     "gmp, packed": ("gmp", dict(unit="steps", start=0, end=1, frequency=1, mask_storage="packed")),
+    "gmp, MaskedSGD": ("gmp", dict(unit="steps", start=0, end=1, frequency=1), "masked"),
+    "acdc, MaskedSGD": ("acdc", dict(unit="steps", warmup=1, compressed=10_000, decompressed=1, final=1), "masked"),
 }
 
 
@@ -73,8 +86,8 @@ def build(kind: str, size: str) -> tuple[nn.Module, torch.Tensor]:
     return Blocks(width, layers), torch.randn(BATCH, SEQ, width)
 
 
-def sgd(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+def sgd(model: nn.Module, kind: str = "sgd") -> torch.optim.Optimizer:
+    return OPTIMIZERS[kind](model.parameters())
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable:
@@ -101,30 +114,33 @@ def paired_ratio(dense: Callable, sparse: Callable, rounds: int, steps: int) -> 
     return statistics.median(ratios), ratios
 
 
-def bench_single(kind: str, size: str, rounds: int, variants: list[str], steps: int | None = None) -> dict:
+def bench_single(
+    kind: str, size: str, rounds: int, variants: list[str], steps: int | None = None, dense_optimizer: str = "sgd"
+) -> dict:
     base, x = build(kind, size)
     y = torch.randint(0, 10, (BATCH,))
     n_params = sum(p.numel() for p in base.parameters())
     steps = steps or (1 if size in ("100M", "400M") else 3)
     dense = copy.deepcopy(base)
-    dense_step = make_step(dense, sgd(dense), x, y)
+    dense_step = make_step(dense, sgd(dense, dense_optimizer), x, y)
     timed(dense_step, 2)
     dense_ms = 1000 * timed(dense_step, steps)
     rows = {}
     for name in variants:
-        method, options = VARIANTS[name]
+        method, options, *optimizer_kind = VARIANTS[name]
         model = copy.deepcopy(base)
-        optimizer = sgd(model)
+        optimizer = sgd(model, *optimizer_kind)
         sparsifier = sparsetrain.create(method, model, sparsity=SPARSITY, total_steps=100_000, **options)
         sparsifier.attach(optimizer)
         step = make_step(model, optimizer, x, y)
-        timed(step, 3)  # past the first mask update and the first (full) enforcement
+        timed(step, 3)  # past the first mask update and the first (full) enforcement (and a kernel's compilation)
         median, ratios = paired_ratio(dense_step, step, rounds, steps)
         memory = sparsifier.memory_bytes()
         rows[name] = {"ratio": median, "ratios": ratios, "bytes_per_param": memory.bytes_per_parameter,
                       "workspace_bytes": memory.workspace, "enforcement": dict(sparsifier.enforcement)}  # fmt: skip
         del model, optimizer, sparsifier, step
-    return {"kind": kind, "size": size, "params": n_params, "dense_step_ms": dense_ms, "variants": rows}
+    return {"kind": kind, "size": size, "params": n_params, "dense_step_ms": dense_ms,
+            "dense_optimizer": dense_optimizer, "variants": rows}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ 2 processes
@@ -254,11 +270,19 @@ def main() -> None:
                         "100M and 400M)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                         help=f"single-process variants (default: all of {', '.join(map(repr, VARIANTS))})")
+    parser.add_argument("--dense-optimizer", default="sgd", choices=["sgd", "fused"], help="the dense baseline's "
+                        "SGD: torch's default (foreach) or its fused kernel")
+    parser.add_argument("--steady-malloc", action="store_true", help="glibc serves every allocation from its heap "
+                        "and keeps it (structured.py's steady_malloc): no fresh, page-faulted gradient buffers")
     parser.add_argument("--kernel", action="store_true", help="only the enforcement pass over 100M values")
     parser.add_argument("--mask-placement", action="store_true", help="only the gradient-masking pass's placement "
                         "(before the step or in a post-accumulate hook) against no masking, MLP of --sizes")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.steady_malloc:
+        from structured import steady_malloc
+
+        steady_malloc()
     if args.mask_placement:
         torch.set_num_threads(args.threads)
         for size in args.sizes:
@@ -274,12 +298,14 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"batch {BATCH}, sparsity {SPARSITY}, SGD momentum; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"batch {BATCH}, sparsity {SPARSITY}, SGD momentum (dense: {args.dense_optimizer}); steady malloc "
+          f"{args.steady_malloc}; "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     single = []
     print(f"{'model':8s}{'params':>8s}{'dense ms':>10s}  " + "".join(f"{v:>26s}" for v in args.variants))
     for kind in [] if args.no_single else args.kinds:
         for size in args.sizes:
-            row = bench_single(kind, size, args.rounds, args.variants, args.steps)
+            row = bench_single(kind, size, args.rounds, args.variants, args.steps, args.dense_optimizer)
             single.append(row)
             cells = "".join(f"{r['ratio']:>14.3f}x {r['bytes_per_param']:5.3f} B/p" for r in row["variants"].values())
             print(f"{kind:8s}{row['params'] / 1e6:7.1f}M{row['dense_step_ms']:10.1f}  {cells}", flush=True)

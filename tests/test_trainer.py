@@ -154,3 +154,14 @@ def test_optimizer_takes_the_multi_tensor_step_with_the_loops_results(name) -> N
             opt.step()
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p, q)
+
+
+def test_masked_sgd_trains_the_run_with_the_masks_inside_its_update(tmp_path) -> None:
+    """optimizer=masked_sgd: the trainer's sparsifier hands the optimizer its masks, skips the re-zeroing after
+    every step but the first of each mask, and the run ends at exactly the asked sparsity."""
+    run = loop.Run(TrainConfig.from_dict(_config(tmp_path, "gmp", optimizer="masked_sgd", plots=False)))
+    summary = run.run()
+    assert type(run.optimizer).__name__ == "MaskedSGD"
+    assert run.sparsifier._masks_handed_to is run.optimizer
+    assert run.sparsifier.enforcement["skipped"] > run.sparsifier.enforcement["rezeroed"]
+    assert summary["sparse_model"]["sparsity"] == pytest.approx(0.9)

@@ -243,6 +243,13 @@ _KEEPS_ZEROS: dict[type, Callable[[dict], bool]] = {
 }
 
 
+def register_keeps_zeros(optimizer_type: type, like: type) -> None:
+    """Declare that ``optimizer_type``'s update keeps zeros under the same conditions as ``like``'s (a type listed
+    in ``_KEEPS_ZEROS``), so the post-step re-zeroing may be skipped with it too. For optimizers that apply
+    ``like``'s update rule, such as :class:`sparsetrain.optim.MaskedSGD`."""
+    _KEEPS_ZEROS[optimizer_type] = _KEEPS_ZEROS[like]
+
+
 def optimizer_keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer``'s next step leaves weights at +0.0 whose gradient and first moments are exactly 0.
 
@@ -448,6 +455,8 @@ class Sparsifier:
         self._listeners: list[Callable[[Event], None]] = []
         self._hooks: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
+        # The attached optimizer that masks gradients in its own update (see before_step), if any.
+        self._masks_handed_to: torch.optim.Optimizer | None = None
         self._replaced_under_attached = False  # see _follow_model_parameters
         self._phase: str | None = None
         self.setup()
@@ -594,7 +603,28 @@ class Sparsifier:
         ]
         self._zero_state_where_masked(optimizer)
         self._forget_zeros()
+        self._hand_over_masks()
         return self
+
+    # Methods that read the gradients after masking them in before_step (M-FAC records them) need them masked
+    # in .grad itself, so they keep the pass even with an optimizer that masks inside its update.
+    reads_masked_gradients: ClassVar[bool] = False
+
+    def _hand_over_masks(self) -> None:
+        """Give the attached optimizer the masks to apply inside its update, if it can (``use_masks``).
+
+        Not for packed masks (the optimizer's kernel reads bool masks) or methods that read the masked gradients.
+        Called at attach and whenever the enforced masks or the parameters change.
+        """
+        optimizer = self._optimizer if self._hooks else None
+        takes = callable(getattr(optimizer, "use_masks", None))
+        if not takes or isinstance(self.masks, PackedMasks) or self.reads_masked_gradients:
+            if self._masks_handed_to is not None:
+                self._masks_handed_to.use_masks({})
+            self._masks_handed_to = None
+            return
+        optimizer.use_masks({self.params[n]: m for n, m in self._enforced_masks.items()})
+        self._masks_handed_to = optimizer
 
     def _not_held_by(self, optimizer: torch.optim.Optimizer) -> list[str]:
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -659,6 +689,7 @@ class Sparsifier:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._hand_over_masks()  # takes them back: a detached optimizer masks nothing
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The attached hooks' work, called by hand right after ``optimizer.step()``: ``sparsifier.step(optimizer)``.
@@ -1154,7 +1185,15 @@ class Sparsifier:
 
     # ----------------------------------------------------------------- enforcement
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Set the gradients of masked weights to exactly 0 (NaN and inf too): no optimizer buffer leaks into them."""
+        """Set the gradients of masked weights to exactly 0 (NaN and inf too): no optimizer buffer leaks into them.
+
+        An attached optimizer that masks gradients inside its update (:class:`sparsetrain.optim.MaskedSGD`,
+        handed the masks by :meth:`_hand_over_masks`) makes this pass unnecessary: the step applies masked
+        gradients all the same.
+        """
+        if self._masks_handed_to is not None and self._masks_handed_to is optimizer:
+            self._grads_masked_at = self.mask_version
+            return
         self.mask_gradients()
 
     def mask_gradients(self) -> None:
@@ -1262,6 +1301,7 @@ class Sparsifier:
             self._enforced_masks = {n: masks.packed(n) for n, m in masks.items() if not bool(m.all())}
         else:
             self._enforced_masks = {n: m for n, m in masks.items() if not bool(m.all())}
+        self._hand_over_masks()
 
     @torch.no_grad()
     def _keep_second_moments(self, optimizer: torch.optim.Optimizer, masks: dict[str, Tensor]) -> None:

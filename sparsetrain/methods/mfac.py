@@ -48,6 +48,8 @@ class MFACPruning(GMP):
     (unchecked).
     """
 
+    reads_masked_gradients = True  # the recorded gradients must be the masked ones, in .grad itself
+
     shardable = False  # see Sparsifier.shardable
     needs_attach = True  # the gradients are read in the pre-step hook
     reason = "mfac {sparsity:.4f}"

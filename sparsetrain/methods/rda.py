@@ -206,3 +206,4 @@ class RDAMethod(Sparsifier):
             super()._refresh_enforced_masks()
         else:
             self._enforced_masks = {}
+            self._hand_over_masks()

@@ -36,7 +36,8 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "epochs": (30, (int,), "training epochs"),
     "batch_size": (128, (int,), "training batch size"),
     "eval_batch_size": (1000, (int,), "evaluation batch size"),
-    "optimizer": ("sgd", (str,), "sgd, adam or adamw"),
+    "optimizer": ("sgd", (str,), "sgd, masked_sgd (SGD that masks gradients inside its compiled update, for "
+                  "large models), adam or adamw"),
     "lr": (0.05, (float, int), "peak learning rate"),
     "momentum": (0.9, (float, int), "SGD momentum"),
     "nesterov": (True, (bool,), "Nesterov momentum for SGD"),
@@ -65,7 +66,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
 }
 
 CHOICES = {
-    "optimizer": ("sgd", "adam", "adamw"),
+    "optimizer": ("sgd", "masked_sgd", "adam", "adamw"),
     "schedule": tuple(LR_SCHEDULES),
     "device": ("auto", "cpu", "cuda"),
     "comm_hook": tuple(HOOK_REGISTRY),

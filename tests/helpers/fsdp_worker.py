@@ -42,11 +42,14 @@ RUNS = {
     "acdc_packed": ("acdc", dict(unit="steps", warmup=3, compressed=4, decompressed=4, final=6, mask_storage="packed"),
                     "sgd"),
     "rigl_packed": ("rigl", dict(delta=3, t_end=0.75, mask_storage="packed"), "adamw"),
+    # the gradients masked inside the optimizer's update, on each rank's rows
+    "acdc_masked_sgd": ("acdc", dict(unit="steps", warmup=3, compressed=4, decompressed=4, final=6), "masked_sgd"),
 }
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
     "adam": lambda p: torch.optim.Adam(p, lr=0.01),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.01),
+    "masked_sgd": lambda p: sparsetrain.optim.MaskedSGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
 }
 
 
@@ -139,6 +142,7 @@ def report(run: str) -> dict:
         "mask_updates": sparsifier.mask_version,
         "resume_bit_identical": bool(same and same_masks and resumed.history == sparsifier.history),
         "memory_bytes_per_parameter": sparsifier.memory_bytes().bytes_per_parameter,
+        "masks_in_optimizer": sparsifier._masks_handed_to is not None,
     }
 
 
