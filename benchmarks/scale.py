@@ -17,6 +17,7 @@ fastest dense update torch has on CPU, so that the ratio is the masks' cost alon
     python benchmarks/scale.py --kernel --threads 2     # the enforcement pass alone: bool against packed masks
     python benchmarks/scale.py --kinds mlp --sizes 100M --no-distributed --threads 2 --rounds 9 --steps 4 \
         --variants gmp "gmp, MaskedSGD" --dense-optimizer fused
+    python benchmarks/scale.py --breakdown --sizes 100M --threads 2 --steps 12 [--steady-malloc]
 """
 
 from __future__ import annotations
@@ -253,6 +254,38 @@ def bench_mask_placement(size: str, rounds: int, steps: int) -> dict:
     return out
 
 
+def bench_breakdown(size: str, steps: int) -> dict:
+    """Forward-backward and optimizer step timed apart, the models taking one step each in turn (round robin), on
+    the MLP of ``size``: dense with torch's default and fused SGD, GMP at 90% with ``torch.optim.SGD`` (the
+    sparsifier's gradient-masking pass before the step) and with ``MaskedSGD`` (the masks inside the update).
+    Medians over ``steps`` rounds after 3 warm-up ones."""
+    base, x = build("mlp", size)
+    y = torch.randint(0, 10, (BATCH,))
+    runs = {}
+    for kind in ("sgd", "fused"):
+        model = copy.deepcopy(base)
+        runs[f"dense, {kind}"] = (model, sgd(model, kind))
+    for kind, label in (("sgd", "SGD"), ("masked", "MaskedSGD")):
+        model = copy.deepcopy(base)
+        optimizer = sgd(model, kind)
+        method, options = VARIANTS["gmp"]
+        sparsetrain.create(method, model, sparsity=SPARSITY, total_steps=100_000, **options).attach(optimizer)
+        runs[f"gmp, {label}"] = (model, optimizer)
+    times: dict[str, dict[str, list[float]]] = {name: {"forward-backward": [], "optimizer": []} for name in runs}
+    for round_ in range(steps + 3):
+        for name, (model, optimizer) in runs.items():
+            optimizer.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            nn.functional.cross_entropy(model(x), y).backward()
+            middle = time.perf_counter()
+            optimizer.step()
+            end = time.perf_counter()
+            if round_ >= 3:
+                times[name]["forward-backward"].append(1000 * (middle - start))
+                times[name]["optimizer"].append(1000 * (end - middle))
+    return {name: {part: statistics.median(values) for part, values in parts.items()} for name, parts in times.items()}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, size, mode, rounds, out = sys.argv[2:7]
@@ -274,6 +307,9 @@ def main() -> None:
                         "SGD: torch's default (foreach) or its fused kernel")
     parser.add_argument("--steady-malloc", action="store_true", help="glibc serves every allocation from its heap "
                         "and keeps it (structured.py's steady_malloc): no fresh, page-faulted gradient buffers")
+    parser.add_argument("--breakdown", action="store_true", help="only forward-backward and optimizer step timed "
+                        "apart, round robin: dense (default and fused SGD), gmp with SGD and with MaskedSGD; MLP of "
+                        "--sizes, --steps rounds (default 12)")
     parser.add_argument("--kernel", action="store_true", help="only the enforcement pass over 100M values")
     parser.add_argument("--mask-placement", action="store_true", help="only the gradient-masking pass's placement "
                         "(before the step or in a post-accumulate hook) against no masking, MLP of --sizes")
@@ -289,6 +325,20 @@ def main() -> None:
             for name, (median, ratios) in bench_mask_placement(size, args.rounds, args.steps or 3).items():
                 print(f"mlp {size}, {torch.get_num_threads()} threads, masking {name}: {median:.3f}x the unmasked step "
                       f"(rounds {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)  # fmt: skip
+        return
+    if args.breakdown:
+        torch.set_num_threads(args.threads)
+        for size in args.sizes:
+            rows = bench_breakdown(size, args.steps or 12)
+            print(f"mlp {size}, {torch.get_num_threads()} threads, steady malloc {args.steady_malloc}, load average "
+                  f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+            for name, parts in rows.items():
+                fb, opt = parts["forward-backward"], parts["optimizer"]
+                print(f"  {name:16s} forward-backward {fb:7.1f} ms  optimizer {opt:6.1f} ms  step {fb + opt:7.1f} ms")
+            step = {name: sum(parts.values()) for name, parts in rows.items()}
+            print(f"  gmp, SGD / dense, sgd {step['gmp, SGD'] / step['dense, sgd']:.3f}x; gmp, MaskedSGD / dense, "
+                  f"fused {step['gmp, MaskedSGD'] / step['dense, fused']:.3f}x; gmp, MaskedSGD / dense, sgd "
+                  f"{step['gmp, MaskedSGD'] / step['dense, sgd']:.3f}x")  # fmt: skip
         return
     if args.kernel:
         torch.set_num_threads(args.threads)

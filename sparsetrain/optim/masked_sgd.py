@@ -144,6 +144,7 @@ class MaskedSGD(torch.optim.SGD):
                 loss = closure()
         for group in self.param_groups:
             plain: list[Tensor] = []
+            scalars: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}  # per step and group, not per weight
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -151,7 +152,7 @@ class MaskedSGD(torch.optim.SGD):
                 if mask is None:
                     plain.append(param)
                 else:
-                    self._masked_step(param, mask, group)
+                    self._masked_step(param, mask, group, scalars)
             if plain:
                 self._plain_step(plain, group)
         return loss
@@ -166,7 +167,9 @@ class MaskedSGD(torch.optim.SGD):
         for param, buf in zip(params, buffers):
             self.state[param]["momentum_buffer"] = buf
 
-    def _masked_step(self, param: Tensor, mask: Tensor, group: dict) -> None:
+    def _masked_step(
+        self, param: Tensor, mask: Tensor, group: dict, scalars: dict[tuple[torch.dtype, torch.device], list[Tensor]]
+    ) -> None:
         weight, grad = local(param), local(param.grad)
         momentum = float(group["momentum"])
         state = self.state[param]
@@ -182,16 +185,20 @@ class MaskedSGD(torch.optim.SGD):
         # 0-d tensors, not Python floats: the compiled kernel would be rebuilt at every new learning rate.
         # Half-precision weights take float32 scalars, as torch's own kernels compute in float32 for them.
         dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
-        scalars = [torch.tensor(float(group[key]), dtype=dtype, device=weight.device)
-                   for key in ("lr", "weight_decay", "momentum", "dampening")]  # fmt: skip
+        values = scalars.get((dtype, weight.device))
+        if values is None:
+            values = scalars[dtype, weight.device] = [
+                torch.tensor(float(group[key]), dtype=dtype, device=weight.device)
+                for key in ("lr", "weight_decay", "momentum", "dampening")
+            ]
         flags = {"first": first, "nesterov": bool(group["nesterov"]), "maximize": bool(group["maximize"]),
                  "decay": float(group["weight_decay"]) != 0}  # fmt: skip
         local_buf = None if buf is None else local(buf)
         if weight.is_contiguous() and grad.is_contiguous() and (local_buf is None or local_buf.is_contiguous()):
             _update(weight.view(-1), grad.view(-1), None if local_buf is None else local_buf.view(-1),
-                    mask.reshape(-1).view(torch.uint8), *scalars, **flags)  # fmt: skip
+                    mask.reshape(-1).view(torch.uint8), *values, **flags)  # fmt: skip
         else:
-            _masked_sgd_update(weight, grad, local_buf, mask.view(torch.uint8), *scalars, **flags)
+            _masked_sgd_update(weight, grad, local_buf, mask.view(torch.uint8), *values, **flags)
 
 
 # Its update keeps a weight at +0.0 when the weight, its masked gradient and its momentum are 0, as SGD's does.
