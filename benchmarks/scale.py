@@ -50,6 +50,10 @@ OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
     "fused": lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True),
     "masked": lambda params: sparsetrain.optim.MaskedSGD(params, lr=1e-3, momentum=0.9),
+    # --breakdown --family adamw
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01),
+    "fused adamw": lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True),
+    "masked adamw": lambda params: sparsetrain.optim.MaskedAdamW(params, lr=1e-4, weight_decay=0.01),
 }
 VARIANTS = {
     # name: (method, options[, optimizer of the sparse model, "sgd" if left out])
@@ -254,18 +258,21 @@ def bench_mask_placement(size: str, rounds: int, steps: int) -> dict:
     return out
 
 
-def bench_breakdown(size: str, steps: int) -> dict:
+def bench_breakdown(size: str, steps: int, family: str = "sgd") -> dict:
     """Forward-backward and optimizer step timed apart, the models taking one step each in turn (round robin), on
     the MLP of ``size``: dense with torch's default and fused SGD, GMP at 90% with ``torch.optim.SGD`` (the
-    sparsifier's gradient-masking pass before the step) and with ``MaskedSGD`` (the masks inside the update).
-    Medians over ``steps`` rounds after 3 warm-up ones."""
+    sparsifier's gradient-masking pass before the step) and with ``MaskedSGD`` (the masks inside the update);
+    ``family='adamw'``: the same with AdamW and ``MaskedAdamW``. Medians over ``steps`` rounds after 3 warm-up
+    ones."""
     base, x = build("mlp", size)
     y = torch.randint(0, 10, (BATCH,))
     runs = {}
-    for kind in ("sgd", "fused"):
+    kinds = {"sgd": ("sgd", "fused", "masked"), "adamw": ("adamw", "fused adamw", "masked adamw")}[family]
+    plain, masked = {"sgd": ("SGD", "MaskedSGD"), "adamw": ("AdamW", "MaskedAdamW")}[family]
+    for kind, label in ((kinds[0], plain), (kinds[1], f"fused {plain}")):
         model = copy.deepcopy(base)
-        runs[f"dense, {kind}"] = (model, sgd(model, kind))
-    for kind, label in (("sgd", "SGD"), ("masked", "MaskedSGD")):
+        runs[f"dense, {label}"] = (model, sgd(model, kind))
+    for kind, label in ((kinds[0], plain), (kinds[2], masked)):
         model = copy.deepcopy(base)
         optimizer = sgd(model, kind)
         method, options = VARIANTS["gmp"]
@@ -310,6 +317,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="only forward-backward and optimizer step timed "
                         "apart, round robin: dense (default and fused SGD), gmp with SGD and with MaskedSGD; MLP of "
                         "--sizes, --steps rounds (default 12)")
+    parser.add_argument("--family", default="sgd", choices=["sgd", "adamw"], help="--breakdown's optimizers: SGD "
+                        "(torch's, fused, MaskedSGD) or AdamW (torch's, fused, MaskedAdamW)")
     parser.add_argument("--kernel", action="store_true", help="only the enforcement pass over 100M values")
     parser.add_argument("--mask-placement", action="store_true", help="only the gradient-masking pass's placement "
                         "(before the step or in a post-accumulate hook) against no masking, MLP of --sizes")
@@ -329,16 +338,16 @@ def main() -> None:
     if args.breakdown:
         torch.set_num_threads(args.threads)
         for size in args.sizes:
-            rows = bench_breakdown(size, args.steps or 12)
-            print(f"mlp {size}, {torch.get_num_threads()} threads, steady malloc {args.steady_malloc}, load average "
-                  f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+            rows = bench_breakdown(size, args.steps or 12, args.family)
+            print(f"mlp {size}, {args.family}, {torch.get_num_threads()} threads, steady malloc "
+                  f"{args.steady_malloc}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
             for name, parts in rows.items():
                 fb, opt = parts["forward-backward"], parts["optimizer"]
-                print(f"  {name:16s} forward-backward {fb:7.1f} ms  optimizer {opt:6.1f} ms  step {fb + opt:7.1f} ms")
-            step = {name: sum(parts.values()) for name, parts in rows.items()}
-            print(f"  gmp, SGD / dense, sgd {step['gmp, SGD'] / step['dense, sgd']:.3f}x; gmp, MaskedSGD / dense, "
-                  f"fused {step['gmp, MaskedSGD'] / step['dense, fused']:.3f}x; gmp, MaskedSGD / dense, sgd "
-                  f"{step['gmp, MaskedSGD'] / step['dense, sgd']:.3f}x")  # fmt: skip
+                print(f"  {name:18s} forward-backward {fb:7.1f} ms  optimizer {opt:6.1f} ms  step {fb + opt:7.1f} ms")
+            dense, fused, plain, masked = (sum(parts.values()) for parts in rows.values())
+            names = list(rows)
+            print(f"  {names[2]} / {names[0]} {plain / dense:.3f}x; {names[3]} / {names[1]} {masked / fused:.3f}x; "
+                  f"{names[3]} / {names[0]} {masked / dense:.3f}x")  # fmt: skip
         return
     if args.kernel:
         torch.set_num_threads(args.threads)

@@ -79,6 +79,7 @@ OPTIMIZERS = {
     "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01),
     # the masks applied inside the optimizer's compiled update instead of a pass over the gradients
     "masked_sgd": lambda p, lr: sparsetrain.optim.MaskedSGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "masked_adamw": lambda p, lr: sparsetrain.optim.MaskedAdamW(p, lr=lr, weight_decay=0.01),
 }
 
 
@@ -299,7 +300,7 @@ def test_acdc_decompression_resets_momentum_and_regrows_at_zero(opt_name):
         momentum = buffers.get("momentum_buffer", buffers.get("exp_avg"))
         assert momentum is not None and torch.count_nonzero(momentum) == 0
     # Adam's second moment is kept: zeroing it would inflate the next update.
-    if opt_name in ("adam", "adamw"):
+    if "adam" in opt_name:
         assert any(
             torch.count_nonzero(per_element_buffers(optimizer, p)["exp_avg_sq"]) for p in sparsifier.params.values()
         )
@@ -370,8 +371,11 @@ def test_explicit_step_matches_attached_hooks(method, opt_name):
         sparsifier_b.step(opt_b)
     assert sparsifier_b.count == sparsifier_a.count == TOTAL
     assert all(torch.equal(sparsifier_a.masks[n], sparsifier_b.masks[n]) for n in sparsifier_a.masks)
+    # With the hooks a masked optimizer steps through its compiled kernel; called by hand (not attached, no masks
+    # handed over) it takes torch's own update: the two round differently (~1e-6 after 24 Adam steps).
+    atol = 1e-5 if opt_name.startswith("masked") else 1e-6
     for a, b in zip(model_a.parameters(), model_b.parameters()):
-        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+        assert torch.allclose(a, b, atol=atol, rtol=0)
 
 
 def test_phase_end_event_sees_the_dense_model_before_pruning():

@@ -36,8 +36,8 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
     "epochs": (30, (int,), "training epochs"),
     "batch_size": (128, (int,), "training batch size"),
     "eval_batch_size": (1000, (int,), "evaluation batch size"),
-    "optimizer": ("sgd", (str,), "sgd, masked_sgd (SGD that masks gradients inside its compiled update, for "
-                  "large models), adam or adamw"),
+    "optimizer": ("sgd", (str,), "sgd, adam, adamw, or masked_sgd / masked_adamw (SGD / AdamW that mask "
+                  "gradients inside their compiled update, for large models)"),
     "lr": (0.05, (float, int), "peak learning rate"),
     "momentum": (0.9, (float, int), "SGD momentum"),
     "nesterov": (True, (bool,), "Nesterov momentum for SGD"),
@@ -66,7 +66,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...], str]] = {
 }
 
 CHOICES = {
-    "optimizer": ("sgd", "masked_sgd", "adam", "adamw"),
+    "optimizer": ("sgd", "adam", "adamw", "masked_sgd", "masked_adamw"),
     "schedule": tuple(LR_SCHEDULES),
     "device": ("auto", "cpu", "cuda"),
     "comm_hook": tuple(HOOK_REGISTRY),

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, ConfigError, TrainingDiverged, first_line,
 from ..flops import FlopCounter, TrainingFlops
 from ..models import build_model, model_spec
 from ..optim.groups import weight_decay_groups
-from ..optim.masked_sgd import MaskedSGD
+from ..optim.masked import MaskedAdamW, MaskedSGD
 from ..structured.slim_training import SlimTraining
 from . import checkpoint, fsdp
 from .config import TrainConfig, as_train_config, default_out_dir, describe
@@ -83,10 +83,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig | Mapping[str, Any]) ->
     step on a model of a few million weights. ``foreach`` gives bit-identical weights to the loop (SGD, Adam,
     AdamW; tests/test_trainer.py), so runs reproduce the ones made before it, and it works on FSDP2's sharded
     parameters, so FSDP2 and DDP runs stay equal bit for bit. torch's ``fused=True`` kernels are faster still but
-    differ from the loop in the last bits and have no sharding rule for FSDP2's parameters. ``masked_sgd``
-    (:class:`sparsetrain.optim.MaskedSGD`) is SGD with the attached sparsifier's gradient masking inside one
-    compiled update per weight: on large models it saves the separate masking pass; the update may round
-    differently from ``sgd`` in the last bits.
+    differ from the loop in the last bits and have no sharding rule for FSDP2's parameters. ``masked_sgd`` and
+    ``masked_adamw`` (:mod:`sparsetrain.optim.masked`) are SGD and AdamW with the attached sparsifier's gradient
+    masking inside one compiled update per weight: on large models it saves the separate masking pass; the
+    update may round differently from ``sgd`` / ``adamw`` in the last bits.
     """
     c = as_train_config(config)
     groups = weight_decay_groups(model.parameters(), c.weight_decay)  # weights decay, biases and norms do not
@@ -96,6 +96,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig | Mapping[str, Any]) ->
         return sgd(groups, lr=c.lr, momentum=c.momentum, nesterov=nesterov, foreach=True)
     if c.optimizer == "adam":
         return torch.optim.Adam(groups, lr=c.lr, foreach=True)
+    if c.optimizer == "masked_adamw":
+        return MaskedAdamW(groups, lr=c.lr, foreach=True)
     return torch.optim.AdamW(groups, lr=c.lr, foreach=True)
 
 

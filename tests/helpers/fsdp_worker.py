@@ -44,12 +44,14 @@ RUNS = {
     "rigl_packed": ("rigl", dict(delta=3, t_end=0.75, mask_storage="packed"), "adamw"),
     # the gradients masked inside the optimizer's update, on each rank's rows
     "acdc_masked_sgd": ("acdc", dict(unit="steps", warmup=3, compressed=4, decompressed=4, final=6), "masked_sgd"),
+    "rigl_masked_adamw": ("rigl", dict(delta=3, t_end=0.75), "masked_adamw"),
 }
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
     "adam": lambda p: torch.optim.Adam(p, lr=0.01),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.01),
     "masked_sgd": lambda p: sparsetrain.optim.MaskedSGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "masked_adamw": lambda p: sparsetrain.optim.MaskedAdamW(p, lr=0.01, weight_decay=0.01),
 }
 
 

@@ -1,4 +1,5 @@
-"""MaskedSGD: torch.optim.SGD with the sparsifier's gradient masking inside its (compiled) update."""
+"""MaskedSGD and MaskedAdamW: torch's SGD and AdamW with the sparsifier's gradient masking inside their compiled
+update."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from torch import nn
 
 import sparsetrain
-from sparsetrain.optim import MaskedSGD
-from sparsetrain.optim import masked_sgd as masked_sgd_module
+from sparsetrain.optim import MaskedAdamW, MaskedSGD
+from sparsetrain.optim import masked as masked_module
 
 SETTINGS = [
     dict(momentum=0.9, weight_decay=5e-4, nesterov=True),
@@ -19,6 +20,13 @@ SETTINGS = [
     dict(momentum=0.0, weight_decay=1e-3, maximize=True),
     dict(momentum=0.5),
 ]
+# (torch optimizer, masked optimizer, torch's settings, the masked one's extra settings)
+PAIRS = [(torch.optim.SGD, MaskedSGD, settings, {}) for settings in SETTINGS] + [
+    (torch.optim.AdamW, MaskedAdamW, dict(lr=0.01, weight_decay=0.05), {}),
+    (torch.optim.AdamW, MaskedAdamW, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, maximize=True), {}),
+    (torch.optim.Adam, MaskedAdamW, dict(lr=0.01, weight_decay=1e-3), dict(decoupled_weight_decay=False)),
+]
+PAIR_IDS = [f"{masked.__name__}-{i}" for i, (_, masked, _, _) in enumerate(PAIRS)]
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -44,7 +52,7 @@ def train(model, optimizer, steps: int, start: int = 0, poison: dict | None = No
 
 def gmp_run(optimizer_type, settings: dict, **options):
     model = mlp()
-    optimizer = optimizer_type(model.parameters(), lr=0.05, **settings)
+    optimizer = optimizer_type(model.parameters(), **{"lr": 0.05, **settings})
     sparsifier = sparsetrain.create("gmp", model, sparsity=0.8, total_steps=30, unit="steps", start=0, end=12,
                                     frequency=3, **options)  # fmt: skip
     sparsifier.attach(optimizer)
@@ -57,31 +65,35 @@ def assert_masked_plus_zero(sparsifier) -> None:
         assert torch.all(masked == 0) and not torch.signbit(masked).any(), name
 
 
-@pytest.mark.parametrize("settings", SETTINGS)
-def test_without_masks_it_is_torch_sgd_bit_for_bit(settings):
+@pytest.mark.parametrize("torch_type, masked_type, settings, extra", PAIRS, ids=PAIR_IDS)
+def test_without_masks_it_is_the_torch_optimizer_bit_for_bit(torch_type, masked_type, settings, extra):
     a, b = mlp(), mlp()
-    sgd = torch.optim.SGD(a.parameters(), lr=0.05, **settings)
-    masked = MaskedSGD(b.parameters(), lr=0.05, **settings)
-    train(a, sgd, 6)
+    reference = torch_type(a.parameters(), **{"lr": 0.05, **settings})
+    masked = masked_type(b.parameters(), **{"lr": 0.05, **settings, **extra})
+    train(a, reference, 6)
     train(b, masked, 6)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
-    # The same state dict: checkpoints move between the two.
-    restored = MaskedSGD(mlp().parameters(), lr=0.05, **settings)
-    restored.load_state_dict(sgd.state_dict())
-    assert str(restored.state_dict()) == str(sgd.state_dict())
+    # The same state: checkpoints move between the two.
+    restored = masked_type(mlp().parameters(), **{"lr": 0.05, **settings, **extra})
+    restored.load_state_dict(reference.state_dict())
+    assert str(restored.state_dict()["state"]) == str(reference.state_dict()["state"])
+    train(b, restored, 1, start=6)  # and it steps from it
 
 
 @pytest.mark.parametrize("compiled", [True, False])
-@pytest.mark.parametrize("settings", SETTINGS)
-def test_with_a_sparsifier_it_trains_as_torch_sgd_does_and_skips_the_gradient_pass(settings, compiled, monkeypatch):
-    """The same masks and weights as torch.optim.SGD under the same sparsifier (to rounding: the kernel may fuse
-    multiply-adds), masked weights +0.0 after every step (enforce='check' asserts it), no re-zeroing pass after
-    the first step, and no gradient pass: the .grad tensors keep their masked entries."""
+@pytest.mark.parametrize("torch_type, masked_type, settings, extra", PAIRS, ids=PAIR_IDS)
+def test_with_a_sparsifier_it_trains_as_the_torch_optimizer_and_skips_the_gradient_pass(
+    torch_type, masked_type, settings, extra, compiled, monkeypatch
+):
+    """The same masks and weights as the torch optimizer under the same sparsifier (to rounding: the kernel may
+    fuse multiply-adds), masked weights +0.0 after every step (enforce='check' asserts it), no re-zeroing pass
+    after the first step, and no gradient pass: the .grad tensors keep their masked entries."""
     if not compiled:
-        monkeypatch.setattr(masked_sgd_module, "_compile_failed", True)
-    reference, ref_opt, ref_sparsifier = gmp_run(torch.optim.SGD, settings, enforce="check")
-    model, optimizer, sparsifier = gmp_run(MaskedSGD, settings, enforce="check")
+        monkeypatch.setattr(masked_module._SGD_UPDATE, "failed", True)
+        monkeypatch.setattr(masked_module._ADAM_UPDATE, "failed", True)
+    reference, ref_opt, ref_sparsifier = gmp_run(torch_type, settings, enforce="check")
+    model, optimizer, sparsifier = gmp_run(masked_type, {**settings, **extra}, enforce="check")
     train(reference, ref_opt, 20)
     train(model, optimizer, 20)
     assert sparsifier._masks_handed_to is optimizer
@@ -95,28 +107,31 @@ def test_with_a_sparsifier_it_trains_as_torch_sgd_does_and_skips_the_gradient_pa
     for p, q in zip(reference.parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
     for p, q in zip(reference.parameters(), model.parameters()):
-        if ref_opt.state[p].get("momentum_buffer") is not None:
-            torch.testing.assert_close(optimizer.state[q]["momentum_buffer"], ref_opt.state[p]["momentum_buffer"],
-                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+        for key, buffer in ref_opt.state[p].items():
+            if buffer is not None:
+                torch.testing.assert_close(optimizer.state[q][key], buffer, rtol=1e-5, atol=1e-6)
 
 
-def test_nan_and_inf_in_masked_gradients_never_reach_weights_or_momentum():
-    model, optimizer, sparsifier = gmp_run(MaskedSGD, SETTINGS[0], enforce="check")
+@pytest.mark.parametrize("masked_type, settings", [(MaskedSGD, SETTINGS[0]), (MaskedAdamW, PAIRS[-3][2])])
+def test_nan_and_inf_in_masked_gradients_never_reach_weights_or_optimizer_state(masked_type, settings):
+    model, optimizer, sparsifier = gmp_run(masked_type, settings, enforce="check")
     train(model, optimizer, 13)  # the masks are final from step 12
     poison = {name: ~mask for name, mask in sparsifier.masks.items()}
     train(model, optimizer, 5, start=13, poison=poison)
     assert_masked_plus_zero(sparsifier)
     for param in model.parameters():
-        assert torch.isfinite(param).all() and torch.isfinite(optimizer.state[param]["momentum_buffer"]).all()
+        assert torch.isfinite(param).all()
+        assert all(torch.isfinite(buffer).all() for buffer in optimizer.state[param].values())
 
 
-def test_resume_continues_bit_identically():
-    model, optimizer, sparsifier = gmp_run(MaskedSGD, SETTINGS[0])
+@pytest.mark.parametrize("masked_type, settings", [(MaskedSGD, SETTINGS[0]), (MaskedAdamW, PAIRS[-3][2])])
+def test_resume_continues_bit_identically(masked_type, settings):
+    model, optimizer, sparsifier = gmp_run(masked_type, settings)
     train(model, optimizer, 8)
     saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "sparsifier": sparsifier.state_dict()})  # fmt: skip
     train(model, optimizer, 10, start=8)
-    resumed, resumed_opt, resumed_sparsifier = gmp_run(MaskedSGD, SETTINGS[0])
+    resumed, resumed_opt, resumed_sparsifier = gmp_run(masked_type, settings)
     resumed.load_state_dict(saved["model"])
     resumed_opt.load_state_dict(saved["optimizer"])
     resumed_sparsifier.load_state_dict(saved["sparsifier"])
@@ -151,15 +166,14 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_the_eager_update_with_one_w
 
         return fail
 
-    monkeypatch.setattr(masked_sgd_module, "_compiled_update", None)
-    monkeypatch.setattr(masked_sgd_module, "_compile_failed", False)
+    monkeypatch.setattr(masked_module, "_SGD_UPDATE", masked_module._CompiledUpdate(masked_module._masked_sgd_update))
     monkeypatch.setattr(torch, "compile", no_compiler)
     reference, ref_opt, ref_sparsifier = gmp_run(torch.optim.SGD, SETTINGS[0])
     model, optimizer, sparsifier = gmp_run(MaskedSGD, SETTINGS[0], enforce="check")
-    with caplog.at_level(logging.WARNING, logger="sparsetrain.optim.masked_sgd"):
+    with caplog.at_level(logging.WARNING, logger="sparsetrain.optim.masked"):
         train(model, optimizer, 15)
     train(reference, ref_opt, 15)
-    warnings = [r.getMessage() for r in caplog.records if "MaskedSGD" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "masked update" in r.getMessage()]
     assert len(warnings) == 1 and "No working C++ compiler" in warnings[0]
     assert_masked_plus_zero(sparsifier)
     for p, q in zip(reference.parameters(), model.parameters()):
