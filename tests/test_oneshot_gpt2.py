@@ -255,3 +255,34 @@ def test_database_levels_of_gpt2_are_stored_in_conv1d_layout_with_their_own_erro
             stored = db.weights[name][level]
             assert stored.shape == w.shape and int((stored == 0).sum()) == w.numel() - keep_count(w.numel(), sparsity)
             assert layer_error(w, stored, h) == pytest.approx(float(db.errors[name][level]), rel=1e-4, abs=1e-12)
+
+
+def test_database_judges_a_language_model_by_its_own_loss_on_the_labels():
+    """The database's allocation check scores a causal LM by next-token cross-entropy: the model's own loss on the
+    batch's labels (shifted by the model), per sample, not by the distance to the dense logits."""
+    from sparsetrain.oneshot.calibration import collect_batches
+    from sparsetrain.oneshot.database import _calibration_loss
+
+    model = tiny_gpt2()
+    batches = dict_batches(2)
+    inputs, targets = collect_batches(batches)
+    reference = [model(**x) for x in inputs]  # the dense logits: a distance to them would be 0 here
+    loss = _calibration_loss(model, inputs, targets, reference)
+    expected = sum(float(model(**b).loss) * 4 for b in batches) / 8
+    assert loss == pytest.approx(expected, rel=1e-6) and loss > 1.0
+
+
+def test_database_judges_next_token_targets_per_position():
+    """(inputs, next tokens) batches of a model with (N, T, V) logits: cross-entropy per position, averaged over
+    each sample's positions, then over samples (the zoo's gpt and text data)."""
+    from sparsetrain.oneshot.database import _calibration_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64))
+    x = [torch.randint(0, 64, (3, 5)), torch.randint(0, 64, (2, 5))]
+    y = [torch.randint(0, 64, (3, 5)), torch.randint(0, 64, (2, 5))]
+    reference = [model(t) for t in x]
+    loss = _calibration_loss(model, x, y, reference)
+    per_sample = [torch.nn.functional.cross_entropy(model(a).transpose(1, 2), b, reduction="none").mean(1)
+                  for a, b in zip(x, y)]  # fmt: skip
+    assert loss == pytest.approx(float(torch.cat(per_sample).mean()), rel=1e-6)

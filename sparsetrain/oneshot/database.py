@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -279,18 +280,33 @@ def _output_tensor(out: Any) -> Tensor:
 @torch.no_grad()
 def _calibration_loss(model: nn.Module, inputs: list[ModelInput], targets: list[Tensor] | None,
                       reference: list[Any]) -> float:
-    """Cross-entropy on the calibration labels when they are class indices, else the mean squared distance to the
-    dense model's outputs ``reference``."""
+    """The loss the pruned model is judged by, per calibration sample: for mapping batches with ``labels``, the
+    model's own ``loss`` on them (a Hugging Face model's, its label shift and ignored positions included) when its
+    forward takes ``labels``; for ``(inputs, targets)`` batches with integer targets, cross-entropy per sample for
+    (N, C) outputs and averaged over positions for (N, ..., C) outputs of (N, ...) targets (a language model's
+    next tokens, -100 ignored); else the squared distance to the dense model's outputs ``reference``."""
     device = next(model.parameters()).device
+    takes_labels = "labels" in inspect.signature(model.forward).parameters
     total, count = 0.0, 0
     for i, x in enumerate(inputs):
-        out = _output_tensor(run_model(model, to_device(x, device)))
         y = targets[i] if targets is not None else None
-        if y is not None and not y.is_floating_point() and out.dim() == 2 and y.dim() == 1:
-            total += float(F.cross_entropy(out, y.to(device), reduction="sum"))
+        if isinstance(x, Mapping) and y is not None and takes_labels:
+            x_in: ModelInput = {**x, "labels": y}  # the model computes its own loss (a causal LM shifts the labels)
+        else:
+            x_in = x
+        raw = run_model(model, to_device(x_in, device))
+        loss = raw.get("loss") if isinstance(raw, Mapping) else None
+        out = _output_tensor(raw)
+        n = sample_count(x)
+        if isinstance(loss, Tensor) and loss.dim() == 0:
+            total += float(loss) * n
+        elif (y is not None and not isinstance(x, Mapping) and not y.is_floating_point()
+              and out.dim() == y.dim() + 1 and out.shape[:-1] == y.shape):  # fmt: skip
+            tokens = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1).to(device), reduction="sum")
+            total += float(tokens) / (y.numel() // max(n, 1))  # per sample: the mean over a sample's positions
         else:
             total += float((out - _output_tensor(reference[i])).pow(2).sum())
-        count += sample_count(x)
+        count += n
     return total / count
 
 
@@ -349,7 +365,8 @@ def prune_obc_database(
     layer errors, the model is stitched from the stored weights, and any zeros over the target are given back by
     re-solving the layers with the most zeros. Then OBC at magnitude's allocation (sequential ``prune_obc``) is run
     too, both are scored by the loss on the calibration samples (cross-entropy when the batches carry class
-    labels, else the squared distance to the dense outputs), and the lower one is kept: the result is never
+    labels or next-token targets, a Hugging Face model's own loss on its ``labels``, else the squared distance to
+    the dense outputs: ``_calibration_loss``), and the lower one is kept: the result is never
     worse on the calibration set than OBC at magnitude's allocation. Keeping magnitude's is logged as a warning
     with both losses: the summed layer errors weigh every layer alike, and where a unit of error in one layer
     moves the output far more than in another (a transformer's residual projections, most of all untrained) or

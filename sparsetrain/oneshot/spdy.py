@@ -585,7 +585,8 @@ def prune_spdy(
         target_speedup: > 1; the dense model's predicted time divided by the pruned one's is at least this.
         calibration_batches: training batches (tensors, ``(inputs, targets, ...)`` or Hugging Face mappings run as
             ``model(**batch)`` without ``labels``, which are the targets); never the test set. With class labels
-            the search's loss is cross-entropy, else the squared distance to the dense outputs.
+            or next-token targets the search's loss is cross-entropy (a Hugging Face model's own loss on its
+            ``labels``), else the squared distance to the dense outputs.
         batch_size: the batch size to serve, which the timings are taken at (the best kernel depends on it).
         num_samples: use at most this many calibration samples.
         include / exclude: glob patterns over parameter names (the layers that may be pruned).
