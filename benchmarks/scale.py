@@ -17,7 +17,7 @@ fastest dense update torch has on CPU, so that the ratio is the masks' cost alon
     python benchmarks/scale.py --kernel --threads 2     # the enforcement pass alone: bool against packed masks
     python benchmarks/scale.py --kinds mlp --sizes 100M --no-distributed --threads 2 --rounds 9 --steps 4 \
         --variants gmp "gmp, MaskedSGD" --dense-optimizer fused
-    python benchmarks/scale.py --breakdown --sizes 100M --threads 2 --steps 12 [--steady-malloc]
+    python benchmarks/scale.py --breakdown --kinds mlp --sizes 100M --threads 2 --steps 12 [--steady-malloc]
 """
 
 from __future__ import annotations
@@ -258,23 +258,23 @@ def bench_mask_placement(size: str, rounds: int, steps: int) -> dict:
     return out
 
 
-def bench_breakdown(size: str, steps: int, family: str = "sgd") -> dict:
+def bench_breakdown(size: str, steps: int, family: str = "sgd", kind: str = "mlp") -> dict:
     """Forward-backward and optimizer step timed apart, the models taking one step each in turn (round robin), on
-    the MLP of ``size``: dense with torch's default and fused SGD, GMP at 90% with ``torch.optim.SGD`` (the
-    sparsifier's gradient-masking pass before the step) and with ``MaskedSGD`` (the masks inside the update);
-    ``family='adamw'``: the same with AdamW and ``MaskedAdamW``. Medians over ``steps`` rounds after 3 warm-up
-    ones."""
-    base, x = build("mlp", size)
+    the model of ``kind`` and ``size``: dense with torch's default and fused SGD, GMP at 90% with
+    ``torch.optim.SGD`` (the sparsifier's gradient-masking pass before the step) and with ``MaskedSGD`` (the
+    masks inside the update); ``family='adamw'``: the same with AdamW and ``MaskedAdamW``. Medians over ``steps``
+    rounds after 3 warm-up ones."""
+    base, x = build(kind, size)
     y = torch.randint(0, 10, (BATCH,))
     runs = {}
-    kinds = {"sgd": ("sgd", "fused", "masked"), "adamw": ("adamw", "fused adamw", "masked adamw")}[family]
+    optimizers = {"sgd": ("sgd", "fused", "masked"), "adamw": ("adamw", "fused adamw", "masked adamw")}[family]
     plain, masked = {"sgd": ("SGD", "MaskedSGD"), "adamw": ("AdamW", "MaskedAdamW")}[family]
-    for kind, label in ((kinds[0], plain), (kinds[1], f"fused {plain}")):
+    for optimizer_kind, label in ((optimizers[0], plain), (optimizers[1], f"fused {plain}")):
         model = copy.deepcopy(base)
-        runs[f"dense, {label}"] = (model, sgd(model, kind))
-    for kind, label in ((kinds[0], plain), (kinds[2], masked)):
+        runs[f"dense, {label}"] = (model, sgd(model, optimizer_kind))
+    for optimizer_kind, label in ((optimizers[0], plain), (optimizers[2], masked)):
         model = copy.deepcopy(base)
-        optimizer = sgd(model, kind)
+        optimizer = sgd(model, optimizer_kind)
         method, options = VARIANTS["gmp"]
         sparsetrain.create(method, model, sparsity=SPARSITY, total_steps=100_000, **options).attach(optimizer)
         runs[f"gmp, {label}"] = (model, optimizer)
@@ -315,8 +315,8 @@ def main() -> None:
     parser.add_argument("--steady-malloc", action="store_true", help="glibc serves every allocation from its heap "
                         "and keeps it (structured.py's steady_malloc): no fresh, page-faulted gradient buffers")
     parser.add_argument("--breakdown", action="store_true", help="only forward-backward and optimizer step timed "
-                        "apart, round robin: dense (default and fused SGD), gmp with SGD and with MaskedSGD; MLP of "
-                        "--sizes, --steps rounds (default 12)")
+                        "apart, round robin: dense (default and fused SGD), gmp with SGD and with MaskedSGD; --kinds "
+                        "and --sizes, --steps rounds (default 12)")
     parser.add_argument("--family", default="sgd", choices=["sgd", "adamw"], help="--breakdown's optimizers: SGD "
                         "(torch's, fused, MaskedSGD) or AdamW (torch's, fused, MaskedAdamW)")
     parser.add_argument("--kernel", action="store_true", help="only the enforcement pass over 100M values")
@@ -337,9 +337,9 @@ def main() -> None:
         return
     if args.breakdown:
         torch.set_num_threads(args.threads)
-        for size in args.sizes:
-            rows = bench_breakdown(size, args.steps or 12, args.family)
-            print(f"mlp {size}, {args.family}, {torch.get_num_threads()} threads, steady malloc "
+        for kind, size in [(k, s) for k in args.kinds for s in args.sizes]:
+            rows = bench_breakdown(size, args.steps or 12, args.family, kind)
+            print(f"{kind} {size}, {args.family}, {torch.get_num_threads()} threads, steady malloc "
                   f"{args.steady_malloc}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
             for name, parts in rows.items():
                 fb, opt = parts["forward-backward"], parts["optimizer"]
