@@ -170,6 +170,13 @@ def assert_masked_plus_zero(sparsifier) -> None:
     ("adam-eps0", lambda p: torch.optim.Adam(p, lr=0.01, eps=0.0), False),  # 0 / 0 at a kept-zero second moment
     ("adamw-large-decay", lambda p: torch.optim.AdamW(p, lr=0.5, weight_decay=3.0), False),  # 1 - lr wd < 0: -0.0
     ("rmsprop", lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9), False),  # no proof for it: re-zeroed
+    # torch's fused kernels apply the same update rules, so the same proofs hold ('check' asserts them)
+    ("sgd-fused", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                            fused=True), True),
+    ("sgd-fused-maximize", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, maximize=True, fused=True), True),
+    ("adam-fused", lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-3, amsgrad=True, fused=True), True),
+    ("adamw-fused", lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.01, fused=True), True),
+    ("adamw-fused-large-decay", lambda p: torch.optim.AdamW(p, lr=0.5, weight_decay=3.0, fused=True), False),
 ])  # fmt: skip
 def test_rezeroing_is_skipped_exactly_where_the_optimizer_keeps_zeros(name, factory, skips):
     model, sparsifier, optimizer = magnitude_run(factory, enforce="check")

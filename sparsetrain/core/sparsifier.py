@@ -214,7 +214,7 @@ def _finite(*values: Any) -> bool:
 def _sgd_keeps_zeros(group: dict) -> bool:
     # With a gradient of exactly 0, a momentum buffer of 0 and a weight of +0.0: (coupled) decay adds wd * 0, the
     # buffer stays momentum * 0 + 0, and the weight becomes +0.0 - lr * 0 = +0.0 (IEEE: +0 + -0 is +0).
-    return not group.get("fused") and _finite(group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
+    return _finite(group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
 
 
 def _adam_keeps_zeros(group: dict) -> bool:
@@ -224,8 +224,7 @@ def _adam_keeps_zeros(group: dict) -> bool:
     beta1, beta2 = group["betas"]
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
     return (
-        not group.get("fused")
-        and _finite(lr, beta1, beta2, eps, wd)
+        _finite(lr, beta1, beta2, eps, wd)
         and 0 <= float(beta1) < 1
         and 0 <= float(beta2) < 1
         and float(eps) > 0
@@ -254,8 +253,10 @@ def optimizer_keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer``'s next step leaves weights at +0.0 whose gradient and first moments are exactly 0.
 
     True for ``torch.optim.SGD`` (momentum, Nesterov, dampening, weight decay), ``Adam`` and ``AdamW`` with
-    ``eps > 0``, betas in [0, 1), finite settings, not fused, and for AdamW ``lr * weight_decay <= 1``; False for
-    every other optimizer. Read at every step, so a learning-rate schedule is followed.
+    ``eps > 0``, betas in [0, 1), finite settings, and for AdamW ``lr * weight_decay <= 1``, in each of torch's
+    implementations (for-loop, ``foreach``, ``fused``: the same update rule, so the same proof; ``enforce='check'``
+    asserts it in tests/test_scale.py); False for every other optimizer. Read at every step, so a learning-rate
+    schedule is followed.
     """
     rule = _KEEPS_ZEROS.get(type(optimizer))
     return rule is not None and all(rule(group) for group in optimizer.param_groups)
