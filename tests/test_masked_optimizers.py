@@ -189,3 +189,10 @@ def test_masks_of_the_wrong_shape_or_type_are_refused():
         optimizer.use_masks({weight: torch.ones(12, 32, dtype=torch.bool)})
     with pytest.raises(ValueError, match="got torch.float32"):
         optimizer.use_masks({weight: torch.ones(32, 12)})
+
+
+def test_masked_adamw_refuses_a_group_with_amsgrad_by_name():
+    model, optimizer, _ = gmp_run(MaskedAdamW, dict(lr=0.01))
+    optimizer.param_groups[0]["amsgrad"] = True  # as a loaded state or an added group could bring it
+    with pytest.raises(ValueError, match="MaskedAdamW does not take amsgrad .* use torch.optim.AdamW"):
+        train(model, optimizer, 1)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
+from torch.optim.optimizer import _get_scalar_dtype
 from torch.optim.sgd import sgd
 
 from ..core.sharding import local
@@ -139,7 +140,8 @@ class _CompiledUpdate:
 _SGD_UPDATE = _CompiledUpdate(_masked_sgd_update)
 _ADAM_UPDATE = _CompiledUpdate(_masked_adam_update)
 
-Scalars = dict[tuple[torch.dtype, torch.device], list[Tensor]]
+# The 0-d tensors of a step, made once per group and step (not per weight): keyed by what they depend on.
+Scalars = dict[tuple, list[Tensor]]
 
 
 class _MasksInUpdate:
@@ -184,24 +186,29 @@ class _MasksInUpdate:
                         f"{type(self).__name__} masks dense floating-point gradients of the parameter's dtype; got "
                         f"a {grad.dtype}{' sparse' if grad.is_sparse else ''} gradient for a {weight.dtype} parameter"
                     )
-                self._masked_step(param, weight, grad, mask, group, self._scalars(group, weight, scalars))
+                self._masked_step(param, weight, grad, mask, group, scalars)
             if plain:
                 self._plain_step(plain, group)
         return loss
 
-    def _scalars(self, group: dict, weight: Tensor, scalars: Scalars) -> list[Tensor]:
-        # 0-d tensors, not Python floats: the compiled kernel would be rebuilt at every new learning rate.
-        # Half-precision weights take float32 scalars, as torch's own kernels compute in float32 for them.
+    @staticmethod
+    def _tensors(scalars: Scalars, weight: Tensor, values: Iterable[float], *key: Any) -> list[Tensor]:
+        """``values`` as 0-d tensors for ``weight``'s kernel, made once per ``key`` in this step and group.
+
+        0-d tensors, not Python floats: the compiled kernel would be rebuilt at every new learning rate.
+        Half-precision weights take float32 scalars, as torch's own kernels compute in float32 for them.
+        """
         dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
-        values = scalars.get((dtype, weight.device))
-        if values is None:
-            values = scalars[dtype, weight.device] = [
-                torch.tensor(float(group[key]), dtype=dtype, device=weight.device) for key in self._SCALARS
+        index = (dtype, weight.device, *key)
+        found = scalars.get(index)
+        if found is None:
+            found = scalars[index] = [
+                torch.tensor(float(v), dtype=dtype, device=weight.device) for v in values
             ]
-        return values
+        return found
 
     def _masked_step(self, param: Tensor, weight: Tensor, grad: Tensor, mask: Tensor, group: dict,
-                     scalars: list[Tensor]) -> None:  # fmt: skip
+                     scalars: Scalars) -> None:  # fmt: skip
         raise NotImplementedError
 
     def _plain_step(self, params: list[Tensor], group: dict) -> None:
@@ -228,8 +235,6 @@ class MaskedSGD(_MasksInUpdate, torch.optim.SGD):
     Options are ``torch.optim.SGD``'s; ``foreach`` applies to the weights without a mask. ``fused`` and
     ``differentiable`` are not accepted.
     """
-
-    _SCALARS = ("lr", "weight_decay", "momentum", "dampening")
 
     def __init__(
         self,
@@ -258,7 +263,8 @@ class MaskedSGD(_MasksInUpdate, torch.optim.SGD):
             self.state[param]["momentum_buffer"] = buf
 
     def _masked_step(self, param: Tensor, weight: Tensor, grad: Tensor, mask: Tensor, group: dict,
-                     scalars: list[Tensor]) -> None:  # fmt: skip
+                     scalars: Scalars) -> None:  # fmt: skip
+        values = self._tensors(scalars, weight, (group[k] for k in ("lr", "weight_decay", "momentum", "dampening")))
         state = self.state[param]
         buf = state.get("momentum_buffer") if group["momentum"] != 0 else None
         first = group["momentum"] != 0 and buf is None
@@ -268,7 +274,7 @@ class MaskedSGD(_MasksInUpdate, torch.optim.SGD):
                  "decay": float(group["weight_decay"]) != 0}  # fmt: skip
         tensors = [weight, grad, None if buf is None else local(buf), mask.view(torch.uint8)]
         flat = _flat(*tensors)
-        (_SGD_UPDATE if flat is not None else _masked_sgd_update)(*(flat or tensors), *scalars, **flags)
+        (_SGD_UPDATE if flat is not None else _masked_sgd_update)(*(flat or tensors), *values, **flags)
 
 
 class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
@@ -281,8 +287,6 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
     Options are ``torch.optim.AdamW``'s except ``amsgrad``, ``capturable``, ``differentiable`` and ``fused``
     (with AMSGrad use ``torch.optim.AdamW``: the sparsifier masks the gradients itself).
     """
-
-    _SCALARS = ("lr", "weight_decay")
 
     def __init__(
         self,
@@ -305,15 +309,21 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
     def _state_of(self, param: Tensor) -> dict:
         state = self.state[param]
         if not state:  # torch's own initial state, so state dicts are interchangeable
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
 
+    @staticmethod
+    def _check(group: dict) -> None:
+        taken = [key for key in ("amsgrad", "capturable", "differentiable", "fused") if group.get(key)]
+        if taken:
+            raise ValueError(f"MaskedAdamW does not take {', '.join(taken)} (a parameter group has it); use "
+                             "torch.optim.AdamW, whose gradients the sparsifier masks itself")  # fmt: skip
+
     def _plain_step(self, params: list[Tensor], group: dict) -> None:
         """``torch.optim.AdamW``'s own update for the parameters without a mask."""
-        if group["amsgrad"] or group["capturable"] or group["differentiable"] or group["fused"]:
-            raise ValueError("MaskedAdamW does not take amsgrad, capturable, differentiable or fused")
+        self._check(group)
         states = [self._state_of(p) for p in params]
         beta1, beta2 = group["betas"]
         adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
@@ -323,7 +333,8 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
              decoupled_weight_decay=group["decoupled_weight_decay"])  # fmt: skip
 
     def _masked_step(self, param: Tensor, weight: Tensor, grad: Tensor, mask: Tensor, group: dict,
-                     scalars: list[Tensor]) -> None:  # fmt: skip
+                     scalars: Scalars) -> None:  # fmt: skip
+        self._check(group)
         state = self._state_of(param)
         state["step"] += 1
         step = float(state["step"])
@@ -331,15 +342,13 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
         # torch's bias corrections, in Python floats as its non-capturable path computes them
         step_size = float(group["lr"]) / (1 - beta1**step)
         correction2_sqrt = math.sqrt(1 - beta2**step)
-        lr, weight_decay = scalars
-        extra = [torch.tensor(v, dtype=lr.dtype, device=lr.device)
-                 for v in (beta1, beta2, float(group["eps"]), step_size, correction2_sqrt)]  # fmt: skip
+        values = self._tensors(scalars, weight, (group["lr"], group["weight_decay"], beta1, beta2, group["eps"],
+                                                 step_size, correction2_sqrt), step)  # fmt: skip
         flags = {"maximize": bool(group["maximize"]), "decay": float(group["weight_decay"]) != 0,
                  "decoupled": bool(group["decoupled_weight_decay"])}  # fmt: skip
         tensors = [weight, grad, local(state["exp_avg"]), local(state["exp_avg_sq"]), mask.view(torch.uint8)]
         flat = _flat(*tensors)
-        (_ADAM_UPDATE if flat is not None else _masked_adam_update)(*(flat or tensors), lr, weight_decay, *extra,
-                                                                    **flags)  # fmt: skip
+        (_ADAM_UPDATE if flat is not None else _masked_adam_update)(*(flat or tensors), *values, **flags)
 
 
 # Their updates keep a weight at +0.0 when the weight, its masked gradient and its first moment are 0, under the
