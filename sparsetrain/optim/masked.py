@@ -3,9 +3,10 @@
 A sparsifier attached to a plain optimizer zeroes the masked weights' gradients in one pass over every gradient
 before the step (so no momentum leaks into them), then the optimizer reads those gradients again. On a large model
 that extra pass is memory-bound: at 100M float32 weights on 2 CPU cores it costs 12-16 ms of a ~260 ms step
-(BENCHMARKS.md, "Scale"). These optimizers fold the masking into the update: one compiled kernel per weight reads
-the weight, its gradient, its optimizer buffers and its boolean mask once and writes the weight and the buffers,
-so the mask costs one extra byte read per weight instead of a 9-byte read-modify-write pass.
+(BENCHMARKS.md, "Scale"). These optimizers fold the masking into the update: a compiled kernel per weight (a
+parameter group's weights in one call) reads the weight, its gradient, its optimizer buffers and its boolean mask
+once and writes the weight and the buffers, so the mask costs one extra byte read per weight instead of a 9-byte
+read-modify-write pass.
 
 Use one in place of the torch optimizer; attaching a sparsifier hands it the masks, nothing else changes::
 
