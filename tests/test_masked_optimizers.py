@@ -196,3 +196,34 @@ def test_masked_adamw_refuses_a_group_with_amsgrad_by_name():
     optimizer.param_groups[0]["amsgrad"] = True  # as a loaded state or an added group could bring it
     with pytest.raises(ValueError, match="MaskedAdamW does not take amsgrad .* use torch.optim.AdamW"):
         train(model, optimizer, 1)
+
+
+def test_non_contiguous_and_half_precision_weights_take_their_own_update():
+    """A transposed (non-contiguous) weight runs its eager update alone, a bfloat16 one its own batch (its own
+    scalars): both match torch's SGD under the same sparsifier, masked entries +0.0."""
+    def model_with_odd_weights() -> nn.Module:
+        model = mlp()
+        with torch.no_grad():
+            model[0].weight = nn.Parameter(model[0].weight.detach().t().contiguous().t())  # (32, 12), strides (1, 32)
+            model[2].to(torch.bfloat16)
+        return model
+
+    def run(optimizer_type):
+        model = model_with_odd_weights()
+        optimizer = optimizer_type(model.parameters(), lr=0.05, momentum=0.9)
+        sparsifier = sparsetrain.create("magnitude", model, sparsity=0.75, total_steps=10, unit="steps", at=0,
+                                        enforce="check").attach(optimizer)  # fmt: skip
+        for x, y in batches(6):
+            optimizer.zero_grad()
+            hidden = torch.relu(model[0](x)).to(torch.bfloat16)
+            nn.functional.cross_entropy(model[2](hidden).float(), y).backward()
+            optimizer.step()
+        return model, sparsifier
+
+    assert not model_with_odd_weights()[0].weight.is_contiguous()
+    reference, _ = run(torch.optim.SGD)
+    model, sparsifier = run(MaskedSGD)
+    assert_masked_plus_zero(sparsifier)
+    for p, q in zip(reference.parameters(), model.parameters()):
+        assert q.dtype == p.dtype
+        torch.testing.assert_close(q, p, rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-5, atol=1e-6)
