@@ -166,7 +166,7 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_the_eager_update_with_one_w
 
         return fail
 
-    monkeypatch.setattr(MaskedSGD, "_UPDATE", masked_module._CompiledUpdate(masked_module._masked_sgd_update))
+    monkeypatch.setattr(masked_module, "_SGD_UPDATE", masked_module._CompiledUpdate(masked_module._masked_sgd_update))
     monkeypatch.setattr(torch, "compile", no_compiler)
     reference, ref_opt, ref_sparsifier = gmp_run(torch.optim.SGD, SETTINGS[0])
     model, optimizer, sparsifier = gmp_run(MaskedSGD, SETTINGS[0], enforce="check")

@@ -3,10 +3,11 @@
 A sparsifier attached to a plain optimizer zeroes the masked weights' gradients in one pass over every gradient
 before the step (so no momentum leaks into them), then the optimizer reads those gradients again. On a large model
 that extra pass is memory-bound: at 100M float32 weights on 2 CPU cores it costs 12-16 ms of a ~260 ms step
-(BENCHMARKS.md, "Scale"). These optimizers fold the masking into the update: a compiled kernel per weight (a
-parameter group's weights in one call) reads the weight, its gradient, its optimizer buffers and its boolean mask
-once and writes the weight and the buffers, so the mask costs one extra byte read per weight instead of a 9-byte
-read-modify-write pass.
+(BENCHMARKS.md, "Scale"). These optimizers fold the masking into the update: one compiled kernel call per weight
+reads the weight, its gradient, its optimizer buffers and its boolean mask once and writes the weight and the
+buffers, so the mask costs one extra byte read per weight instead of a 9-byte read-modify-write pass. (One call
+for all of a group's weights saves the per-call overhead on small models, but its compilation grows with the
+number of weights: 46 s for the 79 weights of a transformer stack, against ~10 s once for the per-weight kernel.)
 
 Use one in place of the torch optimizer; attaching a sparsifier hands it the masks, nothing else changes::
 
@@ -113,39 +114,29 @@ def _masked_adam_update(
 
 
 class _CompiledUpdate:
-    """An update applied to a batch of weights in one call, compiled at its first call, run eagerly instead, with
-    one warning, where ``torch.compile`` cannot build it.
-
-    A call takes one list per tensor argument of ``update`` (the i-th weight's tensors at index i, flat), then the
-    scalars and flags the batch shares. One compiled call per step and group, not one per weight: at 10M weights
-    the per-call guards and wrapper cost more than the masks (BENCHMARKS.md, "Scale"). Lengths are dynamic, so
-    the kernels are built once for any weights of these dtypes and count.
-    """
+    """An update function compiled at its first call (one kernel for every length: weights are passed flat),
+    run eagerly instead, with one warning, where ``torch.compile`` cannot build it."""
 
     def __init__(self, update: Callable[..., None]) -> None:
         self.update = update
         self.compiled: Any = None
         self.failed = False
 
-    def each(self, columns: list[list[Tensor | None]], *values: Tensor, **flags: bool) -> None:
-        for row in zip(*columns):
-            self.update(*row, *values, **flags)
-
-    def __call__(self, columns: list[list[Tensor | None]], *values: Tensor, **flags: bool) -> None:
+    def __call__(self, *args: Any, **flags: bool) -> None:
         if not self.failed:
             if self.compiled is None:
-                # dynamic_threads: the kernels are built for the first weights' lengths, and a small first weight
+                # dynamic_threads: the kernel is built for the first weight's length, and a small first weight
                 # would otherwise give a serial loop for every later, larger one.
-                self.compiled = torch.compile(self.each, dynamic=True, options={"cpp.dynamic_threads": True})
+                self.compiled = torch.compile(self.update, dynamic=True, options={"cpp.dynamic_threads": True})
             try:
-                self.compiled(columns, *values, **flags)
+                self.compiled(*args, **flags)
                 return
             except Exception as error:  # noqa: BLE001 - any failure to build the kernel: the eager update is exact
                 self.failed = True
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                 log.warning("%s: torch.compile could not build the masked update (%s); using the eager one",
                             self.update.__name__, reason)  # fmt: skip
-        self.each(columns, *values, **flags)
+        self.update(*args, **flags)
 
 
 _SGD_UPDATE = _CompiledUpdate(_masked_sgd_update)
@@ -184,8 +175,6 @@ class _MasksInUpdate:
         for group in self.param_groups:  # type: ignore[attr-defined]
             plain: list[Tensor] = []
             scalars: Scalars = {}  # per step and group, not per weight
-            # The masked weights sharing scalars and flags, for one compiled call: key -> (scalars, flags, rows).
-            batches: dict[tuple, tuple[list[Tensor], dict[str, bool], list[list[Tensor | None]]]] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -199,15 +188,7 @@ class _MasksInUpdate:
                         f"{type(self).__name__} masks dense floating-point gradients of the parameter's dtype; got "
                         f"a {grad.dtype}{' sparse' if grad.is_sparse else ''} gradient for a {weight.dtype} parameter"
                     )
-                tensors, values, flags = self._masked_step(param, weight, grad, mask, group, scalars)
-                flat = _flat(*tensors)
-                if flat is None:  # not contiguous: its own eager update
-                    self._UPDATE.update(*tensors, *values, **flags)
-                    continue
-                key = (id(values), *sorted(flags.items()))
-                batches.setdefault(key, (values, flags, []))[2].append(flat)
-            for values, flags, rows in batches.values():
-                self._UPDATE([list(column) for column in zip(*rows)], *values, **flags)
+                self._masked_step(param, weight, grad, mask, group, scalars)
             if plain:
                 self._plain_step(plain, group)
         return loss
@@ -228,12 +209,8 @@ class _MasksInUpdate:
             ]
         return found
 
-    _UPDATE: _CompiledUpdate
-
     def _masked_step(self, param: Tensor, weight: Tensor, grad: Tensor, mask: Tensor, group: dict,
-                     scalars: Scalars) -> tuple[list[Tensor | None], list[Tensor], dict[str, bool]]:  # fmt: skip
-        """One masked weight's part of the step: its state advanced, and the tensors, scalars and flags its
-        update takes (``_UPDATE.update``'s arguments)."""
+                     scalars: Scalars) -> None:  # fmt: skip
         raise NotImplementedError
 
     def _plain_step(self, params: list[Tensor], group: dict) -> None:
@@ -260,8 +237,6 @@ class MaskedSGD(_MasksInUpdate, torch.optim.SGD):
     Options are ``torch.optim.SGD``'s; ``foreach`` applies to the weights without a mask. ``fused`` and
     ``differentiable`` are not accepted.
     """
-
-    _UPDATE = _SGD_UPDATE
 
     def __init__(
         self,
@@ -290,7 +265,7 @@ class MaskedSGD(_MasksInUpdate, torch.optim.SGD):
             self.state[param]["momentum_buffer"] = buf
 
     def _masked_step(self, param: Tensor, weight: Tensor, grad: Tensor, mask: Tensor, group: dict,
-                     scalars: Scalars) -> tuple[list[Tensor | None], list[Tensor], dict[str, bool]]:  # fmt: skip
+                     scalars: Scalars) -> None:  # fmt: skip
         values = self._tensors(scalars, weight, (group[k] for k in ("lr", "weight_decay", "momentum", "dampening")))
         state = self.state[param]
         buf = state.get("momentum_buffer") if group["momentum"] != 0 else None
@@ -299,7 +274,9 @@ class MaskedSGD(_MasksInUpdate, torch.optim.SGD):
             buf = state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         flags = {"first": first, "nesterov": bool(group["nesterov"]), "maximize": bool(group["maximize"]),
                  "decay": float(group["weight_decay"]) != 0}  # fmt: skip
-        return [weight, grad, None if buf is None else local(buf), mask.view(torch.uint8)], values, flags
+        tensors = [weight, grad, None if buf is None else local(buf), mask.view(torch.uint8)]
+        flat = _flat(*tensors)
+        (_SGD_UPDATE if flat is not None else _masked_sgd_update)(*(flat or tensors), *values, **flags)
 
 
 class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
@@ -312,8 +289,6 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
     Options are ``torch.optim.AdamW``'s except ``amsgrad``, ``capturable``, ``differentiable`` and ``fused``
     (with AMSGrad use ``torch.optim.AdamW``: the sparsifier masks the gradients itself).
     """
-
-    _UPDATE = _ADAM_UPDATE
 
     def __init__(
         self,
@@ -360,7 +335,7 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
              decoupled_weight_decay=group["decoupled_weight_decay"])  # fmt: skip
 
     def _masked_step(self, param: Tensor, weight: Tensor, grad: Tensor, mask: Tensor, group: dict,
-                     scalars: Scalars) -> tuple[list[Tensor | None], list[Tensor], dict[str, bool]]:  # fmt: skip
+                     scalars: Scalars) -> None:  # fmt: skip
         self._check(group)
         state = self._state_of(param)
         state["step"] += 1
@@ -374,7 +349,8 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
         flags = {"maximize": bool(group["maximize"]), "decay": float(group["weight_decay"]) != 0,
                  "decoupled": bool(group["decoupled_weight_decay"])}  # fmt: skip
         tensors = [weight, grad, local(state["exp_avg"]), local(state["exp_avg_sq"]), mask.view(torch.uint8)]
-        return tensors, values, flags
+        flat = _flat(*tensors)
+        (_ADAM_UPDATE if flat is not None else _masked_adam_update)(*(flat or tensors), *values, **flags)
 
 
 # Their updates keep a weight at +0.0 when the weight, its masked gradient and its first moment are 0, under the

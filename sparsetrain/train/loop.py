@@ -85,7 +85,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig | Mapping[str, Any]) ->
     parameters, so FSDP2 and DDP runs stay equal bit for bit. torch's ``fused=True`` kernels are faster still but
     differ from the loop in the last bits and have no sharding rule for FSDP2's parameters. ``masked_sgd`` and
     ``masked_adamw`` (:mod:`sparsetrain.optim.masked`) are SGD and AdamW with the attached sparsifier's gradient
-    masking inside one compiled update (a kernel per weight): on large models it saves the separate masking pass; the
+    masking inside one compiled update per weight: on large models it saves the separate masking pass; the
     update may round differently from ``sgd`` / ``adamw`` in the last bits.
     """
     c = as_train_config(config)
