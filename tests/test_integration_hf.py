@@ -227,3 +227,28 @@ def test_methods_with_their_own_optimizer_are_refused(tmp_path):
                       callbacks=[SparsetrainCallback("rda", sparsity=0.9)])  # fmt: skip
     with pytest.raises(ValueError, match="trains with its own optimizer"):
         trainer.train()
+
+
+def test_a_masked_optimizer_handed_to_the_trainer_masks_inside_its_update(tmp_path):
+    """``optimizers=(MaskedAdamW(...), None)``: the callback attaches to it under accelerate's wrapper, hands it
+    the masks (no gradient pass), and the masked weights are +0.0 after every step of the compressed phases."""
+    from sparsetrain.optim import MaskedAdamW
+
+    model = gpt2()
+    optimizer = MaskedAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    callback = acdc(enforce="check")  # asserts +0.0 at every step whose re-zeroing is skipped
+    watch = MaskWatch(callback)
+    handed = []
+
+    class Handed(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            handed.append(len(optimizer._step_masks))
+
+    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=lm_data(32), optimizers=(optimizer, None),
+                      callbacks=[callback, watch, Handed()])  # fmt: skip
+    trainer.train()
+    sparsifier = callback.sparsifier
+    assert sparsifier._masks_handed_to is optimizer
+    assert max(handed) == len(sparsifier.params) and 0 in handed  # masks in the compressed phases, none in dense
+    assert sparsifier.enforcement["skipped"] > 0
+    assert sparsifier.sparsity().overall == pytest.approx(0.9, abs=1e-3)

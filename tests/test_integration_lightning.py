@@ -137,3 +137,22 @@ def test_missing_lightning_says_which_extra():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert "pip install 'sparsetrain[lightning]'" in result.stderr
+
+
+def test_a_masked_optimizer_from_configure_optimizers_masks_inside_its_update(tmp_path):
+    """``configure_optimizers`` returning ``MaskedSGD``: the callback hands it the masks, the gradient pass is
+    skipped, and the masked weights are +0.0 after every step (MaskWatch)."""
+    from sparsetrain.optim import MaskedSGD
+
+    class MaskedClassifier(Classifier):
+        def configure_optimizers(self):
+            return MaskedSGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    callback = acdc()
+    watch = MaskWatch(callback)
+    trainer(tmp_path, [callback, watch]).fit(MaskedClassifier(), loader())
+    sparsifier = callback.sparsifier
+    assert type(sparsifier._masks_handed_to).__name__ == "MaskedSGD"
+    assert sparsifier.count == 32 and sparsifier.phase == "sparse"
+    assert sparsifier.enforcement["skipped"] > 0
+    assert sparsifier.sparsity().overall == pytest.approx(0.9, abs=1e-3)
