@@ -151,7 +151,6 @@ class _MasksInUpdate:
     kernel) and the others (the torch optimizer's own update), and the scalars passed as 0-d tensors."""
 
     _step_masks: dict[Tensor, Tensor]
-    _SCALARS: tuple[str, ...] = ()
 
     def use_masks(self, masks: Mapping[Tensor, Tensor]) -> None:
         """Mask the gradient of each parameter in ``masks`` (parameter -> boolean mask of its shape, or of its
@@ -211,9 +210,11 @@ class _MasksInUpdate:
 
     def _masked_step(self, param: Tensor, weight: Tensor, grad: Tensor, mask: Tensor, group: dict,
                      scalars: Scalars) -> None:  # fmt: skip
+        """One masked weight's update (``weight`` and ``grad`` are its local tensors), its state advanced."""
         raise NotImplementedError
 
     def _plain_step(self, params: list[Tensor], group: dict) -> None:
+        """The torch optimizer's own update for the weights of ``group`` without a mask."""
         raise NotImplementedError
 
 
