@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.shared import run_cli
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -25,11 +25,7 @@ SHORT = [
 ]  # fmt: skip
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sparsetrain", *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )  # fmt: skip
+cli = run_cli
 
 
 def weight_sparsity(state: dict) -> float:

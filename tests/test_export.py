@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.shared import run_cli
 from torch import nn
 
 import sparsetrain
@@ -44,13 +42,6 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
         assert torch.equal(bits(a[name]), bits(b[name])), name
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sparsetrain", *args], capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

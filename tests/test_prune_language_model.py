@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.shared import trained_digits_mlp_checkpoint
+from helpers.shared import run_cli, trained_digits_mlp_checkpoint
 
 import sparsetrain
 from sparsetrain.cli import main
@@ -35,9 +32,7 @@ TRAIN = ["train", "--model", "gpt", "--dataset", "text", "--method", "dense", "-
          "--set", "dataset_options={context: 16, max_bytes: 20000}"]  # fmt: skip
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sparsetrain", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONHASHSEED": "0"})  # fmt: skip
+cli = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.shared import run_cli
 from torch import nn
 
 from sparsetrain import export
@@ -410,13 +411,7 @@ CHANNEL_RUN = [
 
 
 def cli(*args: str):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "sparsetrain", *args], capture_output=True, text=True, env=env,
-                          timeout=300)  # fmt: skip
+    return run_cli(*args, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,23 @@
-"""Pieces several test files use: a checkpoint round trip through bytes, a small conv net with batch norm and a
-trained digits MLP checkpoint."""
+"""Pieces several test files use: a checkpoint round trip through bytes, a small conv net with batch norm, a
+trained digits MLP checkpoint, and the ``sparsetrain`` command run in a subprocess."""
 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import torch
 from torch import nn
+
+
+def run_cli(*args: str, timeout: float = 300, threads: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m sparsetrain ARGS`` in a subprocess, output captured, hashing fixed (``PYTHONHASHSEED=0``);
+    ``threads`` sets ``OMP_NUM_THREADS``."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    return subprocess.run([sys.executable, "-m", "sparsetrain", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)  # fmt: skip
 
 
 def roundtrip(obj):
