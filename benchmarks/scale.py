@@ -91,7 +91,8 @@ def build(kind: str, size: str) -> tuple[nn.Module, torch.Tensor]:
     return Blocks(width, layers), torch.randn(BATCH, SEQ, width)
 
 
-def sgd(model: nn.Module, kind: str = "sgd") -> torch.optim.Optimizer:
+def optimizer_for(model: nn.Module, kind: str = "sgd") -> torch.optim.Optimizer:
+    """The timed optimizer ``kind`` (a key of ``OPTIMIZERS``) over ``model``'s parameters."""
     return OPTIMIZERS[kind](model.parameters())
 
 
@@ -127,14 +128,14 @@ def bench_single(
     n_params = sum(p.numel() for p in base.parameters())
     steps = steps or (1 if size in ("100M", "400M") else 3)
     dense = copy.deepcopy(base)
-    dense_step = make_step(dense, sgd(dense, dense_optimizer), x, y)
+    dense_step = make_step(dense, optimizer_for(dense, dense_optimizer), x, y)
     timed(dense_step, 2)
     dense_ms = 1000 * timed(dense_step, steps)
     rows = {}
     for name in variants:
         method, options, *optimizer_kind = VARIANTS[name]
         model = copy.deepcopy(base)
-        optimizer = sgd(model, *optimizer_kind)
+        optimizer = optimizer_for(model, *optimizer_kind)
         sparsifier = sparsetrain.create(method, model, sparsity=SPARSITY, total_steps=100_000, **options)
         sparsifier.attach(optimizer)
         step = make_step(model, optimizer, x, y)
@@ -172,10 +173,10 @@ def worker(kind: str, size: str, mode: str, rounds: int, out: str) -> None:
     x = torch.randn(x.shape, generator=g)
     y = torch.randint(0, 10, (BATCH,), generator=g)
     dense_model = wrap(copy.deepcopy(base))
-    dense_step = make_step(dense_model, sgd(dense_model), x, y)
+    dense_step = make_step(dense_model, optimizer_for(dense_model), x, y)
     model = copy.deepcopy(base)
     wrapped = wrap(model)
-    optimizer = sgd(model)
+    optimizer = optimizer_for(model)
     sparsifier = sparsetrain.create("gmp", model, sparsity=SPARSITY, total_steps=100_000, **VARIANTS["gmp"][1])
     sparsifier.attach(optimizer)
     step = make_step(wrapped, optimizer, x, y)
@@ -239,9 +240,9 @@ def bench_mask_placement(size: str, rounds: int, steps: int) -> dict:
     masks = {n: torch.rand(base.get_parameter(n).shape, generator=g) >= SPARSITY for n in weights}
     workspace: dict = {}
     dense = copy.deepcopy(base)
-    dense_step = make_step(dense, sgd(dense), x, y)
+    dense_step = make_step(dense, optimizer_for(dense), x, y)
     before = copy.deepcopy(base)
-    optimizer = sgd(before)
+    optimizer = optimizer_for(before)
     params = [before.get_parameter(n) for n in weights]
     optimizer.register_step_pre_hook(
         lambda *_: _zero_where_masked([p.grad for p in params], [masks[n] for n in weights], workspace))
@@ -250,7 +251,7 @@ def bench_mask_placement(size: str, rounds: int, steps: int) -> dict:
     for n in weights:
         hooked.get_parameter(n).register_post_accumulate_grad_hook(
             lambda p, m=masks[n]: _zero_where_masked([p.grad], [m], workspace))
-    hooked_step = make_step(hooked, sgd(hooked), x, y)
+    hooked_step = make_step(hooked, optimizer_for(hooked), x, y)
     out = {}
     for name, step in (("before the step", before_step), ("post-accumulate hook", hooked_step)):
         timed(step, 2)
@@ -271,10 +272,10 @@ def bench_breakdown(size: str, steps: int, family: str = "sgd", kind: str = "mlp
     plain, masked = {"sgd": ("SGD", "MaskedSGD"), "adamw": ("AdamW", "MaskedAdamW")}[family]
     for optimizer_kind, label in ((optimizers[0], plain), (optimizers[1], f"fused {plain}")):
         model = copy.deepcopy(base)
-        runs[f"dense, {label}"] = (model, sgd(model, optimizer_kind))
+        runs[f"dense, {label}"] = (model, optimizer_for(model, optimizer_kind))
     for optimizer_kind, label in ((optimizers[0], plain), (optimizers[2], masked)):
         model = copy.deepcopy(base)
-        optimizer = sgd(model, optimizer_kind)
+        optimizer = optimizer_for(model, optimizer_kind)
         method, options = VARIANTS["gmp"]
         sparsetrain.create(method, model, sparsity=SPARSITY, total_steps=100_000, **options).attach(optimizer)
         runs[f"gmp, {label}"] = (model, optimizer)
