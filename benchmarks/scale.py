@@ -18,6 +18,7 @@ fastest dense update torch has on CPU, so that the ratio is the masks' cost alon
     python benchmarks/scale.py --kinds mlp --sizes 100M --no-distributed --threads 2 --rounds 9 --steps 4 \
         --variants gmp "gmp, MaskedSGD" --dense-optimizer fused
     python benchmarks/scale.py --breakdown --kinds mlp --sizes 100M --threads 2 --steps 12 [--steady-malloc]
+    python benchmarks/scale.py --compile-time --kinds mlp blocks --sizes 10M    # the masked kernel's cold build
 """
 
 from __future__ import annotations
@@ -294,7 +295,42 @@ def bench_breakdown(size: str, steps: int, family: str = "sgd", kind: str = "mlp
     return {name: {part: statistics.median(values) for part, values in parts.items()} for name, parts in times.items()}
 
 
+def compile_time_worker(kind: str, size: str, family: str) -> None:
+    """In a fresh process with an empty compile cache: the first optimizer steps of gmp with the masked optimizer
+    of ``family``, in seconds (the masks are handed over after step 0, so step 1 builds the kernel)."""
+    torch.set_num_threads(2)
+    model, x = build(kind, size)
+    y = torch.randint(0, 10, (BATCH,))
+    optimizer = optimizer_for(model, {"sgd": "masked", "adamw": "masked adamw"}[family])
+    method, options = VARIANTS["gmp"]
+    sparsifier = sparsetrain.create(method, model, sparsity=SPARSITY, total_steps=100_000, **options)
+    sparsifier.attach(optimizer)
+    seconds = []
+    for _ in range(4):
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        start = time.perf_counter()
+        optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps({"kind": kind, "size": size, "family": family, "masked_weights": len(sparsifier.params),
+                      "step_seconds": seconds}))  # fmt: skip
+
+
+def bench_compile_time(kind: str, size: str, family: str) -> dict:
+    """``compile_time_worker`` in a subprocess whose inductor cache is a new empty folder (a cold start)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        done = subprocess.run([sys.executable, __file__, "--compile-time-worker", kind, size, family],
+                              capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--compile-time-worker":
+        compile_time_worker(*sys.argv[2:5])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, size, mode, rounds, out = sys.argv[2:7]
         worker(kind, size, mode, int(rounds), out)
@@ -320,6 +356,8 @@ def main() -> None:
                         "and --sizes, --steps rounds (default 12)")
     parser.add_argument("--family", default="sgd", choices=["sgd", "adamw"], help="--breakdown's optimizers: SGD "
                         "(torch's, fused, MaskedSGD) or AdamW (torch's, fused, MaskedAdamW)")
+    parser.add_argument("--compile-time", action="store_true", help="only the first optimizer steps of gmp with "
+                        "the masked optimizer of --family, cold compile cache, on --kinds and --sizes")
     parser.add_argument("--kernel", action="store_true", help="only the enforcement pass over 100M values")
     parser.add_argument("--mask-placement", action="store_true", help="only the gradient-masking pass's placement "
                         "(before the step or in a post-accumulate hook) against no masking, MLP of --sizes")
@@ -335,6 +373,12 @@ def main() -> None:
             for name, (median, ratios) in bench_mask_placement(size, args.rounds, args.steps or 3).items():
                 print(f"mlp {size}, {torch.get_num_threads()} threads, masking {name}: {median:.3f}x the unmasked step "
                       f"(rounds {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)  # fmt: skip
+        return
+    if args.compile_time:
+        for kind, size in [(k, s) for k in args.kinds for s in args.sizes]:
+            row = bench_compile_time(kind, size, args.family)
+            print(f"{kind} {size}, {args.family}, {row['masked_weights']} masked weights: first optimizer steps "
+                  + ", ".join(f"{t:.2f}" for t in row["step_seconds"]) + " s", flush=True)
         return
     if args.breakdown:
         torch.set_num_threads(args.threads)
