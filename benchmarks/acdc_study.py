@@ -2,8 +2,8 @@
 
 Every run has the accuracy benchmark's trainer, optimizer, learning-rate schedule and AC/DC timeline (10% warm-up,
 10% compressed and decompressed phases, final 20%, in whole epochs: ``accuracy.method_options``); only one option
-of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``ramp``, ``ramp_start``, ``inphase_ramp``, ``score``,
-``final_from``, ``decay``; see the ``ACDC`` docstring).
+of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``layer_ceiling``, ``ramp``, ``ramp_start``,
+``inphase_ramp``, ``score``, ``final_from``, ``decay``; see the ``ACDC`` docstring).
 Reported per row: the sparse model's test accuracy, the dense twin's (AC/DC's best decompressed model), the training
 FLOPs relative to dense training, and the gaps the targets are about (sparse - gmp, twin - dense).
 
@@ -111,6 +111,12 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         "decay=0.6 final only": ("acdc", {**base, "decay": 0.6, "decay_phases": "final"}),
         "decay=0.9 final only": ("acdc", {**base, "decay": 0.9, "decay_phases": "final"}),
         "ramp=2 + decay=0.3": ("acdc", {**base, "ramp": 2, "decay": 0.3}),
+        # A cap on each layer's density in the global ranking (the classifier keeps ~45% at 98% without it), and
+        # a floor above 1% (1% does not bind on 30-epoch runs at 98%: the first layer keeps 1.4%).
+        "layer_ceiling=0.1": ("acdc", {**base, "layer_ceiling": 0.1}),
+        "layer_ceiling=0.2": ("acdc", {**base, "layer_ceiling": 0.2}),
+        "layer_floor=0.02": ("acdc", {**base, "layer_floor": 0.02}),
+        "ramp=2 + layer_ceiling=0.1": ("acdc", {**base, "ramp": 2, "layer_ceiling": 0.1}),
     }
 
 

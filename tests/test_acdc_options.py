@@ -1,5 +1,5 @@
-"""AC/DC's study options (dead_units, layer_floor, ramp, inphase_ramp, score): each does what its docstring says,
-masks stay exact."""
+"""AC/DC's study options (dead_units, layer_floor, layer_ceiling, ramp, inphase_ramp, score): each does what its
+docstring says, masks stay exact."""
 
 from __future__ import annotations
 
@@ -121,6 +121,52 @@ def test_layer_floor_larger_than_the_budget_is_refused():
         build(sparsity=0.9, layer_floor=0.5)
 
 
+def test_layer_ceiling_caps_each_layer_and_the_total_stays_exact():
+    model, optimizer, sparsifier = build(sparsity=0.9, layer_ceiling=0.3)
+    for i in range(3):
+        step(model, optimizer, i)
+    with torch.no_grad():  # a layer of large weights: a plain global ranking keeps most of it
+        model[4].weight.mul_(100)
+    scores = {n: p.detach().abs() for n, p in sparsifier.params.items()}
+    cap = math.ceil(0.3 * 4 * 32)
+    assert int(maskops.global_topk_masks(scores, 0.9)["4.weight"].sum()) > cap
+    masks = sparsifier.masks_at(4)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == maskops.keep_count(total, 0.9)
+    assert int(masks["4.weight"].sum()) == cap
+    assert torch.equal(masks["4.weight"], maskops.topk_count_mask(scores["4.weight"], cap)), "its largest stay"
+    for mask in masks.values():
+        assert int(mask.sum()) <= math.ceil(0.3 * mask.numel())
+    # The budget the capped layer gives up goes to the others (below their own ceilings) by the global ranking:
+    # every weight they keep outranks every weight they dropped.
+    others = [n for n in masks if n != "4.weight"]
+    kept = torch.cat([scores[n][masks[n]] for n in others])
+    dropped = torch.cat([scores[n][~masks[n]] for n in others])
+    assert kept.min() >= dropped.max()
+    step(model, optimizer, 3)  # the compression at step 4 installs such masks, with exact zeros
+    assert int(sparsifier.masks["4.weight"].sum()) == cap
+    assert torch.all(sparsifier.params["4.weight"].detach()[~sparsifier.masks["4.weight"]] == 0)
+
+
+def test_layer_ceiling_with_a_floor_keeps_both_bounds():
+    model, optimizer, sparsifier = build(sparsity=0.9, layer_floor=0.05, layer_ceiling=0.12)
+    for i in range(3):
+        step(model, optimizer, i)
+    with torch.no_grad():
+        model[2].weight.mul_(1e-4)  # would get nothing without the floor
+        model[4].weight.mul_(100)  # would get most of its weights without the ceiling
+    masks = sparsifier.masks_at(4)
+    for mask in masks.values():
+        assert math.ceil(0.05 * mask.numel()) <= int(mask.sum()) <= math.ceil(0.12 * mask.numel())
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == maskops.keep_count(total, 0.9)
+
+
+def test_layer_ceiling_below_the_budget_is_refused():
+    with pytest.raises(ValueError, match="layer_ceiling=0.05 lets the layers keep .* fewer than sparsity 0.9"):
+        build(sparsity=0.9, layer_ceiling=0.05)
+
+
 @pytest.mark.parametrize("ramp, expected", [(0, [0.9, 0.9, 0.9]), (3, [0.45, 0.675, 0.9]), (5, [0.45, 0.5625, 0.9])])
 def test_ramp_sparsity_per_compressed_phase(ramp, expected):
     model, optimizer, sparsifier = build(sparsity=0.9, ramp=ramp)
@@ -191,7 +237,7 @@ def run_and_resume(options: dict, split: int):
 
 @pytest.mark.parametrize("split", [6, 10])  # inside a compressed phase, inside a decompressed one
 def test_resume_with_every_option_is_bit_identical(split):
-    run_and_resume(dict(dead_units="revive", score="taylor", ramp=2, layer_floor=0.01), split)
+    run_and_resume(dict(dead_units="revive", score="taylor", ramp=2, layer_floor=0.01, layer_ceiling=0.3), split)
 
 
 @pytest.mark.parametrize(
@@ -201,8 +247,11 @@ def test_resume_with_every_option_is_bit_identical(split):
         (dict(layer_floor=1.5), "layer_floor must be a density in"),
         (dict(ramp=-1), "ramp must be a number of compressed phases"),
         (dict(score="hessian"), "score must be one of magnitude, normalized, taylor"),
-        (dict(layer_floor=0.01, distribution="uniform"), "layer_floor applies to the global ranking"),
-        (dict(dead_units="revive", mask_type="channel"), "dead_units, layer_floor and score are for unstructured"),
+        (dict(layer_floor=0.01, distribution="uniform"), "layer_floor and layer_ceiling apply to the global"),
+        (dict(layer_ceiling=0.5, distribution="uniform"), "layer_floor and layer_ceiling apply to the global"),
+        (dict(layer_ceiling=0), "layer_ceiling must be a density in"),
+        (dict(layer_ceiling=0.1, layer_floor=0.2), "layer_ceiling=0.1 is below layer_floor=0.2"),
+        (dict(dead_units="revive", mask_type="channel"), "dead_units, layer_floor, layer_ceiling and score are for"),
     ],
 )
 def test_bad_options_are_refused_by_name(options, message):
