@@ -460,7 +460,12 @@ def test_channel_acdc_run_then_slim_eval_export_bench(channel_run, images, tmp_p
     assert result.returncode == 0, result.stderr
     assert export.load(half).features[3].out_channels == 8
     result = cli("bench", str(small_file), "--batch-sizes", "1", "--repeats", "1")
-    assert result.returncode == 0, result.stderr and "lenet5" in result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "lenet5" in result.stdout, result.stdout
+    # A slim file is also timed against its full-width model, with the FLOP ratio the speed-up is read against.
+    assert "slim model against its full-width lenet5: forward FLOPs per sample 416,520 -> " in result.stdout
+    full_ms, slim_ms, speedup = result.stdout.split("full ms")[1].splitlines()[1].split()[1:]
+    assert float(full_ms) > 0 and float(slim_ms) > 0 and speedup.endswith("x")
 
     result = cli("slim", str(channel_run), "-o", str(small_file))  # exists: nothing overwritten
     assert result.returncode == 2 and result.stderr.startswith("error:") and "--force" in result.stderr

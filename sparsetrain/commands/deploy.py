@@ -297,4 +297,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{convs} convolution layers run dense: no torch CPU kernel exploits unstructured sparsity in "
             "convolutions (the export still stores them compressed)"
         )
+    from ..structured.slim import SLIM_KEY
+
+    if SLIM_KEY in spec:
+        _bench_slim_against_full_width(model, spec, sizes, args.repeats)
     return 0
+
+
+def _bench_slim_against_full_width(model: Any, spec: dict[str, Any], sizes: list[int], repeats: int) -> None:
+    """A slim model (``sparsetrain slim``): its time against the full-width model its spec names, at each batch
+    size, beside the FLOP ratio. The full-width model gets a fresh init: a dense pass takes the same time whatever
+    its values, so the pair times what removing the channels buys on this CPU."""
+    import torch
+
+    from ..flops import FlopCounter
+    from ..inference import time_paired
+    from ..models import sample_input
+    from ..structured import SLIM_KEY, build_from_spec
+
+    full = build_from_spec({k: v for k, v in spec.items() if k != SLIM_KEY}).eval()
+    generator = torch.Generator().manual_seed(1)
+    one = sample_input(spec["name"], spec["input_shape"], spec["num_classes"], 1, generator)
+    full_flops, slim_flops = FlopCounter(full, one).dense_total, FlopCounter(model, one).dense_total
+    print(
+        f"slim model against its full-width {spec['name']}: forward FLOPs per sample {full_flops:,} -> "
+        f"{slim_flops:,} ({full_flops / max(1, slim_flops):.2f}x fewer)"
+    )
+    print(f"{'batch':>5}  {'full ms':>9}  {'slim ms':>9}  {'speedup':>7}")
+    for batch in sizes:
+        x = sample_input(spec["name"], spec["input_shape"], spec["num_classes"], batch, generator)
+        with torch.inference_mode():
+            full_time, slim_time = time_paired(
+                [functools.partial(full, x), functools.partial(model, x)], repeats=repeats, min_time=0.02
+            )
+        print(f"{batch:5d}  {full_time * 1e3:9.3f}  {slim_time * 1e3:9.3f}  {full_time / slim_time:6.2f}x")
