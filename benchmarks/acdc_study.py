@@ -117,6 +117,18 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         "layer_ceiling=0.2": ("acdc", {**base, "layer_ceiling": 0.2}),
         "layer_floor=0.02": ("acdc", {**base, "layer_floor": 0.02}),
         "ramp=2 + layer_ceiling=0.1": ("acdc", {**base, "ramp": 2, "layer_ceiling": 0.1}),
+        # Momentum at a decompression: kept (no reset), or reset for the sparsified weights only (the paper's code
+        # resets every parameter's: the default).
+        "reset_momentum=false": ("acdc", {**base, "reset_momentum": False}),
+        "reset_momentum=sparsified": ("acdc", {**base, "reset_momentum": "sparsified"}),
+        # Phase lengths: compressed and decompressed phases of 2 units (fewer, longer cycles: on the grid's and the
+        # 30-epoch timelines one cycle, then one long decompressed phase) or of 1, 2, 4 epochs (on 30 epochs, where a
+        # unit is 3 epochs), and a 3-unit final phase.
+        "phases 2 units": ("acdc", {**base, "compressed": 2 * base["warmup"], "decompressed": 2 * base["warmup"]}),
+        "phases 1 epoch": ("acdc", {**base, "compressed": 1, "decompressed": 1}),
+        "phases 2 epochs": ("acdc", {**base, "compressed": 2, "decompressed": 2}),
+        "phases 4 epochs": ("acdc", {**base, "compressed": 4, "decompressed": 4}),
+        "final 3 units": ("acdc", {**base, "final": 3 * base["warmup"]}),
     }
 
 
