@@ -116,11 +116,14 @@ def gmp_update_steps(start: int, end: int, frequency: int) -> list[int]:
     return steps
 
 
-def acdc_phases(total: int, warmup: int, compressed: int, decompressed: int, final: int) -> list[Phase]:
+def acdc_phases(
+    total: int, warmup: int, compressed: int, decompressed: int, final: int, cycles: int | None = None
+) -> list[Phase]:
     """AC/DC's timeline (Peste et al. 2021) in steps.
 
     Dense warm-up ``[0, warmup)``; then (compressed, decompressed) cycles while a whole cycle fits before the
-    final compressed phase ``[total - final, total)``; the last decompressed phase absorbs what is left.
+    final compressed phase ``[total - final, total)`` (at most ``cycles`` of them when given); the last
+    decompressed phase absorbs what is left.
     With (total, warmup, C, D, final) = (100, 10, 5, 5, 15) epochs this is the official ImageNet schedule:
     compressed at 10, 20, ..., 70; decompressed at 15, ..., 65 and a 10-epoch one at 75-84; final 85-99.
     """
@@ -140,14 +143,16 @@ def acdc_phases(total: int, warmup: int, compressed: int, decompressed: int, fin
             f"AC/DC phases do not fit in the run: warmup ({warmup} steps) + final ({final} steps) "
             f"exceed the total of {total} steps; shorten them or train longer"
         )
+    if cycles is not None and cycles < 1:
+        raise ValueError(f"AC/DC cycles must be at least 1 (None: as many as fit), got {cycles}")
     phases: list[Phase] = []
     if warmup > 0:
         phases.append(Phase(0, warmup, "dense"))
-    t = warmup
-    while t + compressed + decompressed <= final_start:
+    t, done = warmup, 0
+    while t + compressed + decompressed <= final_start and (cycles is None or done < cycles):
         phases.append(Phase(t, t + compressed, "sparse"))
         phases.append(Phase(t + compressed, t + compressed + decompressed, "dense"))
-        t += compressed + decompressed
+        t, done = t + compressed + decompressed, done + 1
     if t < final_start:
         # Too little room for another whole cycle: extend the preceding dense phase (warm-up included).
         if phases and phases[-1].kind == "dense":

@@ -167,6 +167,25 @@ def test_layer_ceiling_below_the_budget_is_refused():
         build(sparsity=0.9, layer_ceiling=0.05)
 
 
+@pytest.mark.parametrize(
+    "cycles, expected",
+    [
+        (None, [("dense", 0, 4), ("sparse", 4, 8), ("dense", 8, 12), ("sparse", 12, 16), ("dense", 16, 24),
+                ("sparse", 24, 30)]),
+        (1, [("dense", 0, 4), ("sparse", 4, 8), ("dense", 8, 24), ("sparse", 24, 30)]),
+        (5, [("dense", 0, 4), ("sparse", 4, 8), ("dense", 8, 12), ("sparse", 12, 16), ("dense", 16, 24),
+             ("sparse", 24, 30)]),
+    ],
+)  # fmt: skip
+def test_cycles_caps_the_alternation_and_the_last_dense_phase_takes_the_rest(cycles, expected):
+    model, optimizer, sparsifier = build(cycles=cycles)
+    assert [(p.kind, p.start, p.end) for p in sparsifier.phases] == expected
+    for i in range(TOTAL):  # the masks follow that timeline: dense exactly where it says
+        assert (sparsifier.phase_at(i) == "dense") == any(k == "dense" and a <= i < b for k, a, b in expected)
+        step(model, optimizer, i)
+    assert sparsifier.masks and all(int(m.sum()) < m.numel() for m in sparsifier.masks.values())
+
+
 @pytest.mark.parametrize("ramp, expected", [(0, [0.9, 0.9, 0.9]), (3, [0.45, 0.675, 0.9]), (5, [0.45, 0.5625, 0.9])])
 def test_ramp_sparsity_per_compressed_phase(ramp, expected):
     model, optimizer, sparsifier = build(sparsity=0.9, ramp=ramp)
@@ -250,6 +269,7 @@ def test_resume_with_every_option_is_bit_identical(split):
         (dict(layer_floor=0.01, distribution="uniform"), "layer_floor and layer_ceiling apply to the global"),
         (dict(layer_ceiling=0.5, distribution="uniform"), "layer_floor and layer_ceiling apply to the global"),
         (dict(layer_ceiling=0), "layer_ceiling must be a density in"),
+        (dict(cycles=0), "cycles must be a number of compressed/decompressed cycles >= 1"),
         (dict(layer_ceiling=0.1, layer_floor=0.2), "layer_ceiling=0.1 is below layer_floor=0.2"),
         (dict(dead_units="revive", mask_type="channel"), "dead_units, layer_floor, layer_ceiling and score are for"),
     ],

@@ -44,6 +44,11 @@ class ACDC(ScheduledPruning):
     of the weights a compression prunes are recorded then and given back when they re-enter, so a re-entering
     weight takes an ordinary first step, not (1 - beta1) / sqrt(1 - beta2) = 3.16 lr as with zeroed ones.
 
+    ``cycles`` (default None, the paper: as many as fit) caps the number of compressed/decompressed cycles before
+    the final phase; the last decompressed phase then absorbs the rest of the run, so fewer compressions buy a
+    longer dense phase before the twin is taken (e.g. 30 epochs, 3-epoch phases, ``cycles=2``: W 0-3, C 3-6,
+    D 6-9, C 9-12, D 12-24, final 24-30).
+
     Lengths are in ``unit``: 'fraction' of training (the default), 'epochs' (with steps_per_epoch) or 'steps'.
     A length left out is the official 100-epoch ImageNet proportion of the run, whatever the unit:
     warm-up 10%, compressed 5%, decompressed 5%, final 15%. The official
@@ -131,6 +136,7 @@ class ACDC(ScheduledPruning):
         compressed: float | None = None,
         decompressed: float | None = None,
         final: float | None = None,
+        cycles: int | None = None,
         reset_momentum: str | bool = "all",
         dead_units: str = "zero",
         layer_floor: float = 0.0,
@@ -146,6 +152,12 @@ class ACDC(ScheduledPruning):
     ) -> None:
         if dead_units not in DEAD_UNITS:
             raise ValueError(f"acdc: dead_units must be one of {', '.join(DEAD_UNITS)}; got {dead_units!r}")
+        if cycles is not None and (isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1):
+            raise ValueError(
+                f"acdc: cycles must be a number of compressed/decompressed cycles >= 1 (or null: as many as fit); "
+                f"got {cycles!r}"
+            )
+        self.cycles = cycles
         if isinstance(layer_floor, bool) or not isinstance(layer_floor, (int, float)) or not 0 <= layer_floor < 1:
             raise ValueError(f"acdc: layer_floor must be a density in [0, 1), e.g. 0.02; got {layer_floor!r}")
         if isinstance(layer_ceiling, bool) or not isinstance(layer_ceiling, (int, float)) or not 0 < layer_ceiling <= 1:
@@ -261,6 +273,7 @@ class ACDC(ScheduledPruning):
             compressed=self.steps(self.compressed, "compressed", default_fraction=0.05),
             decompressed=self.steps(self.decompressed, "decompressed", default_fraction=0.05),
             final=self.steps(self.final, "final", default_fraction=0.15),
+            cycles=self.cycles,
         )
         if sum(phase.kind == "sparse" for phase in self.phases) < 2:
             # One compressed phase and nothing after it is one-shot pruning with fine-tuning, not AC/DC: no
