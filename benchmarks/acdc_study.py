@@ -3,7 +3,8 @@
 Every run has the accuracy benchmark's trainer, optimizer, learning-rate schedule and AC/DC timeline (10% warm-up,
 10% compressed and decompressed phases, final 20%, in whole epochs: ``accuracy.method_options``); only one option
 of ``acdc`` changes per row (``dead_units``, ``layer_floor``, ``layer_ceiling``, ``ramp``, ``ramp_start``,
-``inphase_ramp``, ``score``, ``final_from``, ``decay``; see the ``ACDC`` docstring).
+``inphase_ramp``, ``score``, ``final_from``, ``decay``, ``reset_momentum``, ``cycles`` and the phase lengths; see
+the ``ACDC`` docstring).
 Reported per row: the sparse model's test accuracy, the dense twin's (AC/DC's best decompressed model), the training
 FLOPs relative to dense training, and the gaps the targets are about (sparse - gmp, twin - dense).
 
@@ -129,6 +130,10 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         "phases 2 epochs": ("acdc", {**base, "compressed": 2, "decompressed": 2}),
         "phases 4 epochs": ("acdc", {**base, "compressed": 4, "decompressed": 4}),
         "final 3 units": ("acdc", {**base, "final": 3 * base["warmup"]}),
+        # Fewer cycles, so that the last decompressed phase (where the twin is taken) is longer: two compressions
+        # before the final one instead of three (the paper's phases), or three short ones (2-epoch phases).
+        "cycles=2": ("acdc", {**base, "cycles": 2}),
+        "phases 2 epochs + cycles=3": ("acdc", {**base, "compressed": 2, "decompressed": 2, "cycles": 3}),
     }
 
 
