@@ -51,7 +51,8 @@ def add_parsers(subparsers: Any) -> None:
         description="Time the model of a checkpoint, run directory or export file on random inputs of its input "
         "shape: the dense model against the same model with each nn.Linear on CSR int32 kernels where measured "
         "faster (sparsetrain.inference.to_sparse_kernels), for each batch size. Convolutions always run dense: "
-        "torch has no CPU kernel that exploits their unstructured sparsity.",
+        "torch has no CPU kernel that exploits their unstructured sparsity. A slim model (from sparsetrain slim) is "
+        "also timed against the full-width model its spec names, beside the FLOP ratio.",
     )
     bench.add_argument("model", metavar="CHECKPOINT_OR_FILE", help="a .pt file, a run directory or an export file")
     bench.add_argument(
@@ -224,7 +225,10 @@ def _load_model(path_text: str) -> tuple[Any, dict[str, Any], str, dict[str, Any
             )
         model = export.load(path)
         run = exported.metadata.get("run") or {}
-    what = f"{spec['name']}" + (f", {run['method']} {run['sparsity']}" if run.get("method") else "")
+    sparsity = run.get("sparsity")
+    if isinstance(sparsity, float):
+        sparsity = f"{sparsity:.4g}"  # a group sparsity from a FLOPs target is no round number (0.3437500007)
+    what = f"{spec['name']}" + (f", {run['method']} {sparsity}" if run.get("method") else "")
     return model.eval(), spec, what, run
 
 
