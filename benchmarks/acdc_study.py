@@ -54,6 +54,9 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
     return {
         "dense": ("dense", {}),
         "gmp": ("gmp", method_options("gmp", epochs)),
+        # GMP with the other distributions: the target compares AC/DC with the best of GMP's.
+        "gmp global": ("gmp", {**method_options("gmp", epochs), "distribution": "global"}),
+        "gmp erk": ("gmp", {**method_options("gmp", epochs), "distribution": "erk"}),
         "acdc paper": ("acdc", base),
         "dead_units=reinit": ("acdc", {**base, "dead_units": "reinit"}),
         "dead_units=revive": ("acdc", {**base, "dead_units": "revive"}),
