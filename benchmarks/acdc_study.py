@@ -86,6 +86,7 @@ def variants(epochs: int) -> dict[str, tuple[str, dict]]:
         "inphase_ramp=4 + dead_units=reinit": ("acdc", {**base, "inphase_ramp": 4, "dead_units": "reinit"}),
         # GMP's allocation (every layer at s) instead of the paper's global magnitude ranking.
         "distribution=uniform": ("acdc", {**base, "distribution": "uniform"}),
+        "distribution=erk": ("acdc", {**base, "distribution": "erk"}),
         # The main job's final=0.1: a 1-unit (10%) final phase instead of 2 units, room for one more C/D cycle
         # before it, so the twin can be taken one unit later in the schedule; same dense epochs.
         "final=0.1": ("acdc", {**base, "final": base["warmup"]}),
