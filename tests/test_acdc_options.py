@@ -162,6 +162,30 @@ def test_layer_ceiling_with_a_floor_keeps_both_bounds():
     assert sum(int(m.sum()) for m in masks.values()) == maskops.keep_count(total, 0.9)
 
 
+def test_layer_ceiling_under_a_ramp_fills_past_the_ceilings_by_score():
+    # ramp=2 at 0.9: the first compression keeps 55% of the weights, more than ceilings of 0.3 allow (30%); the
+    # rest is filled with the largest weights past the ceilings, not by position, and the count stays exact.
+    model, optimizer, sparsifier = build(sparsity=0.9, layer_ceiling=0.3, ramp=2)
+    for i in range(3):
+        step(model, optimizer, i)
+    scores = {n: p.detach().abs() for n, p in sparsifier.params.items()}
+    masks = sparsifier.masks_at(4)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == maskops.keep_count(total, 0.45)
+    beyond_kept, beyond_dropped = [], []
+    for name, mask in masks.items():
+        capped = maskops.topk_count_mask(scores[name], math.ceil(0.3 * mask.numel()))
+        assert torch.all(mask[capped]), "every layer keeps its ceiling's worth first"
+        beyond_kept.append(scores[name][mask & ~capped])
+        beyond_dropped.append(scores[name][~mask])
+    assert torch.cat(beyond_kept).min() >= torch.cat(beyond_dropped).max()
+    # At the target (the second compression) the ceilings hold.
+    for i in range(3, 12):
+        step(model, optimizer, i)
+    for mask in sparsifier.masks_at(12).values():
+        assert int(mask.sum()) <= math.ceil(0.3 * mask.numel())
+
+
 def test_layer_ceiling_below_the_budget_is_refused():
     with pytest.raises(ValueError, match="layer_ceiling=0.05 lets the layers keep .* fewer than sparsity 0.9"):
         build(sparsity=0.9, layer_ceiling=0.05)

@@ -83,7 +83,9 @@ class ACDC(ScheduledPruning):
       (its highest-scored ones compete, the rest rank below every other weight), so a small layer the global
       magnitude ranking favours (the classifier, ~45% dense at 98% on LeNet-300-100) gives its share to the
       others. 1 (the paper) is no ceiling. Global distribution and unstructured masks only; at least
-      ``layer_floor``.
+      ``layer_floor``; the ceilings must hold the target sparsity's budget. A compression below the target (a
+      ramp's first ones) that keeps more weights than the ceilings allow fills the rest with the highest-scored
+      weights past them.
     - ``ramp``: the first ``ramp`` compressed phases ramp linearly from half the target sparsity to it (ramp=3:
       0.5 s, 0.75 s, s); the final compressed phase is always at s. 0 or 1 (the paper): every one at s.
     - ``ramp_start``: the fraction of s that ``ramp`` and ``inphase_ramp`` start from (0.5 above), as GMP's ramp
@@ -414,11 +416,16 @@ class ACDC(ScheduledPruning):
         if self.layer_floor or self.layer_ceiling < 1:
             scores = {n: s.float() for n, s in scores.items()}
         if self.layer_ceiling < 1:
-            # Every score is >= 0, so -1 ranks the weights past the ceiling below all others: the global top-k takes
-            # them only if the other layers cannot fill the budget, which the capacity check in make_schedule rules
-            # out. The floor's weights are among the ceiling's (floor <= ceiling, the same ranking), so both hold.
+            # Every score is >= 0. The weights past a layer's ceiling are mapped into [-0.5, 0), below every other
+            # weight but in their own order (one scale for all layers) and above the -1 that marks pruned weights
+            # in an in-phase update: a compression that keeps more weights than the ceilings allow (a ramp's first,
+            # lower sparsities) fills the rest by score, not by position among ties. At the target sparsity the
+            # capacity check in make_schedule guarantees the ceilings hold. The floor's weights are among the
+            # ceiling's (floor <= ceiling, the same ranking), so both hold.
+            top = max(float(s.max()) for s in scores.values() if s.numel()) or 1.0
             for s in scores.values():
-                s[~maskops.topk_count_mask(s, math.ceil(self.layer_ceiling * s.numel()))] = -1.0
+                beyond = ~maskops.topk_count_mask(s, math.ceil(self.layer_ceiling * s.numel()))
+                s[beyond] = 0.5 * s[beyond] / top - 0.5
         if self.layer_floor:
             # The floor's weights rank above every other one, so the global top-k keeps them and shares out the rest.
             for s in scores.values():
