@@ -301,7 +301,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{convs} convolution layers run dense: no torch CPU kernel exploits unstructured sparsity in "
             "convolutions (the export still stores them compressed)"
         )
-    from ..structured.slim import SLIM_KEY
+    from ..structured import SLIM_KEY
 
     if SLIM_KEY in spec:
         _bench_slim_against_full_width(model, spec, sizes, args.repeats)

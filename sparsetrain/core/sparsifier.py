@@ -1192,7 +1192,7 @@ class Sparsifier:
         handed the masks by :meth:`_hand_over_masks`) makes this pass unnecessary: the step applies masked
         gradients all the same.
         """
-        if self._masks_handed_to is not None and self._masks_handed_to is optimizer:
+        if self._masks_handed_to is optimizer:  # an optimizer is never None here
             self._grads_masked_at = self.mask_version
             return
         self.mask_gradients()

@@ -316,17 +316,17 @@ class ACDC(ScheduledPruning):
                     )
                 self._decay_windows[phase.start] = phase.start + window
         sizes = [p.numel() for p in self.params.values()]
-        if sum(math.ceil(self.layer_floor * n) for n in sizes) > maskops.keep_count(sum(sizes), self.final_sparsity):
+        budget = maskops.keep_count(sum(sizes), self.final_sparsity)  # the weights the target sparsity keeps
+        if sum(math.ceil(self.layer_floor * n) for n in sizes) > budget:
             raise ValueError(
                 f"acdc: layer_floor={self.layer_floor:g} keeps more weights than sparsity {self.final_sparsity:g} "
                 "allows; lower the floor"
             )
         capacity = sum(math.ceil(self.layer_ceiling * n) for n in sizes)
-        if capacity < maskops.keep_count(sum(sizes), self.final_sparsity):
+        if capacity < budget:
             raise ValueError(
                 f"acdc: layer_ceiling={self.layer_ceiling:g} lets the layers keep {capacity} weights in all, fewer "
-                f"than sparsity {self.final_sparsity:g} keeps ({maskops.keep_count(sum(sizes), self.final_sparsity)}); "
-                "raise the ceiling"
+                f"than sparsity {self.final_sparsity:g} keeps ({budget}); raise the ceiling"
             )
         # final_from='sparse': the snapshot is taken where the last decompressed phase starts (the previous
         # compressed phase's end), put back where the final compressed phase starts.

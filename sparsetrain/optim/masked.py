@@ -173,6 +173,7 @@ class _MasksInUpdate:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # type: ignore[attr-defined]
+            self._check_group(group)
             plain: list[Tensor] = []
             scalars: Scalars = {}  # per step and group, not per weight
             for param in group["params"]:
@@ -208,6 +209,9 @@ class _MasksInUpdate:
                 torch.tensor(float(v), dtype=dtype, device=weight.device) for v in values
             ]
         return found
+
+    def _check_group(self, group: dict) -> None:
+        """Refuse a parameter group's settings the update does not implement (once per group and step)."""
 
     def _masked_step(self, param: Tensor, weight: Tensor, grad: Tensor, mask: Tensor, group: dict,
                      scalars: Scalars) -> None:  # fmt: skip
@@ -318,8 +322,7 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
 
-    @staticmethod
-    def _check(group: dict) -> None:
+    def _check_group(self, group: dict) -> None:
         taken = [key for key in ("amsgrad", "capturable", "differentiable", "fused") if group.get(key)]
         if taken:
             raise ValueError(f"MaskedAdamW does not take {', '.join(taken)} (a parameter group has it); use "
@@ -327,7 +330,6 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
 
     def _plain_step(self, params: list[Tensor], group: dict) -> None:
         """``torch.optim.AdamW``'s own update for the parameters without a mask."""
-        self._check(group)
         states = [self._state_of(p) for p in params]
         beta1, beta2 = group["betas"]
         adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
@@ -338,7 +340,6 @@ class MaskedAdamW(_MasksInUpdate, torch.optim.AdamW):
 
     def _masked_step(self, param: Tensor, weight: Tensor, grad: Tensor, mask: Tensor, group: dict,
                      scalars: Scalars) -> None:  # fmt: skip
-        self._check(group)
         state = self._state_of(param)
         state["step"] += 1
         step = float(state["step"])
