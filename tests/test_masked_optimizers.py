@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from helpers.shared import assert_masked_plus_zero
 from torch import nn
 
 import sparsetrain
@@ -57,12 +58,6 @@ def gmp_run(optimizer_type, settings: dict, **options):
                                     frequency=3, **options)  # fmt: skip
     sparsifier.attach(optimizer)
     return model, optimizer, sparsifier
-
-
-def assert_masked_plus_zero(sparsifier) -> None:
-    for name, param in sparsifier.params.items():
-        masked = param.detach()[~sparsifier.masks[name]]
-        assert torch.all(masked == 0) and not torch.signbit(masked).any(), name
 
 
 @pytest.mark.parametrize("torch_type, masked_type, settings, extra", PAIRS, ids=PAIR_IDS)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.shared import roundtrip
+from helpers.shared import assert_masked_plus_zero, roundtrip
 from torch import nn
 
 import sparsetrain
@@ -154,12 +154,6 @@ def magnitude_run(optimizer_factory, enforce: str = "auto"):
     optimizer = optimizer_factory(model.parameters())
     sparsifier.attach(optimizer)
     return model, sparsifier, optimizer
-
-
-def assert_masked_plus_zero(sparsifier) -> None:
-    for name, param in sparsifier.params.items():
-        masked = param.detach()[~sparsifier.masks[name]]
-        assert torch.all(masked == 0) and not torch.signbit(masked).any(), name
 
 
 @pytest.mark.parametrize("name, factory, skips", [

@@ -20,6 +20,13 @@ def run_cli(*args: str, timeout: float = 300, threads: int | None = None) -> sub
                           timeout=timeout, env=env)  # fmt: skip
 
 
+def assert_masked_plus_zero(sparsifier) -> None:
+    """Every masked weight of ``sparsifier`` is exactly +0.0 (not -0.0)."""
+    for name, param in sparsifier.params.items():
+        masked = param.detach()[~sparsifier.masks[name]]
+        assert torch.all(masked == 0) and not torch.signbit(masked).any(), name
+
+
 def roundtrip(obj):
     """``obj`` saved with ``torch.save`` and loaded back with ``weights_only=True``, as a checkpoint would be."""
     buffer = io.BytesIO()
